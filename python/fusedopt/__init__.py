@@ -1,0 +1,13 @@
+"""fusedopt: fused single-pass optimizer kernels for PyTorch, over flat parameter buffers.
+
+Swap `torch.optim.AdamW(...)` for `fusedopt.AdamW(...)`: same arguments, same trajectory, one pass over memory.
+"""
+from ._backend import build_info
+from ._version import __version__
+from .clip import clip_grad_norm_, clip_grad_value_
+from .optim import LAMB, SGD, Adagrad, Adam, AdamW, Lion, RMSprop
+
+__all__ = [
+    "__version__", "build_info", "clip_grad_norm_", "clip_grad_value_",
+    "Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Lion", "LAMB",
+]

@@ -1,0 +1,58 @@
+"""Gradient clipping with torch.nn.utils' signatures; the L2 norm uses fusedopt's deterministic reduction."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from . import functional, reference
+from ._backend import resolve
+
+__all__ = ["clip_grad_norm_", "clip_grad_value_"]
+
+
+def clip_grad_norm_(
+    parameters: Tensor | Iterable[Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> Tensor:
+    """Scale gradients so that their global `norm_type` norm is at most `max_norm`; return the norm.
+
+    Same contract as torch.nn.utils.clip_grad_norm_: coefficient = max_norm / (norm + 1e-6) clamped to 1,
+    applied to every gradient. The L2 norm of CPU gradients is a two-phase sum of squares whose result does
+    not depend on the number of threads; other norms and devices use the reference implementation.
+    """
+    params = [parameters] if isinstance(parameters, Tensor) else [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params if p.grad is not None]
+    norm_type = float(norm_type)
+    if not grads:
+        return torch.tensor(0.0)
+    device = grads[0].device
+    backend = resolve("auto", device)
+    if norm_type != 2.0 or backend == "reference" or any(g.device != device or g.is_sparse for g in grads):
+        return reference.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
+    total = 0.0
+    for g in grads:
+        partial, _ = functional.sum_of_squares(g.detach().reshape(-1), backend=backend)
+        total += partial
+    norm = math.sqrt(total)
+    total_norm = torch.tensor(norm, dtype=torch.float32, device=device)
+    if error_if_nonfinite and not math.isfinite(norm):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot "
+            "be clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
+            "`error_if_nonfinite=False`"
+        )
+    coefficient = torch.clamp(float(max_norm) / (total_norm + 1e-6), max=1.0)
+    with torch.no_grad():
+        torch._foreach_mul_(grads, coefficient)
+    return total_norm
+
+
+def clip_grad_value_(parameters: Tensor | Iterable[Tensor], clip_value: float, foreach: bool | None = None) -> None:
+    """Clamp every gradient to [-clip_value, clip_value] in place (torch.nn.utils.clip_grad_value_)."""
+    reference.clip_grad_value_(parameters, clip_value, foreach=foreach)

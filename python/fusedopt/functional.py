@@ -1,0 +1,130 @@
+"""Flat-buffer functional API: one call updates a whole flat parameter buffer on the chosen backend.
+
+Every function updates 1-D contiguous tensors of equal length in place. `backend="reference"` applies the
+per-tensor formulas of `fusedopt.reference` to the flat tensor; "cpu" and "cuda" call the compiled kernels.
+With `master` (fp32 master weights), the update reads and writes `master` and stores its rounded value in
+`param`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._backend import compiled
+
+__all__ = ["adam", "sgd", "rmsprop", "adagrad", "lion", "lamb", "sum_of_squares"]
+
+
+def _kernels() -> Any:
+    module = compiled()
+    if module is None:
+        raise RuntimeError("fusedopt: the compiled extension is not available; use backend='reference'")
+    return module
+
+
+def _reference(update: Callable[..., None], param: Tensor, master: Tensor | None, *args: Any, **kwargs: Any) -> None:
+    target = param if master is None else master
+    update(target, *args, **kwargs)
+    if master is not None:
+        param.copy_(master)
+
+
+def adam(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None,
+    master: Tensor | None, *, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    amsgrad: bool, maximize: bool, decoupled: bool, grad_scale: float = 1.0, backend: str,
+) -> None:
+    """Adam (L2 weight decay) or AdamW (`decoupled=True`) over a flat buffer; see `reference.adam`."""
+    kwargs = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                  amsgrad=amsgrad, maximize=maximize, decoupled=decoupled, grad_scale=grad_scale)
+    if backend == "reference":
+        _reference(reference.adam, param, master, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, **kwargs)
+    else:
+        _kernels().adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, **kwargs)
+
+
+def sgd(
+    param: Tensor, grad: Tensor, momentum_buffer: Tensor | None, master: Tensor | None, *, lr: float,
+    momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool, first_step: bool,
+    grad_scale: float = 1.0, backend: str,
+) -> None:
+    """SGD with optional momentum, dampening and Nesterov over a flat buffer; see `reference.sgd`."""
+    kwargs = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                  maximize=maximize, first_step=first_step, grad_scale=grad_scale)
+    if backend == "reference":
+        _reference(reference.sgd, param, master, grad, momentum_buffer, **kwargs)
+    else:
+        _kernels().sgd(param, grad, momentum_buffer, master, **kwargs)
+
+
+def rmsprop(
+    param: Tensor, grad: Tensor, square_avg: Tensor, momentum_buffer: Tensor | None, grad_avg: Tensor | None,
+    master: Tensor | None, *, lr: float, alpha: float, eps: float, weight_decay: float, momentum: float,
+    centered: bool, maximize: bool, grad_scale: float = 1.0, backend: str,
+) -> None:
+    """RMSprop (optionally centered, with momentum) over a flat buffer; see `reference.rmsprop`."""
+    kwargs = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
+                  maximize=maximize, grad_scale=grad_scale)
+    if backend == "reference":
+        _reference(reference.rmsprop, param, master, grad, square_avg, momentum_buffer, grad_avg, **kwargs)
+    else:
+        _kernels().rmsprop(param, grad, square_avg, momentum_buffer, grad_avg, master, **kwargs)
+
+
+def adagrad(
+    param: Tensor, grad: Tensor, sum: Tensor, master: Tensor | None, *, step: int, lr: float, lr_decay: float,
+    eps: float, weight_decay: float, maximize: bool, grad_scale: float = 1.0, backend: str,
+) -> None:
+    """Adagrad over a flat buffer; see `reference.adagrad`."""
+    kwargs = dict(step=step, lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                  grad_scale=grad_scale)
+    if backend == "reference":
+        _reference(reference.adagrad, param, master, grad, sum, **kwargs)
+    else:
+        _kernels().adagrad(param, grad, sum, master, **kwargs)
+
+
+def lion(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, master: Tensor | None, *, lr: float, beta1: float, beta2: float,
+    weight_decay: float, maximize: bool, grad_scale: float = 1.0, backend: str,
+) -> None:
+    """Lion (sign update, decoupled weight decay) over a flat buffer; see `reference.lion`."""
+    kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
+                  grad_scale=grad_scale)
+    if backend == "reference":
+        _reference(reference.lion, param, master, grad, exp_avg, **kwargs)
+    else:
+        _kernels().lion(param, grad, exp_avg, master, **kwargs)
+
+
+def lamb(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, master: Tensor | None,
+    segment_offsets: Tensor, segment_numels: Tensor, *, step: int, lr: float, beta1: float, beta2: float,
+    eps: float, weight_decay: float, bias_correction: bool, max_trust_ratio: float | None, maximize: bool,
+    grad_scale: float = 1.0, backend: str,
+) -> None:
+    """LAMB over a flat buffer; each segment (one parameter) gets its own trust ratio. See `reference.lamb`."""
+    kwargs = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                  bias_correction=bias_correction, max_trust_ratio=max_trust_ratio, maximize=maximize,
+                  grad_scale=grad_scale)
+    if backend != "reference":
+        _kernels().lamb(param, grad, exp_avg, exp_avg_sq, master, segment_offsets, segment_numels, **kwargs)
+        return
+    target = param if master is None else master
+    for offset, numel in zip(segment_offsets.tolist(), segment_numels.tolist()):
+        region = slice(offset, offset + numel)
+        reference.lamb(target[region], grad[region], exp_avg[region], exp_avg_sq[region], **kwargs)
+    if master is not None:
+        param.copy_(master)
+
+
+def sum_of_squares(tensor: Tensor, *, backend: str) -> tuple[float, bool]:
+    """Sum of squares of a 1-D tensor (fp32 products) and whether any element is inf or nan."""
+    if backend != "reference":
+        return _kernels().sum_of_squares(tensor)
+    values = tensor.detach().float()
+    return float(values.square().sum(dtype=torch.float64)), not bool(torch.isfinite(values).all())

@@ -1,0 +1,10 @@
+"""fusedopt's optimizers: torch.optim.Optimizer subclasses that step over flat buffers with fused kernels."""
+from ._base import FusedOptimizer
+from .adagrad import Adagrad
+from .adam import Adam, AdamW
+from .lamb import LAMB
+from .lion import Lion
+from .rmsprop import RMSprop
+from .sgd import SGD
+
+__all__ = ["FusedOptimizer", "Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Lion", "LAMB"]

@@ -1,0 +1,278 @@
+"""Shared machinery of fusedopt's optimizers: flat storage per group, gradient clipping, AMP, state_dict.
+
+Subclasses declare their states and implement `_update`, which hands one run of parameters (consecutive
+parameters that have gradients and share a step count) to one `fusedopt.functional` call.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .. import functional
+from .._backend import resolve, validate_backend
+from ..flat import STATE_DTYPES, FlatBuffer, build_flat_buffers
+
+# Group keys that describe where and how state is stored, not the training trajectory: a loaded
+# checkpoint keeps the optimizer's own values for these.
+_LAYOUT_KEYS = ("backend", "state_dtype", "master_weights")
+
+FUSED_DEFAULTS: dict[str, Any] = {
+    "backend": "auto",
+    "max_grad_norm": None,
+    "state_dtype": None,
+    "master_weights": False,
+}
+
+
+def scalar(value: float | Tensor) -> float:
+    """A hyperparameter as a Python float (tensor learning rates and betas are accepted)."""
+    return float(value.item()) if isinstance(value, Tensor) else float(value)
+
+
+def check_range(name: str, value: Any, low: float, high: float | None = None, high_open: bool = True) -> None:
+    """Raise ValueError naming `name` unless low <= value (< or <=) high; NaN is always rejected."""
+    v = scalar(value)
+    ok = v >= low and (high is None or (v < high if high_open else v <= high))
+    if not ok or math.isnan(v):
+        raise ValueError(f"Invalid {name}: {value}")
+
+
+class FusedOptimizer(Optimizer):
+    """Base class: a torch.optim.Optimizer whose groups live in flat buffers updated by fused kernels."""
+
+    # State tensors this algorithm keeps per parameter, as (name, fill value), for a given group.
+    def _state_specs(self, group: dict[str, Any]) -> list[tuple[str, float]]:
+        raise NotImplementedError
+
+    # Whether state[p] exposes torch.optim's float32 "step" tensor (every FlatBuffer counts steps either way).
+    _tracks_step = True
+
+    def _update(self, group: dict[str, Any], buf: FlatBuffer, first: int, last: int, step: int,
+                grad_scale: float, backend: str) -> None:
+        raise NotImplementedError
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        if defaults.get("differentiable"):
+            raise ValueError("Invalid differentiable: True (fusedopt's fused kernels are not differentiable)")
+        self._flat_groups: list[list[FlatBuffer]] = []
+        self._backends: list[list[str]] = []
+        self.last_grad_norm: float | None = None
+        super().__init__(params, defaults)
+        # GradScaler hands us grad_scale and found_inf; we unscale and skip inside step.
+        self._step_supports_amp_scaling = True
+
+    # Groups ------------------------------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        candidate = dict(self.defaults)
+        candidate.update({k: v for k, v in param_group.items() if k != "params"})
+        self._validate_common(candidate)
+        self._validate_group(candidate)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        params = group["params"]
+        for i, p in enumerate(params):
+            if p.is_sparse or p.layout != torch.strided:
+                raise ValueError(f"fusedopt cannot optimize a {p.layout} parameter (index {i} of the group)")
+            if p.is_complex():
+                raise ValueError(f"fusedopt does not support complex parameters (index {i} of the group, "
+                                 f"dtype {p.dtype}); use torch.view_as_real on the model side")
+        buffers = build_flat_buffers(params, master_weights=bool(group["master_weights"])) if params else []
+        self._flat_groups.append(buffers)
+        self._backends.append([resolve(group["backend"], b.device) for b in buffers])
+        self._on_group_added(group, buffers)
+
+    def _on_group_added(self, group: dict[str, Any], buffers: list[FlatBuffer]) -> None:
+        """Hook for algorithms whose state exists before the first step (Adagrad)."""
+
+    def _validate_common(self, group: dict[str, Any]) -> None:
+        validate_backend(group["backend"])
+        if group.get("differentiable"):
+            raise ValueError("Invalid differentiable: True (fusedopt's fused kernels are not differentiable)")
+        max_norm = group["max_grad_norm"]
+        if max_norm is not None:
+            check_range("max_grad_norm value", max_norm, 0.0)
+        state_dtype = group["state_dtype"]
+        if state_dtype is not None and state_dtype not in STATE_DTYPES:
+            raise ValueError(f"Invalid state_dtype: {state_dtype} (expected torch.float32 or torch.bfloat16)")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in FUSED_DEFAULTS.items():
+                group.setdefault(key, value)
+
+    def _state_dtype(self, group: dict[str, Any]) -> torch.dtype:
+        return group["state_dtype"] or torch.float32
+
+    # Per-parameter state -----------------------------------------------------------------------------------
+
+    def _init_state(self, group: dict[str, Any], buf: FlatBuffer, i: int) -> None:
+        """Create state[p] as views into the flat buffers (torch.optim's names and shapes)."""
+        p = buf.params[i]
+        state: dict[str, Any] = {}
+        if self._tracks_step:
+            state["step"] = buf.steps[i]
+        for name, fill in self._state_specs(group):
+            state[name] = buf.view(buf.ensure_state(name, self._state_dtype(group), fill), i)
+        if buf.master is not None:
+            state["master_param"] = buf.view(buf.master, i)
+        if state:  # like torch.optim, parameters without state (plain SGD) get no entry
+            self.state[p] = state
+
+    def _ensure_state_views(self, group: dict[str, Any], buf: FlatBuffer, has_grad: list[bool]) -> None:
+        specs = self._state_specs(group)
+        for i, p in enumerate(buf.params):
+            state = self.state.get(p)
+            if not state:
+                if has_grad[i]:
+                    self._init_state(group, buf, i)
+                continue
+            for name, fill in specs:  # a mode switched on mid-training (e.g. amsgrad) adds a state
+                if name not in state:
+                    state[name] = buf.view(buf.ensure_state(name, self._state_dtype(group), fill), i)
+
+    def _run_keys(self, buf: FlatBuffer) -> list[Any]:
+        """Parameters in one kernel call must agree on this key (the step count by default)."""
+        return buf.steps.tolist()
+
+    # Step --------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Perform one optimization step over every group (one fused kernel call per run of parameters)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf.sum() != 0):
+            return loss  # GradScaler saw inf/nan: parameters, states and step counts stay as they are
+        grad_scale = getattr(self, "grad_scale", None)
+        unscale = 1.0 if grad_scale is None else 1.0 / scalar(grad_scale)
+
+        prepared: list[tuple[dict[str, Any], FlatBuffer, str, list[bool]]] = []
+        for group, buffers, backends in zip(self.param_groups, self._flat_groups, self._backends):
+            for buf, backend in zip(buffers, backends):
+                buf.sync_params()
+                has_grad = buf.collect_grads()
+                if any(has_grad):
+                    prepared.append((group, buf, backend, has_grad))
+
+        coefficients = self._clip_coefficients(prepared, unscale)
+        for (group, buf, backend, has_grad), coefficient in zip(prepared, coefficients):
+            self._ensure_state_views(group, buf, has_grad)
+            keys = self._run_keys(buf)
+            for first, last in buf.runs(has_grad, keys):
+                step = int(keys[first]) + 1
+                self._update(group, buf, first, last, step, unscale * coefficient, backend)
+                buf.steps[first:last + 1].add_(1)
+        return loss
+
+    def _clip_coefficients(self, prepared: list[tuple[dict[str, Any], FlatBuffer, str, list[bool]]],
+                           unscale: float) -> list[float]:
+        """Per prepared buffer, the factor max_norm / (global norm + 1e-6) clamped to 1 (torch's formula)."""
+        if all(group["max_grad_norm"] is None for group, *_ in prepared):
+            return [1.0] * len(prepared)
+        total = 0.0
+        for _, buf, backend, has_grad in prepared:
+            for first, last in buf.runs(has_grad, [0] * len(has_grad)):
+                partial, _ = functional.sum_of_squares(buf.grad[buf.span(first, last)], backend=backend)
+                total += partial
+        norm = math.sqrt(total) * unscale
+        self.last_grad_norm = norm
+        coefficients = []
+        for group, *_ in prepared:
+            max_norm = group["max_grad_norm"]
+            if max_norm is None:
+                coefficients.append(1.0)
+            elif math.isnan(norm):
+                coefficients.append(math.nan)  # like torch.nn.utils.clip_grad_norm_: nan spreads
+            else:
+                coefficients.append(min(float(max_norm) / (norm + 1e-6), 1.0))
+        return coefficients
+
+    @torch.no_grad()
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Zero every gradient with one fill per flat buffer, keeping `.grad` views (the fast path).
+
+        Unlike torch.optim, the default is `set_to_none=False`: gradients that are None stay None, the others
+        are zeroed in place. `set_to_none=True` drops all gradients; the next step copies them back in.
+        """
+        for buffers in self._flat_groups:
+            for buf in buffers:
+                buf.zero_grad(set_to_none)
+
+    # Checkpoints -------------------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a fusedopt or torch.optim checkpoint; state is copied into this optimizer's flat buffers."""
+        saved_state = state_dict["state"]
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, optimizer has {len(self.param_groups)}"
+            )
+        ids = [i for g in saved_groups for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        if len(ids) != len(params):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
+                             "optimizer's group")
+        for saved_id, p in zip(ids, params):
+            for key, value in saved_state.get(saved_id, {}).items():
+                if isinstance(value, Tensor) and key != "step" and value.numel() != p.numel():
+                    raise ValueError(f"loaded state {key!r} of parameter {saved_id} has {value.numel()} elements, "
+                                     f"the parameter has {p.numel()}")
+        layouts = [{k: g[k] for k in _LAYOUT_KEYS} for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, layout in zip(self.param_groups, layouts):
+            group.update(layout)
+        originals = {id(p): saved_state.get(saved_id) for saved_id, p in zip(ids, params)}
+        for group, buffers in zip(self.param_groups, self._flat_groups):
+            for buf in buffers:
+                self._adopt_loaded_state(group, buf, originals)
+
+    @torch.no_grad()
+    def _adopt_loaded_state(self, group: dict[str, Any], buf: FlatBuffer,
+                            originals: dict[int, dict[str, Any] | None]) -> None:
+        """Copy loaded per-parameter state into the flat buffers and make state[p] views again.
+
+        Values come from the checkpoint's own tensors, not from torch's copies cast to the parameter dtype, so
+        fp32 states and master weights of 16-bit parameters keep their precision.
+        """
+        for i, p in enumerate(buf.params):
+            loaded = originals.get(id(p))
+            if not loaded:
+                self.state.pop(p, None)
+                continue
+            self._init_state(group, buf, i)
+            state = self.state.setdefault(p, {})
+            for key, value in loaded.items():
+                if key == "step":
+                    buf.steps[i] = scalar(value)
+                elif key == "master_param":
+                    if buf.master is not None:
+                        buf.region(buf.master, i).copy_(value.reshape(-1))
+                elif isinstance(value, Tensor) and key in state:
+                    state[key].copy_(value.reshape(state[key].shape))
+                elif key not in state:
+                    state[key] = value
+            if buf.master is not None and "master_param" not in loaded:
+                buf.region(buf.master, i).copy_(buf.region(buf.param, i))
+            self._after_state_loaded(group, buf, i, loaded)
+
+    def _after_state_loaded(self, group: dict[str, Any], buf: FlatBuffer, i: int, loaded: dict[str, Any]) -> None:
+        """Hook for algorithms that derive bookkeeping from loaded state (SGD's first momentum step)."""
+
+    @property
+    def flat_buffers(self) -> list[list[FlatBuffer]]:
+        """The flat buffer sets of each param group (one per device and dtype)."""
+        return self._flat_groups
