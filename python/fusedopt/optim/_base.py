@@ -65,6 +65,12 @@ class FusedOptimizer(Optimizer):
         self._flat_groups: list[list[FlatBuffer]] = []
         self._backends: list[list[str]] = []
         self.last_grad_norm: float | None = None
+        params = [params] if isinstance(params, Tensor) else list(params)
+        # Validate every group before the first one is moved into flat storage: a rejected call changes nothing.
+        candidates = [defaults] + [{**defaults, **g} for g in params if isinstance(g, dict)]
+        for merged in candidates:
+            self._validate_common(merged)
+            self._validate_group(merged)
         super().__init__(params, defaults)
         # GradScaler hands us grad_scale and found_inf; we unscale and skip inside step.
         self._step_supports_amp_scaling = True

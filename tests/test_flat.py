@@ -1,0 +1,124 @@
+"""Flat storage: 64-byte alignment, parameters and gradients as views, aliasing repair, runs and 64-bit offsets."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusedopt
+from fusedopt.flat import ALIGN_BYTES, FlatBuffer, build_flat_buffers
+
+SHAPES = [(1,), (7,), (33, 5), (4097,), (3, 4, 5), ()]
+
+
+def make_params(dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
+    return [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in SHAPES]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_every_region_of_every_buffer_is_64_byte_aligned(dtype: torch.dtype) -> None:
+    params = make_params(dtype)
+    buf = FlatBuffer(params, master_weights=True)
+    buf.ensure_state("exp_avg", torch.float32)
+    buf.ensure_state("exp_avg_sq", torch.bfloat16)
+    flats = [buf.param, buf.grad, buf.state["exp_avg"], buf.state["exp_avg_sq"]]
+    if dtype != torch.float32:
+        flats.append(buf.master)
+    for flat in flats:
+        for i in range(len(params)):
+            assert buf.region(flat, i).data_ptr() % ALIGN_BYTES == 0, (flat.dtype, i)
+
+
+def test_parameters_become_views_with_their_values_kept() -> None:
+    params = make_params()
+    before = [p.detach().clone() for p in params]
+    buf = FlatBuffer(params)
+    start, end = buf.param.data_ptr(), buf.param.data_ptr() + buf.total * 4
+    for p, old, i in zip(params, before, range(len(params))):
+        assert torch.equal(p.detach(), old)
+        assert start <= p.data_ptr() < end or p.numel() == 0
+        assert p.data_ptr() == buf.region(buf.param, i).data_ptr()
+    # Padding between regions stays zero: kernels run over it harmlessly.
+    mask = torch.ones(buf.total, dtype=torch.bool)
+    for i in range(len(params)):
+        mask[buf.offsets[i]:buf.offsets[i] + buf.numels[i]] = False
+    assert torch.count_nonzero(buf.param[mask]) == 0
+
+
+def test_backward_accumulates_into_the_flat_gradient_buffer() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(9, 17), torch.nn.Tanh(), torch.nn.Linear(17, 3))
+    opt = fusedopt.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(8, 9)
+    model(x).square().sum().backward()
+    opt.step()  # first step adopts the autograd-created gradients and installs the views
+    opt.zero_grad()
+    buf = opt.flat_buffers[0][0]
+    for i, p in enumerate(buf.params):
+        assert p.grad.data_ptr() == buf.region(buf.grad, i).data_ptr()
+    assert torch.count_nonzero(buf.grad) == 0
+    model(x).square().sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    for i, p in enumerate(buf.params):  # still views: backward accumulated in place
+        assert p.grad.data_ptr() == buf.region(buf.grad, i).data_ptr()
+        assert torch.equal(buf.view(buf.grad, i), expected[i])
+
+
+def test_zero_grad_keeps_none_and_set_to_none_drops_views() -> None:
+    params = make_params()
+    buf = FlatBuffer(params)
+    for p in params[:3]:
+        p.grad = torch.randn_like(p)
+    assert buf.collect_grads() == [True, True, True, False, False, False]
+    buf.zero_grad(set_to_none=False)
+    assert all(p.grad is None for p in params[3:])
+    assert all(torch.count_nonzero(p.grad) == 0 for p in params[:3])
+    buf.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in params)
+
+
+def test_replaced_parameter_data_is_copied_back_in() -> None:
+    params = make_params()
+    buf = FlatBuffer(params)
+    new = torch.randn(33, 5)
+    params[2].data = new.clone()
+    buf.sync_params()
+    assert params[2].data_ptr() == buf.region(buf.param, 2).data_ptr()
+    assert torch.equal(buf.view(buf.param, 2), new)
+
+
+def test_moved_parameter_is_a_clear_error() -> None:
+    params = make_params()
+    buf = FlatBuffer(params)
+    params[1].data = torch.randn(7, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="parameter 1 changed"):
+        buf.sync_params()
+
+
+def test_runs_split_on_missing_gradients_and_different_steps() -> None:
+    buf = FlatBuffer(make_params())
+    active = [True, True, False, True, True, True]
+    assert buf.runs(active, [0, 0, 0, 0, 0, 0]) == [(0, 1), (3, 5)]
+    assert buf.runs(active, [1, 1, 0, 1, 2, 2]) == [(0, 1), (3, 3), (4, 5)]
+    assert buf.runs([False] * 6, [0] * 6) == []
+    assert buf.span(0, 5) == slice(0, buf.total)
+    offsets, numels = buf.segments(3, 5)
+    assert offsets.tolist() == [0, buf.offsets[4] - buf.offsets[3], buf.offsets[5] - buf.offsets[3]]
+    assert numels.tolist() == [4097, 60, 1]
+
+
+def test_one_buffer_per_device_and_dtype_in_parameter_order() -> None:
+    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3).bfloat16()),
+              torch.nn.Parameter(torch.randn(4))]
+    buffers = build_flat_buffers(params)
+    assert [(b.dtype, len(b.params)) for b in buffers] == [(torch.float32, 2), (torch.bfloat16, 1)]
+    assert buffers[0].params[0] is params[0] and buffers[0].params[1] is params[2]
+
+
+def test_offsets_beyond_32_bits() -> None:
+    # Meta tensors have shapes but no memory, so offsets past 2**31 can be checked without allocating 12 GiB.
+    big = 3 * 2**30 + 5
+    params = [torch.nn.Parameter(torch.empty(big, device="meta")) for _ in range(2)] + [
+        torch.nn.Parameter(torch.empty(7, device="meta"))]
+    buf = FlatBuffer(params)
+    assert buf.offsets[1] > 2**31 and buf.offsets[2] > 2**32
+    assert buf.offsets[2] % 32 == 0 and buf.total >= buf.offsets[2] + 7
+    assert buf.region(buf.param, 2).numel() == 7

@@ -1,0 +1,282 @@
+"""The optimizer classes' contract: validation, backend selection and fallback, fused clipping, precisions,
+checkpoints in both directions, and GradScaler's fused-step contract."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fusedopt
+from tolerances import assert_close
+
+COMPILED = "cpu" in fusedopt.build_info()["backends"]
+BACKENDS = [
+    pytest.param("reference", id="reference"),
+    pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(not COMPILED, reason="compiled CPU backend not built")),
+]
+
+# (class, kwargs, exception, message): torch.optim's messages where torch has the check.
+INVALID = [
+    (fusedopt.AdamW, dict(lr=-1.0), ValueError, "Invalid learning rate: -1.0"),
+    (fusedopt.AdamW, dict(lr=float("nan")), ValueError, "Invalid learning rate: nan"),
+    (fusedopt.Adam, dict(eps=-1e-8), ValueError, "Invalid epsilon value: -1e-08"),
+    (fusedopt.Adam, dict(betas=(1.0, 0.999)), ValueError, "Invalid beta parameter at index 0: 1.0"),
+    (fusedopt.AdamW, dict(betas=(0.9, 1.5)), ValueError, "Invalid beta parameter at index 1: 1.5"),
+    (fusedopt.AdamW, dict(weight_decay=-0.1), ValueError, "Invalid weight_decay value: -0.1"),
+    (fusedopt.SGD, dict(lr=0.1, momentum=-0.5), ValueError, "Invalid momentum value: -0.5"),
+    (fusedopt.SGD, dict(lr=0.1, nesterov=True), ValueError, "Nesterov momentum requires a momentum"),
+    (fusedopt.RMSprop, dict(alpha=-0.1), ValueError, "Invalid alpha value: -0.1"),
+    (fusedopt.Adagrad, dict(lr_decay=-1.0), ValueError, "Invalid lr_decay value: -1.0"),
+    (fusedopt.Adagrad, dict(initial_accumulator_value=-1.0), ValueError,
+     "Invalid initial_accumulator_value value: -1.0"),
+    (fusedopt.Lion, dict(betas=(0.9, -0.1)), ValueError, "Invalid beta parameter at index 1: -0.1"),
+    (fusedopt.LAMB, dict(max_trust_ratio=0.0), ValueError, "Invalid max_trust_ratio value: 0.0"),
+    (fusedopt.AdamW, dict(backend="gpu"), ValueError, "Invalid backend: 'gpu'"),
+    (fusedopt.AdamW, dict(max_grad_norm=-1.0), ValueError, "Invalid max_grad_norm value: -1.0"),
+    (fusedopt.AdamW, dict(state_dtype=torch.float16), ValueError, "Invalid state_dtype: torch.float16"),
+    (fusedopt.AdamW, dict(differentiable=True), ValueError, "Invalid differentiable: True"),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,error,message", INVALID,
+                         ids=[f"{c.__name__}-{'-'.join(k)}-{m.split(':')[0]}" for c, k, _, m in INVALID])
+def test_invalid_hyperparameters_are_rejected_and_change_nothing(cls, kwargs, error, message) -> None:
+    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))]
+    pointers = [p.data_ptr() for p in params]
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        cls(params, **kwargs)
+    assert [p.data_ptr() for p in params] == pointers
+
+
+def test_a_bad_second_group_changes_nothing() -> None:
+    first, second = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))
+    pointer = first.data_ptr()
+    with pytest.raises(ValueError, match="Invalid learning rate: -2"):
+        fusedopt.AdamW([{"params": [first]}, {"params": [second], "lr": -2}])
+    assert first.data_ptr() == pointer
+
+
+def test_build_info_reports_what_was_built() -> None:
+    info = fusedopt.build_info()
+    assert info["version"] == fusedopt.__version__
+    assert "reference" in info["backends"]
+    if COMPILED:
+        assert info["load_error"] is None
+        assert info["cpu_isa"] in info["cpu_isas_supported"]
+    else:
+        assert info["load_error"]
+
+
+def test_missing_extension_falls_back_to_reference_with_one_warning() -> None:
+    # A meta-path finder that refuses fusedopt._C reproduces a wheel whose extension cannot load.
+    code = textwrap.dedent("""
+        import sys, warnings
+        class Refuse:
+            def find_spec(self, name, path=None, target=None):
+                if name == "fusedopt._C":
+                    raise ImportError("simulated: libgomp.so.1 not found")
+        sys.meta_path.insert(0, Refuse())
+        import torch, fusedopt
+        info = fusedopt.build_info()
+        assert info["backends"] == ["reference"], info
+        assert "simulated: libgomp.so.1 not found" in info["load_error"], info
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            p = torch.nn.Parameter(torch.randn(10))
+            opt = fusedopt.AdamW([p], lr=0.1)
+            fusedopt.SGD([torch.nn.Parameter(torch.randn(3))], lr=0.1)
+        messages = [str(w.message) for w in caught if "fusedopt" in str(w.message)]
+        assert len(messages) == 1 and "simulated" in messages[0], messages
+        q = torch.nn.Parameter(p.detach().clone())
+        ref = torch.optim.AdamW([q], lr=0.1)
+        for _ in range(5):
+            g = torch.randn(10)
+            p.grad = g.clone(); q.grad = g.clone()
+            opt.step(); ref.step()
+        assert torch.equal(p, q)
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "FUSEDOPT_BACKEND"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_environment_variable_overrides_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FUSEDOPT_BACKEND", "reference")
+    opt = fusedopt.AdamW([torch.nn.Parameter(torch.randn(4))], backend="auto")
+    assert opt._backends == [["reference"]]
+    monkeypatch.setenv("FUSEDOPT_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="Invalid FUSEDOPT_BACKEND: 'tpu'"):
+        fusedopt.AdamW([torch.nn.Parameter(torch.randn(4))])
+
+
+def test_auto_picks_the_compiled_cpu_backend_when_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FUSEDOPT_BACKEND", raising=False)
+    opt = fusedopt.AdamW([torch.nn.Parameter(torch.randn(4))])
+    assert opt._backends == [["cpu" if COMPILED else "reference"]]
+
+
+def _random_params(count: int = 5, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    sizes = [1, 7, 4097, 300, 64][:count]
+    return [torch.randn(n, dtype=dtype) for n in sizes]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_norm", [0.5, 1e6], ids=["clipped", "unclipped"])
+def test_max_grad_norm_equals_clip_grad_norm_then_step(backend: str, max_norm: float) -> None:
+    init = _random_params()
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    theirs = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = fusedopt.AdamW(ours, lr=1e-2, weight_decay=0.1, max_grad_norm=max_norm, backend=backend)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, foreach=False)
+    for _ in range(30):
+        grads = [torch.randn_like(t) * 3 for t in init]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad = g.clone()
+            q.grad = g.clone()
+        expected_norm = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+        opt.step()
+        ref.step()
+        assert opt.last_grad_norm == pytest.approx(expected_norm.item(), rel=1e-6)
+        for p, q in zip(ours, theirs):
+            assert_close(p.detach(), q.detach(), "fp32_trajectory")
+            assert torch.equal(p.grad, q.grad) or max_norm < 1e6  # gradients are never rewritten by clipping
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_master_weights_follow_the_fp32_trajectory(backend: str, dtype: torch.dtype) -> None:
+    init = [t.to(dtype) for t in _random_params()]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    fp32 = [torch.nn.Parameter(t.float()) for t in init]
+    opt = fusedopt.AdamW(ours, lr=1e-2, weight_decay=0.1, master_weights=True, backend=backend)
+    ref = torch.optim.AdamW(fp32, lr=1e-2, weight_decay=0.1, foreach=False)
+    for _ in range(20):
+        for p, q in zip(ours, fp32):
+            g = torch.randn(p.shape).to(dtype)
+            p.grad = g.clone()
+            q.grad = g.float()
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, fp32):
+        master = opt.state[p]["master_param"]
+        assert master.dtype == torch.float32
+        assert_close(master, q.detach(), "fp32_trajectory")
+        assert torch.equal(p.detach(), master.to(dtype))  # the 16-bit copy is the master rounded once
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_states_stay_close_to_fp32_states(backend: str) -> None:
+    init = _random_params()
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    theirs = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = fusedopt.AdamW(ours, lr=1e-3, state_dtype=torch.bfloat16, backend=backend)
+    ref = torch.optim.AdamW(theirs, lr=1e-3, foreach=False)
+    for _ in range(20):
+        for p, q in zip(ours, theirs):
+            g = torch.randn_like(p)
+            p.grad = g.clone()
+            q.grad = g.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        assert opt.state[p]["exp_avg"].dtype == torch.bfloat16
+        assert_close(opt.state[p]["exp_avg"].float(), ref.state[q]["exp_avg"], torch.bfloat16)
+        assert_close(p.detach(), q.detach(), torch.bfloat16)
+
+
+CHECKPOINT_PAIRS = [
+    (fusedopt.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+    (fusedopt.Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1)),
+    (fusedopt.SGD, torch.optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True)),
+    (fusedopt.RMSprop, torch.optim.RMSprop, dict(lr=1e-2, momentum=0.5, centered=True)),
+    (fusedopt.Adagrad, torch.optim.Adagrad, dict(lr=1e-1, lr_decay=0.01, initial_accumulator_value=0.1)),
+]
+
+
+def _train(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[list[torch.Tensor]]) -> None:
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+        opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ours_cls,torch_cls,kwargs", CHECKPOINT_PAIRS, ids=[c[0].__name__ for c in CHECKPOINT_PAIRS])
+@pytest.mark.parametrize("direction", ["torch-to-fusedopt", "fusedopt-to-torch"])
+def test_checkpoint_switch_continues_the_same_trajectory(backend, ours_cls, torch_cls, kwargs, direction, tmp_path):
+    init = _random_params()
+    grads = [[torch.randn_like(t) for t in init] for _ in range(20)]
+    straight = [torch.nn.Parameter(t.clone()) for t in init]
+    _train(torch_cls(straight, foreach=False, **kwargs), straight, grads)
+
+    switched = [torch.nn.Parameter(t.clone()) for t in init]
+    make_ours = lambda: ours_cls(switched, backend=backend, **kwargs)  # noqa: E731
+    make_torch = lambda: torch_cls(switched, foreach=False, **kwargs)  # noqa: E731
+    first, second = (make_torch, make_ours) if direction == "torch-to-fusedopt" else (make_ours, make_torch)
+    opt = first()
+    _train(opt, switched, grads[:10])
+    torch.save(opt.state_dict(), tmp_path / "optim.pt")
+    opt = second()
+    opt.load_state_dict(torch.load(tmp_path / "optim.pt", map_location="cpu"))
+    _train(opt, switched, grads[10:])
+    for p, q in zip(switched, straight):
+        assert_close(p.detach(), q.detach(), "fp32_trajectory")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kwargs", [(fusedopt.Lion, dict(lr=1e-3, weight_decay=0.1)),
+                                        (fusedopt.LAMB, dict(lr=1e-2, weight_decay=0.01))], ids=["Lion", "LAMB"])
+def test_own_layouts_round_trip_exactly(backend, cls, kwargs, tmp_path) -> None:
+    init = _random_params()
+    grads = [[torch.randn_like(t) for t in init] for _ in range(12)]
+    straight = [torch.nn.Parameter(t.clone()) for t in init]
+    _train(cls(straight, backend=backend, **kwargs), straight, grads)
+    resumed = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = cls(resumed, backend=backend, **kwargs)
+    _train(opt, resumed, grads[:6])
+    torch.save(opt.state_dict(), tmp_path / "optim.pt")
+    opt = cls(resumed, backend=backend, **kwargs)
+    opt.load_state_dict(torch.load(tmp_path / "optim.pt"))
+    _train(opt, resumed, grads[6:])
+    for p, q in zip(resumed, straight):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scaler_fused_contract_unscales_and_skips_nonfinite(backend: str) -> None:
+    init = _random_params()
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    theirs = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = fusedopt.AdamW(ours, lr=1e-2, backend=backend)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
+    for step in range(8):
+        grads = [torch.randn_like(t) for t in init]
+        if step == 3:
+            grads[2][5] = float("inf")
+        opt.zero_grad()
+        loss = sum((p * g).sum() for p, g in zip(ours, grads))  # d loss / d p = g, scaled by the scaler
+        scaler.scale(loss).backward()
+        for q, g in zip(theirs, grads):
+            q.grad = g.clone()
+        before = [p.detach().clone() for p in ours]
+        steps_before = [opt.state[p]["step"].item() if p in opt.state else 0 for p in ours]
+        scaler.step(opt)
+        scaler.update()
+        if step == 3:  # skipped: parameters, states and step counts unchanged
+            assert all(torch.equal(p, b) for p, b in zip(ours, before))
+            assert [opt.state[p]["step"].item() for p in ours] == steps_before
+        else:
+            ref.step()
+        for p, q in zip(ours, theirs):
+            assert_close(p.detach(), q.detach(), "fp32_trajectory")
+    assert scaler.get_scale() < 1024.0 * 2**8  # the inf step halved the scale
