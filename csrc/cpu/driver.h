@@ -1,0 +1,285 @@
+// The one CPU driver: a single OpenMP region over fixed chunks of the flat buffer, a vectorisable inner loop over the
+// per-element math of csrc/include/fusedopt/math, and deterministic chunked reductions. Included by the per-algorithm
+// kernel sources, which are compiled once per ISA with FUSEDOPT_ISA_NS naming the namespace (baseline, avx2, avx512).
+//
+// Everything defined here lives in that per-ISA namespace (or is always_inline), and only plain C arrays are used, so
+// no inline function compiled with AVX-512 flags can be merged by the linker into the code of another ISA.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#include "fusedopt/common.h"
+#include "fusedopt/dtype.h"
+#include "fusedopt/math/lamb.h"
+#include "fusedopt/math/norm.h"
+#include "kernels.h"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define FUSEDOPT_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define FUSEDOPT_LAMBDA_INLINE
+#endif
+
+#ifndef FUSEDOPT_ISA_NS
+#error "FUSEDOPT_ISA_NS must name the ISA namespace of this build (set by CMakeLists.txt)"
+#endif
+
+namespace fusedopt {
+namespace cpu {
+namespace FUSEDOPT_ISA_NS {
+
+template <typename T>
+struct Type {
+  using type = T;
+};
+template <bool B>
+struct Bool {
+  static constexpr bool value = B;
+};
+
+inline int64_t chunk_count(int64_t n) { return (n + kChunk - 1) / kChunk; }
+
+// Calls f(Type<param>, Type<grad>, Type<state>, Bool<master>) for the combinations CONTRACT.md allows:
+// grad dtype = param dtype or fp32; states fp32 or bf16; master weights only with 16-bit parameters (fp32 parameters
+// with master weights are run by the dispatcher on the master buffer, then copied).
+template <typename F>
+void dispatch_dtypes(const FlatBuffers& b, F&& f) {
+  auto with_state = [&](auto tp, auto tg, auto master) {
+    if (b.state_dtype == kBFloat16)
+      f(tp, tg, Type<bf16_t>{}, master);
+    else
+      f(tp, tg, Type<float>{}, master);
+  };
+  auto with_master = [&](auto tp, auto tg) {
+    if (b.master != nullptr)
+      with_state(tp, tg, Bool<true>{});
+    else
+      with_state(tp, tg, Bool<false>{});
+  };
+  if (b.param_dtype == kFloat32) {
+    with_state(Type<float>{}, Type<float>{}, Bool<false>{});
+  } else if (b.param_dtype == kBFloat16) {
+    if (b.grad_dtype == kFloat32)
+      with_master(Type<bf16_t>{}, Type<float>{});
+    else
+      with_master(Type<bf16_t>{}, Type<bf16_t>{});
+  } else {
+    if (b.grad_dtype == kFloat32)
+      with_master(Type<fp16_t>{}, Type<float>{});
+    else
+      with_master(Type<fp16_t>{}, Type<fp16_t>{});
+  }
+}
+
+// Inner loop over [begin, end): the compiler vectorises it (unused states are compile-time dead, uniform mode flags
+// are unswitched or if-converted) and emits the scalar remainder from the same source, so the tail runs the same math.
+template <typename Op, typename TP, typename TG, typename TS, bool Master>
+inline void elementwise_range(const Op op, TP* FUSEDOPT_RESTRICT p, const TG* FUSEDOPT_RESTRICT g,
+                              TS* FUSEDOPT_RESTRICT s0, TS* FUSEDOPT_RESTRICT s1, TS* FUSEDOPT_RESTRICT s2,
+                              float* FUSEDOPT_RESTRICT master, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    float pv = Master ? master[i] : load(p[i]);
+    const float gv = load(g[i]);
+    float a = Op::uses(0) ? load(s0[i]) : 0.0f;
+    float bb = Op::uses(1) ? load(s1[i]) : 0.0f;
+    float c = Op::uses(2) ? load(s2[i]) : 0.0f;
+    op(pv, gv, a, bb, c);
+    if (Master) master[i] = pv;
+    p[i] = store<TP>(pv);
+    if (Op::uses(0)) s0[i] = store<TS>(a);
+    if (Op::uses(1)) s1[i] = store<TS>(bb);
+    if (Op::uses(2)) s2[i] = store<TS>(c);
+  }
+}
+
+// One parallel region over the whole buffer, static schedule over fixed chunks (one pass over memory).
+template <typename Op>
+void run_elementwise(const Op& op, const FlatBuffers& b, int threads) {
+  dispatch_dtypes(b, [&](auto tp, auto tg, auto ts, auto master) {
+    using TP = typename decltype(tp)::type;
+    using TG = typename decltype(tg)::type;
+    using TS = typename decltype(ts)::type;
+    constexpr bool kMaster = decltype(master)::value;
+    TP* p = static_cast<TP*>(b.param);
+    const TG* g = static_cast<const TG*>(b.grad);
+    TS* s0 = static_cast<TS*>(b.states[0]);
+    TS* s1 = static_cast<TS*>(b.states[1]);
+    TS* s2 = static_cast<TS*>(b.states[2]);
+    float* m = b.master;
+    const int64_t n = b.n;
+    const int64_t chunks = chunk_count(n);
+    const Op local = op;
+#pragma omp parallel for schedule(static) num_threads(threads) if (chunks > 1)
+    for (int64_t ck = 0; ck < chunks; ++ck) {
+      const int64_t begin = ck * kChunk;
+      const int64_t end = n - begin < kChunk ? n : begin + kChunk;
+      elementwise_range<Op, TP, TG, TS, kMaster>(local, p, g, s0, s1, s2, m, begin, end);
+    }
+  });
+}
+
+// Sum of squares of [begin, end) into kNormLanes interleaved double lanes, combined in lane order: the result depends
+// on the index range only. Returns the chunk's partial sum; sets *bad when an element is inf/NaN.
+template <typename T>
+inline double sum_squares_range(const T* FUSEDOPT_RESTRICT x, int64_t begin, int64_t end, bool* bad) {
+  double lanes[kNormLanes] = {};
+  int nonfinite = 0;
+  int64_t i = begin;
+  for (; i + kNormLanes <= end; i += kNormLanes) {
+    for (int l = 0; l < kNormLanes; ++l) {
+      const float v = load(x[i + l]);
+      lanes[l] += square_term(v);
+      nonfinite |= is_nonfinite(v) ? 1 : 0;
+    }
+  }
+  for (int l = 0; i < end; ++i, ++l) {
+    const float v = load(x[i]);
+    lanes[l] += square_term(v);
+    nonfinite |= is_nonfinite(v) ? 1 : 0;
+  }
+  double total = 0.0;
+  for (int l = 0; l < kNormLanes; ++l) total += lanes[l];
+  *bad = nonfinite != 0;
+  return total;
+}
+
+inline void sum_of_squares_kernel(const void* data, int64_t n, int dtype, double* partials, unsigned char* nonfinite,
+                                  int threads) {
+  const int64_t chunks = chunk_count(n);
+  auto run = [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* x = static_cast<const T*>(data);
+#pragma omp parallel for schedule(static) num_threads(threads) if (chunks > 1)
+    for (int64_t ck = 0; ck < chunks; ++ck) {
+      const int64_t begin = ck * kChunk;
+      const int64_t end = n - begin < kChunk ? n : begin + kChunk;
+      bool bad = false;
+      partials[ck] = sum_squares_range<T>(x, begin, end, &bad);
+      nonfinite[ck] = bad ? 1 : 0;
+    }
+  };
+  if (dtype == kBFloat16)
+    run(Type<bf16_t>{});
+  else if (dtype == kFloat16)
+    run(Type<fp16_t>{});
+  else
+    run(Type<float>{});
+}
+
+inline void round_copy_kernel(void* dst, int dst_dtype, const float* src, int64_t n, int threads) {
+  const int64_t chunks = chunk_count(n);
+  auto run = [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    T* FUSEDOPT_RESTRICT d = static_cast<T*>(dst);
+#pragma omp parallel for schedule(static) num_threads(threads) if (chunks > 1)
+    for (int64_t ck = 0; ck < chunks; ++ck) {
+      const int64_t begin = ck * kChunk;
+      const int64_t end = n - begin < kChunk ? n : begin + kChunk;
+      for (int64_t i = begin; i < end; ++i) d[i] = store<T>(src[i]);
+    }
+  };
+  if (dst_dtype == kBFloat16)
+    run(Type<bf16_t>{});
+  else if (dst_dtype == kFloat16)
+    run(Type<fp16_t>{});
+  else
+    run(Type<float>{});
+}
+
+// LAMB, two passes inside one parallel region (bytes per parameter: docs/cpu_kernels.md):
+//   pass 1 reads p (or master), g, m, v; writes m, v; accumulates per-item ||p||^2 and ||u||^2 (u is not stored);
+//   combine: per segment, its items' partial sums in item order -> trust ratio -> lr * ratio (deterministic);
+//   pass 2 reads p (or master), m, v; recomputes u from the stored moments (bit-identical); writes p (and master).
+// Storing u instead would cost a write and a read of n values, the same traffic as re-reading m and v in pass 2,
+// and would need a scratch buffer or clobber the gradient.
+template <typename TP, typename TG, typename TS, bool Master>
+inline void lamb_pass1_range(const LambCoeffs c, const TP* FUSEDOPT_RESTRICT p, const TG* FUSEDOPT_RESTRICT g,
+                             TS* FUSEDOPT_RESTRICT m, TS* FUSEDOPT_RESTRICT v, const float* FUSEDOPT_RESTRICT master,
+                             int64_t begin, int64_t end, double* w2, double* u2) {
+  double lw[kNormLanes] = {};
+  double lu[kNormLanes] = {};
+  auto element = [&](int64_t i, int l) FUSEDOPT_LAMBDA_INLINE {
+    const float pv = Master ? master[i] : load(p[i]);
+    float mm = load(m[i]);
+    float vv = load(v[i]);
+    lamb_moments(c, pv, load(g[i]), mm, vv);
+    const TS ms = store<TS>(mm);
+    const TS vs = store<TS>(vv);
+    m[i] = ms;
+    v[i] = vs;
+    // u from the stored (possibly rounded) moments, exactly what pass 2 applies.
+    const float u = lamb_direction(c, pv, load(ms), load(vs));
+    lw[l] += square_term(pv);
+    lu[l] += square_term(u);
+  };
+  int64_t i = begin;
+  for (; i + kNormLanes <= end; i += kNormLanes)
+    for (int l = 0; l < kNormLanes; ++l) element(i + l, l);
+  for (int l = 0; i < end; ++i, ++l) element(i, l);
+  double sw = 0.0, su = 0.0;
+  for (int l = 0; l < kNormLanes; ++l) {
+    sw += lw[l];
+    su += lu[l];
+  }
+  *w2 = sw;
+  *u2 = su;
+}
+
+template <typename TP, typename TS, bool Master>
+inline void lamb_pass2_range(const LambCoeffs c, float scaled_lr, TP* FUSEDOPT_RESTRICT p,
+                             const TS* FUSEDOPT_RESTRICT m, const TS* FUSEDOPT_RESTRICT v,
+                             float* FUSEDOPT_RESTRICT master, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    float pv = Master ? master[i] : load(p[i]);
+    lamb_apply(c, scaled_lr, pv, load(m[i]), load(v[i]));
+    if (Master) master[i] = pv;
+    p[i] = store<TP>(pv);
+  }
+}
+
+inline void run_lamb(const FlatBuffers& b, const LambCoeffs& c, const LambWork& w, int threads) {
+  dispatch_dtypes(b, [&](auto tp, auto tg, auto ts, auto master) {
+    using TP = typename decltype(tp)::type;
+    using TG = typename decltype(tg)::type;
+    using TS = typename decltype(ts)::type;
+    constexpr bool kMaster = decltype(master)::value;
+    TP* p = static_cast<TP*>(b.param);
+    const TG* g = static_cast<const TG*>(b.grad);
+    TS* m = static_cast<TS*>(b.states[0]);
+    TS* v = static_cast<TS*>(b.states[1]);
+    float* mw = b.master;
+    const LambCoeffs lc = c;
+#pragma omp parallel num_threads(threads) if (w.items > 1)
+    {
+#pragma omp for schedule(static)
+      for (int64_t it = 0; it < w.items; ++it)
+        lamb_pass1_range<TP, TG, TS, kMaster>(lc, p, g, m, v, mw, w.item_begin[it], w.item_end[it], &w.partial_w[it],
+                                              &w.partial_u[it]);
+#pragma omp for schedule(static)
+      for (int64_t s = 0; s < w.segments; ++s) {
+        double sw = 0.0, su = 0.0;
+        for (int64_t it = w.seg_first[s]; it < w.seg_first[s + 1]; ++it) {
+          sw += w.partial_w[it];
+          su += w.partial_u[it];
+        }
+        const double wn = sqrt(sw), un = sqrt(su);
+        double ratio = (wn > 0.0 && un > 0.0) ? wn / un : 1.0;
+        if (w.max_trust_ratio >= 0.0 && ratio > w.max_trust_ratio) ratio = w.max_trust_ratio;
+        w.scaled_lr[s] = static_cast<float>(w.lr * ratio);
+      }
+#pragma omp for schedule(static)
+      for (int64_t it = 0; it < w.items; ++it)
+        lamb_pass2_range<TP, TS, kMaster>(lc, w.scaled_lr[w.item_segment[it]], p, m, v, mw, w.item_begin[it],
+                                          w.item_end[it]);
+    }
+  });
+}
+
+}  // namespace FUSEDOPT_ISA_NS
+}  // namespace cpu
+}  // namespace fusedopt
