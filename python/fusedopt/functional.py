@@ -19,10 +19,15 @@ from ._backend import compiled
 __all__ = ["adam", "sgd", "rmsprop", "adagrad", "lion", "lamb", "sum_of_squares"]
 
 
-def _kernels() -> Any:
+def _kernels(backend: str) -> Any:
+    """The module that implements the flat functions for `backend` on the compiled core."""
     module = compiled()
     if module is None:
         raise RuntimeError("fusedopt: the compiled extension is not available; use backend='reference'")
+    if backend == "cuda":
+        from . import _compiled_cuda
+
+        return _compiled_cuda
     return module
 
 
@@ -44,7 +49,7 @@ def adam(
     if backend == "reference":
         _reference(reference.adam, param, master, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, **kwargs)
     else:
-        _kernels().adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, **kwargs)
+        _kernels(backend).adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, **kwargs)
 
 
 def sgd(
@@ -58,7 +63,7 @@ def sgd(
     if backend == "reference":
         _reference(reference.sgd, param, master, grad, momentum_buffer, **kwargs)
     else:
-        _kernels().sgd(param, grad, momentum_buffer, master, **kwargs)
+        _kernels(backend).sgd(param, grad, momentum_buffer, master, **kwargs)
 
 
 def rmsprop(
@@ -72,7 +77,7 @@ def rmsprop(
     if backend == "reference":
         _reference(reference.rmsprop, param, master, grad, square_avg, momentum_buffer, grad_avg, **kwargs)
     else:
-        _kernels().rmsprop(param, grad, square_avg, momentum_buffer, grad_avg, master, **kwargs)
+        _kernels(backend).rmsprop(param, grad, square_avg, momentum_buffer, grad_avg, master, **kwargs)
 
 
 def adagrad(
@@ -85,7 +90,7 @@ def adagrad(
     if backend == "reference":
         _reference(reference.adagrad, param, master, grad, sum, **kwargs)
     else:
-        _kernels().adagrad(param, grad, sum, master, **kwargs)
+        _kernels(backend).adagrad(param, grad, sum, master, **kwargs)
 
 
 def lion(
@@ -98,7 +103,7 @@ def lion(
     if backend == "reference":
         _reference(reference.lion, param, master, grad, exp_avg, **kwargs)
     else:
-        _kernels().lion(param, grad, exp_avg, master, **kwargs)
+        _kernels(backend).lion(param, grad, exp_avg, master, **kwargs)
 
 
 def lamb(
@@ -112,7 +117,7 @@ def lamb(
                   bias_correction=bias_correction, max_trust_ratio=max_trust_ratio, maximize=maximize,
                   grad_scale=grad_scale)
     if backend != "reference":
-        _kernels().lamb(param, grad, exp_avg, exp_avg_sq, master, segment_offsets, segment_numels, **kwargs)
+        _kernels(backend).lamb(param, grad, exp_avg, exp_avg_sq, master, segment_offsets, segment_numels, **kwargs)
         return
     target = param if master is None else master
     for offset, numel in zip(segment_offsets.tolist(), segment_numels.tolist()):
@@ -125,6 +130,6 @@ def lamb(
 def sum_of_squares(tensor: Tensor, *, backend: str) -> tuple[float, bool]:
     """Sum of squares of a 1-D tensor (fp32 products) and whether any element is inf or nan."""
     if backend != "reference":
-        return _kernels().sum_of_squares(tensor)
+        return _kernels(backend).sum_of_squares(tensor)
     values = tensor.detach().float()
     return float(values.square().sum(dtype=torch.float64)), not bool(torch.isfinite(values).all())
