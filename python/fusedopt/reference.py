@@ -1,0 +1,442 @@
+"""Per-tensor reference optimizers in plain torch: the oracle of every test and the fallback with nothing compiled.
+
+Each function updates `param` and its state tensors in place, computing in fp32 and mirroring the operation order of
+torch.optim's single-tensor code paths (lerp / addcmul / addcdiv) so fp32 results agree with torch.optim to float32
+rounding. 16-bit tensors (parameters, gradients, bf16 states) are upcast to fp32, updated, and written back with one
+rounding. Never imports the compiled module.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "STATE_NAMES",
+    "adagrad",
+    "adam",
+    "adamw",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "global_norm",
+    "lamb",
+    "lion",
+    "rmsprop",
+    "sgd",
+]
+
+# Per-parameter state tensors of each algorithm, in torch.optim's names (adamw shares adam's).
+STATE_NAMES: dict[str, tuple[str, ...]] = {
+    "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    "sgd": ("momentum_buffer",),
+    "rmsprop": ("square_avg", "momentum_buffer", "grad_avg"),
+    "adagrad": ("sum",),
+    "lion": ("exp_avg",),
+    "lamb": ("exp_avg", "exp_avg_sq"),
+}
+
+_TensorOrTensors = Union[Tensor, Iterable[Tensor]]  # runtime alias: no `|` on Python 3.9
+
+
+def _fp32(t: Tensor | None) -> Tensor | None:
+    """The tensor itself when already fp32 (updated in place), else an fp32 working copy."""
+    if t is None or t.dtype == torch.float32:
+        return t
+    return t.to(torch.float32)
+
+
+def _write_back(dst: Tensor | None, work: Tensor | None) -> None:
+    """Round an fp32 working copy back into its 16-bit tensor once (no-op when `work` is `dst`)."""
+    if dst is not None and work is not dst:
+        dst.copy_(work)
+
+
+def _effective_grad(grad: Tensor, grad_scale: float, maximize: bool) -> Tensor:
+    """g = grad*grad_scale, negated when maximizing, as a new fp32 tensor (the caller's grad is never modified)."""
+    g = grad.to(torch.float32)
+    if grad_scale != 1.0:
+        g = g * grad_scale
+    if maximize:
+        g = -g
+    return g
+
+
+def _check_same_numel(param: Tensor, **tensors: Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.numel() != param.numel():
+            raise ValueError(f"Invalid {name}: numel {t.numel()} != param numel {param.numel()}")
+
+
+@torch.no_grad()
+def adam(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor | None,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled: bool = False,
+    grad_scale: float = 1.0,
+) -> None:
+    """Adam (Kingma & Ba 2015, Alg. 1) with torch.optim.Adam's options; AdamW when `decoupled`.
+
+    g = grad*grad_scale (negated if maximize); weight decay: decoupled -> p = p*(1 - lr*wd), else g = g + wd*p;
+    m = lerp(m, g, 1-beta1); v = beta2*v + (1-beta2)*g*g; amsgrad: vmax = max(vmax, v) and v := vmax below;
+    p = p - lr/(1-beta1**t) * m / (sqrt(v)/sqrt(1-beta2**t) + eps).   `step` is t >= 1, already incremented.
+    """
+    if step < 1:
+        raise ValueError(f"Invalid step: {step}")
+    if amsgrad and max_exp_avg_sq is None:
+        raise ValueError("Invalid max_exp_avg_sq: None with amsgrad=True")
+    _check_same_numel(param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                      max_exp_avg_sq=max_exp_avg_sq if amsgrad else None)
+    p, m, v = _fp32(param), _fp32(exp_avg), _fp32(exp_avg_sq)
+    vmax = _fp32(max_exp_avg_sq) if amsgrad else None
+    g = _effective_grad(grad, grad_scale, maximize)
+
+    if weight_decay != 0:
+        if decoupled:
+            p.mul_(1 - lr * weight_decay)
+        else:
+            g = g.add(p, alpha=weight_decay)
+
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    bias_correction2_sqrt = bias_correction2**0.5
+
+    if amsgrad:
+        torch.maximum(vmax, v, out=vmax)
+        denom = (vmax.sqrt() / bias_correction2_sqrt).add_(eps)
+    else:
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+    p.addcdiv_(m, denom, value=-step_size)
+
+    _write_back(param, p)
+    _write_back(exp_avg, m)
+    _write_back(exp_avg_sq, v)
+    if amsgrad:
+        _write_back(max_exp_avg_sq, vmax)
+
+
+def adamw(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor | None,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    grad_scale: float = 1.0,
+) -> None:
+    """AdamW (Loshchilov & Hutter 2019, Alg. 2): Adam with decoupled weight decay p = p*(1 - lr*wd) before the
+    Adam update (torch.optim.AdamW's form, where the decay is scaled by lr); see `adam` for the rest."""
+    adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, decoupled=True, grad_scale=grad_scale)
+
+
+@torch.no_grad()
+def sgd(
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor | None,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+    grad_scale: float = 1.0,
+) -> None:
+    """SGD with momentum (Sutskever et al. 2013 form used by torch.optim.SGD).
+
+    g = grad*grad_scale (negated if maximize); g = g + wd*p; if momentum != 0:
+    buf = g on the first step else momentum*buf + (1-dampening)*g; g = g + momentum*buf if nesterov else buf;
+    p = p - lr*g.
+    """
+    if momentum != 0 and momentum_buffer is None:
+        raise ValueError(f"Invalid momentum_buffer: None with momentum={momentum}")
+    _check_same_numel(param, grad=grad, momentum_buffer=momentum_buffer if momentum != 0 else None)
+    p = _fp32(param)
+    g = _effective_grad(grad, grad_scale, maximize)
+    if weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
+
+    buf = None
+    if momentum != 0:
+        buf = _fp32(momentum_buffer)
+        if first_step:
+            buf.copy_(g)
+        else:
+            buf.mul_(momentum).add_(g, alpha=1 - dampening)
+        g = g.add(buf, alpha=momentum) if nesterov else buf
+    p.add_(g, alpha=-lr)
+
+    _write_back(param, p)
+    if buf is not None:
+        _write_back(momentum_buffer, buf)
+
+
+@torch.no_grad()
+def rmsprop(
+    param: Tensor,
+    grad: Tensor,
+    square_avg: Tensor,
+    momentum_buffer: Tensor | None,
+    grad_avg: Tensor | None,
+    *,
+    lr: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    maximize: bool,
+    grad_scale: float = 1.0,
+) -> None:
+    """RMSprop (Hinton, Coursera lecture 6e; centered variant Graves 2013, eq. 38-40), as torch.optim.RMSprop.
+
+    g = grad*grad_scale (negated if maximize); g = g + wd*p; sq = alpha*sq + (1-alpha)*g*g;
+    centered: ga = lerp(ga, g, 1-alpha), avg = sqrt(sq - ga*ga) + eps, else avg = sqrt(sq) + eps;
+    momentum > 0: buf = momentum*buf + g/avg, p = p - lr*buf, else p = p - lr*g/avg.
+    """
+    if momentum > 0 and momentum_buffer is None:
+        raise ValueError(f"Invalid momentum_buffer: None with momentum={momentum}")
+    if centered and grad_avg is None:
+        raise ValueError("Invalid grad_avg: None with centered=True")
+    _check_same_numel(param, grad=grad, square_avg=square_avg,
+                      momentum_buffer=momentum_buffer if momentum > 0 else None,
+                      grad_avg=grad_avg if centered else None)
+    p, sq = _fp32(param), _fp32(square_avg)
+    g = _effective_grad(grad, grad_scale, maximize)
+    if weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
+
+    sq.mul_(alpha).addcmul_(g, g, value=1 - alpha)
+    ga = None
+    if centered:
+        ga = _fp32(grad_avg)
+        ga.lerp_(g, 1 - alpha)
+        avg = sq.addcmul(ga, ga, value=-1).sqrt_()
+    else:
+        avg = sq.sqrt()
+    avg = avg.add_(eps)
+
+    buf = None
+    if momentum > 0:
+        buf = _fp32(momentum_buffer)
+        buf.mul_(momentum).addcdiv_(g, avg)
+        p.add_(buf, alpha=-lr)
+    else:
+        p.addcdiv_(g, avg, value=-lr)
+
+    _write_back(param, p)
+    _write_back(square_avg, sq)
+    if ga is not None:
+        _write_back(grad_avg, ga)
+    if buf is not None:
+        _write_back(momentum_buffer, buf)
+
+
+@torch.no_grad()
+def adagrad(
+    param: Tensor,
+    grad: Tensor,
+    sum: Tensor,
+    *,
+    step: int,
+    lr: float,
+    lr_decay: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: float = 1.0,
+) -> None:
+    """Adagrad (Duchi et al. 2011, diagonal form), as torch.optim.Adagrad.
+
+    g = grad*grad_scale (negated if maximize); g = g + wd*p; clr = lr / (1 + (t-1)*lr_decay);
+    sum = sum + g*g; p = p - clr * g / (sqrt(sum) + eps).   `step` is t >= 1, already incremented.
+    """
+    if step < 1:
+        raise ValueError(f"Invalid step: {step}")
+    _check_same_numel(param, grad=grad, sum=sum)
+    p, s = _fp32(param), _fp32(sum)
+    g = _effective_grad(grad, grad_scale, maximize)
+    if weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
+    clr = lr / (1 + (step - 1) * lr_decay)
+    s.addcmul_(g, g, value=1)
+    std = s.sqrt().add_(eps)
+    p.addcdiv_(g, std, value=-clr)
+
+    _write_back(param, p)
+    _write_back(sum, s)
+
+
+@torch.no_grad()
+def lion(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: float = 1.0,
+) -> None:
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", Alg. 2), betas default (0.9, 0.99).
+
+    g = grad*grad_scale (negated if maximize); p = p*(1 - lr*wd)   (decoupled weight decay);
+    c = lerp(m, g, 1-beta1) = beta1*m + (1-beta1)*g;  p = p - lr*sign(c)   (sign(0) = 0);
+    m = lerp(m, g, 1-beta2) = beta2*m + (1-beta2)*g.
+    """
+    _check_same_numel(param, grad=grad, exp_avg=exp_avg)
+    p, m = _fp32(param), _fp32(exp_avg)
+    g = _effective_grad(grad, grad_scale, maximize)
+    if weight_decay != 0:
+        p.mul_(1 - lr * weight_decay)
+    c = torch.lerp(m, g, 1 - beta1)
+    p.add_(torch.sign(c), alpha=-lr)
+    m.lerp_(g, 1 - beta2)
+
+    _write_back(param, p)
+    _write_back(exp_avg, m)
+
+
+@torch.no_grad()
+def lamb(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction: bool,
+    max_trust_ratio: float | None,
+    maximize: bool,
+    grad_scale: float = 1.0,
+) -> None:
+    """LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning", Alg. 2) on one whole tensor (one layer).
+
+    g = grad*grad_scale (negated if maximize); m = lerp(m, g, 1-beta1); v = beta2*v + (1-beta2)*g*g;
+    mh, vh = (m/(1-beta1**t), v/(1-beta2**t)) if bias_correction else (m, v);
+    u = mh / (sqrt(vh) + eps) + wd*p   (decoupled weight decay inside the update);
+    ratio = ||p|| / ||u|| when both norms are > 0, else 1; ratio = min(ratio, max_trust_ratio) when given;
+    p = p - lr*ratio*u.   Norms are accumulated in float64 from the fp32 values.
+    """
+    if step < 1:
+        raise ValueError(f"Invalid step: {step}")
+    _check_same_numel(param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    p, m, v = _fp32(param), _fp32(exp_avg), _fp32(exp_avg_sq)
+    g = _effective_grad(grad, grad_scale, maximize)
+
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if bias_correction:
+        mh = m / (1 - beta1**step)
+        vh = v / (1 - beta2**step)
+    else:
+        mh, vh = m, v
+    u = mh / vh.sqrt().add_(eps)
+    if weight_decay != 0:
+        u.add_(p, alpha=weight_decay)
+
+    w_norm = math.sqrt(p.double().square().sum().item())
+    u_norm = math.sqrt(u.double().square().sum().item())
+    ratio = w_norm / u_norm if (w_norm > 0 and u_norm > 0) else 1.0
+    if max_trust_ratio is not None:
+        ratio = min(ratio, max_trust_ratio)
+    p.add_(u, alpha=-(lr * ratio))
+
+    _write_back(param, p)
+    _write_back(exp_avg, m)
+    _write_back(exp_avg_sq, v)
+
+
+@torch.no_grad()
+def global_norm(tensors: _TensorOrTensors, norm_type: float = 2.0) -> Tensor:
+    """The norm_type-norm of all `tensors` viewed as one vector (as torch.nn.utils.get_total_norm): the norm of the
+    per-tensor norms. Computed in fp32 (16-bit tensors upcast); returns a 0-dim fp32 tensor on the first tensor's
+    device, tensor(0.) for no tensors. norm_type may be inf."""
+    if isinstance(tensors, Tensor):
+        tensors = [tensors]
+    tensors = list(tensors)
+    norm_type = float(norm_type)
+    if not tensors:
+        return torch.tensor(0.0)
+    device = tensors[0].device
+    norms = [torch.linalg.vector_norm(t.to(torch.float32), norm_type).to(device) for t in tensors]
+    return torch.linalg.vector_norm(torch.stack(norms), norm_type)
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: _TensorOrTensors,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> Tensor:
+    """torch.nn.utils.clip_grad_norm_: total = global_norm of the grads; grads *= min(max_norm/(total + 1e-6), 1).
+
+    Returns the total norm (before clipping). Raises RuntimeError when error_if_nonfinite and the norm is nan/inf
+    (no gradient is changed then). `foreach` is accepted for signature compatibility and ignored.
+    """
+    del foreach
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total_norm = global_norm(grads, norm_type)
+    if error_if_nonfinite and not bool(torch.isfinite(total_norm)):
+        raise RuntimeError(
+            f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so it "
+            "cannot be clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
+            "`error_if_nonfinite=False`"
+        )
+    if grads:
+        clip_coef = torch.clamp(float(max_norm) / (total_norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(clip_coef.to(g.device))
+    return total_norm
+
+
+@torch.no_grad()
+def clip_grad_value_(parameters: _TensorOrTensors, clip_value: float, foreach: bool | None = None) -> None:
+    """torch.nn.utils.clip_grad_value_: clamp every gradient element to [-clip_value, clip_value] in place."""
+    del foreach
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    clip_value = float(clip_value)
+    for p in parameters:
+        if p.grad is not None:
+            p.grad.clamp_(min=-clip_value, max=clip_value)

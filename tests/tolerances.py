@@ -1,0 +1,59 @@
+"""Per-dtype comparison tolerances shared by every test; the one place a tolerance is chosen.
+
+Use `assert_close(actual, expected, dtype)` with the dtype of the tensor under test (its storage dtype), or with a
+key such as "fp32_trajectory" when comparing multi-step trajectories.
+"""
+from __future__ import annotations
+
+import torch
+
+# Per-step, single-kernel comparisons: both sides compute in fp32 with the same operation order, so they agree to a
+# few ulps (rtol 1e-5 is ~80 ulp at fp32 epsilon 1.19e-7); atol covers values that cancel towards zero.
+FP32 = {"rtol": 1e-5, "atol": 1e-6}
+
+# Multi-step trajectories vs torch.optim (or vs a float64 oracle): a one-ulp difference in step k (e.g. an FMA
+# contraction in a compiled kernel, or a different but equally valid order of `sqrt(v)/bc2_sqrt`) feeds back through
+# Adam's m/sqrt(v) ratio, which amplifies relative differences where v is tiny. Over 50 steps with lr ~1e-2 the
+# parameters drift by at most a few 1e-6 absolute, so atol is raised to 1e-5; rtol stays tight.
+FP32_TRAJECTORY = {"rtol": 1e-5, "atol": 1e-5}
+
+# 16-bit storage: one rounding of the fp32 result (bf16 has 8 significand bits -> relative spacing 2**-8 = 3.9e-3;
+# fp16 has 11 -> 2**-11 = 4.9e-4). The tolerance allows for ~2-4 ulp after a step whose input was already rounded.
+BF16 = {"rtol": 1e-2, "atol": 1e-2}
+FP16 = {"rtol": 2e-3, "atol": 2e-3}
+
+TOLERANCES: dict[object, dict[str, float]] = {
+    torch.float32: FP32,
+    torch.bfloat16: BF16,
+    torch.float16: FP16,
+    torch.float64: {"rtol": 1e-12, "atol": 1e-14},
+    "fp32": FP32,
+    "fp32_trajectory": FP32_TRAJECTORY,
+    "bf16": BF16,
+    "fp16": FP16,
+}
+
+
+def tolerance(dtype: object) -> dict[str, float]:
+    """rtol/atol for `dtype` (a torch.dtype or one of the string keys of TOLERANCES)."""
+    try:
+        return TOLERANCES[dtype]
+    except KeyError:
+        raise KeyError(f"no tolerance for dtype {dtype!r}; known: {list(TOLERANCES)}") from None
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: object = None, msg: str = "") -> None:
+    """torch.testing.assert_close with the tolerance of `dtype` (default: actual.dtype).
+
+    Values are compared in float64 so that a 16-bit result may be compared against an fp32 computation; dtype and
+    device are not checked here (the caller chooses what to compare).
+    """
+    if dtype is None:
+        dtype = actual.dtype
+    tol = tolerance(dtype)
+    a = actual.detach().to("cpu", torch.float64)
+    e = torch.as_tensor(expected).detach().to("cpu", torch.float64)
+    torch.testing.assert_close(
+        a, e, rtol=tol["rtol"], atol=tol["atol"], equal_nan=True,
+        msg=(lambda m: f"{msg}\n{m}" if msg else m),
+    )
