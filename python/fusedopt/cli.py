@@ -1,0 +1,347 @@
+"""The ``fusedopt`` console script: ``fusedopt bench`` (fusedopt vs torch.optim on this machine) and ``fusedopt info``.
+
+Exit status: 0 success, 2 bad arguments, 3 the requested size does not fit in memory (checked before allocating).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+kExitUsage = 2
+kExitMemory = 3
+kSweepStart = 1_000_000
+kDefaultParams = "124M"
+kQuickParams = "1M"
+
+
+def _size_arg(text: str) -> int:
+    from ._workloads import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"Invalid {name}: {text!r} (expected an integer)") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"Invalid {name}: {value} (must be positive)")
+        return value
+
+    return parse
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"Invalid warmup: {text!r} (expected an integer)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"Invalid warmup: {value} (must be >= 0)")
+    return value
+
+
+def _clip_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"Invalid clip: {text!r} (expected a number)") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"Invalid clip: {value} (must be a positive finite max norm)")
+    return value
+
+
+def _optimizer_arg(text: str) -> list[str]:
+    from ._bench import OPTIMIZERS
+
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if names == ["all"]:
+        return list(OPTIMIZERS)
+    bad = [n for n in names if n not in OPTIMIZERS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"Invalid optimizer: {','.join(bad) or text!r} (expected a comma list of {', '.join(OPTIMIZERS)} or all)"
+        )
+    return list(dict.fromkeys(names))
+
+
+def _impls_arg(text: str) -> list:
+    from ._bench import ImplSpec
+
+    try:
+        return [ImplSpec.parse(t) for t in text.split(",") if t.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fusedopt", description="fusedopt: fused optimizer kernels for PyTorch (benchmarks and build info)."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{bench,info}")
+    sub.required = True
+
+    b = sub.add_parser(
+        "bench",
+        help="time fusedopt against torch.optim on this machine",
+        description="Time one optimizer step of fusedopt against every torch.optim implementation "
+        "(for-loop, foreach, fused) and DeepSpeed/Apex when importable, interleaved, on fresh random gradients. "
+        "Prints a table and writes JSON + CSV.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    b.add_argument("--optimizer", type=_optimizer_arg, default=["adamw"],
+                   help="adam,adamw,sgd,rmsprop,adagrad,lion,lamb (comma list) or all")
+    b.add_argument("--params", type=_size_arg, default=None,
+                   help=f"parameter count, e.g. 1M, 10M, 124M, 350M, 1B (default {kDefaultParams}, {kQuickParams} with --quick)")
+    b.add_argument("--tensors", type=_positive_int("tensors"), default=None,
+                   help="split the parameters into N equal-ish tensors instead of the GPT-2-shaped set")
+    b.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="parameter and gradient dtype")
+    b.add_argument("--state-dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="fusedopt optimizer-state dtype (auto: fusedopt's default, fp32)")
+    b.add_argument("--clip", type=_clip_arg, default=None,
+                   help="clip gradients to this global L2 norm inside the timed step "
+                   "(fusedopt: max_grad_norm; others: clip_grad_norm_ then step)")
+    b.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
+    b.add_argument("--threads", type=_positive_int("threads"), default=None, help="CPU threads for torch and fusedopt")
+    b.add_argument("--steps", type=_positive_int("steps"), default=None, help="measured steps (default 20, 5 with --quick)")
+    b.add_argument("--warmup", type=_nonneg_int, default=None, help="warm-up steps (default 3, 2 with --quick)")
+    b.add_argument("--impls", type=_impls_arg, default=None,
+                   help="comma list of implementations instead of the defaults, e.g. "
+                   "fusedopt-cpu,fusedopt-cpu[bf16-states],fusedopt-reference,torch-fused")
+    b.add_argument("--sweep", action="store_true", help="run sizes 1M, 4M, 16M, 64M, ... up to --params")
+    b.add_argument("--plot", metavar="PNG", default=None, help="write a throughput-vs-size plot (GB/s, log x)")
+    b.add_argument("--json", metavar="PATH", default="bench-results.json", help="JSON output; CSV goes next to it")
+    b.add_argument("--quick", action="store_true", help="~1M parameters and few steps: a smoke test under 30 s")
+    b.add_argument("--seed", type=int, default=0, help="seed of the parameters and gradients")
+    b.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="stderr progress bar (default: only when stderr is a terminal)")
+
+    i = sub.add_parser("info", help="version, backends built, CPU ISA, CUDA build and devices, torch version")
+    i.add_argument("--json", action="store_true", help="print build_info() as JSON")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------- info
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    import fusedopt
+
+    info: dict[str, Any] = dict(fusedopt.build_info())
+    info.setdefault("version", getattr(fusedopt, "__version__", None))
+    info["torch"] = torch.__version__
+    info["torch_cuda"] = torch.version.cuda
+    info["torch_threads"] = torch.get_num_threads()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    compiled = info.get("compiled") or {}
+    lines = [
+        ("fusedopt", info.get("version")),
+        ("backends", ", ".join(info.get("backends") or [])),
+        ("CPU ISA", info.get("cpu_isa") or "n/a (compiled CPU backend not loaded)"),
+        ("CPU ISAs supported", ", ".join(info.get("cpu_isas_supported") or []) or "n/a"),
+        ("CUDA kernels built", "yes" if info.get("cuda_built") else "no"),
+        ("CUDA available", "yes" if info.get("cuda_available") else "no"),
+        ("CUDA devices", ", ".join(info.get("cuda_devices") or []) or "none"),
+        ("torch", f"{info['torch']} (CUDA {info['torch_cuda'] or 'none'}, {info['torch_threads']} threads)"),
+    ]
+    for key in sorted(compiled):
+        if key not in ("cuda_built",):
+            lines.append((f"build: {key}", compiled[key]))
+    if info.get("load_error"):
+        lines.append(("load error", info["load_error"]))
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        print(f"{k.ljust(width)}  {v}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ bench
+
+def _sweep_sizes(limit: int) -> list[int]:
+    sizes, n = [], kSweepStart
+    while n < limit:
+        sizes.append(n)
+        n *= 4
+    if not sizes or sizes[-1] != limit:
+        sizes.append(limit)
+    return sizes
+
+
+def _csv_path(json_path: str) -> str:
+    root, ext = os.path.splitext(json_path)
+    return (root if ext.lower() == ".json" else json_path) + ".csv"
+
+
+def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    from . import _bench as hb
+    from ._bandwidth import measure_bandwidth
+    from ._workloads import workload_for
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: cuda requested but torch.cuda.is_available() is False")
+    if args.params is None:
+        args.params = _size_arg(kQuickParams if args.quick else kDefaultParams)
+    steps = args.steps or (5 if args.quick else 20)
+    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
+    dtype = hb.kDtypes[args.dtype]
+    state_dtype = None if args.state_dtype == "auto" else hb.kDtypes[args.state_dtype]
+    if args.tensors and args.tensors > args.params:
+        parser.error(f"argument --tensors: Invalid tensors: {args.tensors} (more than --params {args.params})")
+    if args.threads:
+        hb.set_threads(args.threads)
+    sizes = _sweep_sizes(args.params) if args.sweep else [args.params]
+    workloads = [workload_for(n, args.tensors) for n in sizes]
+
+    # Settle implementations and check memory for every case before allocating anything large.
+    plan: list[tuple[str, list, dict[str, str]]] = []
+    for opt_name in args.optimizer:
+        specs = list(args.impls) if args.impls else hb.default_impls(opt_name, args.device)
+        if state_dtype is not None:
+            specs = [hb.ImplSpec(s.name, s.state_dtype or state_dtype) if s.family == "fusedopt" else s for s in specs]
+        ok, skipped = hb.resolve_impls(specs, opt_name, args.device, dtype, args.clip)
+        plan.append((opt_name, ok, skipped))
+        for wl in workloads:
+            try:
+                hb.check_memory(ok, opt_name, wl, dtype, args.device)
+            except hb.MemoryError_ as e:
+                print(f"fusedopt bench: error: {e}", file=sys.stderr)
+                return kExitMemory
+    if not any(ok for _, ok, _ in plan):
+        print("fusedopt bench: error: no implementation can run here:", file=sys.stderr)
+        for opt_name, _, skipped in plan:
+            for label, reason in skipped.items():
+                print(f"  {opt_name} {label}: {reason}", file=sys.stderr)
+        return 1
+
+    progress = hb.Progress("measuring bandwidth", enabled=args.progress)
+    meta = hb.machine_info(args.device)
+    bw = measure_bandwidth(args.device, repeats=3 if args.quick else 10, progress=progress)
+    progress.close()
+    threads = torch.get_num_threads()
+    where = meta.get("gpu") if args.device == "cuda" else f"{meta['cpu_model']}, {threads} thread(s)"
+    print(
+        f"fusedopt {meta.get('fusedopt_version')} | torch {meta['torch']} | {args.device}: {where} | "
+        f"ISA {meta.get('cpu_isa') or 'n/a'} | bandwidth {bw['gbs']:.1f} GB/s "
+        f"(copy {bw['copy_gbs']:.1f}, in-place {bw['update_gbs']:.1f})"
+    )
+    rows: list[dict[str, Any]] = []
+    for opt_name, ok, skipped in plan:
+        for label, reason in skipped.items():
+            print(f"[{opt_name}] skipped {label}: {reason}")
+        if not ok:
+            continue
+        for wl in workloads:
+            progress = hb.Progress(f"{opt_name} {wl.name}", enabled=args.progress)
+            result = hb.run_benchmark(
+                opt_name, wl, ok, device=args.device, dtype=dtype, clip=args.clip, steps=steps, warmup=warmup,
+                seed=args.seed, bandwidth_gbs=bw["gbs"], progress=progress,
+            )
+            progress.close()
+            clip = f", clip {args.clip:g}" if args.clip else ""
+            print(
+                f"\n{opt_name} | {wl.name}: {wl.numel:,} params in {wl.num_tensors} tensors | {args.dtype}{clip} | "
+                f"median of {steps} steps after {warmup} warm-up"
+            )
+            print(hb.format_table(result))
+            for r in result:
+                if not r["finite"]:
+                    print(f"warning: {r['impl']} produced non-finite parameters", file=sys.stderr)
+            rows.extend(result)
+
+    payload = {
+        "meta": meta,
+        "bandwidth": bw,
+        "config": {
+            "optimizers": args.optimizer, "sizes": sizes, "tensors": args.tensors, "dtype": args.dtype,
+            "state_dtype": args.state_dtype, "clip": args.clip, "device": args.device, "threads": threads,
+            "steps": steps, "warmup": warmup, "seed": args.seed, "quick": args.quick,
+            "command": "fusedopt " + " ".join(sys.argv[1:]),
+        },
+        "skipped": {opt_name: skipped for opt_name, _, skipped in plan},
+        "results": rows,
+    }
+    hb.write_json(args.json, payload)
+    hb.write_csv(_csv_path(args.json), rows, meta)
+    print(f"\nwrote {args.json} and {_csv_path(args.json)}")
+    if args.plot:
+        plot_results(rows, bw, meta, args.plot, device=args.device)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def plot_results(rows: Sequence[dict[str, Any]], bandwidth: dict[str, Any], meta: dict[str, Any], path: str,
+                 *, device: str = "cpu") -> None:
+    """Effective GB/s against parameter count (log x), one line per implementation, one panel per optimizer,
+    with the measured memory bandwidth as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ._workloads import format_size
+
+    optimizers = list(dict.fromkeys(r["optimizer"] for r in rows))
+    n = len(optimizers)
+    cols = min(n, 3)
+    nrows = math.ceil(n / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.4 * cols, 4.4 * nrows), squeeze=False)
+    machine = meta.get("gpu") if device == "cuda" and meta.get("gpu") else (
+        f"{meta.get('cpu_model')}, {meta.get('torch_threads')} thread(s)")
+    for ax, opt_name in zip(axes.flat, optimizers):
+        sub = [r for r in rows if r["optimizer"] == opt_name]
+        for impl in dict.fromkeys(r["impl"] for r in sub):
+            pts = sorted((r["params"], r["gbs"]) for r in sub if r["impl"] == impl)
+            style = "-o" if impl.startswith("fusedopt") else "--s"
+            ax.plot([p for p, _ in pts], [g for _, g in pts], style, label=impl, linewidth=2 if impl.startswith("fusedopt") else 1.2)
+        ax.axhline(bandwidth["gbs"], color="black", linestyle=":", label=f"measured bandwidth {bandwidth['gbs']:.0f} GB/s")
+        ax.set_xscale("log")
+        sizes = sorted({r["params"] for r in sub})
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([format_size(s) for s in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("parameters")
+        ax.set_ylabel("effective bandwidth (GB/s, algorithmic bytes)")
+        dt = sub[0]["dtype"]
+        clip = f", clip {sub[0]['clip']:g}" if sub[0]["clip"] else ""
+        ax.set_title(f"{opt_name} ({dt}{clip})")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize="small")
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    fig.suptitle(f"fusedopt {meta.get('fusedopt_version')} optimizer step throughput on {machine}")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return cmd_info(args)
+    bench_parser = parser._subparsers._group_actions[0].choices["bench"]  # type: ignore[union-attr]
+    return cmd_bench(args, bench_parser)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

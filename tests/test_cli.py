@@ -1,0 +1,187 @@
+"""Command-line tests: argument handling of ``fusedopt bench``/``info`` and one ``bench --quick`` run end to end.
+
+No timing assertions: only that every expected implementation ran and the reported numbers are consistent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import fusedopt
+import pytest
+from fusedopt import cli
+
+kPackageRoot = os.path.dirname(os.path.dirname(os.path.abspath(fusedopt.__file__)))
+
+
+def _env() -> dict[str, str]:
+    # The subprocess must import the same fusedopt as this test process (installed or source tree).
+    env = dict(os.environ)
+    env["PYTHONPATH"] = kPackageRoot + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("FUSEDOPT_BACKEND", None)
+    return env
+
+
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fusedopt", *args], capture_output=True, text=True, env=_env(), timeout=timeout,
+        check=False,
+    )
+
+
+def _expected_cpu_impls() -> list[str]:
+    fo = "fusedopt-cpu" if "cpu" in fusedopt.build_info()["backends"] else "fusedopt-reference"
+    return [fo, "torch-forloop", "torch-foreach", "torch-fused"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--optimizer", "adamax"], "Invalid optimizer"),
+        (["bench", "--optimizer", "adamw,nope"], "Invalid optimizer"),
+        (["bench", "--params", "12Q"], "Invalid size"),
+        (["bench", "--params", "0"], "Invalid size"),
+        (["bench", "--params=-5M"], "Invalid size"),
+        (["bench", "--tensors", "0"], "Invalid tensors"),
+        (["bench", "--steps", "x"], "Invalid steps"),
+        (["bench", "--clip", "-1"], "Invalid clip"),
+        (["bench", "--dtype", "int8"], "invalid choice"),
+        (["bench", "--impls", "torch-magic"], "Invalid implementation"),
+        (["bench", "--quick", "--params", "1K", "--tensors", "5000"], "Invalid tensors"),
+        (["frobnicate"], "invalid choice"),
+        ([], "required"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else v,
+)
+def test_bad_arguments_exit_2_with_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["info", "--help"]], ids=" ".join)
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: fusedopt" in out
+    if argv[0] == "bench":
+        for option in ("--optimizer", "--params", "--tensors", "--clip", "--sweep", "--plot", "--quick", "--json"):
+            assert option in out
+
+
+def test_parse_size_and_sweep_sizes():
+    from fusedopt._workloads import parse_size
+
+    assert parse_size("1M") == 1_000_000
+    assert parse_size("124m") == 124_000_000
+    assert parse_size("1.5B") == 1_500_000_000
+    assert parse_size("4096") == 4096
+    assert cli._sweep_sizes(parse_size("124M")) == [1_000_000, 4_000_000, 16_000_000, 64_000_000, 124_000_000]
+
+
+def test_workload_shapes():
+    from fusedopt._workloads import equal_tensors_workload, gpt2_workload, transformer_128m_workload
+
+    gpt2 = gpt2_workload("124M")
+    assert gpt2.numel == 124_439_808 and gpt2.num_tensors == 148
+    assert dict(gpt2.shapes)["wte"] == (50257, 768)
+    big = transformer_128m_workload()
+    assert 127e6 < big.numel < 129e6 and 190 <= big.num_tensors <= 210
+    small = equal_tensors_workload("1M", 200)
+    assert small.numel == 1_000_000 and small.num_tensors == 200
+
+
+def test_too_large_is_refused_before_allocating(capsys):
+    assert cli.main(["bench", "--params", "500B", "--impls", "torch-fused", "--json", os.devnull]) == cli.kExitMemory
+    err = capsys.readouterr().err
+    assert "needs about" in err and "available" in err
+
+
+def test_info_subprocess():
+    proc = _run("info")
+    assert proc.returncode == 0, proc.stderr
+    for key in ("fusedopt", "backends", "CPU ISA", "CUDA", "torch"):
+        assert key in proc.stdout
+    proc = _run("info", "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["version"] == fusedopt.build_info()["version"]
+    assert "reference" in info["backends"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "out.json"
+    # One thread keeps this smoke test's run time steady on small shared CI machines.
+    proc = _run("bench", "--quick", "--device", "cpu", "--threads", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout, json.loads(out.read_text()), out
+
+
+def _table_rows(stdout: str) -> dict[str, list[str]]:
+    rows = {}
+    lines = stdout.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("implementation") and "ms/step" in line:
+            for row in lines[i + 2 :]:
+                if not row.strip():
+                    break
+                cells = row.split()
+                rows[cells[0]] = cells
+    return rows
+
+
+def test_quick_bench_table_names_every_implementation(quick_run):
+    stdout, _, _ = quick_run
+    rows = _table_rows(stdout)
+    for name in _expected_cpu_impls():
+        assert name in rows, f"{name} missing from the table:\n{stdout}"
+
+
+def test_quick_bench_json(quick_run):
+    _, payload, path = quick_run
+    assert path.with_suffix(".csv").exists()
+    for key in ("cpu_model", "cpu_cores", "torch", "fusedopt_version", "timestamp"):
+        assert key in payload["meta"]
+    assert payload["bandwidth"]["gbs"] > 0
+    results = {r["impl"]: r for r in payload["results"]}
+    for name in _expected_cpu_impls():
+        r = results[name]
+        assert r["optimizer"] == "adamw" and r["device"] == "cpu"
+        for key in ("ms_median", "ms_p10", "ms_p90", "gbs", "params_per_s"):
+            assert math.isfinite(r[key]) and r[key] > 0, (name, key, r[key])
+        assert r["ms_p10"] <= r["ms_median"] <= r["ms_p90"]
+        assert r["bytes_per_param"] == 28
+        assert r["finite"]
+    best = min(r["ms_median"] for r in results.values() if r["impl"].startswith("torch-"))
+    for r in results.values():
+        assert r["speedup_vs_best_torch"] == pytest.approx(best / r["ms_median"], rel=1e-9)
+        assert r["gbs"] == pytest.approx(28 * r["params"] / (r["ms_median"] / 1e3) / 1e9, rel=1e-9)
+
+
+def test_quick_bench_speedup_column_matches_ms_column(quick_run):
+    stdout, _, _ = quick_run
+    rows = _table_rows(stdout)
+    ms = {name: float(cells[1]) for name, cells in rows.items()}
+    best = min(v for name, v in ms.items() if name.startswith("torch-"))
+    for name, cells in rows.items():
+        shown = float(cells[-1].rstrip("x"))
+        assert shown == pytest.approx(best / ms[name], rel=0.01, abs=0.006), (name, cells)
+
+
+def test_cuda_requested_without_gpu_is_an_argument_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--device", "cuda", "--json", os.devnull])
+    assert exc.value.code == 2
+    assert "cuda" in capsys.readouterr().err
