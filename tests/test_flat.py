@@ -1,10 +1,9 @@
 """Flat storage: 64-byte alignment, parameters and gradients as views, aliasing repair, runs and 64-bit offsets."""
 from __future__ import annotations
 
+import fusedopt
 import pytest
 import torch
-
-import fusedopt
 from fusedopt.flat import ALIGN_BYTES, FlatBuffer, build_flat_buffers
 
 SHAPES = [(1,), (7,), (33, 5), (4097,), (3, 4, 5), ()]

@@ -7,10 +7,9 @@ import subprocess
 import sys
 import textwrap
 
+import fusedopt
 import pytest
 import torch
-
-import fusedopt
 from tolerances import assert_close
 
 COMPILED = "cpu" in fusedopt.build_info()["backends"]

@@ -22,6 +22,8 @@ _load_error: BaseException | None
 try:
     from . import _compiled  # noqa: F401  (imports fusedopt._C)
     _load_error = None
+except ValueError:
+    raise  # an unusable FUSEDOPT_CPU_ISA is the user's explicit request: say so instead of running slower code
 except Exception as error:  # any failure to load the extension must leave `import fusedopt` working
     _compiled = None
     _load_error = error

@@ -141,15 +141,15 @@ class FlatBuffer:
             if g is None:
                 has_grad.append(False)
                 continue
-            if g.data_ptr() != self._grad_ptrs[i] or g.shape != p.shape:
+            if g.layout != torch.strided or g.data_ptr() != self._grad_ptrs[i] or g.shape != p.shape:
                 self._adopt_grad(i, g)
             has_grad.append(True)
         return has_grad
 
     def _adopt_grad(self, i: int, g: Tensor) -> None:
         p = self.params[i]
-        if g.is_sparse:
-            raise RuntimeError(f"fusedopt does not support sparse gradients (parameter {i})")
+        if g.layout != torch.strided:
+            raise RuntimeError(f"fusedopt does not support sparse gradients (parameter {i}, layout {g.layout})")
         if g.shape != p.shape:
             raise RuntimeError(f"fusedopt: gradient of parameter {i} has shape {tuple(g.shape)}, "
                                f"parameter has {tuple(p.shape)}")

@@ -26,6 +26,7 @@ FUSED_DEFAULTS: dict[str, Any] = {
     "max_grad_norm": None,
     "state_dtype": None,
     "master_weights": False,
+    "skip_nonfinite": False,
 }
 
 
@@ -42,12 +43,51 @@ def check_range(name: str, value: Any, low: float, high: float | None = None, hi
         raise ValueError(f"Invalid {name}: {value}")
 
 
+def check_flattenable(params: list[Tensor]) -> None:
+    """Refuse parameters that flat storage cannot hold without changing what the model computes."""
+    seen: set[int] = set()
+    extents: list[tuple[int, int, int, int]] = []
+    for i, p in enumerate(params):
+        if id(p) in seen:
+            raise ValueError(f"fusedopt: parameter {i} appears twice in one parameter group")
+        seen.add(id(p))
+        if p.layout != torch.strided:
+            raise ValueError(f"fusedopt cannot optimize a {p.layout} parameter (index {i} of the group)")
+        if p.is_complex():
+            raise ValueError(f"fusedopt does not support complex parameters (index {i} of the group, "
+                             f"dtype {p.dtype}); optimize torch.view_as_real views instead")
+        if p.numel() > 1 and torch._debug_has_internal_overlap(p) == 1:
+            raise ValueError(f"fusedopt cannot optimize parameter {i}: its elements overlap in memory "
+                             f"(shape {tuple(p.shape)}, stride {p.stride()}); pass a contiguous tensor")
+        if p.numel() > 0 and p.device.type != "meta":
+            last_element = sum((size - 1) * stride for size, stride in zip(p.shape, p.stride()))
+            start = p.data_ptr()
+            extents.append((start, start + (last_element + 1) * p.element_size(), i, p.untyped_storage().data_ptr()))
+    extents.sort()
+    for (_start_a, end_a, a, storage_a), (start_b, _, b, storage_b) in zip(extents, extents[1:]):
+        if storage_a == storage_b and start_b < end_a:
+            raise ValueError(f"fusedopt cannot optimize parameters {a} and {b}: they share memory; "
+                             "flat storage would give each its own copy")
+
+
+def clip_coefficient(max_norm: float | None, norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_'s factor max_norm / (norm + 1e-6), clamped to 1; nan spreads as in torch."""
+    if max_norm is None:
+        return 1.0
+    if math.isnan(norm):
+        return math.nan
+    return min(float(max_norm) / (norm + 1e-6), 1.0)
+
+
 class FusedOptimizer(Optimizer):
     """Base class: a torch.optim.Optimizer whose groups live in flat buffers updated by fused kernels."""
 
     # State tensors this algorithm keeps per parameter, as (name, fill value), for a given group.
     def _state_specs(self, group: dict[str, Any]) -> list[tuple[str, float]]:
         raise NotImplementedError
+
+    # Every state name this algorithm may keep (torch.optim's names), for checking loaded checkpoints.
+    STATE_NAMES: tuple[str, ...] = ()
 
     # Whether state[p] exposes torch.optim's float32 "step" tensor (every FlatBuffer counts steps either way).
     _tracks_step = True
@@ -65,6 +105,7 @@ class FusedOptimizer(Optimizer):
         self._flat_groups: list[list[FlatBuffer]] = []
         self._backends: list[list[str]] = []
         self.last_grad_norm: float | None = None
+        self.skipped_steps = 0
         params = [params] if isinstance(params, Tensor) else list(params)
         # Validate every group before the first one is moved into flat storage: a rejected call changes nothing.
         candidates = [defaults] + [{**defaults, **g} for g in params if isinstance(g, dict)]
@@ -85,12 +126,11 @@ class FusedOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         params = group["params"]
-        for i, p in enumerate(params):
-            if p.is_sparse or p.layout != torch.strided:
-                raise ValueError(f"fusedopt cannot optimize a {p.layout} parameter (index {i} of the group)")
-            if p.is_complex():
-                raise ValueError(f"fusedopt does not support complex parameters (index {i} of the group, "
-                                 f"dtype {p.dtype}); use torch.view_as_real on the model side")
+        try:
+            check_flattenable(params)
+        except ValueError:
+            self.param_groups.pop()  # a rejected group leaves the optimizer as it was
+            raise
         buffers = build_flat_buffers(params, master_weights=bool(group["master_weights"])) if params else []
         self._flat_groups.append(buffers)
         self._backends.append([resolve(group["backend"], b.device) for b in buffers])
@@ -173,7 +213,16 @@ class FusedOptimizer(Optimizer):
                 if any(has_grad):
                     prepared.append((group, buf, backend, has_grad))
 
-        coefficients = self._clip_coefficients(prepared, unscale)
+        coefficients = [1.0] * len(prepared)
+        clipping = any(group["max_grad_norm"] is not None for group, *_ in prepared)
+        if clipping or any(group["skip_nonfinite"] for group, *_ in prepared):
+            norm, nonfinite = self._global_grad_norm(prepared, unscale)
+            if nonfinite and any(group["skip_nonfinite"] for group, *_ in prepared):
+                self.skipped_steps += 1
+                return loss  # parameters, states and step counts stay as they are
+            if clipping:
+                self.last_grad_norm = norm
+                coefficients = [clip_coefficient(group["max_grad_norm"], norm) for group, *_ in prepared]
         for (group, buf, backend, has_grad), coefficient in zip(prepared, coefficients):
             self._ensure_state_views(group, buf, has_grad)
             keys = self._run_keys(buf)
@@ -183,28 +232,16 @@ class FusedOptimizer(Optimizer):
                 buf.steps[first:last + 1].add_(1)
         return loss
 
-    def _clip_coefficients(self, prepared: list[tuple[dict[str, Any], FlatBuffer, str, list[bool]]],
-                           unscale: float) -> list[float]:
-        """Per prepared buffer, the factor max_norm / (global norm + 1e-6) clamped to 1 (torch's formula)."""
-        if all(group["max_grad_norm"] is None for group, *_ in prepared):
-            return [1.0] * len(prepared)
-        total = 0.0
+    def _global_grad_norm(self, prepared: list[tuple[dict[str, Any], FlatBuffer, str, list[bool]]],
+                          unscale: float) -> tuple[float, bool]:
+        """L2 norm of every gradient of this step (deterministic sum of squares) and whether any is inf/nan."""
+        total, nonfinite = 0.0, False
         for _, buf, backend, has_grad in prepared:
             for first, last in buf.runs(has_grad, [0] * len(has_grad)):
-                partial, _ = functional.sum_of_squares(buf.grad[buf.span(first, last)], backend=backend)
+                partial, flag = functional.sum_of_squares(buf.grad[buf.span(first, last)], backend=backend)
                 total += partial
-        norm = math.sqrt(total) * unscale
-        self.last_grad_norm = norm
-        coefficients = []
-        for group, *_ in prepared:
-            max_norm = group["max_grad_norm"]
-            if max_norm is None:
-                coefficients.append(1.0)
-            elif math.isnan(norm):
-                coefficients.append(math.nan)  # like torch.nn.utils.clip_grad_norm_: nan spreads
-            else:
-                coefficients.append(min(float(max_norm) / (norm + 1e-6), 1.0))
-        return coefficients
+                nonfinite = nonfinite or flag
+        return math.sqrt(total) * unscale, nonfinite
 
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = False) -> None:
@@ -232,11 +269,13 @@ class FusedOptimizer(Optimizer):
         if len(ids) != len(params):
             raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
                              "optimizer's group")
-        for saved_id, p in zip(ids, params):
-            for key, value in saved_state.get(saved_id, {}).items():
-                if isinstance(value, Tensor) and key != "step" and value.numel() != p.numel():
-                    raise ValueError(f"loaded state {key!r} of parameter {saved_id} has {value.numel()} elements, "
-                                     f"the parameter has {p.numel()}")
+        owners = [{**self.defaults, **g} for g in saved_groups for _ in g["params"]]
+        for saved_group in saved_groups:
+            merged = {**self.defaults, **{k: v for k, v in saved_group.items() if k != "params"}}
+            self._validate_common(merged)
+            self._validate_group(merged)
+        for saved_id, p, owner in zip(ids, params, owners):
+            self._check_loaded_state(saved_id, p, saved_state.get(saved_id), owner)
         layouts = [{k: g[k] for k in _LAYOUT_KEYS} for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, layout in zip(self.param_groups, layouts):
@@ -245,6 +284,27 @@ class FusedOptimizer(Optimizer):
         for group, buffers in zip(self.param_groups, self._flat_groups):
             for buf in buffers:
                 self._adopt_loaded_state(group, buf, originals)
+
+    def _check_loaded_state(self, saved_id: int, p: Tensor, loaded: dict[str, Any] | None,
+                            group: dict[str, Any]) -> None:
+        """Refuse a checkpoint entry whose keys, sizes or dtypes do not fit this algorithm and parameter."""
+        if not loaded:
+            return
+        required = {name for name, _ in self._state_specs(group)} | ({"step"} if self._tracks_step else set())
+        allowed = set(self.STATE_NAMES) | {"step", "master_param"}
+        missing, unknown = required - set(loaded), set(loaded) - allowed
+        if missing or unknown:
+            raise ValueError(f"loaded state of parameter {saved_id} does not fit {type(self).__name__}: "
+                             f"missing {sorted(missing)}, unknown {sorted(unknown)}")
+        for key, value in loaded.items():
+            if key == "step" or value is None:
+                continue
+            if not isinstance(value, Tensor) or not value.is_floating_point():
+                raise ValueError(f"loaded state {key!r} of parameter {saved_id} must be a floating-point tensor, "
+                                 f"got {value.dtype if isinstance(value, Tensor) else type(value).__name__}")
+            if value.numel() != p.numel():
+                raise ValueError(f"loaded state {key!r} of parameter {saved_id} has {value.numel()} elements, "
+                                 f"the parameter has {p.numel()}")
 
     @torch.no_grad()
     def _adopt_loaded_state(self, group: dict[str, Any], buf: FlatBuffer,

@@ -17,6 +17,8 @@ class Adagrad(FusedOptimizer):
     As in torch.optim, state exists from construction: step = 0 and sum = initial_accumulator_value.
     """
 
+    STATE_NAMES = ("sum",)
+
     def __init__(
         self,
         params: Any,
@@ -34,6 +36,7 @@ class Adagrad(FusedOptimizer):
         max_grad_norm: float | None = None,
         state_dtype: torch.dtype | None = None,
         master_weights: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
@@ -42,7 +45,7 @@ class Adagrad(FusedOptimizer):
         )
         defaults.update(FUSED_DEFAULTS)
         defaults.update(backend=backend, max_grad_norm=max_grad_norm, state_dtype=state_dtype,
-                        master_weights=master_weights)
+                        master_weights=master_weights, skip_nonfinite=skip_nonfinite)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:

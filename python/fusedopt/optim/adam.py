@@ -16,9 +16,12 @@ class Adam(FusedOptimizer):
 
     fusedopt extras: `backend` ("auto", "cpu", "cuda", "reference"), `max_grad_norm` (clip the global
     gradient norm inside the step; the norm is kept in `last_grad_norm`), `state_dtype` (torch.float32 or
-    torch.bfloat16 moments) and `master_weights` (fp32 copies of 16-bit parameters, updated in the same pass).
+    torch.bfloat16 moments), `master_weights` (fp32 copies of 16-bit parameters, updated in the same pass) and
+    `skip_nonfinite` (a step whose gradients hold inf or nan changes nothing; counted in `skipped_steps`).
     State per parameter: step, exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad), master_param (master_weights).
     """
+
+    STATE_NAMES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(
         self,
@@ -39,6 +42,7 @@ class Adam(FusedOptimizer):
         max_grad_norm: float | None = None,
         state_dtype: torch.dtype | None = None,
         master_weights: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
@@ -47,7 +51,7 @@ class Adam(FusedOptimizer):
         )
         defaults.update(FUSED_DEFAULTS)
         defaults.update(backend=backend, max_grad_norm=max_grad_norm, state_dtype=state_dtype,
-                        master_weights=master_weights)
+                        master_weights=master_weights, skip_nonfinite=skip_nonfinite)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -113,9 +117,11 @@ class AdamW(Adam):
         max_grad_norm: float | None = None,
         state_dtype: torch.dtype | None = None,
         master_weights: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
             backend=backend, max_grad_norm=max_grad_norm, state_dtype=state_dtype, master_weights=master_weights,
+            skip_nonfinite=skip_nonfinite,
         )

@@ -18,6 +18,8 @@ class LAMB(FusedOptimizer):
     has no LAMB. State layout (documented, round-trips exactly): step, exp_avg, exp_avg_sq, master_param.
     """
 
+    STATE_NAMES = ("exp_avg", "exp_avg_sq")
+
     def __init__(
         self,
         params: Any,
@@ -33,12 +35,13 @@ class LAMB(FusedOptimizer):
         max_grad_norm: float | None = None,
         state_dtype: torch.dtype | None = None,
         master_weights: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
                         max_trust_ratio=max_trust_ratio, maximize=maximize)
         defaults.update(FUSED_DEFAULTS)
         defaults.update(backend=backend, max_grad_norm=max_grad_norm, state_dtype=state_dtype,
-                        master_weights=master_weights)
+                        master_weights=master_weights, skip_nonfinite=skip_nonfinite)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:

@@ -18,6 +18,8 @@ class Lion(FusedOptimizer):
     master_param with master_weights. Use a learning rate 3-10x smaller than AdamW's and a larger weight decay.
     """
 
+    STATE_NAMES = ("exp_avg",)
+
     def __init__(
         self,
         params: Any,
@@ -30,11 +32,12 @@ class Lion(FusedOptimizer):
         max_grad_norm: float | None = None,
         state_dtype: torch.dtype | None = None,
         master_weights: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
         defaults.update(FUSED_DEFAULTS)
         defaults.update(backend=backend, max_grad_norm=max_grad_norm, state_dtype=state_dtype,
-                        master_weights=master_weights)
+                        master_weights=master_weights, skip_nonfinite=skip_nonfinite)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:

@@ -17,6 +17,8 @@ class RMSprop(FusedOptimizer):
     State per parameter: step, square_avg, momentum_buffer (momentum > 0), grad_avg (centered), master_param.
     """
 
+    STATE_NAMES = ("square_avg", "momentum_buffer", "grad_avg")
+
     def __init__(
         self,
         params: Any,
@@ -35,6 +37,7 @@ class RMSprop(FusedOptimizer):
         max_grad_norm: float | None = None,
         state_dtype: torch.dtype | None = None,
         master_weights: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered, weight_decay=weight_decay,
@@ -42,7 +45,7 @@ class RMSprop(FusedOptimizer):
         )
         defaults.update(FUSED_DEFAULTS)
         defaults.update(backend=backend, max_grad_norm=max_grad_norm, state_dtype=state_dtype,
-                        master_weights=master_weights)
+                        master_weights=master_weights, skip_nonfinite=skip_nonfinite)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:

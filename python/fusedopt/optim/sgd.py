@@ -18,6 +18,8 @@ class SGD(FusedOptimizer):
     as in `fusedopt.Adam`.
     """
 
+    STATE_NAMES = ("momentum_buffer",)
+
     _tracks_step = False
 
     def __init__(
@@ -37,6 +39,7 @@ class SGD(FusedOptimizer):
         max_grad_norm: float | None = None,
         state_dtype: torch.dtype | None = None,
         master_weights: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
@@ -44,7 +47,7 @@ class SGD(FusedOptimizer):
         )
         defaults.update(FUSED_DEFAULTS)
         defaults.update(backend=backend, max_grad_norm=max_grad_norm, state_dtype=state_dtype,
-                        master_weights=master_weights)
+                        master_weights=master_weights, skip_nonfinite=skip_nonfinite)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
