@@ -66,7 +66,7 @@ def test_zero_grad_keeps_none_and_set_to_none_drops_views() -> None:
     buf = FlatBuffer(params)
     for p in params[:3]:
         p.grad = torch.randn_like(p)
-    assert buf.collect_grads() == [True, True, True, False, False, False]
+    assert buf.prepare_step() == [True, True, True, False, False, False]
     buf.zero_grad(set_to_none=False)
     assert all(p.grad is None for p in params[3:])
     assert all(torch.count_nonzero(p.grad) == 0 for p in params[:3])
@@ -79,7 +79,7 @@ def test_replaced_parameter_data_is_copied_back_in() -> None:
     buf = FlatBuffer(params)
     new = torch.randn(33, 5)
     params[2].data = new.clone()
-    buf.sync_params()
+    buf.prepare_step()
     assert params[2].data_ptr() == buf.region(buf.param, 2).data_ptr()
     assert torch.equal(buf.view(buf.param, 2), new)
 
@@ -89,7 +89,7 @@ def test_moved_parameter_is_a_clear_error() -> None:
     buf = FlatBuffer(params)
     params[1].data = torch.randn(7, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="parameter 1 changed"):
-        buf.sync_params()
+        buf.prepare_step()
 
 
 def test_runs_split_on_missing_gradients_and_different_steps() -> None:

@@ -4,7 +4,7 @@ Parameters, their gradients, optimizer states and optional fp32 master weights e
 every parameter's region starts on a 64-byte boundary in all of them. Parameters and their `.grad` are views
 into these buffers, so backward accumulates straight into the flat gradient buffer and a step is one kernel
 call per run of parameters. When the user breaks the aliasing (assigns `p.grad`, sets it to None, or
-replaces `p.data`), `collect_grads` / `sync_params` copy the data back in and restore the views.
+replaces `p.data`), `prepare_step` copies the data back in and restores the views.
 Offsets and sizes are Python ints, so they are 64-bit.
 """
 from __future__ import annotations
@@ -71,7 +71,10 @@ class FlatBuffer:
                 self.master = _allocate(total, torch.float32, self.device)
                 self.master.copy_(self.param)
         self._param_ptrs = [p.data_ptr() for p in self.params]
-        self._grad_ptrs = [self.region(self.grad, i).data_ptr() for i in range(len(self.params))]
+        # The .grad tensors we hand out: a step recognises them by identity.
+        self._grad_views = [self.view(self.grad, i) for i in range(len(self.params))]
+        # State names for which every parameter already has its views (None: check on the next step).
+        self.complete_state: tuple[str, ...] | None = None
         self._segment_cache: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
 
     # Regions and views -------------------------------------------------------------------------------------
@@ -116,46 +119,49 @@ class FlatBuffer:
 
     # Aliasing ----------------------------------------------------------------------------------------------
 
-    def sync_params(self) -> None:
-        """Copy in any parameter whose data was replaced (e.g. `p.data = t`) and restore the view."""
-        for i, p in enumerate(self.params):
-            if p.data_ptr() == self._param_ptrs[i]:
-                continue
-            if p.device != self.device or p.dtype != self.dtype or p.numel() != self.numels[i]:
-                raise RuntimeError(
-                    f"fusedopt: parameter {i} changed to {tuple(p.shape)} {p.dtype} on {p.device} after the "
-                    f"optimizer was created (was {self.numels[i]} elements {self.dtype} on {self.device}); "
-                    "create the optimizer after moving or casting the model"
-                )
-            with torch.no_grad():
-                self.region(self.param, i).copy_(p.detach().reshape(-1))
-                if self.master is not None:
-                    self.region(self.master, i).copy_(self.region(self.param, i))
-                p.data = self.view(self.param, i)
+    def prepare_step(self) -> list[bool]:
+        """Restore aliasing the user broke and report which parameters have a gradient this step.
 
-    def collect_grads(self) -> list[bool]:
-        """Which parameters have a gradient this step; foreign gradient tensors are copied into the flat buffer."""
+        A parameter whose data was replaced (`p.data = t`) is copied back in; a gradient that is not our view
+        (assigned, or created by autograd after `set_to_none=True`) is copied into the flat buffer and the view
+        put back. The fast path is one pointer compare and one identity check per parameter: autograd accumulates
+        into the existing `.grad` tensor, which keeps its Python object.
+        """
         has_grad = []
+        param_ptrs, grad_views = self._param_ptrs, self._grad_views
         for i, p in enumerate(self.params):
+            if p.data_ptr() != param_ptrs[i]:
+                self._adopt_param(i)
             g = p.grad
             if g is None:
                 has_grad.append(False)
                 continue
-            if g.layout != torch.strided or g.data_ptr() != self._grad_ptrs[i] or g.shape != p.shape:
+            if g is not grad_views[i]:
                 self._adopt_grad(i, g)
             has_grad.append(True)
         return has_grad
+
+    def _adopt_param(self, i: int) -> None:
+        p = self.params[i]
+        if p.device != self.device or p.dtype != self.dtype or p.numel() != self.numels[i]:
+            raise RuntimeError(
+                f"fusedopt: parameter {i} changed to {tuple(p.shape)} {p.dtype} on {p.device} after the "
+                f"optimizer was created (was {self.numels[i]} elements {self.dtype} on {self.device}); "
+                "create the optimizer after moving or casting the model"
+            )
+        with torch.no_grad():
+            self.region(self.param, i).copy_(p.detach().reshape(-1))
+            if self.master is not None:
+                self.region(self.master, i).copy_(self.region(self.param, i))
+            p.data = self.view(self.param, i)
 
     def _adopt_grad(self, i: int, g: Tensor) -> None:
         p = self.params[i]
         if g.layout != torch.strided:
             raise RuntimeError(f"fusedopt does not support sparse gradients (parameter {i}, layout {g.layout})")
-        if g.shape != p.shape:
-            raise RuntimeError(f"fusedopt: gradient of parameter {i} has shape {tuple(g.shape)}, "
-                               f"parameter has {tuple(p.shape)}")
         with torch.no_grad():
             self.region(self.grad, i).copy_(g.detach().reshape(-1))
-        p.grad = self.view(self.grad, i)
+        p.grad = self._grad_views[i]
 
     def zero_grad(self, set_to_none: bool) -> None:
         """Zero every gradient in one call (views kept), or set them all to None."""
@@ -166,8 +172,8 @@ class FlatBuffer:
         self.grad.zero_()
         for i, p in enumerate(self.params):
             g = p.grad
-            if g is not None and g.data_ptr() != self._grad_ptrs[i]:
-                p.grad = self.view(self.grad, i)
+            if g is not None and g is not self._grad_views[i]:
+                p.grad = self._grad_views[i]
 
     def runs(self, active: Sequence[bool], keys: Sequence[object]) -> list[tuple[int, int]]:
         """Maximal ranges (first, last) of consecutive active parameters that share the same key."""

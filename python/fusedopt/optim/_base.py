@@ -176,15 +176,23 @@ class FusedOptimizer(Optimizer):
 
     def _ensure_state_views(self, group: dict[str, Any], buf: FlatBuffer, has_grad: list[bool]) -> None:
         specs = self._state_specs(group)
+        names = tuple(name for name, _ in specs)
+        if buf.complete_state == names:
+            return  # the common case after the first step: nothing to create
+        complete = True
         for i, p in enumerate(buf.params):
             state = self.state.get(p)
             if not state:
                 if has_grad[i]:
                     self._init_state(group, buf, i)
+                else:
+                    complete = False
                 continue
             for name, fill in specs:  # a mode switched on mid-training (e.g. amsgrad) adds a state
                 if name not in state:
                     state[name] = buf.view(buf.ensure_state(name, self._state_dtype(group), fill), i)
+        # A parameter that has never had a gradient keeps the buffer incomplete: the loop runs again next step.
+        buf.complete_state = names if complete else None
 
     def _run_keys(self, buf: FlatBuffer) -> list[Any]:
         """Parameters in one kernel call must agree on this key (the step count by default)."""
@@ -208,8 +216,7 @@ class FusedOptimizer(Optimizer):
         prepared: list[tuple[dict[str, Any], FlatBuffer, str, list[bool]]] = []
         for group, buffers, backends in zip(self.param_groups, self._flat_groups, self._backends):
             for buf, backend in zip(buffers, backends):
-                buf.sync_params()
-                has_grad = buf.collect_grads()
+                has_grad = buf.prepare_step()
                 if any(has_grad):
                     prepared.append((group, buf, backend, has_grad))
 
@@ -283,6 +290,7 @@ class FusedOptimizer(Optimizer):
         originals = {id(p): saved_state.get(saved_id) for saved_id, p in zip(ids, params)}
         for group, buffers in zip(self.param_groups, self._flat_groups):
             for buf in buffers:
+                buf.complete_state = None
                 self._adopt_loaded_state(group, buf, originals)
 
     def _check_loaded_state(self, saved_id: int, p: Tensor, loaded: dict[str, Any] | None,
