@@ -18,10 +18,10 @@ except ImportError:
     sys.path.insert(0, os.path.join(kRepo, "python"))
     import fusedopt  # noqa: F401
 
-import torch
-from fusedopt import _bench as hb
-from fusedopt._bandwidth import measure_bandwidth
-from fusedopt._workloads import Workload, format_size
+import torch  # noqa: E402
+from fusedopt import _bench as hb  # noqa: E402
+from fusedopt._bandwidth import measure_bandwidth  # noqa: E402
+from fusedopt._workloads import Workload, format_size  # noqa: E402
 
 __all__ = ["Case", "best_fusedopt", "hb", "kResults", "run_suite"]
 

@@ -302,7 +302,10 @@ def test_kernel_matches_reference(algo, case_kw, size, pdtype, gdtype, master, s
 @pytest.mark.parametrize("size", SIZES + [3 * CHUNK + 5])
 @pytest.mark.parametrize("algo", list(ALGOS))
 def test_every_size_and_isa_fp32_and_bf16_master(algo, size, isa):
-    """Every size x every ISA for each algorithm's richest case (fp32, and bf16 params with fp32 master + bf16 grads)."""
+    """Every size x every ISA for each algorithm's richest case.
+
+    fp32, and bf16 params with fp32 master weights and bf16 grads.
+    """
     case_kw = ALGOS[algo]["cases"][-1][1]
     with cpu_isa(isa):
         run_and_compare(algo, case_kw, size, F32, F32, False, F32, seed=size, steps=3, msg=f"{algo} fp32 {isa}")

@@ -115,5 +115,5 @@ def measure_bandwidth(
         "update_gbs": update["median_gbs"],
         "update_best_gbs": update["best_gbs"],
         "gbs": max(copy["median_gbs"], update["median_gbs"]),
-        "method": "cuda events, b.copy_(a) and a.mul_(x)" if dev.type == "cuda" else "wall clock, b.copy_(a) and a.mul_(x)",
+        "method": ("cuda events" if dev.type == "cuda" else "wall clock") + ", b.copy_(a) and a.mul_(x)",
     }

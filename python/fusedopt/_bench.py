@@ -260,7 +260,11 @@ def _build(
         if ospec.torch_cls is None:
             raise Unavailable(f"torch.optim has no {opt_name}")
         cls = getattr(torch.optim, ospec.torch_cls)
-        flavour = {"torch-forloop": {"foreach": False}, "torch-foreach": {"foreach": True}, "torch-fused": {"fused": True}}
+        flavour = {
+            "torch-forloop": {"foreach": False},
+            "torch-foreach": {"foreach": True},
+            "torch-fused": {"fused": True},
+        }
         try:
             opt = cls(params, **hyper, **flavour[name])
         except (RuntimeError, ValueError, TypeError) as e:
@@ -281,7 +285,11 @@ def _build(
 
 
 def _build_deepspeed(name: str, opt_name: str, params, hyper: dict, clip: float | None):
-    want = {"deepspeed-cpu-adam": ("adam", "adamw"), "deepspeed-cpu-lion": ("lion",), "deepspeed-cpu-adagrad": ("adagrad",)}
+    want = {
+        "deepspeed-cpu-adam": ("adam", "adamw"),
+        "deepspeed-cpu-lion": ("lion",),
+        "deepspeed-cpu-adagrad": ("adagrad",),
+    }
     if opt_name not in want[name]:
         raise Unavailable(f"{name} does not implement {opt_name}")
     if params[0].device.type != "cpu":
@@ -507,7 +515,9 @@ def run_benchmark(
                     runner.samples_s.append(dt)
                 if progress is not None:
                     progress.update()
-        rows = [_summarise(runner, opt_name, workload, dev, dtype, clip, steps, warmup, bandwidth_gbs) for runner in runners]
+        rows = [
+            _summarise(runner, opt_name, workload, dev, dtype, clip, steps, warmup, bandwidth_gbs) for runner in runners
+        ]
     finally:
         runners.clear()
         gc.collect()
@@ -606,7 +616,8 @@ def _git_commit(here: str | None = None) -> str | None:
         if commit.returncode != 0:
             return None
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5,
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here, capture_output=True, text=True, timeout=5,
             check=False,
         )
         return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

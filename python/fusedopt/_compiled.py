@@ -80,11 +80,11 @@ def _check_tensor(name: str, t: Any, like: Tensor | None, dtypes: tuple[torch.dt
     return t
 
 
-def _check_device(param: Tensor) -> None:
-    if param.device.type != "cpu":
+def _check_device(param: Tensor, device_type: str = "cpu") -> None:
+    if param.device.type != device_type:
         raise ValueError(
-            f"Invalid param device: {param.device}; the compiled kernels of this build run on: cpu "
-            f"(cuda_built={_C.build_info()['cuda_built']})"
+            f"Invalid param device: {param.device} (these kernels run on {device_type} tensors; "
+            f"cuda_built={_C.build_info()['cuda_built']})"
         )
 
 
@@ -94,10 +94,11 @@ def _buffers(
     states: dict[str, Tensor | None],
     required: dict[str, bool],
     master: Tensor | None,
-) -> tuple[list[int], int, int, int, int, int, int]:
-    """Validates one flat buffer set; returns (state pointers, master ptr, n, param/grad/state dtype codes)."""
+    device_type: str = "cpu",
+) -> tuple[list[int], int, int, int, int, int]:
+    """Validates one flat buffer set on `device_type`; returns (state pointers, master ptr, n, dtype codes)."""
     _check_tensor("param", param, None, _PARAM_DTYPES)
-    _check_device(param)
+    _check_device(param, device_type)
     _check_tensor("grad", grad, param, _PARAM_DTYPES)
     if grad.dtype != param.dtype and grad.dtype != torch.float32:
         raise TypeError(f"Invalid grad dtype: {grad.dtype} (expected {param.dtype} like param, or torch.float32)")

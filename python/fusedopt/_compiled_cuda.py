@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from . import _C
-from ._compiled import DTYPE_CODES, _check_segments, _check_tensor
+from ._compiled import _PARAM_DTYPES, DTYPE_CODES, _check_segments, _check_tensor
+from ._compiled import _buffers as _check_buffers
 
 __all__ = [
     "adagrad",
@@ -38,8 +39,6 @@ __all__ = [
     "sum_of_squares_device",
 ]
 
-_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_STATE_DTYPES = (torch.float32, torch.bfloat16)
 _CHUNK = 16384  # fusedopt::kChunk: LAMB work items never cross a multiple of it within a segment
 
 Scalar = Union[float, int, Tensor]
@@ -164,51 +163,8 @@ def _buffers(
     required: dict[str, bool],
     master: Tensor | None,
 ) -> tuple[list[int], int, int, int, int, int]:
-    """Validates one flat buffer set on a CUDA device; returns (state pointers, master ptr, n, dtype codes)."""
-    _check_tensor("param", param, None, _PARAM_DTYPES)
-    if param.device.type != "cuda":
-        raise ValueError(f"Invalid param device: {param.device} (the CUDA kernels need a cuda tensor)")
-    _check_tensor("grad", grad, param, _PARAM_DTYPES)
-    if grad.dtype != param.dtype and grad.dtype != torch.float32:
-        raise TypeError(
-            f"Invalid grad dtype: {grad.dtype} (expected {param.dtype} like param, or torch.float32)"
-        )
-    state_dtype: torch.dtype | None = None
-    pointers: list[int] = []
-    used = [param, grad]
-    for name, t in states.items():
-        if not required[name]:
-            pointers.append(0)
-            continue
-        if t is None:
-            raise ValueError(f"Invalid {name}: None, but this configuration needs it")
-        _check_tensor(name, t, param, _STATE_DTYPES)
-        if state_dtype is None:
-            state_dtype = t.dtype
-        elif t.dtype != state_dtype:
-            raise TypeError(f"Invalid {name} dtype: {t.dtype} (all states of one call share {state_dtype})")
-        pointers.append(t.data_ptr())
-        used.append(t)
-    master_ptr = 0
-    if master is not None:
-        _check_tensor("master", master, param, (torch.float32,))
-        master_ptr = master.data_ptr()
-        used.append(master)
-    n = param.numel()
-    if n > 0:
-        seen: dict[int, int] = {}
-        for k, t in enumerate(used):
-            if t.data_ptr() in seen:
-                raise ValueError(f"Invalid buffers: arguments {seen[t.data_ptr()]} and {k} share memory")
-            seen[t.data_ptr()] = k
-    return (
-        pointers,
-        master_ptr,
-        n,
-        DTYPE_CODES[param.dtype],
-        DTYPE_CODES[grad.dtype],
-        DTYPE_CODES[state_dtype if state_dtype is not None else torch.float32],
-    )
+    """The CPU wrapper's validation of one flat buffer set, for CUDA tensors."""
+    return _check_buffers(param, grad, states, required, master, device_type="cuda")
 
 
 def adam(
@@ -605,7 +561,10 @@ def sum_of_squares_device(
 
 
 def sum_of_squares(tensor: Tensor, *, backend: str | None = None) -> tuple[float, bool]:
-    """(sum of fp32 squares as a float, whether any element is inf/nan); deterministic. Synchronises (returns floats)."""
+    """(sum of fp32 squares as a float, whether any element is inf/nan); deterministic.
+
+    Synchronises, since it returns host floats; sum_of_squares_device keeps the result on the GPU.
+    """
     del backend
     _check_1d_cuda("tensor", tensor)
     device = tensor.device

@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--optimizer", type=_optimizer_arg, default=["adamw"],
                    help="adam,adamw,sgd,rmsprop,adagrad,lion,lamb (comma list) or all")
     b.add_argument("--params", type=_size_arg, default=None,
-                   help=f"parameter count, e.g. 1M, 10M, 124M, 350M, 1B (default {kDefaultParams}, {kQuickParams} with --quick)")
+                   help=f"parameter count, e.g. 1M, 10M, 124M, 350M, 1B "
+                        f"(default {kDefaultParams}, {kQuickParams} with --quick)")
     b.add_argument("--tensors", type=_positive_int("tensors"), default=None,
                    help="split the parameters into N equal-ish tensors instead of the GPT-2-shaped set")
     b.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="parameter and gradient dtype")
@@ -114,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(fusedopt: max_grad_norm; others: clip_grad_norm_ then step)")
     b.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     b.add_argument("--threads", type=_positive_int("threads"), default=None, help="CPU threads for torch and fusedopt")
-    b.add_argument("--steps", type=_positive_int("steps"), default=None, help="measured steps (default 20, 5 with --quick)")
+    b.add_argument("--steps", type=_positive_int("steps"), default=None,
+                   help="measured steps (default 20, 5 with --quick)")
     b.add_argument("--warmup", type=_nonneg_int, default=None, help="warm-up steps (default 3, 2 with --quick)")
     b.add_argument("--impls", type=_impls_arg, default=None,
                    help="comma list of implementations instead of the defaults, e.g. "
@@ -310,8 +312,10 @@ def plot_results(rows: Sequence[dict[str, Any]], bandwidth: dict[str, Any], meta
         for impl in dict.fromkeys(r["impl"] for r in sub):
             pts = sorted((r["params"], r["gbs"]) for r in sub if r["impl"] == impl)
             style = "-o" if impl.startswith("fusedopt") else "--s"
-            ax.plot([p for p, _ in pts], [g for _, g in pts], style, label=impl, linewidth=2 if impl.startswith("fusedopt") else 1.2)
-        ax.axhline(bandwidth["gbs"], color="black", linestyle=":", label=f"measured bandwidth {bandwidth['gbs']:.0f} GB/s")
+            width = 2 if impl.startswith("fusedopt") else 1.2
+            ax.plot([p for p, _ in pts], [g for _, g in pts], style, label=impl, linewidth=width)
+        ax.axhline(bandwidth["gbs"], color="black", linestyle=":",
+                   label=f"measured bandwidth {bandwidth['gbs']:.0f} GB/s")
         ax.set_xscale("log")
         sizes = sorted({r["params"] for r in sub})
         ax.set_xticks(sizes)
