@@ -279,3 +279,30 @@ def test_grad_scaler_fused_contract_unscales_and_skips_nonfinite(backend: str) -
         for p, q in zip(ours, theirs):
             assert_close(p.detach(), q.detach(), "fp32_trajectory")
     assert scaler.get_scale() < 1024.0 * 2**8  # the inf step halved the scale
+
+
+BITWISE = [(fusedopt.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+           (fusedopt.Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1, maximize=True)),
+           (fusedopt.SGD, torch.optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1)),
+           (fusedopt.RMSprop, torch.optim.RMSprop, dict(lr=1e-2, momentum=0.5, centered=True, weight_decay=0.1)),
+           (fusedopt.Adagrad, torch.optim.Adagrad, dict(lr=1e-1, lr_decay=0.01, weight_decay=0.1))]
+
+
+@pytest.mark.parametrize("ours_cls,torch_cls,kwargs", BITWISE, ids=[c[0].__name__ for c in BITWISE])
+def test_reference_backend_is_bitwise_torch_single_tensor(ours_cls, torch_cls, kwargs) -> None:
+    # The reference backend applies torch.optim's per-element operations in the same order to the flat buffer.
+    init = _random_params()
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    theirs = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = ours_cls(ours, backend="reference", **kwargs)
+    ref = torch_cls(theirs, foreach=False, **kwargs)
+    for _ in range(20):
+        for p, q in zip(ours, theirs):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q)
+        for key, value in ref.state[q].items():
+            assert torch.equal(opt.state[p][key], value), key
