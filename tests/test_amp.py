@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import copy
 
+import fusedopt
 import pytest
 import torch
-from torch import nn
-
-import fusedopt
 from tolerances import assert_close
+from torch import nn
 
 COMPILED = "cpu" in fusedopt.build_info()["backends"]
 

@@ -2,13 +2,12 @@
 reference backend on the same flat buffers, parameters and every state compared after each step."""
 from __future__ import annotations
 
+import fusedopt
 import pytest
 import torch
+from fusedopt import functional
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import fusedopt
-from fusedopt import functional
 from tolerances import assert_close
 
 pytestmark = pytest.mark.skipif("cpu" not in fusedopt.build_info()["backends"],
@@ -26,7 +25,8 @@ def _state_names(algorithm: str, hp: dict) -> list[str]:
     if algorithm == "sgd":
         return ["momentum_buffer"] if hp["momentum"] else []
     if algorithm == "rmsprop":
-        return ["square_avg"] + (["momentum_buffer"] if hp["momentum"] else []) + (["grad_avg"] if hp["centered"] else [])
+        optional = [("momentum_buffer", hp["momentum"]), ("grad_avg", hp["centered"])]
+        return ["square_avg"] + [name for name, used in optional if used]
     return ["sum"] if algorithm == "adagrad" else ["exp_avg"]
 
 
