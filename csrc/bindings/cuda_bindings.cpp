@@ -6,32 +6,14 @@
 #include <cstdint>
 
 #include "fusedopt/cuda_api.h"
+#include "flat_buffers.h"
 
 namespace py = pybind11;
 using namespace fusedopt;
+using bindings::buffers;
+using bindings::ptr;
 
 namespace {
-
-template <typename T>
-T* ptr(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
-
-FlatBuffers buffers(uintptr_t param, uintptr_t grad, uintptr_t s0, uintptr_t s1, uintptr_t s2, uintptr_t master,
-                    int64_t n, int param_dtype, int grad_dtype, int state_dtype) {
-  FlatBuffers b;
-  b.param = ptr<void>(param);
-  b.grad = ptr<const void>(grad);
-  b.states[0] = ptr<void>(s0);
-  b.states[1] = ptr<void>(s1);
-  b.states[2] = ptr<void>(s2);
-  b.master = ptr<float>(master);
-  b.n = n;
-  b.param_dtype = param_dtype;
-  b.grad_dtype = grad_dtype;
-  b.state_dtype = state_dtype;
-  return b;
-}
 
 cuda::DeviceScalars scalars(uintptr_t grad_scale_ptr, uintptr_t found_inf_ptr, uintptr_t lr_ptr, uintptr_t step_ptr) {
   cuda::DeviceScalars d;

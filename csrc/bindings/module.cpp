@@ -7,6 +7,7 @@
 #include <string>
 
 #include "fusedopt/api.h"
+#include "flat_buffers.h"
 
 namespace py = pybind11;
 
@@ -14,29 +15,10 @@ namespace py = pybind11;
 void register_cuda_bindings(pybind11::module_& m);  // csrc/bindings/cuda_bindings.cpp
 #endif
 using namespace fusedopt;
+using bindings::buffers;
+using bindings::ptr;
 
 namespace {
-
-template <typename T>
-T* ptr(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
-
-FlatBuffers buffers(uintptr_t param, uintptr_t grad, uintptr_t s0, uintptr_t s1, uintptr_t s2, uintptr_t master,
-                    int64_t n, int param_dtype, int grad_dtype, int state_dtype) {
-  FlatBuffers b;
-  b.param = ptr<void>(param);
-  b.grad = ptr<const void>(grad);
-  b.states[0] = ptr<void>(s0);
-  b.states[1] = ptr<void>(s1);
-  b.states[2] = ptr<void>(s2);
-  b.master = ptr<float>(master);
-  b.n = n;
-  b.param_dtype = param_dtype;
-  b.grad_dtype = grad_dtype;
-  b.state_dtype = state_dtype;
-  return b;
-}
 
 std::string compiler() {
 #if defined(__clang__)

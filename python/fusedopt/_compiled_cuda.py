@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import _C
-from ._compiled import _PARAM_DTYPES, DTYPE_CODES, _check_segments, _check_tensor
+from ._compiled import _PARAM_DTYPES, DTYPE_CODES, _check_segments, _check_tensor, _scalar
 from ._compiled import _buffers as _check_buffers
 
 __all__ = [
@@ -71,16 +71,9 @@ def _device_tensor(name: str, t: Tensor, device: torch.device) -> int:
 
 def _host_scalar(name: str, value: Any) -> float:
     """A hyperparameter as a Python float; CPU tensors are read on the host (never a GPU synchronisation)."""
-    if isinstance(value, Tensor):
-        if value.device.type != "cpu":
-            raise ValueError(f"Invalid {name}: a {value.device} tensor is not accepted here (use a float)")
-        if value.numel() != 1:
-            raise ValueError(f"Invalid {name}: expected a scalar, got a tensor of shape {tuple(value.shape)}")
-        return float(value.item())
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"Invalid {name}: expected a float, got {type(value).__name__} {value!r}") from None
+    if isinstance(value, Tensor) and value.device.type != "cpu":
+        raise ValueError(f"Invalid {name}: a {value.device} tensor is not accepted here (use a float)")
+    return _scalar(name, value)
 
 
 class _Device:
