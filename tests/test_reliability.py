@@ -93,8 +93,23 @@ def _nan_lr_in_checkpoint(opt: Any, params: list[torch.Tensor]) -> None:
     opt.load_state_dict(state)
 
 
+def _grad_data_of_other_dtype(opt: Any, params: list[torch.Tensor]) -> None:
+    # torch refuses `p.grad = t` with another dtype, shape or device, but `p.grad.data = t` swaps dtype and shape.
+    params[2].grad.data = torch.randn(33, dtype=torch.float64)
+    opt.step()
+
+
+def _grad_data_of_other_shape(opt: Any, params: list[torch.Tensor]) -> None:
+    params[1].grad.data = torch.randn(4096)
+    opt.step()
+
+
 BAD_CALLS: list[tuple[str, Callable[[Any, list[torch.Tensor]], None], type, str]] = [
     ("sparse-gradient", _sparse_grad, RuntimeError, "sparse gradients"),
+    ("gradient-dtype", _grad_data_of_other_dtype, RuntimeError,
+     r"gradient of parameter 2 is \(33,\) torch.float64 on cpu, the parameter is 33 elements torch.float32"),
+    ("gradient-shape", _grad_data_of_other_shape, RuntimeError,
+     r"gradient of parameter 1 is \(4096,\) torch.float32 on cpu, the parameter is 4097 elements"),
     ("load-wrong-group-count", _wrong_group_count, ValueError, "parameter groups"),
     ("load-wrong-state-size", _wrong_state_size, ValueError, "'exp_avg' of parameter 1 has 10 elements"),
     ("load-wrong-state-dtype", _wrong_state_dtype, ValueError, "must be a floating-point tensor, got torch.int64"),
@@ -111,10 +126,11 @@ def test_bad_call_raises_and_changes_nothing(backend: str, name: str, call: Call
     before = snapshot(opt, params)
     with pytest.raises(error, match=message):
         call(opt, params)
-    if name != "sparse-gradient":  # the sparse gradient itself stays where the user put it
-        assert_unchanged(before, snapshot(opt, params))
+    if name in ("sparse-gradient", "gradient-dtype", "gradient-shape"):  # the bad gradient stays where it was put
+        after = snapshot(opt, params)
+        assert_unchanged(before[:3] + before[6:], after[:3] + after[6:])
     else:
-        assert_unchanged(before[:3], snapshot(opt, params)[:3])
+        assert_unchanged(before, snapshot(opt, params))
 
 
 BAD_PARAMETERS: list[tuple[str, Callable[[], list[Any]], str]] = [
@@ -224,6 +240,41 @@ def test_steps_allocate_nothing_after_warm_up(backend: str) -> None:
     growth = _rss_bytes() - start
     # Anything a step kept alive would add up over 1,000 steps: 1 KiB per step is already 1 MiB.
     assert growth < 1024 * 1024, f"resident memory grew by {growth} bytes over 1,000 steps"
+
+
+@pytest.mark.cuda
+def test_cuda_steps_allocate_nothing_after_warm_up() -> None:
+    params = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in (1 << 20, 3000, 17)]
+    opt = fusedopt.AdamW(params, lr=1e-3, max_grad_norm=1.0)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for _ in range(3):
+        opt.step()
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    for _ in range(100):
+        opt.step()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == start
+
+
+@pytest.mark.cuda
+def test_parameters_on_several_devices_in_one_group_match_torch() -> None:
+    """One group, a CPU and a CUDA parameter: one flat buffer set per device, each updated on its own backend."""
+    ours = [torch.nn.Parameter(torch.randn(4097)), torch.nn.Parameter(torch.randn(33, device="cuda"))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = fusedopt.AdamW(ours, lr=1e-2, weight_decay=0.1)
+    reference = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, foreach=False)
+    assert [buf.device.type for buf in opt.flat_buffers[0]] == ["cpu", "cuda"]
+    for _ in range(20):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt.step()
+        reference.step()
+    for a, b in zip(ours, theirs):
+        assert a.device == b.device
+        assert_close(a, b, "fp32_trajectory")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

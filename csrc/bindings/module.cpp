@@ -132,7 +132,8 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t master, int64_t n,
          int param_dtype, int grad_dtype, int state_dtype, uintptr_t segment_offsets, uintptr_t segment_numels,
          int64_t segment_count, double grad_scale, double lr, double beta1_weight, double beta2,
-         double one_minus_beta2, double bc1, double bc2, double eps, double weight_decay, double max_trust_ratio) {
+         double one_minus_beta2, double bc1, double bc2, double eps, double weight_decay, double max_trust_ratio,
+         int phases, uintptr_t segment_w2, uintptr_t segment_u2) {
         const FlatBuffers b = buffers(param, grad, exp_avg, exp_avg_sq, 0, master, n, param_dtype, grad_dtype,
                                       state_dtype);
         const LambCoeffs c{float(grad_scale), float(beta1_weight), float(beta2),        float(one_minus_beta2),
@@ -143,14 +144,20 @@ PYBIND11_MODULE(_C, m) {
         s.numels = ptr<const int64_t>(segment_numels);
         s.count = segment_count;
         py::gil_scoped_release release;
-        cpu::lamb(b, c, s, lr, max_trust_ratio);
+        if (phases == (kLambMoments | kLambApply) && segment_w2 == 0 && segment_u2 == 0)
+          cpu::lamb(b, c, s, lr, max_trust_ratio);
+        else
+          cpu::lamb_phases(b, c, s, lr, max_trust_ratio, phases, ptr<double>(segment_w2), ptr<double>(segment_u2));
       },
       py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("master"), py::arg("n"),
       py::arg("param_dtype"), py::arg("grad_dtype"), py::arg("state_dtype"), py::arg("segment_offsets"),
       py::arg("segment_numels"), py::arg("segment_count"), py::arg("grad_scale"), py::arg("lr"),
       py::arg("beta1_weight"), py::arg("beta2"), py::arg("one_minus_beta2"), py::arg("bc1"), py::arg("bc2"),
-      py::arg("eps"), py::arg("weight_decay"), py::arg("max_trust_ratio"),
-      "LAMB step over the given segments (int64 offset/numel arrays); max_trust_ratio < 0 means no clamp (None).");
+      py::arg("eps"), py::arg("weight_decay"), py::arg("max_trust_ratio"), py::arg("phases") = 3,
+      py::arg("segment_w2") = 0, py::arg("segment_u2") = 0,
+      "LAMB step over the given segments (int64 offset/numel arrays); max_trust_ratio < 0 means no clamp (None). "
+      "phases 1 runs pass 1 and writes the per-segment sums of squares of p and u to segment_w2/segment_u2 (float64 "
+      "arrays of segment_count), phases 2 runs pass 2 from them, 3 both.");
 
   m.def(
       "sum_of_squares",

@@ -3,6 +3,7 @@
 #include <math.h>
 #include <stdlib.h>
 
+#include <algorithm>
 #include <atomic>
 #include <stdexcept>
 #include <string>
@@ -195,9 +196,18 @@ void lion(const FlatBuffers& b, const LionCoeffs& c) {
 }
 
 void lamb(const FlatBuffers& b, const LambCoeffs& c, const LambSegments& s, double lr, double max_trust_ratio) {
+  std::vector<double> w2(s.count > 0 ? s.count : 0), u2(s.count > 0 ? s.count : 0);
+  lamb_phases(b, c, s, lr, max_trust_ratio, kLambMoments | kLambApply, w2.data(), u2.data());
+}
+
+void lamb_phases(const FlatBuffers& b, const LambCoeffs& c, const LambSegments& s, double lr, double max_trust_ratio,
+                 int phases, double* segment_w2, double* segment_u2) {
   check_buffers("lamb", b, {true, true, false}, {"exp_avg", "exp_avg_sq", ""});
+  if (phases < kLambMoments || phases > (kLambMoments | kLambApply))
+    fail("lamb: Invalid phases: " + std::to_string(phases) + " (expected 1, 2 or 3)");
   if (s.count < 0) fail("lamb: Invalid segment count: " + std::to_string(s.count));
   if (s.count > 0 && (s.offsets == nullptr || s.numels == nullptr)) fail("lamb: segment arrays are null");
+  if (s.count > 0 && (segment_w2 == nullptr || segment_u2 == nullptr)) fail("lamb: segment sum arrays are null");
   std::vector<int64_t> begin, end, segment, first;
   first.reserve(s.count + 1);
   int64_t prev_end = 0;
@@ -218,12 +228,16 @@ void lamb(const FlatBuffers& b, const LambCoeffs& c, const LambSegments& s, doub
     }
   }
   first.push_back(static_cast<int64_t>(begin.size()));
+  if (phases & kLambMoments) {  // segments without elements (empty shards) have zero sums
+    std::fill(segment_w2, segment_w2 + s.count, 0.0);
+    std::fill(segment_u2, segment_u2 + s.count, 0.0);
+  }
   if (b.n == 0 || begin.empty()) return;
   const int64_t items = static_cast<int64_t>(begin.size());
   std::vector<double> pw(items), pu(items);
   std::vector<float> slr(s.count);
-  LambWork w{begin.data(), end.data(), segment.data(), first.data(), items, s.count,
-             pw.data(),    pu.data(),  slr.data(),     lr,           max_trust_ratio};
+  LambWork w{begin.data(), end.data(), segment.data(), first.data(), items,    s.count, pw.data(),
+             pu.data(),    slr.data(), segment_w2,     segment_u2,   lr,       max_trust_ratio, phases};
   run_with_master(b, [&](const FlatBuffers& x) { table().lamb(x, c, w, threads()); });
 }
 

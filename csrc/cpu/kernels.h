@@ -9,6 +9,9 @@ namespace cpu {
 
 // LAMB work list built by the dispatcher: each item is a chunk [begin, end) of one segment; the items of segment s are
 // seg_first[s] .. seg_first[s+1]-1. Per-item partial sums and per-segment scaled learning rates are scratch space.
+// `phases` selects pass 1 (moments, then the per-segment sums of squares of p and u into segment_w2/segment_u2),
+// pass 2 (trust ratios from segment_w2/segment_u2, then the update) or both; a sharded parameter's sums are
+// all-reduced across ranks between the two.
 struct LambWork {
   const int64_t* item_begin;
   const int64_t* item_end;
@@ -18,9 +21,12 @@ struct LambWork {
   int64_t segments;
   double* partial_w;  // items
   double* partial_u;  // items
-  float* scaled_lr;   // segments
+  float* scaled_lr;    // segments
+  double* segment_w2;  // segments: sum of p*p
+  double* segment_u2;  // segments: sum of u*u
   double lr;
   double max_trust_ratio;
+  int phases;  // kLambMoments | kLambApply
 };
 
 struct KernelTable {

@@ -7,6 +7,7 @@ as bias corrections are computed here in Python floats (double) and rounded once
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,6 +37,8 @@ __all__ = [
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STATE_DTYPES = (torch.float32, torch.bfloat16)
+# LAMB passes of csrc/include/fusedopt/api.h (kLambMoments, kLambApply).
+_LAMB_MOMENTS, _LAMB_APPLY = 1, 2
 
 build_info = _C.build_info
 cpu_isa = _C.cpu_isa
@@ -263,9 +266,14 @@ def lamb(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, master: Tensor | None,
     segment_offsets: Tensor, segment_numels: Tensor, *, step: int, lr: float, beta1: float, beta2: float,
     eps: float, weight_decay: float, bias_correction: bool, max_trust_ratio: float | None, maximize: bool,
-    grad_scale: float = 1.0,
+    grad_scale: float = 1.0, norm_reduce: Callable[[Tensor], None] | None = None,
 ) -> None:
-    """LAMB with one trust ratio per segment (offset, numel); see fusedopt.reference.lamb."""
+    """LAMB with one trust ratio per segment (offset, numel); see fusedopt.reference.lamb.
+
+    `norm_reduce`, when given, receives a (2, segments) float64 tensor of the per-segment sums of squares of the
+    parameter and of the update direction between the two passes and must reduce it in place (a sharded
+    parameter's all-reduce across ranks), so that trust ratios use the norms of whole parameters.
+    """
     step = _check_step(step)
     lr, beta1, beta2 = _scalar("lr", lr), _scalar("beta1", beta1), _scalar("beta2", beta2)
     eps, weight_decay = _scalar("eps", eps), _scalar("weight_decay", weight_decay)
@@ -280,12 +288,24 @@ def lamb(
     ptrs, master_ptr, n, pd, gd, sd = _buffers(param, grad, states, {"exp_avg": True, "exp_avg_sq": True}, master)
     bc1 = 1.0 - beta1**step if bias_correction else 1.0
     bc2 = 1.0 - beta2**step if bias_correction else 1.0
-    _C.lamb(
-        param.data_ptr(), grad.data_ptr(), ptrs[0], ptrs[1], master_ptr, n, pd, gd, sd,
-        offsets.data_ptr() if offsets.numel() else 0, numels.data_ptr() if numels.numel() else 0, offsets.numel(),
-        grad_scale=_signed_scale(grad_scale, maximize), lr=lr, beta1_weight=1.0 - beta1, beta2=beta2,
-        one_minus_beta2=1.0 - beta2, bc1=bc1, bc2=bc2, eps=eps, weight_decay=weight_decay, max_trust_ratio=mtr,
-    )
+    def run(phases: int, sums: Tensor | None) -> None:
+        _C.lamb(
+            param.data_ptr(), grad.data_ptr(), ptrs[0], ptrs[1], master_ptr, n, pd, gd, sd,
+            offsets.data_ptr() if offsets.numel() else 0, numels.data_ptr() if numels.numel() else 0,
+            offsets.numel(), grad_scale=_signed_scale(grad_scale, maximize), lr=lr, beta1_weight=1.0 - beta1,
+            beta2=beta2, one_minus_beta2=1.0 - beta2, bc1=bc1, bc2=bc2, eps=eps, weight_decay=weight_decay,
+            max_trust_ratio=mtr, phases=phases,
+            segment_w2=0 if sums is None or not sums.numel() else sums[0].data_ptr(),
+            segment_u2=0 if sums is None or not sums.numel() else sums[1].data_ptr(),
+        )
+
+    if norm_reduce is None:
+        run(_LAMB_MOMENTS | _LAMB_APPLY, None)
+        return
+    sums = torch.zeros(2, offsets.numel(), dtype=torch.float64)
+    run(_LAMB_MOMENTS, sums)
+    norm_reduce(sums)
+    run(_LAMB_APPLY, sums)
 
 
 def sum_of_squares(tensor: Tensor, *, backend: str | None = None) -> tuple[float, bool]:

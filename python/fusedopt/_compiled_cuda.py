@@ -451,8 +451,12 @@ def lamb(
     maximize: bool,
     grad_scale: Scalar = 1.0,
     found_inf: Tensor | None = None,
+    norm_reduce: Any = None,
 ) -> None:
     """LAMB with one trust ratio per segment (offset, numel) on a CUDA device; see fusedopt.reference.lamb."""
+    if norm_reduce is not None:
+        raise NotImplementedError("fusedopt: LAMB on sharded (DTensor) CUDA parameters is not implemented yet; "
+                                  "use backend='reference' for that group")
     beta1, beta2 = _host_scalar("beta1", beta1), _host_scalar("beta2", beta2)
     eps, weight_decay = _host_scalar("eps", eps), _host_scalar("weight_decay", weight_decay)
     mtr = -1.0 if max_trust_ratio is None else _host_scalar("max_trust_ratio", max_trust_ratio)

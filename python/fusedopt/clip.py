@@ -9,6 +9,7 @@ from torch import Tensor
 
 from . import functional, reference
 from ._backend import resolve
+from .flat import is_dtensor, local_tensor
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_"]
 
@@ -25,6 +26,9 @@ def clip_grad_norm_(
     Same contract as torch.nn.utils.clip_grad_norm_: coefficient = max_norm / (norm + 1e-6) clamped to 1,
     applied to every gradient. The L2 norm of CPU gradients is a two-phase sum of squares whose result does
     not depend on the number of threads; other norms and devices use the reference implementation.
+    DTensor gradients (FSDP2) are summed over the local shards and all-reduced across the ranks they are sharded
+    over (one all-reduce per mesh and placement), so every rank gets the norm of the whole model; the result is a
+    plain tensor.
     """
     params = [parameters] if isinstance(parameters, Tensor) else [p for p in parameters if p.grad is not None]
     grads = [p.grad for p in params if p.grad is not None]
@@ -33,12 +37,28 @@ def clip_grad_norm_(
         return torch.tensor(0.0)
     device = grads[0].device
     backend = resolve("auto", device)
-    if norm_type != 2.0 or backend == "reference" or any(g.device != device or g.is_sparse for g in grads):
+    sharded = any(is_dtensor(g) for g in grads)
+    if not sharded and (norm_type != 2.0 or backend == "reference" or any(g.device != device or g.is_sparse
+                                                                           for g in grads)):
         return reference.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
+    if sharded and norm_type != 2.0:
+        raise ValueError(f"Invalid norm_type: {norm_type} (fusedopt clips DTensor gradients by their L2 norm only)")
     total = 0.0
+    by_sharding: dict[tuple[object, ...], list[float]] = {}
     for g in grads:
-        partial, _ = functional.sum_of_squares(g.detach().reshape(-1), backend=backend)
-        total += partial
+        local = local_tensor(g).detach().reshape(-1)
+        partial = _sum_of_squares(local, resolve("auto", local.device))
+        if is_dtensor(g):
+            key = (g.device_mesh, tuple(g.placements))
+            by_sharding.setdefault(key, [0.0])[0] += partial
+        else:
+            total += partial
+    for (mesh, placements), (partial,) in by_sharding.items():
+        sums = torch.tensor([partial], dtype=torch.float64)
+        for dim, placement in enumerate(placements):
+            if placement.is_shard():
+                torch.distributed.all_reduce(sums, group=mesh.get_group(dim))
+        total += float(sums[0])
     norm = math.sqrt(total)
     total_norm = torch.tensor(norm, dtype=torch.float32, device=device)
     if error_if_nonfinite and not math.isfinite(norm):
@@ -49,8 +69,14 @@ def clip_grad_norm_(
         )
     coefficient = torch.clamp(float(max_norm) / (total_norm + 1e-6), max=1.0)
     with torch.no_grad():
-        torch._foreach_mul_(grads, coefficient)
+        torch._foreach_mul_([local_tensor(g) for g in grads], coefficient)
     return total_norm
+
+
+def _sum_of_squares(values: Tensor, backend: str) -> float:
+    if backend == "reference" or values.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return float(values.float().square().sum(dtype=torch.float64))
+    return functional.sum_of_squares(values, backend=backend)[0]
 
 
 def clip_grad_value_(parameters: Tensor | Iterable[Tensor], clip_value: float, foreach: bool | None = None) -> None:

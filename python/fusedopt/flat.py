@@ -6,13 +6,27 @@ into these buffers, so backward accumulates straight into the flat gradient buff
 call per run of parameters. When the user breaks the aliasing (assigns `p.grad`, sets it to None, or
 replaces `p.data`), `prepare_step` copies the data back in and restores the views.
 Offsets and sizes are Python ints, so they are 64-bit.
+
+DTensor parameters (FSDP2 shards) are held by their local shards. Their storage belongs to FSDP, which
+all-gathers from it, so it is not re-pointed: a step copies the local parameter and gradient shards in (FSDP hands
+out new gradient tensors every step, and a loaded checkpoint writes the parameters through tensors whose version
+counters we cannot see) and the updated parameter shards back out. State tensors are exposed as DTensors with the
+parameter's placements, which is what torch.distributed.checkpoint reshards.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+
+if torch.distributed.is_available():
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+else:  # a torch build without distributed support has no DTensor parameters
+    dist = None  # type: ignore[assignment]
+    DTensor = ()  # type: ignore[assignment,misc]
 
 ALIGN_BYTES = 64
 # Offsets are counted in elements and shared by all buffers of the set; aligning them to the smallest element
@@ -21,6 +35,20 @@ ALIGN_ELEMENTS = ALIGN_BYTES // 2
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def is_dtensor(t: Tensor) -> bool:
+    return isinstance(t, DTensor)
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The tensor whose memory holds `t` on this rank: a DTensor's local shard, else `t` itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _sharding_key(p: Tensor) -> Any:
+    """Parameters of one FlatBuffer share device, dtype and (for DTensors) mesh and placements."""
+    return (p.device_mesh, tuple(p.placements)) if isinstance(p, DTensor) else None
 
 
 def _align(n: int) -> int:
@@ -50,7 +78,17 @@ class FlatBuffer:
         if self.dtype not in PARAM_DTYPES:
             raise TypeError(f"fusedopt supports float32, bfloat16 and float16 parameters, got {self.dtype}")
         self.params: list[Tensor] = list(params)
-        self.numels: list[int] = [p.numel() for p in self.params]
+        locals_ = [local_tensor(p) for p in self.params]
+        self.sharded: bool = is_dtensor(first)
+        self.shapes: list[torch.Size] = [t.shape for t in locals_]
+        self.numels: list[int] = [t.numel() for t in locals_]
+        # Process groups over which this buffer's parameters are sharded: per-rank sums of squares (global norm,
+        # LAMB trust ratios) are all-reduced over them to give the norms of whole parameters.
+        self.reduce_groups: list[Any] = []
+        if self.sharded:
+            mesh = first.device_mesh
+            self.reduce_groups = [mesh.get_group(d) for d, placement in enumerate(first.placements)
+                                  if placement.is_shard()]
         self.offsets: list[int] = []
         total = 0
         for numel in self.numels:
@@ -64,15 +102,18 @@ class FlatBuffer:
         self.steps: Tensor = torch.zeros(len(self.params), dtype=torch.float32)
         self.master: Tensor | None = None
         with torch.no_grad():
-            for i, p in enumerate(self.params):
-                self.region(self.param, i).copy_(p.detach().reshape(-1))
-                p.data = self.view(self.param, i)
+            for i, (p, local) in enumerate(zip(self.params, locals_)):
+                self.region(self.param, i).copy_(local.detach().reshape(-1))
+                if not self.sharded:
+                    p.data = self.view(self.param, i)
             if master_weights and self.dtype != torch.float32:
                 self.master = _allocate(total, torch.float32, self.device)
                 self.master.copy_(self.param)
-        self._param_ptrs = [p.data_ptr() for p in self.params]
-        # The .grad tensors we hand out: a step recognises them by identity.
+        self._param_ptrs = [local_tensor(p).data_ptr() for p in self.params]
+        # The .grad tensors we hand out: a step recognises them by identity and address (`p.grad.data = t` keeps
+        # the object but not the memory).
         self._grad_views = [self.view(self.grad, i) for i in range(len(self.params))]
+        self._grad_ptrs = [v.data_ptr() for v in self._grad_views]
         # State names for which every parameter already has its views (None: check on the next step).
         self.complete_state: tuple[str, ...] | None = None
         self._segment_cache: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
@@ -84,8 +125,17 @@ class FlatBuffer:
         return flat[self.offsets[i]:self.offsets[i] + self.numels[i]]
 
     def view(self, flat: Tensor, i: int) -> Tensor:
-        """Parameter i's region of `flat`, shaped like the parameter."""
-        return self.region(flat, i).view(self.params[i].shape)
+        """Parameter i's region of `flat`, shaped like the parameter (like its local shard when sharded)."""
+        return self.region(flat, i).view(self.shapes[i])
+
+    def state_view(self, flat: Tensor, i: int) -> Tensor:
+        """Parameter i's region of `flat` as torch.optim exposes a state: a DTensor placed like a sharded parameter."""
+        view = self.view(flat, i)
+        p = self.params[i]
+        if not self.sharded:
+            return view
+        return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                  stride=p.stride())
 
     def span(self, first: int, last: int) -> slice:
         """Elements of parameters first..last inclusive (with the padding between them, which stays zero)."""
@@ -127,8 +177,10 @@ class FlatBuffer:
         put back. The fast path is one pointer compare and one identity check per parameter: autograd accumulates
         into the existing `.grad` tensor, which keeps its Python object.
         """
+        if self.sharded:
+            return self._prepare_sharded()
         has_grad = []
-        param_ptrs, grad_views = self._param_ptrs, self._grad_views
+        param_ptrs, grad_views, grad_ptrs = self._param_ptrs, self._grad_views, self._grad_ptrs
         for i, p in enumerate(self.params):
             if p.data_ptr() != param_ptrs[i]:
                 self._adopt_param(i)
@@ -136,19 +188,64 @@ class FlatBuffer:
             if g is None:
                 has_grad.append(False)
                 continue
-            if g is not grad_views[i]:
+            if g is not grad_views[i] or g.data_ptr() != grad_ptrs[i]:
                 self._adopt_grad(i, g)
             has_grad.append(True)
         return has_grad
 
+    @torch.no_grad()
+    def _prepare_sharded(self) -> list[bool]:
+        """Copy in the local gradient shards and the shards of the parameters that have one."""
+        has_grad = []
+        for i, p in enumerate(self.params):
+            g = p.grad
+            has_grad.append(g is not None)
+            if g is not None:
+                local = p.to_local()
+                self._check_same_layout(i, local)
+                param_region = self.region(self.param, i)
+                if self.master is None:
+                    param_region.copy_(local.reshape(-1))
+                else:  # the fp32 master is the truth; take the shard only if something else rewrote it
+                    if not torch.equal(param_region, local.reshape(-1)):
+                        param_region.copy_(local.reshape(-1))
+                        self.region(self.master, i).copy_(param_region)
+                local_grad = local_tensor(g)
+                if local_grad.layout != torch.strided:
+                    raise RuntimeError(f"fusedopt does not support sparse gradients (parameter {i}, "
+                                       f"layout {local_grad.layout})")
+                self._check_same_layout(i, local_grad, "gradient")
+                self.region(self.grad, i).copy_(local_grad.reshape(-1))
+        return has_grad
+
+    @torch.no_grad()
+    def finish_step(self, updated: Sequence[bool]) -> None:
+        """Write updated parameter shards back into their DTensors' local storage (sharded buffers only)."""
+        if not self.sharded:
+            return
+        for i, p in enumerate(self.params):
+            if updated[i]:
+                p.to_local().copy_(self.view(self.param, i))
+
+    def all_reduce_sums(self, sums: Tensor) -> None:
+        """Sum `sums` in place over the process groups this buffer is sharded across."""
+        for group in self.reduce_groups:
+            dist.all_reduce(sums, group=group)
+
+    def _check_same_layout(self, i: int, t: Tensor, what: str = "parameter") -> None:
+        if t.device == self.device and t.dtype == self.dtype and t.numel() == self.numels[i]:
+            return
+        found = f"{tuple(t.shape)} {t.dtype} on {t.device}"
+        held = f"{self.numels[i]} elements {self.dtype} on {self.device}"
+        if what == "parameter":
+            raise RuntimeError(f"fusedopt: parameter {i} changed to {found} after the optimizer was created (was "
+                               f"{held}); create the optimizer after moving or casting the model")
+        raise RuntimeError(f"fusedopt: the gradient of parameter {i} is {found}, the parameter is {held}; a "
+                           "gradient must match its parameter's size, dtype and device")
+
     def _adopt_param(self, i: int) -> None:
         p = self.params[i]
-        if p.device != self.device or p.dtype != self.dtype or p.numel() != self.numels[i]:
-            raise RuntimeError(
-                f"fusedopt: parameter {i} changed to {tuple(p.shape)} {p.dtype} on {p.device} after the "
-                f"optimizer was created (was {self.numels[i]} elements {self.dtype} on {self.device}); "
-                "create the optimizer after moving or casting the model"
-            )
+        self._check_same_layout(i, p)
         with torch.no_grad():
             self.region(self.param, i).copy_(p.detach().reshape(-1))
             if self.master is not None:
@@ -159,8 +256,11 @@ class FlatBuffer:
         p = self.params[i]
         if g.layout != torch.strided:
             raise RuntimeError(f"fusedopt does not support sparse gradients (parameter {i}, layout {g.layout})")
+        self._check_same_layout(i, g, "gradient")
         with torch.no_grad():
             self.region(self.grad, i).copy_(g.detach().reshape(-1))
+        if g is self._grad_views[i]:  # our view object had its data replaced: hand out a fresh view
+            self._grad_views[i] = self.view(self.grad, i)
         p.grad = self._grad_views[i]
 
     def zero_grad(self, set_to_none: bool) -> None:
@@ -169,10 +269,17 @@ class FlatBuffer:
             for p in self.params:
                 p.grad = None
             return
+        if self.sharded:  # the gradients are FSDP's tensors, not views into self.grad
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads:
+                torch._foreach_zero_(grads)
+            return
         self.grad.zero_()
         for i, p in enumerate(self.params):
             g = p.grad
-            if g is not None and g is not self._grad_views[i]:
+            if g is not None and (g is not self._grad_views[i] or g.data_ptr() != self._grad_ptrs[i]):
+                if g is self._grad_views[i]:
+                    self._grad_views[i] = self.view(self.grad, i)
                 p.grad = self._grad_views[i]
 
     def runs(self, active: Sequence[bool], keys: Sequence[object]) -> list[tuple[int, int]]:
@@ -191,8 +298,8 @@ class FlatBuffer:
 
 
 def build_flat_buffers(params: Sequence[Tensor], master_weights: bool = False) -> list[FlatBuffer]:
-    """One FlatBuffer per (device, dtype) among `params`, each keeping the group's parameter order."""
-    by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    """One FlatBuffer per (device, dtype, sharding) among `params`, each keeping the group's parameter order."""
+    by_key: dict[tuple[Any, ...], list[Tensor]] = {}
     for p in params:
-        by_key.setdefault((p.device, p.dtype), []).append(p)
+        by_key.setdefault((p.device, p.dtype, _sharding_key(p)), []).append(p)
     return [FlatBuffer(group, master_weights=master_weights) for group in by_key.values()]

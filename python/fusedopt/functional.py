@@ -110,19 +110,37 @@ def lamb(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, master: Tensor | None,
     segment_offsets: Tensor, segment_numels: Tensor, *, step: int, lr: float, beta1: float, beta2: float,
     eps: float, weight_decay: float, bias_correction: bool, max_trust_ratio: float | None, maximize: bool,
-    grad_scale: float = 1.0, backend: str,
+    grad_scale: float = 1.0, backend: str, norm_reduce: Callable[[Tensor], None] | None = None,
 ) -> None:
-    """LAMB over a flat buffer; each segment (one parameter) gets its own trust ratio. See `reference.lamb`."""
+    """LAMB over a flat buffer; each segment (one parameter) gets its own trust ratio. See `reference.lamb`.
+
+    `norm_reduce` (for sharded parameters) reduces in place the (2, segments) float64 sums of squares of the
+    parameter and of the update between the two passes, so that trust ratios use the norms of whole parameters.
+    """
     kwargs = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                   bias_correction=bias_correction, max_trust_ratio=max_trust_ratio, maximize=maximize,
                   grad_scale=grad_scale)
     if backend != "reference":
+        if norm_reduce is not None:
+            kwargs["norm_reduce"] = norm_reduce
         _kernels(backend).lamb(param, grad, exp_avg, exp_avg_sq, master, segment_offsets, segment_numels, **kwargs)
         return
     target = param if master is None else master
-    for offset, numel in zip(segment_offsets.tolist(), segment_numels.tolist()):
-        region = slice(offset, offset + numel)
-        reference.lamb(target[region], grad[region], exp_avg[region], exp_avg_sq[region], **kwargs)
+    regions = [slice(o, o + n) for o, n in zip(segment_offsets.tolist(), segment_numels.tolist())]
+    if norm_reduce is None:
+        for region in regions:
+            reference.lamb(target[region], grad[region], exp_avg[region], exp_avg_sq[region], **kwargs)
+    else:
+        apply_kwargs = {"lr": kwargs.pop("lr"), "max_trust_ratio": kwargs.pop("max_trust_ratio")}
+        sums = torch.zeros(2, len(regions), dtype=torch.float64)
+        directions = []
+        for k, region in enumerate(regions):
+            u, sums[0, k], sums[1, k] = reference.lamb_moments(target[region], grad[region], exp_avg[region],
+                                                               exp_avg_sq[region], **kwargs)
+            directions.append(u)
+        norm_reduce(sums)
+        for k, region in enumerate(regions):
+            reference.lamb_apply(target[region], directions[k], float(sums[0, k]), float(sums[1, k]), **apply_kwargs)
     if master is not None:
         param.copy_(master)
 

@@ -354,6 +354,20 @@ def lamb(
     ratio = ||p|| / ||u|| when both norms are > 0, else 1; ratio = min(ratio, max_trust_ratio) when given;
     p = p - lr*ratio*u.   Norms are accumulated in float64 from the fp32 values.
     """
+    u, w2, u2 = lamb_moments(param, grad, exp_avg, exp_avg_sq, step=step, beta1=beta1, beta2=beta2, eps=eps,
+                             weight_decay=weight_decay, bias_correction=bias_correction, maximize=maximize,
+                             grad_scale=grad_scale)
+    lamb_apply(param, u, w2, u2, lr=lr, max_trust_ratio=max_trust_ratio)
+
+
+def lamb_moments(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int, beta1: float, beta2: float,
+    eps: float, weight_decay: float, bias_correction: bool, maximize: bool, grad_scale: float = 1.0,
+) -> tuple[Tensor, float, float]:
+    """LAMB's first half (see `lamb`): update the moments in place; return u and the sums of squares of p and u.
+
+    The sums of a sharded parameter are all-reduced across ranks before `lamb_apply`.
+    """
     if step < 1:
         raise ValueError(f"Invalid step: {step}")
     _check_same_numel(param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
@@ -370,17 +384,20 @@ def lamb(
     u = mh / vh.sqrt().add_(eps)
     if weight_decay != 0:
         u.add_(p, alpha=weight_decay)
+    _write_back(exp_avg, m)
+    _write_back(exp_avg_sq, v)
+    return u, p.double().square().sum().item(), u.double().square().sum().item()
 
-    w_norm = math.sqrt(p.double().square().sum().item())
-    u_norm = math.sqrt(u.double().square().sum().item())
+
+def lamb_apply(param: Tensor, u: Tensor, w2: float, u2: float, *, lr: float, max_trust_ratio: float | None) -> None:
+    """LAMB's second half: p -= lr * trust_ratio * u, the trust ratio from the sums of squares |p|^2 and |u|^2."""
+    w_norm, u_norm = math.sqrt(w2), math.sqrt(u2)
     ratio = w_norm / u_norm if (w_norm > 0 and u_norm > 0) else 1.0
     if max_trust_ratio is not None:
         ratio = min(ratio, max_trust_ratio)
+    p = _fp32(param)
     p.add_(u, alpha=-(lr * ratio))
-
     _write_back(param, p)
-    _write_back(exp_avg, m)
-    _write_back(exp_avg_sq, v)
 
 
 @torch.no_grad()

@@ -36,6 +36,10 @@ struct LambSegments {
   int64_t count = 0;
 };
 
+// LAMB passes, for running them separately (sharded parameters all-reduce the per-segment sums in between).
+constexpr int kLambMoments = 1;  // pass 1: moments and per-segment sums of squares of p and u
+constexpr int kLambApply = 2;    // pass 2: trust ratios from the sums, then the update
+
 struct SumOfSquares {
   double sum = 0.0;
   bool nonfinite = false;
@@ -51,6 +55,10 @@ void adagrad(const FlatBuffers& b, const AdagradCoeffs& c);
 void lion(const FlatBuffers& b, const LionCoeffs& c);
 // lr and max_trust_ratio in double (max_trust_ratio < 0 or NaN: no clamp, i.e. None); the trust ratio is computed per segment.
 void lamb(const FlatBuffers& b, const LambCoeffs& c, const LambSegments& segments, double lr, double max_trust_ratio);
+// One or both LAMB passes: `phases` is kLambMoments, kLambApply or both. segment_w2/segment_u2 (segments.count doubles
+// each) receive the sums of squares of p and u after pass 1 and are read by pass 2.
+void lamb_phases(const FlatBuffers& b, const LambCoeffs& c, const LambSegments& segments, double lr,
+                 double max_trust_ratio, int phases, double* segment_w2, double* segment_u2);
 SumOfSquares sum_of_squares(const void* data, int64_t n, int dtype);
 
 // Run-time ISA selection: "baseline", "avx2", "avx512".

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import functional
+from .. import _torch_ops, functional
 from .._backend import resolve, validate_backend
-from ..flat import STATE_DTYPES, FlatBuffer, build_flat_buffers
+from ..flat import STATE_DTYPES, FlatBuffer, build_flat_buffers, is_dtensor, local_tensor
 
 # Group keys that describe where and how state is stored, not the training trajectory: a loaded
 # checkpoint keeps the optimizer's own values for these.
@@ -47,10 +47,11 @@ def check_flattenable(params: list[Tensor]) -> None:
     """Refuse parameters that flat storage cannot hold without changing what the model computes."""
     seen: set[int] = set()
     extents: list[tuple[int, int, int, int]] = []
-    for i, p in enumerate(params):
-        if id(p) in seen:
+    for i, param in enumerate(params):
+        p = local_tensor(param)  # a DTensor's checks apply to the shard this rank holds
+        if id(param) in seen:
             raise ValueError(f"fusedopt: parameter {i} appears twice in one parameter group")
-        seen.add(id(p))
+        seen.add(id(param))
         if p.layout != torch.strided:
             raise ValueError(f"fusedopt cannot optimize a {p.layout} parameter (index {i} of the group)")
         if p.is_complex():
@@ -70,6 +71,20 @@ def check_flattenable(params: list[Tensor]) -> None:
                              "flat storage would give each its own copy")
 
 
+def _local_values(value: Tensor, p: Tensor) -> Tensor:
+    """A loaded state tensor as this rank's part of parameter `p`: a DTensor is redistributed like `p`."""
+    if is_dtensor(value):
+        if not is_dtensor(p):
+            return value.full_tensor()
+        return value.redistribute(p.device_mesh, p.placements).to_local()
+    if is_dtensor(p):
+        if value.numel() == p.numel():  # a whole (unsharded) tensor: keep this rank's shard of it
+            from torch.distributed.tensor import distribute_tensor
+            return distribute_tensor(value.reshape(p.shape).to(p.device), p.device_mesh, p.placements,
+                                     src_data_rank=None).to_local()
+    return value
+
+
 def clip_coefficient(max_norm: float | None, norm: float) -> float:
     """torch.nn.utils.clip_grad_norm_'s factor max_norm / (norm + 1e-6), clamped to 1; nan spreads as in torch."""
     if max_norm is None:
@@ -77,6 +92,21 @@ def clip_coefficient(max_norm: float | None, norm: float) -> float:
     if math.isnan(norm):
         return math.nan
     return min(float(max_norm) / (norm + 1e-6), 1.0)
+
+
+def _tensor_hyperparameters(groups: list[dict[str, Any]]) -> list[tuple[int, str, int | None, Tensor]]:
+    """(group index, key, index in a tuple value or None, tensor) for every tensor hyperparameter, e.g. a tensor
+    lr or betas: a compiled step passes them to the op so that it sees values the same graph just wrote."""
+    found: list[tuple[int, str, int | None, Tensor]] = []
+    for g, group in enumerate(groups):
+        for key, value in group.items():
+            if key == "params":
+                continue
+            if isinstance(value, Tensor):
+                found.append((g, key, None, value))
+            elif isinstance(value, (tuple, list)):
+                found.extend((g, key, j, v) for j, v in enumerate(value) if isinstance(v, Tensor))
+    return found
 
 
 class FusedOptimizer(Optimizer):
@@ -115,6 +145,7 @@ class FusedOptimizer(Optimizer):
         super().__init__(params, defaults)
         # GradScaler hands us grad_scale and found_inf; we unscale and skip inside step.
         self._step_supports_amp_scaling = True
+        self._handle = _torch_ops.register(self)
 
     # Groups ------------------------------------------------------------------------------------------------
 
@@ -155,6 +186,7 @@ class FusedOptimizer(Optimizer):
         for group in self.param_groups:
             for key, value in FUSED_DEFAULTS.items():
                 group.setdefault(key, value)
+        self._handle = _torch_ops.register(self)  # a copy is a different optimizer
 
     def _state_dtype(self, group: dict[str, Any]) -> torch.dtype:
         return group["state_dtype"] or torch.float32
@@ -168,9 +200,9 @@ class FusedOptimizer(Optimizer):
         if self._tracks_step:
             state["step"] = buf.steps[i]
         for name, fill in self._state_specs(group):
-            state[name] = buf.view(buf.ensure_state(name, self._state_dtype(group), fill), i)
+            state[name] = buf.state_view(buf.ensure_state(name, self._state_dtype(group), fill), i)
         if buf.master is not None:
-            state["master_param"] = buf.view(buf.master, i)
+            state["master_param"] = buf.state_view(buf.master, i)
         if state:  # like torch.optim, parameters without state (plain SGD) get no entry
             self.state[p] = state
 
@@ -190,7 +222,7 @@ class FusedOptimizer(Optimizer):
                 continue
             for name, fill in specs:  # a mode switched on mid-training (e.g. amsgrad) adds a state
                 if name not in state:
-                    state[name] = buf.view(buf.ensure_state(name, self._state_dtype(group), fill), i)
+                    state[name] = buf.state_view(buf.ensure_state(name, self._state_dtype(group), fill), i)
         # A parameter that has never had a gradient keeps the buffer incomplete: the loop runs again next step.
         buf.complete_state = names if complete else None
 
@@ -202,19 +234,32 @@ class FusedOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Perform one optimization step over every group (one fused kernel call per run of parameters)."""
+        """Perform one optimization step over every group (one fused kernel call per run of parameters).
+
+        Under `torch.compile` the step is one `fusedopt::optimizer_step` custom op (see `_torch_ops`), which
+        runs this same eager step when the compiled code executes, so dynamo needs no graph break here.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        found_inf = getattr(self, "found_inf", None)
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if torch.compiler.is_compiling():
+            params, grads, hyperparameters = self._compile_inputs()
+            torch.ops.fusedopt.optimizer_step(self._handle, params, grads, grad_scale, found_inf, hyperparameters)
+        else:
+            self._eager_step(self.param_groups, grad_scale, found_inf)
+        return loss
+
+    def _eager_step(self, groups: list[dict[str, Any]], grad_scale: Tensor | float | None,
+                    found_inf: Tensor | None) -> None:
+        """The step itself; `groups` are the param groups (or copies carrying a compiled graph's hyperparameters)."""
         if found_inf is not None and bool(found_inf.sum() != 0):
-            return loss  # GradScaler saw inf/nan: parameters, states and step counts stay as they are
-        grad_scale = getattr(self, "grad_scale", None)
+            return  # GradScaler saw inf/nan: parameters, states and step counts stay as they are
         unscale = 1.0 if grad_scale is None else 1.0 / scalar(grad_scale)
 
         prepared: list[tuple[dict[str, Any], FlatBuffer, str, list[bool]]] = []
-        for group, buffers, backends in zip(self.param_groups, self._flat_groups, self._backends):
+        for group, buffers, backends in zip(groups, self._flat_groups, self._backends):
             for buf, backend in zip(buffers, backends):
                 has_grad = buf.prepare_step()
                 if any(has_grad):
@@ -226,7 +271,7 @@ class FusedOptimizer(Optimizer):
             norm, nonfinite = self._global_grad_norm(prepared, unscale)
             if nonfinite and any(group["skip_nonfinite"] for group, *_ in prepared):
                 self.skipped_steps += 1
-                return loss  # parameters, states and step counts stay as they are
+                return  # parameters, states and step counts stay as they are
             if clipping:
                 self.last_grad_norm = norm
                 coefficients = [clip_coefficient(group["max_grad_norm"], norm) for group, *_ in prepared]
@@ -237,18 +282,127 @@ class FusedOptimizer(Optimizer):
                 step = int(keys[first]) + 1
                 self._update(group, buf, first, last, step, unscale * coefficient, backend)
                 buf.steps[first:last + 1].add_(1)
-        return loss
+            buf.finish_step(has_grad)
+
+    # torch.compile -----------------------------------------------------------------------------------------
+
+    def _compile_inputs(self) -> tuple[list[Tensor], list[Tensor | None], list[Tensor]]:
+        """What a compiled step hands to `fusedopt::optimizer_step`: every parameter in flat-buffer order, its
+        gradient, and the tensor-valued hyperparameters in `_tensor_hyperparameters` order."""
+        params = [p for buffers in self._flat_groups for buf in buffers for p in buf.params]
+        grads = [p.grad for p in params]
+        hyperparameters = [value for _, _, _, value in _tensor_hyperparameters(self.param_groups)]
+        return params, grads, hyperparameters
+
+    def _step_from_op(self, params: list[Tensor], grads: list[Tensor | None], grad_scale: Tensor | None,
+                      found_inf: Tensor | None, hyperparameters: list[Tensor]) -> None:
+        """The real implementation of `fusedopt::optimizer_step`: an eager step on the values the op was given.
+
+        With inductor the op usually receives the optimizer's own parameters and `.grad` views and this is a
+        plain eager step. Functionalization (backend="aot_eager", or inductor when the graph also changes the
+        parameters) passes copies holding the graph's current values instead: a parameter copy whose values
+        differ is loaded into flat storage first and receives the updated values afterwards, and gradients and
+        tensor hyperparameters are read from what was passed. Every `p.grad` is left as the op found it: the
+        compiled graph keeps using the tensors it traced, so re-pointing `.grad` at the flat buffer is left to
+        `zero_grad` (or to the next eager step).
+        """
+        slots = [(buf, i) for buffers in self._flat_groups for buf in buffers for i in range(len(buf.params))]
+        if len(params) != len(slots) or len(grads) != len(slots):
+            raise RuntimeError(f"fusedopt::optimizer_step: got {len(params)} parameters and {len(grads)} "
+                               f"gradients, the optimizer has {len(slots)} parameters")
+        traced_grads = [buf.params[i].grad for buf, i in slots]
+        copies = []
+        for (buf, i), given, grad in zip(slots, params, grads):
+            p = buf.params[i]
+            if grad is None or p.grad is None or grad.data_ptr() != p.grad.data_ptr():
+                p.grad = grad  # None skips the parameter; a tensor is copied in by prepare_step
+            if given.data_ptr() != p.data_ptr():
+                copies.append((given, p))
+                if not torch.equal(given, p):
+                    buf.region(buf.param, i).copy_(given.reshape(-1))
+                    if buf.master is not None:
+                        buf.region(buf.master, i).copy_(buf.region(buf.param, i))
+        try:
+            self._eager_step(self._groups_with(hyperparameters), grad_scale, found_inf)
+        finally:
+            for (buf, i), grad in zip(slots, traced_grads):
+                buf.params[i].grad = grad
+        for given, p in copies:
+            given.copy_(p)
+
+    def _groups_with(self, hyperparameters: list[Tensor]) -> list[dict[str, Any]]:
+        """The param groups, with copies where the op was handed tensor hyperparameters other than the groups' own
+        (a graph that wrote to `group["lr"]` before the step passes the written value)."""
+        groups = self.param_groups
+        entries = _tensor_hyperparameters(groups)
+        if len(entries) != len(hyperparameters):
+            raise RuntimeError(f"fusedopt::optimizer_step: got {len(hyperparameters)} tensor hyperparameters, "
+                               f"the param groups hold {len(entries)}")
+        replaced = [(g, key, index, given) for (g, key, index, own), given in zip(entries, hyperparameters)
+                    if given.data_ptr() != own.data_ptr()]
+        if not replaced:
+            return groups
+        groups = [dict(group) for group in groups]
+        for g, key, index, given in replaced:
+            if index is None:
+                groups[g][key] = given
+            else:
+                values = list(groups[g][key])
+                values[index] = given
+                groups[g][key] = type(groups[g][key])(values)
+        return groups
+
+    def _zero_grad_from_op(self, grads: list[Tensor]) -> None:
+        """The real implementation of `fusedopt::zero_grad`: zero the flat gradient buffers, re-point `.grad` at
+        them, and zero every passed gradient that is not a flat-buffer view (a tensor autograd created, or a copy
+        made by functionalization), so that each tensor the compiled graph knows as a gradient reads zero."""
+        views = {buf.region(buf.grad, i).data_ptr() for buffers in self._flat_groups for buf in buffers
+                 for i in range(len(buf.params))}
+        for grad in grads:
+            if grad.data_ptr() not in views:
+                grad.zero_()
+        for buffers in self._flat_groups:
+            for buf in buffers:
+                buf.zero_grad(False)
 
     def _global_grad_norm(self, prepared: list[tuple[dict[str, Any], FlatBuffer, str, list[bool]]],
                           unscale: float) -> tuple[float, bool]:
-        """L2 norm of every gradient of this step (deterministic sum of squares) and whether any is inf/nan."""
+        """L2 norm of every gradient of this step (deterministic sum of squares) and whether any is inf/nan.
+
+        Sums over sharded (DTensor) buffers are all-reduced across their process groups, one all-reduce per
+        distinct set of groups; every rank takes part for every sharded buffer, gradients or not.
+        """
+        partials = {id(buf): self._sum_of_squares(buf, backend, has_grad) for _, buf, backend, has_grad in prepared}
         total, nonfinite = 0.0, False
-        for _, buf, backend, has_grad in prepared:
-            for first, last in buf.runs(has_grad, [0] * len(has_grad)):
-                partial, flag = functional.sum_of_squares(buf.grad[buf.span(first, last)], backend=backend)
-                total += partial
-                nonfinite = nonfinite or flag
+        sharded: dict[tuple[int, ...], tuple[list[Any], list[float]]] = {}
+        for buffers in self._flat_groups:
+            for buf in buffers:
+                if not buf.reduce_groups:
+                    continue
+                key = tuple(id(g) for g in buf.reduce_groups)
+                entry = sharded.setdefault(key, (buf.reduce_groups, [0.0, 0.0]))
+                partial, flag = partials.pop(id(buf), (0.0, False))
+                entry[1][0] += partial
+                entry[1][1] += float(flag)
+        for partial, flag in partials.values():
+            total += partial
+            nonfinite = nonfinite or flag
+        for groups, (partial, flag) in sharded.values():
+            sums = torch.tensor([partial, flag], dtype=torch.float64)
+            for group in groups:
+                torch.distributed.all_reduce(sums, group=group)
+            total += float(sums[0])
+            nonfinite = nonfinite or bool(sums[1] > 0)
         return math.sqrt(total) * unscale, nonfinite
+
+    @staticmethod
+    def _sum_of_squares(buf: FlatBuffer, backend: str, has_grad: list[bool]) -> tuple[float, bool]:
+        total, nonfinite = 0.0, False
+        for first, last in buf.runs(has_grad, [0] * len(has_grad)):
+            partial, flag = functional.sum_of_squares(buf.grad[buf.span(first, last)], backend=backend)
+            total += partial
+            nonfinite = nonfinite or flag
+        return total, nonfinite
 
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = False) -> None:
@@ -256,7 +410,12 @@ class FusedOptimizer(Optimizer):
 
         Unlike torch.optim, the default is `set_to_none=False`: gradients that are None stay None, the others
         are zeroed in place. `set_to_none=True` drops all gradients; the next step copies them back in.
+        Under `torch.compile`, `set_to_none=False` is one `fusedopt::zero_grad` custom op.
         """
+        if torch.compiler.is_compiling() and not set_to_none:
+            params = [p for buffers in self._flat_groups for buf in buffers for p in buf.params]
+            torch.ops.fusedopt.zero_grad(self._handle, [p.grad for p in params if p.grad is not None])
+            return
         for buffers in self._flat_groups:
             for buf in buffers:
                 buf.zero_grad(set_to_none)
@@ -334,9 +493,9 @@ class FusedOptimizer(Optimizer):
                     buf.steps[i] = scalar(value)
                 elif key == "master_param":
                     if buf.master is not None:
-                        buf.region(buf.master, i).copy_(value.reshape(-1))
+                        buf.region(buf.master, i).copy_(_local_values(value, p).reshape(-1))
                 elif isinstance(value, Tensor) and key in state:
-                    state[key].copy_(value.reshape(state[key].shape))
+                    local_tensor(state[key]).copy_(_local_values(value, p).reshape(buf.shapes[i]))
                 elif key not in state:
                     state[key] = value
             if buf.master is not None and "master_param" not in loaded:

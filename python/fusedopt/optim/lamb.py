@@ -80,4 +80,5 @@ class LAMB(FusedOptimizer):
             weight_decay=float(group["weight_decay"]), bias_correction=bool(group["bias_correction"]),
             max_trust_ratio=None if max_trust_ratio is None else float(max_trust_ratio),
             maximize=bool(group["maximize"]), grad_scale=grad_scale, backend=backend,
+            norm_reduce=buf.all_reduce_sums if buf.reduce_groups else None,
         )

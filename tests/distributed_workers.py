@@ -1,0 +1,239 @@
+"""Training loops run inside the ranks of tests/test_distributed.py (2 ranks, gloo, CPU), and their single-process
+counterparts. Each distributed scenario saves the full parameters after every run; the test compares them with a
+single-process run of torch.optim (or of fusedopt's reference backend for Lion and LAMB) on the same data."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import fusedopt
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+STEPS = 20
+GLOBAL_BATCH = 8
+IN, HIDDEN, OUT = 16, 33, 5  # 33 rows: FSDP2 shards them unevenly (17 + 16) across 2 ranks
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(IN, HIDDEN), nn.Linear(HIDDEN, HIDDEN), nn.Linear(HIDDEN, OUT)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers[:-1]:
+            x = torch.tanh(layer(x))
+        return self.layers[-1](x)
+
+
+def make_model() -> MLP:
+    torch.manual_seed(0)
+    return MLP()
+
+
+def make_data(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(GLOBAL_BATCH, IN, generator=generator), torch.randn(GLOBAL_BATCH, OUT, generator=generator))
+            for _ in range(steps)]
+
+
+# name -> (optimizer class, kwargs, single-process oracle factory)
+OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
+    "adamw": (fusedopt.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+    "adamw_clip": (fusedopt.AdamW, {"lr": 1e-2, "weight_decay": 0.1, "max_grad_norm": 0.5}),
+    "sgd": (fusedopt.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}),
+    "lion": (fusedopt.Lion, {"lr": 1e-3, "weight_decay": 0.1}),
+    "lamb": (fusedopt.LAMB, {"lr": 1e-2, "weight_decay": 0.01}),
+}
+
+
+def oracle_optimizer(name: str, params: Any) -> torch.optim.Optimizer:
+    """torch.optim where it has the algorithm; fusedopt's reference backend (torch formulas) for Lion and LAMB."""
+    cls, kwargs = OPTIMIZERS[name]
+    kwargs = {k: v for k, v in kwargs.items() if k != "max_grad_norm"}
+    if cls is fusedopt.AdamW:
+        return torch.optim.AdamW(params, **kwargs)
+    if cls is fusedopt.SGD:
+        return torch.optim.SGD(params, **kwargs)
+    return cls(params, backend="reference", **kwargs)
+
+
+def single_process_run(name: str, steps: int = STEPS) -> dict[str, torch.Tensor]:
+    """The whole global batch on one process; the oracle optimizer; clip_grad_norm_ when the case clips."""
+    model = make_model()
+    opt = oracle_optimizer(name, model.parameters())
+    max_norm = OPTIMIZERS[name][1].get("max_grad_norm")
+    for x, y in make_data(steps):
+        nn.functional.mse_loss(model(x), y).backward()
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        opt.step()
+        opt.zero_grad()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# Inside a rank ---------------------------------------------------------------------------------------------------
+
+def local_batch(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    per_rank = x.shape[0] // world
+    return x[rank * per_rank:(rank + 1) * per_rank]
+
+
+def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter as a whole tensor on every rank (gathers DTensor shards)."""
+    result = {}
+    for name, value in model.state_dict().items():
+        name = name.replace("module.", "")
+        result[name] = (value.full_tensor() if isinstance(value, DTensor) else value).detach().clone()
+    return result
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, data: list[tuple[torch.Tensor, torch.Tensor]], rank: int,
+          world: int, after_backward: Callable[[], None] | None = None) -> None:
+    for x, y in data:
+        loss = nn.functional.mse_loss(model(local_batch(x, rank, world)), local_batch(y, rank, world))
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def fsdp_model(mp_policy: MixedPrecisionPolicy | None = None, world: int = 2) -> nn.Module:
+    model = make_model()
+    mesh = init_device_mesh("cpu", (world,))
+    kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
+    for layer in model.layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def run_ddp(rank: int, world: int, results: dict[str, Any]) -> None:
+    data = make_data()
+    for name, (cls, kwargs) in OPTIMIZERS.items():
+        model = DistributedDataParallel(make_model())
+        train(model, cls(model.parameters(), **kwargs), data, rank, world)
+        results[f"ddp/{name}"] = full_state(model)
+    model = DistributedDataParallel(make_model(), gradient_as_bucket_view=True)
+    train(model, fusedopt.AdamW(model.parameters(), **OPTIMIZERS["adamw"][1]), data, rank, world)
+    results["ddp_bucket_view/adamw"] = full_state(model)
+
+
+def run_zero(rank: int, world: int, results: dict[str, Any]) -> None:
+    data = make_data()
+    model = DistributedDataParallel(make_model())
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=fusedopt.AdamW, **OPTIMIZERS["adamw"][1])
+    train(model, opt, data, rank, world)
+    results["zero/adamw"] = full_state(model)
+    opt.consolidate_state_dict(to=0)
+    if rank == 0:
+        state = opt.state_dict()
+        results["zero/state_steps"] = sorted({float(s["step"]) for s in state["state"].values()})
+
+
+def run_fsdp(rank: int, world: int, results: dict[str, Any]) -> None:
+    data = make_data()
+    for name, (cls, kwargs) in OPTIMIZERS.items():
+        model = fsdp_model()
+        opt = cls(model.parameters(), **kwargs)
+        train(model, opt, data, rank, world)
+        results[f"fsdp/{name}"] = full_state(model)
+        if name == "adamw_clip":
+            results["fsdp/adamw_clip/last_grad_norm"] = opt.last_grad_norm
+        if name == "adamw":  # states are DTensors placed like their parameters
+            state = opt.state[next(model.parameters())]
+            results["fsdp/state_types"] = sorted({type(v).__name__ for v in state.values()})
+            results["fsdp/exp_avg"] = state["exp_avg"].full_tensor().clone()
+
+    # Mixed precision (bf16 compute, fp32 reduce): fusedopt and torch.optim under the same FSDP2 engine.
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for label, make_opt in (("fusedopt", lambda ps: fusedopt.AdamW(ps, **OPTIMIZERS["adamw_clip"][1])),
+                            ("torch", lambda ps: torch.optim.AdamW(ps, **OPTIMIZERS["adamw"][1]))):
+        model = fsdp_model(policy)
+        opt = make_opt(model.parameters())
+        clip = None if label == "fusedopt" else (lambda m=model: torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5))
+        train(model, opt, data, rank, world, after_backward=clip)
+        results[f"fsdp_bf16/{label}"] = full_state(model)
+
+    # fusedopt.clip_grad_norm_ on DTensor gradients against torch's on clones of the same gradients.
+    model = fsdp_model()
+    x, y = data[0]
+    nn.functional.mse_loss(model(local_batch(x, rank, world)), local_batch(y, rank, world)).backward()
+    params = list(model.parameters())
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, twin in zip(params, twins):
+        twin.grad = p.grad.detach().clone()
+    ours = fusedopt.clip_grad_norm_(params, 0.1)
+    theirs = torch.nn.utils.clip_grad_norm_(twins, 0.1)
+    results["clip/norms"] = (float(ours), float(theirs.full_tensor() if isinstance(theirs, DTensor) else theirs))
+    results["clip/grads"] = [(p.grad.full_tensor().clone(), t.grad.full_tensor().clone())
+                             for p, t in zip(params, twins)]
+
+
+def run_checkpoint(rank: int, world: int, results: dict[str, Any], directory: str, phase: str) -> None:
+    """Train on `world` ranks with FSDP2 + fusedopt.AdamW, saving and loading with torch.distributed.checkpoint.
+
+    phase "save2": steps 0-9, save, steps 10-19. phase "load1": load the 2-rank checkpoint, steps 10-14, save,
+    steps 15-19. phase "load2": load the 1-rank checkpoint, steps 15-19.
+    """
+    data = make_data()
+    model = fsdp_model(world=world)
+    opt = fusedopt.AdamW(model.parameters(), **OPTIMIZERS["adamw_clip"][1])
+
+    def save(name: str) -> None:
+        model_sd, optim_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(directory, name))
+
+    def load(name: str) -> None:
+        model_sd, optim_sd = get_state_dict(model, opt)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=os.path.join(directory, name))
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    if phase == "save2":
+        train(model, opt, data[:10], rank, world)
+        save("ckpt2")
+        train(model, opt, data[10:], rank, world)
+    elif phase == "load1":
+        load("ckpt2")
+        results["load1/step"] = float(opt.state[next(model.parameters())]["step"])
+        train(model, opt, data[10:15], rank, world)
+        save("ckpt1")
+        train(model, opt, data[15:], rank, world)
+    else:
+        load("ckpt1")
+        train(model, opt, data[15:], rank, world)
+    results[f"checkpoint/{phase}"] = full_state(model)
+
+
+def worker(rank: int, world: int, store_path: str, out_dir: str, scenarios: list[str]) -> None:
+    """Entry point of one rank: run `scenarios`, save what rank 0 (or every rank) observed."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+    try:
+        results: dict[str, Any] = {}
+        for scenario in scenarios:
+            kind, _, arg = scenario.partition(":")
+            if kind == "ddp":
+                run_ddp(rank, world, results)
+            elif kind == "zero":
+                run_zero(rank, world, results)
+            elif kind == "fsdp":
+                run_fsdp(rank, world, results)
+            elif kind == "checkpoint":
+                run_checkpoint(rank, world, results, out_dir, arg)
+            else:
+                raise ValueError(f"unknown scenario {scenario!r}")
+        torch.save(results, os.path.join(out_dir, f"{'-'.join(scenarios)}.rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
