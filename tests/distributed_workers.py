@@ -46,7 +46,7 @@ def make_data(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(steps)]
 
 
-# name -> (optimizer class, kwargs, single-process oracle factory)
+# name -> (fusedopt class, kwargs); `oracle_optimizer` picks the single-process counterpart
 OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
     "adamw": (fusedopt.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
     "adamw_clip": (fusedopt.AdamW, {"lr": 1e-2, "weight_decay": 0.1, "max_grad_norm": 0.5}),

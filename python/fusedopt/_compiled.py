@@ -262,6 +262,18 @@ def _check_segments(name: str, t: Any) -> Tensor:
     return t
 
 
+def _check_lamb_arguments(max_trust_ratio: float, segment_offsets: Tensor,
+                          segment_numels: Tensor) -> tuple[Tensor, Tensor]:
+    """Validate LAMB's max_trust_ratio (-1.0 for None) and segment table; return the checked offsets and numels."""
+    if max_trust_ratio != -1.0 and not max_trust_ratio >= 0.0:
+        raise ValueError(f"Invalid max_trust_ratio: {max_trust_ratio} (expected None or >= 0)")
+    offsets = _check_segments("segment_offsets", segment_offsets)
+    numels = _check_segments("segment_numels", segment_numels)
+    if offsets.numel() != numels.numel():
+        raise ValueError(f"Invalid segment_numels: {numels.numel()} entries != {offsets.numel()} segment_offsets")
+    return offsets, numels
+
+
 def lamb(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, master: Tensor | None,
     segment_offsets: Tensor, segment_numels: Tensor, *, step: int, lr: float, beta1: float, beta2: float,
@@ -278,12 +290,7 @@ def lamb(
     lr, beta1, beta2 = _scalar("lr", lr), _scalar("beta1", beta1), _scalar("beta2", beta2)
     eps, weight_decay = _scalar("eps", eps), _scalar("weight_decay", weight_decay)
     mtr = -1.0 if max_trust_ratio is None else _scalar("max_trust_ratio", max_trust_ratio)
-    if mtr != -1.0 and not mtr >= 0.0:
-        raise ValueError(f"Invalid max_trust_ratio: {max_trust_ratio} (expected None or >= 0)")
-    offsets = _check_segments("segment_offsets", segment_offsets)
-    numels = _check_segments("segment_numels", segment_numels)
-    if offsets.numel() != numels.numel():
-        raise ValueError(f"Invalid segment_numels: {numels.numel()} entries != {offsets.numel()} segment_offsets")
+    offsets, numels = _check_lamb_arguments(mtr, segment_offsets, segment_numels)
     states = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     ptrs, master_ptr, n, pd, gd, sd = _buffers(param, grad, states, {"exp_avg": True, "exp_avg_sq": True}, master)
     bc1 = 1.0 - beta1**step if bias_correction else 1.0

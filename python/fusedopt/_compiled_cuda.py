@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import _C
-from ._compiled import _PARAM_DTYPES, DTYPE_CODES, _check_segments, _check_tensor, _scalar
+from ._compiled import _PARAM_DTYPES, DTYPE_CODES, _check_lamb_arguments, _check_tensor, _scalar
 from ._compiled import _buffers as _check_buffers
 
 __all__ = [
@@ -460,14 +460,7 @@ def lamb(
     beta1, beta2 = _host_scalar("beta1", beta1), _host_scalar("beta2", beta2)
     eps, weight_decay = _host_scalar("eps", eps), _host_scalar("weight_decay", weight_decay)
     mtr = -1.0 if max_trust_ratio is None else _host_scalar("max_trust_ratio", max_trust_ratio)
-    if mtr != -1.0 and not mtr >= 0.0:
-        raise ValueError(f"Invalid max_trust_ratio: {max_trust_ratio} (expected None or >= 0)")
-    offsets = _check_segments("segment_offsets", segment_offsets)
-    numels = _check_segments("segment_numels", segment_numels)
-    if offsets.numel() != numels.numel():
-        raise ValueError(
-            f"Invalid segment_numels: {numels.numel()} entries != {offsets.numel()} segment_offsets"
-        )
+    offsets, numels = _check_lamb_arguments(mtr, segment_offsets, segment_numels)
     states = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     ptrs, master_ptr, n, pd, gd, sd = _buffers(
         param, grad, states, {"exp_avg": True, "exp_avg_sq": True}, master

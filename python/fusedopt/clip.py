@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import functional, reference
 from ._backend import resolve
-from .flat import is_dtensor, local_tensor
+from .flat import PARAM_DTYPES, all_reduce_sum, is_dtensor, local_tensor, shard_groups
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_"]
 
@@ -44,20 +44,18 @@ def clip_grad_norm_(
     if sharded and norm_type != 2.0:
         raise ValueError(f"Invalid norm_type: {norm_type} (fusedopt clips DTensor gradients by their L2 norm only)")
     total = 0.0
-    by_sharding: dict[tuple[object, ...], list[float]] = {}
+    by_sharding: dict[tuple[object, ...], tuple[list[object], list[float]]] = {}
     for g in grads:
         local = local_tensor(g).detach().reshape(-1)
-        partial = _sum_of_squares(local, resolve("auto", local.device))
+        partial, _ = functional.sum_of_squares(local, backend=backend if local.dtype in PARAM_DTYPES else "reference")
         if is_dtensor(g):
-            key = (g.device_mesh, tuple(g.placements))
-            by_sharding.setdefault(key, [0.0])[0] += partial
+            entry = by_sharding.setdefault((g.device_mesh, tuple(g.placements)), (shard_groups(g), [0.0]))
+            entry[1][0] += partial
         else:
             total += partial
-    for (mesh, placements), (partial,) in by_sharding.items():
+    for groups, (partial,) in by_sharding.values():
         sums = torch.tensor([partial], dtype=torch.float64)
-        for dim, placement in enumerate(placements):
-            if placement.is_shard():
-                torch.distributed.all_reduce(sums, group=mesh.get_group(dim))
+        all_reduce_sum(sums, groups)
         total += float(sums[0])
     norm = math.sqrt(total)
     total_norm = torch.tensor(norm, dtype=torch.float32, device=device)
@@ -72,11 +70,6 @@ def clip_grad_norm_(
         torch._foreach_mul_([local_tensor(g) for g in grads], coefficient)
     return total_norm
 
-
-def _sum_of_squares(values: Tensor, backend: str) -> float:
-    if backend == "reference" or values.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return float(values.float().square().sum(dtype=torch.float64))
-    return functional.sum_of_squares(values, backend=backend)[0]
 
 
 def clip_grad_value_(parameters: Tensor | Iterable[Tensor], clip_value: float, foreach: bool | None = None) -> None:

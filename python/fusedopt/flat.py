@@ -46,6 +46,19 @@ def local_tensor(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def shard_groups(t: Tensor) -> list[Any]:
+    """The process groups a DTensor is sharded across (one per sharded mesh dimension); [] for a plain tensor."""
+    if not isinstance(t, DTensor):
+        return []
+    return [t.device_mesh.get_group(d) for d, placement in enumerate(t.placements) if placement.is_shard()]
+
+
+def all_reduce_sum(sums: Tensor, groups: Sequence[Any]) -> None:
+    """Sum `sums` in place over each of `groups` in turn: per-rank sums of squares become whole-tensor sums."""
+    for group in groups:
+        dist.all_reduce(sums, group=group)
+
+
 def _sharding_key(p: Tensor) -> Any:
     """Parameters of one FlatBuffer share device, dtype and (for DTensors) mesh and placements."""
     return (p.device_mesh, tuple(p.placements)) if isinstance(p, DTensor) else None
@@ -84,11 +97,7 @@ class FlatBuffer:
         self.numels: list[int] = [t.numel() for t in locals_]
         # Process groups over which this buffer's parameters are sharded: per-rank sums of squares (global norm,
         # LAMB trust ratios) are all-reduced over them to give the norms of whole parameters.
-        self.reduce_groups: list[Any] = []
-        if self.sharded:
-            mesh = first.device_mesh
-            self.reduce_groups = [mesh.get_group(d) for d, placement in enumerate(first.placements)
-                                  if placement.is_shard()]
+        self.reduce_groups: list[Any] = shard_groups(first)
         self.offsets: list[int] = []
         total = 0
         for numel in self.numels:
@@ -109,7 +118,8 @@ class FlatBuffer:
             if master_weights and self.dtype != torch.float32:
                 self.master = _allocate(total, torch.float32, self.device)
                 self.master.copy_(self.param)
-        self._param_ptrs = [local_tensor(p).data_ptr() for p in self.params]
+        # Sharded parameters are copied in every step, so only plain ones need their addresses checked.
+        self._param_ptrs = [] if self.sharded else [p.data_ptr() for p in self.params]
         # The .grad tensors we hand out: a step recognises them by identity and address (`p.grad.data = t` keeps
         # the object but not the memory).
         self._grad_views = [self.view(self.grad, i) for i in range(len(self.params))]
@@ -211,10 +221,7 @@ class FlatBuffer:
                         param_region.copy_(local.reshape(-1))
                         self.region(self.master, i).copy_(param_region)
                 local_grad = local_tensor(g)
-                if local_grad.layout != torch.strided:
-                    raise RuntimeError(f"fusedopt does not support sparse gradients (parameter {i}, "
-                                       f"layout {local_grad.layout})")
-                self._check_same_layout(i, local_grad, "gradient")
+                self._check_grad(i, local_grad)
                 self.region(self.grad, i).copy_(local_grad.reshape(-1))
         return has_grad
 
@@ -229,8 +236,12 @@ class FlatBuffer:
 
     def all_reduce_sums(self, sums: Tensor) -> None:
         """Sum `sums` in place over the process groups this buffer is sharded across."""
-        for group in self.reduce_groups:
-            dist.all_reduce(sums, group=group)
+        all_reduce_sum(sums, self.reduce_groups)
+
+    def _check_grad(self, i: int, g: Tensor) -> None:
+        if g.layout != torch.strided:
+            raise RuntimeError(f"fusedopt does not support sparse gradients (parameter {i}, layout {g.layout})")
+        self._check_same_layout(i, g, "gradient")
 
     def _check_same_layout(self, i: int, t: Tensor, what: str = "parameter") -> None:
         if t.device == self.device and t.dtype == self.dtype and t.numel() == self.numels[i]:
@@ -254,9 +265,7 @@ class FlatBuffer:
 
     def _adopt_grad(self, i: int, g: Tensor) -> None:
         p = self.params[i]
-        if g.layout != torch.strided:
-            raise RuntimeError(f"fusedopt does not support sparse gradients (parameter {i}, layout {g.layout})")
-        self._check_same_layout(i, g, "gradient")
+        self._check_grad(i, g)
         with torch.no_grad():
             self.region(self.grad, i).copy_(g.detach().reshape(-1))
         if g is self._grad_views[i]:  # our view object had its data replaced: hand out a fresh view

@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from .. import _torch_ops, functional
 from .._backend import resolve, validate_backend
-from ..flat import STATE_DTYPES, FlatBuffer, build_flat_buffers, is_dtensor, local_tensor
+from ..flat import STATE_DTYPES, FlatBuffer, all_reduce_sum, build_flat_buffers, is_dtensor, local_tensor
 
 # Group keys that describe where and how state is stored, not the training trajectory: a loaded
 # checkpoint keeps the optimizer's own values for these.
@@ -389,8 +389,7 @@ class FusedOptimizer(Optimizer):
             nonfinite = nonfinite or flag
         for groups, (partial, flag) in sharded.values():
             sums = torch.tensor([partial, flag], dtype=torch.float64)
-            for group in groups:
-                torch.distributed.all_reduce(sums, group=group)
+            all_reduce_sum(sums, groups)
             total += float(sums[0])
             nonfinite = nonfinite or bool(sums[1] > 0)
         return math.sqrt(total) * unscale, nonfinite
