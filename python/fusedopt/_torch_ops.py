@@ -1,9 +1,8 @@
-"""torch.library custom ops through which `torch.compile` calls a fusedopt optimizer's step and zero_grad.
+"""torch.library custom op through which `torch.compile` calls a fusedopt optimizer's step.
 
 Dynamo cannot trace the step's Python bookkeeping (aliasing checks, `.tolist()`, host scalars, the pybind11
-kernels), so a compiled `step()` records one opaque `fusedopt::optimizer_step` call instead (and a compiled
-`zero_grad()` one `fusedopt::zero_grad`); at run time the op looks the optimizer up by its integer handle and
-runs the ordinary eager code.
+kernels), so a compiled `step()` records one opaque `fusedopt::optimizer_step` call instead; at run time the op
+looks the optimizer up by its integer handle and runs the ordinary eager step.
 """
 from __future__ import annotations
 
@@ -31,40 +30,29 @@ def lookup(handle: int) -> Any:
     ref = _OPTIMIZERS.get(handle)
     optimizer = None if ref is None else ref()
     if optimizer is None:
-        raise RuntimeError(f"fusedopt::optimizer_step: no live optimizer has handle {handle}")
+        raise RuntimeError(f"fusedopt: no live optimizer has handle {handle} (it was garbage-collected)")
     return optimizer
 
 
-# Only the tensors a caller can see are declared: the parameters (updated in place). Optimizer states, step
-# counts and master weights live in the optimizer's flat buffers, which no compiled graph reads; gradients,
-# grad_scale, found_inf and tensor hyperparameters are only read.
-@torch.library.custom_op("fusedopt::optimizer_step", mutates_args=("params",))
-def optimizer_step(handle: int, params: list[Tensor], grads: list[Optional[Tensor]],  # noqa: UP045
+# `Optional`, not `X | None`: torch.library reads these annotations at run time, and Python 3.9 has no `|` on types.
+# Declared mutated: the flat parameter buffers (the parameters are views into them; one storage each, so inductor
+# lets the op update them in place, where a list of parameters sharing one storage would be copied). The step also
+# updates the optimizer states, step counts and master weights, which stay undeclared: they live in flat buffers
+# that a training graph does not read, and declaring them would make them graph inputs that functionalization
+# copies. Gradients, grad_scale, found_inf and the tensor hyperparameters are only read. Python-number
+# hyperparameters are not passed (a graph would then be specialised on, and recompiled for, every value): the op
+# reads them from the param groups when it runs.
+@torch.library.custom_op("fusedopt::optimizer_step", mutates_args=("flat_params",))
+def optimizer_step(handle: int, flat_params: list[Tensor], grads: list[Optional[Tensor]],  # noqa: UP045
                    grad_scale: Optional[Tensor], found_inf: Optional[Tensor],  # noqa: UP045
                    hyperparameters: list[Tensor]) -> None:
-    """One step of the optimizer registered under `handle`, with these parameters, gradients and AMP tensors.
-
-    The lists follow `FusedOptimizer._compile_inputs`. Under functionalization (e.g. backend="aot_eager") the
-    tensors may be copies of the optimizer's own; the step then uses their values and writes the updated
-    parameters back into them.
-    """
-    lookup(handle)._step_from_op(params, grads, grad_scale, found_inf, hyperparameters)
+    """One step of the optimizer registered under `handle`: `grads` are the parameters' `.grad` in flat-buffer
+    order, `hyperparameters` its tensor hyperparameters (see `FusedOptimizer._compiled_step`)."""
+    lookup(handle)._step_from_op(flat_params, grads, grad_scale, found_inf, hyperparameters)
 
 
 @optimizer_step.register_fake
-def _optimizer_step_fake(handle: int, params: list[Tensor], grads: list[Optional[Tensor]],  # noqa: UP045
+def _optimizer_step_fake(handle: int, flat_params: list[Tensor], grads: list[Optional[Tensor]],  # noqa: UP045
                          grad_scale: Optional[Tensor], found_inf: Optional[Tensor],  # noqa: UP045
                          hyperparameters: list[Tensor]) -> None:
-    return None
-
-
-@torch.library.custom_op("fusedopt::zero_grad", mutates_args=("grads",))
-def zero_grad(handle: int, grads: list[Tensor]) -> None:
-    """`zero_grad(set_to_none=False)` of the optimizer registered under `handle`; `grads` are the `.grad` tensors
-    the compiled graph holds that are not None (every one of them reads zero afterwards)."""
-    lookup(handle)._zero_grad_from_op(grads)
-
-
-@zero_grad.register_fake
-def _zero_grad_fake(handle: int, grads: list[Tensor]) -> None:
     return None

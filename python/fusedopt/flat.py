@@ -69,14 +69,21 @@ def _align(n: int) -> int:
 
 
 def _allocate(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A zeroed 1-D buffer whose first element is 64-byte aligned."""
-    extra = ALIGN_BYTES // torch.empty((), dtype=dtype).element_size()
+    """A zeroed 1-D buffer whose first element is 64-byte aligned, owning its whole storage where possible.
+
+    torch's CPU and CUDA allocators already align to 64 bytes or more, so the buffer is normally a plain tensor
+    over an exact-size storage; only a misaligned allocation is retried with slack, as a `_base`-less view.
+    torch.compile relies on this when one graph holds both a flat buffer and the parameters that are views into
+    it: it rebuilds them from their shared storage, which it supports only for tensors without `_base` whose
+    storage is not larger than the buffer.
+    """
+    raw = torch.zeros(numel, dtype=dtype, device=device)
+    if raw.data_ptr() % ALIGN_BYTES == 0:
+        return raw
+    extra = ALIGN_BYTES // raw.element_size()
     raw = torch.zeros(numel + extra, dtype=dtype, device=device)
-    misalignment = raw.data_ptr() % ALIGN_BYTES
-    if misalignment == 0:
-        return raw[:numel]
-    shift = (ALIGN_BYTES - misalignment) // raw.element_size()
-    return raw[shift:shift + numel]
+    shift = (ALIGN_BYTES - raw.data_ptr() % ALIGN_BYTES) % ALIGN_BYTES // raw.element_size()
+    return torch.empty((0,), dtype=dtype, device=device).set_(raw.untyped_storage(), shift, (numel,), (1,))
 
 
 class FlatBuffer:
@@ -137,6 +144,11 @@ class FlatBuffer:
     def view(self, flat: Tensor, i: int) -> Tensor:
         """Parameter i's region of `flat`, shaped like the parameter (like its local shard when sharded)."""
         return self.region(flat, i).view(self.shapes[i])
+
+    def grad_view(self, i: int) -> Tensor:
+        """The `.grad` tensor this buffer hands out for parameter i: a view into `grad` (a step recognises it by
+        identity and address; torch.compile's traced step by identity)."""
+        return self._grad_views[i]
 
     def state_view(self, flat: Tensor, i: int) -> Tensor:
         """Parameter i's region of `flat` as torch.optim exposes a state: a DTensor placed like a sharded parameter."""

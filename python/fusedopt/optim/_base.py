@@ -245,8 +245,7 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if torch.compiler.is_compiling():
-            params, grads, hyperparameters = self._compile_inputs()
-            torch.ops.fusedopt.optimizer_step(self._handle, params, grads, grad_scale, found_inf, hyperparameters)
+            self._compiled_step(grad_scale, found_inf)
         else:
             self._eager_step(self.param_groups, grad_scale, found_inf)
         return loss
@@ -286,49 +285,75 @@ class FusedOptimizer(Optimizer):
 
     # torch.compile -----------------------------------------------------------------------------------------
 
-    def _compile_inputs(self) -> tuple[list[Tensor], list[Tensor | None], list[Tensor]]:
-        """What a compiled step hands to `fusedopt::optimizer_step`: every parameter in flat-buffer order, its
-        gradient, and the tensor-valued hyperparameters in `_tensor_hyperparameters` order."""
-        params = [p for buffers in self._flat_groups for buf in buffers for p in buf.params]
-        grads = [p.grad for p in params]
-        hyperparameters = [value for _, _, _, value in _tensor_hyperparameters(self.param_groups)]
-        return params, grads, hyperparameters
+    def _compiled_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """What dynamo traces for `step()`: the aliasing repair of `prepare_step` for gradients (a `.grad` that is
+        not the flat buffer's view is copied into it and replaced by it), then one `fusedopt::optimizer_step` call.
 
-    def _step_from_op(self, params: list[Tensor], grads: list[Tensor | None], grad_scale: Tensor | None,
+        Doing that repair in the graph rather than in the op keeps every write to a tensor the graph can see
+        declared: the op writes only the flat parameter buffers (one storage each, so inductor lets it update them
+        in place) and reads the gradients. It never gets the flat gradient buffers: a graph holding a buffer and
+        views into it that some op writes (gradient clipping, zero_grad) needs AOTAutograd's synthetic bases,
+        which fail on recompiled graphs.
+        """
+        buffers = [buf for group_buffers in self._flat_groups for buf in group_buffers]
+        for buf in buffers:
+            if not buf.sharded:  # a sharded buffer's gradients belong to FSDP; the op copies them in
+                for i, p in enumerate(buf.params):
+                    if p.grad is not None and p.grad is not buf.grad_view(i):
+                        buf.grad_view(i).copy_(p.grad)
+                        p.grad = buf.grad_view(i)
+        grads = [p.grad for buf in buffers for p in buf.params]
+        hyperparameters = [value for _, _, _, value in _tensor_hyperparameters(self.param_groups)]
+        torch.ops.fusedopt.optimizer_step(self._handle, [buf.param for buf in buffers], grads, grad_scale,
+                                          found_inf, hyperparameters)
+
+    @torch.no_grad()
+    def _step_from_op(self, flat_params: list[Tensor], grads: list[Tensor | None], grad_scale: Tensor | None,
                       found_inf: Tensor | None, hyperparameters: list[Tensor]) -> None:
         """The real implementation of `fusedopt::optimizer_step`: an eager step on the values the op was given.
 
-        With inductor the op usually receives the optimizer's own parameters and `.grad` views and this is a
-        plain eager step. Functionalization (backend="aot_eager", or inductor when the graph also changes the
-        parameters) passes copies holding the graph's current values instead: a parameter copy whose values
-        differ is loaded into flat storage first and receives the updated values afterwards, and gradients and
-        tensor hyperparameters are read from what was passed. Every `p.grad` is left as the op found it: the
-        compiled graph keeps using the tensors it traced, so re-pointing `.grad` at the flat buffer is left to
-        `zero_grad` (or to the next eager step).
+        With inductor the op normally receives the optimizer's own flat parameter buffers and gradient views, and
+        this is a plain eager step. Otherwise (functionalization under backend="aot_eager", a graph that also reads
+        the parameters, or inductor handing over a gradient it knows equals the view) it gets other tensors holding
+        the graph's values: parameters that differ are loaded into flat storage first and the passed copies receive
+        the updated values afterwards, and gradients other than the views are read through a scratch copy of the
+        flat gradient buffer, because the graph may already have written the real one (zeroed it, say) without
+        this op's knowledge. Every `p.grad` is left as the op found it: no Python state changes behind dynamo.
         """
-        slots = [(buf, i) for buffers in self._flat_groups for buf in buffers for i in range(len(buf.params))]
-        if len(params) != len(slots) or len(grads) != len(slots):
-            raise RuntimeError(f"fusedopt::optimizer_step: got {len(params)} parameters and {len(grads)} "
-                               f"gradients, the optimizer has {len(slots)} parameters")
-        traced_grads = [buf.params[i].grad for buf, i in slots]
-        copies = []
-        for (buf, i), given, grad in zip(slots, params, grads):
-            p = buf.params[i]
-            if grad is None or p.grad is None or grad.data_ptr() != p.grad.data_ptr():
-                p.grad = grad  # None skips the parameter; a tensor is copied in by prepare_step
-            if given.data_ptr() != p.data_ptr():
-                copies.append((given, p))
-                if not torch.equal(given, p):
-                    buf.region(buf.param, i).copy_(given.reshape(-1))
+        buffers = [buf for group_buffers in self._flat_groups for buf in group_buffers]
+        slots = [(buf, i) for buf in buffers for i in range(len(buf.params))]
+        if len(flat_params) != len(buffers) or len(grads) != len(slots):
+            raise RuntimeError(f"fusedopt::optimizer_step: got {len(flat_params)} flat parameter buffers and "
+                               f"{len(grads)} gradients, the optimizer has {len(buffers)} and {len(slots)}")
+        copies = [(given, buf) for given, buf in zip(flat_params, buffers) if given.data_ptr() != buf.param.data_ptr()]
+        for given, buf in copies:
+            for i in range(len(buf.params)):
+                if not torch.equal(buf.region(given, i), buf.region(buf.param, i)):
+                    buf.region(buf.param, i).copy_(buf.region(given, i))
                     if buf.master is not None:
                         buf.region(buf.master, i).copy_(buf.region(buf.param, i))
+        found = [buf.params[i].grad for buf, i in slots]
+        real_grads: dict[int, Tensor] = {}  # id(buf) -> its flat gradient buffer, while a scratch copy stands in
         try:
+            for (buf, i), grad in zip(slots, grads):
+                p = buf.params[i]
+                if grad is None or buf.sharded:
+                    p.grad = grad  # None skips the parameter; FSDP's gradient shards are copied in by prepare_step
+                    continue
+                if grad.data_ptr() != buf.region(buf.grad, i).data_ptr():
+                    if id(buf) not in real_grads:
+                        real_grads[id(buf)] = buf.grad
+                        buf.grad = buf.grad.clone()
+                    buf.region(buf.grad, i).copy_(grad.reshape(-1))
+                p.grad = buf.grad_view(i)  # what prepare_step recognises as already in place
             self._eager_step(self._groups_with(hyperparameters), grad_scale, found_inf)
         finally:
-            for (buf, i), grad in zip(slots, traced_grads):
+            for buf in buffers:
+                buf.grad = real_grads.get(id(buf), buf.grad)
+            for (buf, i), grad in zip(slots, found):
                 buf.params[i].grad = grad
-        for given, p in copies:
-            given.copy_(p)
+        for given, buf in copies:
+            given.copy_(buf.param)
 
     def _groups_with(self, hyperparameters: list[Tensor]) -> list[dict[str, Any]]:
         """The param groups, with copies where the op was handed tensor hyperparameters other than the groups' own
@@ -352,18 +377,19 @@ class FusedOptimizer(Optimizer):
                 groups[g][key] = type(groups[g][key])(values)
         return groups
 
-    def _zero_grad_from_op(self, grads: list[Tensor]) -> None:
-        """The real implementation of `fusedopt::zero_grad`: zero the flat gradient buffers, re-point `.grad` at
-        them, and zero every passed gradient that is not a flat-buffer view (a tensor autograd created, or a copy
-        made by functionalization), so that each tensor the compiled graph knows as a gradient reads zero."""
-        views = {buf.region(buf.grad, i).data_ptr() for buffers in self._flat_groups for buf in buffers
-                 for i in range(len(buf.params))}
-        for grad in grads:
-            if grad.data_ptr() not in views:
-                grad.zero_()
+    def _compiled_zero_grad(self) -> None:
+        """What dynamo traces for `zero_grad(set_to_none=False)`: every gradient that is not None zeroed in place,
+        after re-pointing any that is not the flat buffer's view at that view, as the eager zero_grad does. (One
+        `zero_()` per gradient: inductor writes those straight into the buffer, while `_foreach_zero_` has no
+        lowering and would allocate fresh zeros and copy them over.)"""
         for buffers in self._flat_groups:
             for buf in buffers:
-                buf.zero_grad(False)
+                for i, p in enumerate(buf.params):
+                    if p.grad is None:
+                        continue
+                    if not buf.sharded and p.grad is not buf.grad_view(i):
+                        p.grad = buf.grad_view(i)
+                    p.grad.zero_()
 
     def _global_grad_norm(self, prepared: list[tuple[dict[str, Any], FlatBuffer, str, list[bool]]],
                           unscale: float) -> tuple[float, bool]:
@@ -409,11 +435,10 @@ class FusedOptimizer(Optimizer):
 
         Unlike torch.optim, the default is `set_to_none=False`: gradients that are None stay None, the others
         are zeroed in place. `set_to_none=True` drops all gradients; the next step copies them back in.
-        Under `torch.compile`, `set_to_none=False` is one `fusedopt::zero_grad` custom op.
+        Under `torch.compile` it is traced as an in-place zero of each gradient.
         """
         if torch.compiler.is_compiling() and not set_to_none:
-            params = [p for buffers in self._flat_groups for buf in buffers for p in buf.params]
-            torch.ops.fusedopt.zero_grad(self._handle, [p.grad for p in params if p.grad is not None])
+            self._compiled_zero_grad()
             return
         for buffers in self._flat_groups:
             for buf in buffers:
