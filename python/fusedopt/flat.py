@@ -115,7 +115,13 @@ class FlatBuffer:
         self.grad: Tensor = _allocate(total, self.dtype, self.device)
         self.state: dict[str, Tensor] = {}
         # Float32 step counts, one per parameter; state[p]["step"] are 0-d views into it (torch.optim's layout).
-        self.steps: Tensor = torch.zeros(len(self.params), dtype=torch.float32)
+        # On the GPU they live on the device, as torch.optim's fused/capturable steps do, so that a step skipped
+        # on the device (AMP found_inf, skip_nonfinite) is not counted and nothing has to be read back.
+        steps_device = self.device if self.device.type == "cuda" and not self.sharded else torch.device("cpu")
+        self.steps: Tensor = torch.zeros(len(self.params), dtype=torch.float32, device=steps_device)
+        # Host keys that group parameters into kernel calls without reading `steps`: (steps attempted, hash of the
+        # attempts whose skip was decided on the device). Parameters with equal keys have equal `steps`.
+        self.step_keys: list[tuple[int, int]] = [(0, 0)] * len(self.params)
         self.master: Tensor | None = None
         with torch.no_grad():
             for i, (p, local) in enumerate(zip(self.params, locals_)):
@@ -302,6 +308,19 @@ class FlatBuffer:
                 if g is self._grad_views[i]:
                     self._grad_views[i] = self.view(self.grad, i)
                 p.grad = self._grad_views[i]
+
+    def count_steps(self, first: int, last: int, device_decided: int | None) -> None:
+        """Record a step of parameters first..last in `step_keys`; `device_decided` identifies the step when only
+        the device knows whether it was applied (None: it was)."""
+        for i in range(first, last + 1):
+            attempts, history = self.step_keys[i]
+            if device_decided is not None:
+                history = hash((history, device_decided))
+            self.step_keys[i] = (attempts + 1, history)
+
+    def reset_step_keys(self) -> None:
+        """Rebuild `step_keys` from `steps` after they were written from outside (a loaded checkpoint)."""
+        self.step_keys = [(int(s), 0) for s in self.steps.tolist()]
 
     def runs(self, active: Sequence[bool], keys: Sequence[object]) -> list[tuple[int, int]]:
         """Maximal ranges (first, last) of consecutive active parameters that share the same key."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -109,6 +110,34 @@ def _tensor_hyperparameters(groups: list[dict[str, Any]]) -> list[tuple[int, str
     return found
 
 
+@dataclass
+class StepScalars:
+    """What one kernel call needs besides the group's hyperparameters: host numbers, or tensors on the buffer's
+    device when the step is decided there (see `FusedOptimizer._decides_on_device`)."""
+
+    # The step being taken, 1 for the first: an int, or a 1-element float32 tensor already incremented.
+    step: int | Tensor
+    # No update has reached these parameters yet (SGD initialises its momentum buffer from the gradient).
+    first_step: bool
+    # Multiplies every gradient: AMP's 1/scale times the clip coefficient.
+    grad_scale: float | Tensor
+    # When it holds a non-zero value the kernel writes nothing (AMP's found_inf, skip_nonfinite).
+    found_inf: Tensor | None
+    on_device: bool
+
+    def lr(self, value: float | Tensor) -> float | Tensor:
+        """The group's lr as the kernel takes it: in a step decided on the GPU a tensor lr there stays there (the
+        kernel reads it, nothing waits); anything else becomes a Python float."""
+        if self.on_device and isinstance(value, Tensor) and value.device.type == "cuda":
+            return value.to(torch.float32).reshape(1)
+        return scalar(value)
+
+
+def _kernel_scale(value: float | Tensor) -> float | Tensor:
+    """A gradient multiplier as the kernels take it: a float, or a 1-element float32 tensor."""
+    return value.to(torch.float32).reshape(1) if isinstance(value, Tensor) else value
+
+
 class FusedOptimizer(Optimizer):
     """Base class: a torch.optim.Optimizer whose groups live in flat buffers updated by fused kernels."""
 
@@ -122,9 +151,13 @@ class FusedOptimizer(Optimizer):
     # Whether state[p] exposes torch.optim's float32 "step" tensor (every FlatBuffer counts steps either way).
     _tracks_step = True
 
-    def _update(self, group: dict[str, Any], buf: FlatBuffer, first: int, last: int, step: int,
-                grad_scale: float, backend: str) -> None:
+    def _update(self, group: dict[str, Any], buf: FlatBuffer, first: int, last: int, scalars: StepScalars,
+                backend: str) -> None:
         raise NotImplementedError
+
+    # None: a step is decided on the device when every buffer sits on one CUDA device and none is sharded (see
+    # `_decides_on_device`). The tests set True to run that same path on CPU tensors.
+    _device_decisions: bool | None = None
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -134,8 +167,11 @@ class FusedOptimizer(Optimizer):
             raise ValueError("Invalid differentiable: True (fusedopt's fused kernels are not differentiable)")
         self._flat_groups: list[list[FlatBuffer]] = []
         self._backends: list[list[str]] = []
-        self.last_grad_norm: float | None = None
-        self.skipped_steps = 0
+        # The global norm of the last clipped step: a float, or a 0-dim tensor when the step ran on the GPU.
+        self.last_grad_norm: float | Tensor | None = None
+        self._skipped_on_host = 0
+        self._skipped_on_device: Tensor | None = None  # steps skip_nonfinite skipped, counted on the device
+        self._device_decided_steps = 0  # identifies each step decided on the device in FlatBuffer.step_keys
         params = [params] if isinstance(params, Tensor) else list(params)
         # Validate every group before the first one is moved into flat storage: a rejected call changes nothing.
         candidates = [defaults] + [{**defaults, **g} for g in params if isinstance(g, dict)]
@@ -227,8 +263,15 @@ class FusedOptimizer(Optimizer):
         buf.complete_state = names if complete else None
 
     def _run_keys(self, buf: FlatBuffer) -> list[Any]:
-        """Parameters in one kernel call must agree on this key (the step count by default)."""
-        return buf.steps.tolist()
+        """Parameters in one kernel call must agree on this key (the step count by default, known on the host)."""
+        return buf.step_keys
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped by `skip_nonfinite` (AMP's own skips not included). Reading it waits for the GPU when
+        steps run there, since the count is kept on the device."""
+        on_device = 0 if self._skipped_on_device is None else int(self._skipped_on_device.item())
+        return self._skipped_on_host + on_device
 
     # Step --------------------------------------------------------------------------------------------------
 
@@ -253,35 +296,128 @@ class FusedOptimizer(Optimizer):
     def _eager_step(self, groups: list[dict[str, Any]], grad_scale: Tensor | float | None,
                     found_inf: Tensor | None) -> None:
         """The step itself; `groups` are the param groups (or copies carrying a compiled graph's hyperparameters)."""
-        if found_inf is not None and bool(found_inf.sum() != 0):
-            return  # GradScaler saw inf/nan: parameters, states and step counts stay as they are
-        unscale = 1.0 if grad_scale is None else 1.0 / scalar(grad_scale)
-
         prepared: list[tuple[dict[str, Any], FlatBuffer, str, list[bool]]] = []
         for group, buffers, backends in zip(groups, self._flat_groups, self._backends):
             for buf, backend in zip(buffers, backends):
                 has_grad = buf.prepare_step()
                 if any(has_grad):
                     prepared.append((group, buf, backend, has_grad))
+        # A first step that differs from later ones is chosen on the host, so it must not be skipped on the device.
+        on_device = self._decides_on_device() and not any(
+            self._first_step_differs(group) and any(has and buf.step_keys[i][0] == 0 for i, has in enumerate(has_grad))
+            for group, buf, _, has_grad in prepared)
+        if not on_device and found_inf is not None and bool(found_inf.sum() != 0):
+            return  # GradScaler saw inf/nan: parameters, states and step counts stay as they are
+        if not prepared:
+            return
 
+        skip: Tensor | None = None
+        if on_device:
+            scales, skip = self._device_scales(prepared, grad_scale, found_inf)
+            self._device_decided_steps += 1
+        else:
+            host_scales = self._host_scales(prepared, grad_scale)
+            if host_scales is None:
+                return  # skip_nonfinite: parameters, states and step counts stay as they are
+            scales = list(host_scales)
+        applied = None if skip is None else 1.0 - skip  # per-step increment of the device step counts
+        decided_as = self._device_decided_steps if skip is not None else None
+        for (group, buf, backend, has_grad), grad_scale_k in zip(prepared, scales):
+            self._ensure_state_views(group, buf, has_grad)
+            for first, last in buf.runs(has_grad, self._run_keys(buf)):
+                steps = buf.steps[first:last + 1]
+                if on_device:
+                    steps.add_(1.0 if applied is None else applied)  # before the kernel, which reads it
+                    scalars = StepScalars(step=buf.steps[first:first + 1], first_step=buf.step_keys[first][0] == 0,
+                                          grad_scale=grad_scale_k, found_inf=skip, on_device=True)
+                    self._update(group, buf, first, last, scalars, backend)
+                else:
+                    step = int(buf.steps[first].item()) + 1
+                    scalars = StepScalars(step=step, first_step=step == 1, grad_scale=grad_scale_k, found_inf=None,
+                                          on_device=False)
+                    self._update(group, buf, first, last, scalars, backend)
+                    steps.add_(1)
+                buf.count_steps(first, last, decided_as)
+            buf.finish_step(has_grad)
+
+    def _first_step_differs(self, group: dict[str, Any]) -> bool:
+        """Whether this group's first update is a different formula that the kernel is told about by the host
+        (SGD's momentum initialisation). Parameters that have not taken it yet are stepped with host decisions:
+        `step_keys` then count only applied steps until it is done."""
+        return False
+
+    def _decides_on_device(self) -> bool:
+        """Whether this step keeps AMP's found_inf, the gradient norm, the clip coefficient, skip_nonfinite and the
+        step counts on the device, so that the host never waits for the GPU: when every buffer sits on one CUDA
+        device and none is sharded. Otherwise those are host numbers (sharded norms are all-reduced on the host)."""
+        if self._device_decisions is not None:
+            return self._device_decisions
+        buffers = [buf for group_buffers in self._flat_groups for buf in group_buffers]
+        devices = {buf.device for buf in buffers}
+        return (len(devices) == 1 and next(iter(devices)).type == "cuda"
+                and not any(buf.sharded for buf in buffers))
+
+    def _host_scales(self, prepared: list[tuple[dict[str, Any], FlatBuffer, str, list[bool]]],
+                     grad_scale: Tensor | float | None) -> list[float] | None:
+        """Each prepared buffer's gradient multiplier (AMP 1/scale x clip coefficient), or None when
+        skip_nonfinite skips this step."""
+        unscale = 1.0 if grad_scale is None else 1.0 / scalar(grad_scale)
         coefficients = [1.0] * len(prepared)
         clipping = any(group["max_grad_norm"] is not None for group, *_ in prepared)
         if clipping or any(group["skip_nonfinite"] for group, *_ in prepared):
             norm, nonfinite = self._global_grad_norm(prepared, unscale)
             if nonfinite and any(group["skip_nonfinite"] for group, *_ in prepared):
-                self.skipped_steps += 1
-                return  # parameters, states and step counts stay as they are
+                self._skipped_on_host += 1
+                return None
             if clipping:
                 self.last_grad_norm = norm
                 coefficients = [clip_coefficient(group["max_grad_norm"], norm) for group, *_ in prepared]
-        for (group, buf, backend, has_grad), coefficient in zip(prepared, coefficients):
-            self._ensure_state_views(group, buf, has_grad)
-            keys = self._run_keys(buf)
-            for first, last in buf.runs(has_grad, keys):
-                step = int(keys[first]) + 1
-                self._update(group, buf, first, last, step, unscale * coefficient, backend)
-                buf.steps[first:last + 1].add_(1)
-            buf.finish_step(has_grad)
+        return [unscale * coefficient for coefficient in coefficients]
+
+    def _device_scales(self, prepared: list[tuple[dict[str, Any], FlatBuffer, str, list[bool]]],
+                       grad_scale: Tensor | float | None,
+                       found_inf: Tensor | None) -> tuple[list[float | Tensor], Tensor | None]:
+        """`_host_scales` computed on the device: the gradient multipliers (tensors when they depend on device
+        values) and the flag that makes the kernels skip this step (AMP's found_inf, or skip_nonfinite's
+        verdict), None when nothing can skip it. The same formulas, evaluated in float64 tensors."""
+        device = prepared[0][1].device
+        # GradScaler's found_inf sums the flags of several devices: any non-zero value means skip.
+        skip = None if found_inf is None else (found_inf.to(device).reshape(1) != 0).to(torch.float32)
+        unscale: float | Tensor = 1.0
+        if isinstance(grad_scale, Tensor):
+            unscale = grad_scale.to(device=device, dtype=torch.float64).reshape(1).reciprocal()
+        elif grad_scale is not None:
+            unscale = 1.0 / float(grad_scale)
+        scales: list[float | Tensor] = [unscale] * len(prepared)
+        clipping = any(group["max_grad_norm"] is not None for group, *_ in prepared)
+        if clipping or any(group["skip_nonfinite"] for group, *_ in prepared):
+            norm, nonfinite = self._device_grad_norm(prepared, unscale, device)
+            if any(group["skip_nonfinite"] for group, *_ in prepared):
+                counted = nonfinite if skip is None else nonfinite * (1.0 - skip)  # AMP's own skips not counted
+                if self._skipped_on_device is None or self._skipped_on_device.device != device:
+                    self._skipped_on_device = torch.zeros(1, dtype=torch.float32, device=device)
+                self._skipped_on_device.add_(counted)
+                skip = nonfinite if skip is None else torch.maximum(skip, nonfinite)
+            if clipping:
+                self.last_grad_norm = norm.reshape(())
+                scales = [unscale if group["max_grad_norm"] is None
+                          else torch.clamp(float(group["max_grad_norm"]) / (norm + 1e-6), max=1.0) * unscale
+                          for group, *_ in prepared]  # torch.clamp keeps nan, as clip_coefficient does
+        return [_kernel_scale(value) for value in scales], skip
+
+    @staticmethod
+    def _device_grad_norm(prepared: list[tuple[dict[str, Any], FlatBuffer, str, list[bool]]],
+                          unscale: float | Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The global gradient norm as a 1-element float64 tensor and the 1-element float32 non-finite flag (1.0
+        when a gradient holds inf or nan), both computed on the device."""
+        spans = [(buf, backend, buf.span(first, last)) for _, buf, backend, has_grad in prepared
+                 for first, last in buf.runs(has_grad, [0] * len(has_grad))]
+        sums = torch.zeros(len(spans), dtype=torch.float32, device=device)
+        flags = torch.zeros(len(spans), dtype=torch.float32, device=device)
+        for k, (buf, backend, span) in enumerate(spans):
+            functional.sum_of_squares_into(buf.grad[span], sums[k:k + 1], flags[k:k + 1], backend=backend)
+        norm = sums.to(torch.float64).sum().sqrt().reshape(1) * unscale
+        return norm, flags.amax().reshape(1)
 
     # torch.compile -----------------------------------------------------------------------------------------
 
@@ -525,6 +661,7 @@ class FusedOptimizer(Optimizer):
             if buf.master is not None and "master_param" not in loaded:
                 buf.region(buf.master, i).copy_(buf.region(buf.param, i))
             self._after_state_loaded(group, buf, i, loaded)
+        buf.reset_step_keys()
 
     def _after_state_loaded(self, group: dict[str, Any], buf: FlatBuffer, i: int, loaded: dict[str, Any]) -> None:
         """Hook for algorithms that derive bookkeeping from loaded state (SGD's first momentum step)."""

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import functional
 from ..flat import FlatBuffer
-from ._base import FUSED_DEFAULTS, FusedOptimizer, check_range, scalar
+from ._base import FUSED_DEFAULTS, FusedOptimizer, StepScalars, check_range
 
 
 class Adagrad(FusedOptimizer):
@@ -73,13 +73,14 @@ class Adagrad(FusedOptimizer):
             for i in range(len(buf.params)):
                 self._init_state(group, buf, i)
 
-    def _update(self, group: dict[str, Any], buf: FlatBuffer, first: int, last: int, step: int,
-                grad_scale: float, backend: str) -> None:
+    def _update(self, group: dict[str, Any], buf: FlatBuffer, first: int, last: int, scalars: StepScalars,
+                backend: str) -> None:
         span = buf.span(first, last)
         functional.adagrad(
             buf.param[span], buf.grad[span], buf.state["sum"][span],
             None if buf.master is None else buf.master[span],
-            step=step, lr=scalar(group["lr"]), lr_decay=float(group["lr_decay"]), eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]), maximize=bool(group["maximize"]), grad_scale=grad_scale,
+            step=scalars.step, lr=scalars.lr(group["lr"]), lr_decay=float(group["lr_decay"]), eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]), maximize=bool(group["maximize"]), grad_scale=scalars.grad_scale,
+            found_inf=scalars.found_inf,
             backend=backend,
         )

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import functional
 from ..flat import FlatBuffer
-from ._base import FUSED_DEFAULTS, FusedOptimizer, check_range, scalar
+from ._base import FUSED_DEFAULTS, FusedOptimizer, StepScalars, check_range, scalar
 
 
 class Adam(FusedOptimizer):
@@ -81,18 +81,19 @@ class Adam(FusedOptimizer):
             specs.append(("max_exp_avg_sq", 0.0))
         return specs
 
-    def _update(self, group: dict[str, Any], buf: FlatBuffer, first: int, last: int, step: int,
-                grad_scale: float, backend: str) -> None:
+    def _update(self, group: dict[str, Any], buf: FlatBuffer, first: int, last: int, scalars: StepScalars,
+                backend: str) -> None:
         span = buf.span(first, last)
         beta1, beta2 = group["betas"]
         functional.adam(
             buf.param[span], buf.grad[span], buf.state["exp_avg"][span], buf.state["exp_avg_sq"][span],
             buf.state["max_exp_avg_sq"][span] if group["amsgrad"] else None,
             None if buf.master is None else buf.master[span],
-            step=step, lr=scalar(group["lr"]), beta1=scalar(beta1), beta2=scalar(beta2), eps=float(group["eps"]),
+            step=scalars.step, lr=scalars.lr(group["lr"]), beta1=scalar(beta1), beta2=scalar(beta2),
+            eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
             maximize=bool(group["maximize"]), decoupled=bool(group["decoupled_weight_decay"]),
-            grad_scale=grad_scale, backend=backend,
+            grad_scale=scalars.grad_scale, found_inf=scalars.found_inf, backend=backend,
         )
 
 

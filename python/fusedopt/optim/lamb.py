@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import functional
 from ..flat import FlatBuffer
-from ._base import FUSED_DEFAULTS, FusedOptimizer, check_range, scalar
+from ._base import FUSED_DEFAULTS, FusedOptimizer, StepScalars, check_range, scalar
 
 
 class LAMB(FusedOptimizer):
@@ -67,8 +67,8 @@ class LAMB(FusedOptimizer):
     def _state_specs(self, group: dict[str, Any]) -> list[tuple[str, float]]:
         return [("exp_avg", 0.0), ("exp_avg_sq", 0.0)]
 
-    def _update(self, group: dict[str, Any], buf: FlatBuffer, first: int, last: int, step: int,
-                grad_scale: float, backend: str) -> None:
+    def _update(self, group: dict[str, Any], buf: FlatBuffer, first: int, last: int, scalars: StepScalars,
+                backend: str) -> None:
         span = buf.span(first, last)
         offsets, numels = buf.segments(first, last)
         beta1, beta2 = group["betas"]
@@ -76,9 +76,11 @@ class LAMB(FusedOptimizer):
         functional.lamb(
             buf.param[span], buf.grad[span], buf.state["exp_avg"][span], buf.state["exp_avg_sq"][span],
             None if buf.master is None else buf.master[span], offsets, numels,
-            step=step, lr=scalar(group["lr"]), beta1=scalar(beta1), beta2=scalar(beta2), eps=float(group["eps"]),
+            step=scalars.step, lr=scalars.lr(group["lr"]), beta1=scalar(beta1), beta2=scalar(beta2),
+            eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), bias_correction=bool(group["bias_correction"]),
             max_trust_ratio=None if max_trust_ratio is None else float(max_trust_ratio),
-            maximize=bool(group["maximize"]), grad_scale=grad_scale, backend=backend,
+            maximize=bool(group["maximize"]), grad_scale=scalars.grad_scale, found_inf=scalars.found_inf,
+            backend=backend,
             norm_reduce=buf.all_reduce_sums if buf.reduce_groups else None,
         )

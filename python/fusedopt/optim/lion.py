@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import functional
 from ..flat import FlatBuffer
-from ._base import FUSED_DEFAULTS, FusedOptimizer, check_range, scalar
+from ._base import FUSED_DEFAULTS, FusedOptimizer, StepScalars, check_range, scalar
 
 
 class Lion(FusedOptimizer):
@@ -59,14 +59,14 @@ class Lion(FusedOptimizer):
     def _run_keys(self, buf: FlatBuffer) -> list[Any]:
         return [0] * len(buf.params)  # the update does not depend on the step count
 
-    def _update(self, group: dict[str, Any], buf: FlatBuffer, first: int, last: int, step: int,
-                grad_scale: float, backend: str) -> None:
+    def _update(self, group: dict[str, Any], buf: FlatBuffer, first: int, last: int, scalars: StepScalars,
+                backend: str) -> None:
         span = buf.span(first, last)
         beta1, beta2 = group["betas"]
         functional.lion(
             buf.param[span], buf.grad[span], buf.state["exp_avg"][span],
             None if buf.master is None else buf.master[span],
-            lr=scalar(group["lr"]), beta1=scalar(beta1), beta2=scalar(beta2),
+            lr=scalars.lr(group["lr"]), beta1=scalar(beta1), beta2=scalar(beta2),
             weight_decay=float(group["weight_decay"]), maximize=bool(group["maximize"]),
-            grad_scale=grad_scale, backend=backend,
+            grad_scale=scalars.grad_scale, found_inf=scalars.found_inf, backend=backend,
         )

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import functional
 from ..flat import FlatBuffer
-from ._base import FUSED_DEFAULTS, FusedOptimizer, check_range, scalar
+from ._base import FUSED_DEFAULTS, FusedOptimizer, StepScalars, check_range
 
 
 class RMSprop(FusedOptimizer):
@@ -75,8 +75,8 @@ class RMSprop(FusedOptimizer):
             specs.append(("grad_avg", 0.0))
         return specs
 
-    def _update(self, group: dict[str, Any], buf: FlatBuffer, first: int, last: int, step: int,
-                grad_scale: float, backend: str) -> None:
+    def _update(self, group: dict[str, Any], buf: FlatBuffer, first: int, last: int, scalars: StepScalars,
+                backend: str) -> None:
         span = buf.span(first, last)
         momentum = float(group["momentum"])
         functional.rmsprop(
@@ -84,9 +84,10 @@ class RMSprop(FusedOptimizer):
             buf.state["momentum_buffer"][span] if momentum > 0 else None,
             buf.state["grad_avg"][span] if group["centered"] else None,
             None if buf.master is None else buf.master[span],
-            lr=scalar(group["lr"]), alpha=float(group["alpha"]), eps=float(group["eps"]),
+            lr=scalars.lr(group["lr"]), alpha=float(group["alpha"]), eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), momentum=momentum, centered=bool(group["centered"]),
-            maximize=bool(group["maximize"]), grad_scale=grad_scale, backend=backend,
+            maximize=bool(group["maximize"]), grad_scale=scalars.grad_scale, found_inf=scalars.found_inf,
+            backend=backend,
         )
 
     def _run_keys(self, buf: FlatBuffer) -> list[Any]:

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import functional
 from ..flat import FlatBuffer
-from ._base import FUSED_DEFAULTS, FusedOptimizer, check_range, scalar
+from ._base import FUSED_DEFAULTS, FusedOptimizer, StepScalars, check_range
 
 
 class SGD(FusedOptimizer):
@@ -72,17 +72,23 @@ class SGD(FusedOptimizer):
     def _state_specs(self, group: dict[str, Any]) -> list[tuple[str, float]]:
         return [("momentum_buffer", 0.0)] if group["momentum"] != 0 else []
 
-    def _update(self, group: dict[str, Any], buf: FlatBuffer, first: int, last: int, step: int,
-                grad_scale: float, backend: str) -> None:
+    def _update(self, group: dict[str, Any], buf: FlatBuffer, first: int, last: int, scalars: StepScalars,
+                backend: str) -> None:
         span = buf.span(first, last)
         momentum = float(group["momentum"])
         functional.sgd(
             buf.param[span], buf.grad[span], buf.state["momentum_buffer"][span] if momentum != 0 else None,
             None if buf.master is None else buf.master[span],
-            lr=scalar(group["lr"]), momentum=momentum, dampening=float(group["dampening"]),
+            lr=scalars.lr(group["lr"]), momentum=momentum, dampening=float(group["dampening"]),
             weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
-            maximize=bool(group["maximize"]), first_step=step == 1, grad_scale=grad_scale, backend=backend,
+            maximize=bool(group["maximize"]), first_step=scalars.first_step, grad_scale=scalars.grad_scale,
+            found_inf=scalars.found_inf, backend=backend,
         )
+
+    def _first_step_differs(self, group: dict[str, Any]) -> bool:
+        # The first momentum step copies the gradient; later ones apply dampening to it. Without dampening the two
+        # agree on a zero momentum buffer, so a skipped first step can be decided on the device.
+        return group["momentum"] != 0 and group["dampening"] != 0
 
     def _after_state_loaded(self, group: dict[str, Any], buf: FlatBuffer, i: int, loaded: dict[str, Any]) -> None:
         # torch.optim.SGD keeps no step count: a saved momentum buffer means the first momentum step is done.

@@ -1,0 +1,210 @@
+"""The optimizer classes on a GPU: the step decided on the device never waits for the GPU, matches the host-decided
+step and torch.optim's fused AdamW (with clipping and under AMP), and a whole training step captured in a CUDA graph
+replays like eager steps. Skipped without a CUDA device (test_device_decisions.py runs the same path on CPU tensors).
+"""
+from __future__ import annotations
+
+import copy
+
+import fusedopt
+import pytest
+import torch
+from test_device_decisions import CASES, make_params, state_values
+from test_device_decisions import feed as feed_on_cpu
+from tolerances import assert_close
+from torch import nn
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available"),
+    pytest.mark.skipif("cuda" not in fusedopt.build_info()["backends"], reason="built without CUDA kernels"),
+]
+
+STEPS = 20
+
+
+def cuda_params() -> list[torch.Tensor]:
+    return [p.detach().cuda().requires_grad_() for p in make_params()]
+
+
+def feed(params: list[torch.Tensor], opt: torch.optim.Optimizer, step: int, inf_grads: bool) -> None:
+    """test_device_decisions.feed, on the GPU: the same gradients and GradScaler tensors."""
+    cpu = [p.detach().cpu().requires_grad_() for p in params]
+    feed_on_cpu(cpu, opt, step, inf_grads)
+    for p, q in zip(params, cpu):
+        if q.grad is None:
+            p.grad = None
+        elif p.grad is None:
+            p.grad = q.grad.cuda()
+        else:
+            p.grad.copy_(q.grad)
+    opt.grad_scale, opt.found_inf = opt.grad_scale.cuda(), opt.found_inf.cuda()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_device_decided_step_matches_host_decided_step(case: str) -> None:
+    cls, kwargs = CASES[case]
+    host_params, device_params = cuda_params(), cuda_params()
+    host = cls(host_params, **kwargs)
+    host._device_decisions = False
+    device = cls(device_params, **kwargs)
+    assert device._decides_on_device()
+    inf_grads = bool(kwargs.get("skip_nonfinite"))
+    for step in range(STEPS):
+        feed(host_params, host, step, inf_grads)
+        feed(device_params, device, step, inf_grads)
+        host.step()
+        device.step()
+        expected = dict(state_values(host_params, host))
+        for name, mine in state_values(device_params, device):
+            reference = expected.get(name)
+            if reference is None:  # created by a step skipped on the device: initial values
+                assert not mine.any(), f"step {step}, {name}"
+            elif name.endswith(" step"):
+                assert mine.device.type == "cuda" and torch.equal(mine, reference), f"step {step}, {name}"
+            else:
+                assert_close(mine, reference, "fp32_trajectory", msg=f"step {step}, {name}")
+        assert device.skipped_steps == host.skipped_steps
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_step_never_synchronises(case: str) -> None:
+    """After the first step, steps with AMP tensors, a skipped step, clipping and a tensor lr on the GPU never make
+    the host wait (torch raises on any synchronising call in "error" mode)."""
+    cls, kwargs = CASES[case]
+    params = cuda_params()
+    opt = cls(params, **{**kwargs, "lr": torch.tensor(1e-3, device="cuda")})
+    grads = [torch.randn(STEPS, *p.shape, device="cuda") for p in params]
+    found_inf = torch.zeros(1, device="cuda")
+    opt.grad_scale, opt.found_inf = torch.full((1,), 1024.0, device="cuda"), found_inf
+    for p, g in zip(params, grads):
+        p.grad = g[0].clone()
+    opt.step()  # the first step copies the gradients in and creates states and caches
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(1, STEPS):
+            for p, g in zip(params, grads):
+                p.grad.copy_(g[step])
+            found_inf.fill_(1.0 if step == 7 else 0.0)
+            opt.step()
+            opt.zero_grad()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert opt.skipped_steps == 0  # AMP's skip is not skip_nonfinite's
+    assert all(opt.state[p]["step"].item() == STEPS - 1 for p in params if "step" in opt.state.get(p, {}))
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.LayerNorm(256), nn.Linear(256, 256), nn.GELU(),
+                         nn.Linear(256, 8)).cuda()
+
+
+def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    return [(torch.randn(32, 64, device="cuda", generator=generator),
+             torch.randn(32, 8, device="cuda", generator=generator)) for _ in range(n)]
+
+
+def test_clipped_adamw_matches_torch_clip_then_fused_step() -> None:
+    model = mlp()
+    twin = copy.deepcopy(model)
+    ours = fusedopt.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, max_grad_norm=0.5)
+    theirs = torch.optim.AdamW(twin.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+    for x, y in batches(STEPS):
+        nn.functional.mse_loss(model(x), y).backward()
+        nn.functional.mse_loss(twin(x), y).backward()
+        ours.step()
+        norm = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
+        theirs.step()
+        ours.zero_grad()
+        theirs.zero_grad()
+        assert ours.last_grad_norm.item() == pytest.approx(norm.item(), rel=1e-5)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert_close(p, q, "fp32_trajectory")
+        assert_close(ours.state[p]["exp_avg_sq"], theirs.state[q]["exp_avg_sq"], "fp32_trajectory")
+        assert torch.equal(ours.state[p]["step"], theirs.state[q]["step"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_autocast_grad_scaler_matches_torch_fused(dtype: torch.dtype) -> None:
+    model = mlp()
+    twin = copy.deepcopy(model)
+    ours = fusedopt.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    theirs = torch.optim.AdamW(twin.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+    scales = []
+    for m, opt in ((model, ours), (twin, theirs)):
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12, growth_interval=3)
+        history = []
+        for step, (x, y) in enumerate(batches(12)):
+            if step == 4:
+                x = x.clone()
+                x[0, 0] = float("inf")  # this step's gradients are not finite: GradScaler skips it
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=dtype):
+                loss = nn.functional.mse_loss(m(x).float(), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            history.append(scaler.get_scale())
+        scales.append(history)
+    assert scales[0] == scales[1]
+    assert scales[0][4] < scales[0][3]
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert_close(p, q, "fp32_trajectory")
+        assert torch.equal(ours.state[p]["step"], theirs.state[q]["step"])
+
+
+OPTIMIZERS = {
+    "AdamW-capturable-clip": lambda params, lr: fusedopt.AdamW(params, lr=lr, weight_decay=0.1, capturable=True,
+                                                               max_grad_norm=1.0),
+    "SGD-nesterov": lambda params, lr: fusedopt.SGD(params, lr=lr, momentum=0.9, nesterov=True),
+    "LAMB": lambda params, lr: fusedopt.LAMB(params, lr=lr, weight_decay=0.01),
+    "Adagrad": lambda params, lr: fusedopt.Adagrad(params, lr=lr, lr_decay=0.01),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_captured_training_step_replays_like_eager_steps(name: str) -> None:
+    """Forward, backward and `opt.step()` captured in one CUDA graph and replayed on new data, with the lr changed
+    in place half-way (as a scheduler does to a tensor lr), against the same steps taken eagerly."""
+    model = mlp()
+    twin = copy.deepcopy(model)
+    lr, twin_lr = torch.tensor(1e-3, device="cuda"), torch.tensor(1e-3, device="cuda")
+    opt, eager = OPTIMIZERS[name](model.parameters(), lr), OPTIMIZERS[name](twin.parameters(), twin_lr)
+    data = batches(3 + STEPS)
+    static_x, static_y = data[0][0].clone(), data[0][1].clone()
+
+    def train_step(m: nn.Module, o: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+        o.zero_grad()
+        nn.functional.mse_loss(m(x), y).backward()
+        o.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x, y in data[:3]:  # warm-up: gradients adopted, states and caches created
+            static_x.copy_(x)
+            static_y.copy_(y)
+            train_step(model, opt, static_x, static_y)
+    torch.cuda.current_stream().wait_stream(side)
+    for x, y in data[:3]:
+        train_step(twin, eager, x, y)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        train_step(model, opt, static_x, static_y)
+    for k, (x, y) in enumerate(data[3:]):
+        if k == STEPS // 2:
+            lr.mul_(0.5)
+            twin_lr.mul_(0.5)
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        train_step(twin, eager, x, y)
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert_close(p, q, "fp32_trajectory", msg=f"{name} replay {k}")
+    for p, q in zip(model.parameters(), twin.parameters()):
+        for key, value in eager.state[q].items():
+            assert_close(opt.state[p][key].float(), value.float(), "fp32_trajectory", msg=key)

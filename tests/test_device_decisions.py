@@ -1,0 +1,155 @@
+"""The step decided on the device: how a GPU step avoids waiting for the GPU.
+
+On one CUDA device the step keeps AMP's found_inf, the global norm, the clip coefficient, skip_nonfinite's verdict and
+the step counts in device tensors, and groups parameters into kernel calls by host-side step keys. Here that same
+path runs on CPU tensors (`_device_decisions = True`) and must give what the host-decided step gives: same
+parameters, states, step counts, skipped-step count and norm, through AMP skips, skip_nonfinite skips and parameters
+whose gradient comes and goes. The GPU runs of this path (no synchronisation, CUDA graphs) are in test_cuda_optim.py.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import fusedopt
+import pytest
+import torch
+from tolerances import assert_close
+
+COMPILED = "cpu" in fusedopt.build_info()["backends"]
+BACKENDS = ["cpu", "reference"] if COMPILED else ["reference"]
+STEPS = 20
+SCALE = 2.0**10
+AMP_SKIPS = {0, 5, 12}  # GradScaler found inf on these steps (a first step too: AMP often skips those)
+INF_GRADS = {8, 15}  # a gradient holds inf on these steps (only with skip_nonfinite)
+
+CASES: dict[str, tuple[type, dict[str, Any]]] = {
+    "AdamW-clip-skip": (fusedopt.AdamW, dict(lr=1e-2, weight_decay=0.1, max_grad_norm=1.0, skip_nonfinite=True)),
+    "Adam-amsgrad": (fusedopt.Adam, dict(lr=1e-2, amsgrad=True, weight_decay=0.01)),
+    "SGD-nesterov-clip": (fusedopt.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True, max_grad_norm=0.5)),
+    "SGD-dampening": (fusedopt.SGD, dict(lr=1e-2, momentum=0.9, dampening=0.3, skip_nonfinite=True)),
+    "RMSprop-centered": (fusedopt.RMSprop, dict(lr=1e-3, momentum=0.5, centered=True, max_grad_norm=1.0)),
+    "Adagrad": (fusedopt.Adagrad, dict(lr=1e-2, lr_decay=0.01, skip_nonfinite=True)),
+    "Lion": (fusedopt.Lion, dict(lr=1e-3, weight_decay=0.1, max_grad_norm=1.0)),
+    "LAMB": (fusedopt.LAMB, dict(lr=1e-2, weight_decay=0.01, max_grad_norm=1.0, skip_nonfinite=True)),
+}
+
+SHAPES = [(7, 5), (33,), (4, 4, 3), (1,), (65,), (16, 9)]
+
+
+def make_params() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=generator).requires_grad_() for shape in SHAPES]
+
+
+def has_grad(step: int, k: int) -> bool:
+    """Parameter k skips some steps, so that parameters differ in which skipped steps they took part in."""
+    return (step + k) % 4 != 0 or k == 0
+
+
+def feed(params: list[torch.Tensor], opt: torch.optim.Optimizer, step: int, inf_grads: bool) -> None:
+    """Give the parameters this step's (scaled) gradients and the optimizer GradScaler's tensors, as
+    GradScaler.step does for an optimizer with `_step_supports_amp_scaling`."""
+    generator = torch.Generator().manual_seed(1000 + step)
+    for k, p in enumerate(params):
+        grad = torch.randn(p.shape, generator=generator) * SCALE
+        if inf_grads and step in INF_GRADS and k == 0:  # k = 0 always has a gradient
+            grad.view(-1)[0] = math.inf
+        if has_grad(step, k):
+            if p.grad is None:
+                p.grad = grad
+            else:
+                p.grad.copy_(grad)
+        else:
+            p.grad = None
+    opt.grad_scale = torch.full((1,), SCALE)
+    opt.found_inf = torch.full((1,), 1.0 if step in AMP_SKIPS else 0.0)
+
+
+def state_values(params: list[torch.Tensor], opt: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
+    values = []
+    for k, p in enumerate(params):
+        values.append((f"param {k}", p.detach().reshape(-1)))
+        for key, value in sorted(opt.state.get(p, {}).items()):
+            values.append((f"param {k} {key}", value.reshape(-1).float()))
+    return values
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_device_decisions_match_host_decisions(case: str, backend: str) -> None:
+    cls, kwargs = CASES[case]
+    host_params, device_params = make_params(), make_params()
+    host = cls(host_params, backend=backend, **kwargs)
+    device = cls(device_params, backend=backend, **kwargs)
+    device._device_decisions = True
+    inf_grads = bool(kwargs.get("skip_nonfinite"))
+    for step in range(STEPS):
+        feed(host_params, host, step, inf_grads)
+        feed(device_params, device, step, inf_grads)
+        host.step()
+        device.step()
+        expected, actual = dict(state_values(host_params, host)), dict(state_values(device_params, device))
+        assert set(expected) <= set(actual)
+        for name, mine in actual.items():
+            reference = expected.get(name)
+            if reference is None:
+                # A step skipped on the device still created its states, as torch's fused optimizers do: at their
+                # initial values, with step 0. The host-decided step returned before creating them.
+                assert not mine.any(), f"step {step}, {name}: {mine}"
+            elif name.endswith(" step"):
+                assert torch.equal(mine, reference), f"step {step}, {name}: {mine} != {reference}"
+            else:
+                # The device path computes the clip coefficient from fp32 sums of squares in tensors: a few ulps
+                # from the host's float64, which a trajectory carries.
+                assert_close(mine, reference, "fp32_trajectory", msg=f"step {step}, {name}")
+        assert device.skipped_steps == host.skipped_steps
+        if kwargs.get("max_grad_norm") is not None and host.last_grad_norm is not None:
+            assert isinstance(device.last_grad_norm, torch.Tensor)
+            if step not in AMP_SKIPS and not (inf_grads and step in INF_GRADS):
+                assert device.last_grad_norm.item() == pytest.approx(host.last_grad_norm, rel=1e-6)
+    assert host.skipped_steps == (len(INF_GRADS - AMP_SKIPS) if inf_grads else 0)
+
+
+def test_parameters_with_different_skipped_steps_get_their_own_step_counts() -> None:
+    """p0 takes part in a step the device skips and p1 does not; p1 then takes a step alone. Both have tried two
+    steps but only p1 has taken two, so the next step must not hand them to one kernel call with one step count
+    (Adam's bias correction would be wrong for one of them)."""
+    results = []
+    for on_device in (False, True):
+        params = [torch.randn(9, generator=torch.Generator().manual_seed(k)).requires_grad_() for k in range(2)]
+        opt = fusedopt.Adam(params, lr=0.1, backend=BACKENDS[0])
+        opt._device_decisions = on_device
+        for grads, found_inf in [((1, 1), 0.0), ((1, 0), 1.0), ((0, 1), 0.0), ((1, 1), 0.0)]:
+            for p, given in zip(params, grads):
+                p.grad = torch.full_like(p, 0.5) if given else None
+            opt.grad_scale, opt.found_inf = torch.ones(1), torch.full((1,), found_inf)
+            opt.step()
+        results.append((torch.cat([p.detach() for p in params]), [opt.state[p]["step"].item() for p in params]))
+    (host_values, host_steps), (device_values, device_steps) = results
+    assert host_steps == device_steps == [2.0, 3.0]
+    assert_close(device_values, host_values, "fp32")
+
+
+def test_loaded_step_counts_key_the_device_step() -> None:
+    """A checkpoint's step counts (taken on the host) are what the next device-decided step continues from."""
+    params = make_params()
+    saved = fusedopt.AdamW(params, lr=1e-2, backend=BACKENDS[0])
+    for step in range(3):
+        feed(params, saved, step, inf_grads=False)
+        saved.step()
+    twin_host, twin_device = make_params(), make_params()
+    for twin in (twin_host, twin_device):
+        with torch.no_grad():
+            for p, q in zip(twin, params):
+                p.copy_(q)
+    host = fusedopt.AdamW(twin_host, lr=1e-2, backend=BACKENDS[0])
+    device = fusedopt.AdamW(twin_device, lr=1e-2, backend=BACKENDS[0])
+    device._device_decisions = True
+    for opt, twin in ((host, twin_host), (device, twin_device)):
+        opt.load_state_dict(saved.state_dict())
+        for step in range(3, 8):
+            feed(twin, opt, step, inf_grads=False)
+            opt.step()
+    for (name, mine), (_, reference) in zip(state_values(twin_device, device), state_values(twin_host, host)):
+        assert_close(mine, reference, "fp32_trajectory", msg=name)
