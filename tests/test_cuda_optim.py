@@ -9,7 +9,7 @@ import copy
 import fusedopt
 import pytest
 import torch
-from test_device_decisions import CASES, make_params, state_values
+from test_device_decisions import CASES, assert_same_as_host, make_params
 from test_device_decisions import feed as feed_on_cpu
 from tolerances import assert_close
 from torch import nn
@@ -55,16 +55,7 @@ def test_device_decided_step_matches_host_decided_step(case: str) -> None:
         feed(device_params, device, step, inf_grads)
         host.step()
         device.step()
-        expected = dict(state_values(host_params, host))
-        for name, mine in state_values(device_params, device):
-            reference = expected.get(name)
-            if reference is None:  # created by a step skipped on the device: initial values
-                assert not mine.any(), f"step {step}, {name}"
-            elif name.endswith(" step"):
-                assert mine.device.type == "cuda" and torch.equal(mine, reference), f"step {step}, {name}"
-            else:
-                assert_close(mine, reference, "fp32_trajectory", msg=f"step {step}, {name}")
-        assert device.skipped_steps == host.skipped_steps
+        assert_same_as_host(device_params, device, host_params, host, f"step {step}")
 
 
 @pytest.mark.parametrize("case", list(CASES))

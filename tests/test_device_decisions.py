@@ -75,6 +75,26 @@ def state_values(params: list[torch.Tensor], opt: torch.optim.Optimizer) -> list
     return values
 
 
+def assert_same_as_host(device_params: list[torch.Tensor], device: torch.optim.Optimizer,
+                        host_params: list[torch.Tensor], host: torch.optim.Optimizer, msg: str) -> None:
+    """The device-decided optimizer holds what the host-decided one holds: step counts exactly, parameters and
+    states to fp32 trajectory tolerance (the clip coefficient comes from fp32 sums of squares in tensors, a few
+    ulps from the host's float64), and the same skipped-step count."""
+    expected, actual = dict(state_values(host_params, host)), dict(state_values(device_params, device))
+    assert set(expected) <= set(actual)
+    for name, mine in actual.items():
+        reference = expected.get(name)
+        if reference is None:
+            # A step skipped on the device still created its states, as torch's fused optimizers do: at their
+            # initial values, with step 0. The host-decided step returned before creating them.
+            assert not mine.any(), f"{msg}, {name}: {mine}"
+        elif name.endswith(" step"):
+            assert mine.device == device_params[0].device and torch.equal(mine, reference), f"{msg}, {name}"
+        else:
+            assert_close(mine, reference, "fp32_trajectory", msg=f"{msg}, {name}")
+    assert device.skipped_steps == host.skipped_steps
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_device_decisions_match_host_decisions(case: str, backend: str) -> None:
@@ -89,21 +109,7 @@ def test_device_decisions_match_host_decisions(case: str, backend: str) -> None:
         feed(device_params, device, step, inf_grads)
         host.step()
         device.step()
-        expected, actual = dict(state_values(host_params, host)), dict(state_values(device_params, device))
-        assert set(expected) <= set(actual)
-        for name, mine in actual.items():
-            reference = expected.get(name)
-            if reference is None:
-                # A step skipped on the device still created its states, as torch's fused optimizers do: at their
-                # initial values, with step 0. The host-decided step returned before creating them.
-                assert not mine.any(), f"step {step}, {name}: {mine}"
-            elif name.endswith(" step"):
-                assert torch.equal(mine, reference), f"step {step}, {name}: {mine} != {reference}"
-            else:
-                # The device path computes the clip coefficient from fp32 sums of squares in tensors: a few ulps
-                # from the host's float64, which a trajectory carries.
-                assert_close(mine, reference, "fp32_trajectory", msg=f"step {step}, {name}")
-        assert device.skipped_steps == host.skipped_steps
+        assert_same_as_host(device_params, device, host_params, host, f"step {step}")
         if kwargs.get("max_grad_norm") is not None and host.last_grad_norm is not None:
             assert isinstance(device.last_grad_norm, torch.Tensor)
             if step not in AMP_SKIPS and not (inf_grads and step in INF_GRADS):
