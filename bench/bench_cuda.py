@@ -40,7 +40,7 @@ def cases_for(workload, which: list[str], dtype: torch.dtype) -> list[Case]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="124M", help="size of the GPT-2-shaped set (default 124M)")
-    ap.add_argument("--small-params", default="4M", help="total size of the many-small-tensors set")
+    ap.add_argument("--small-params", default="1M", help="total size of the many-small-tensors set (default 1M)")
     ap.add_argument("--small-tensors", type=int, default=1000, help="tensor count of the small set")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--steps", type=int, default=50)

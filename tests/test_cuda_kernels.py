@@ -293,6 +293,36 @@ def test_large_buffer_over_64mib(algorithm: str, dtypes: tuple) -> None:
         prob.compare(snap, f"{algorithm} step {step}")
 
 
+@pytest.mark.parametrize("dtypes", [DTYPES[0], DTYPES[5]])
+def test_lamb_norm_reduce_between_the_passes(dtypes: tuple) -> None:
+    """Sharded LAMB: the (2, segments) sums handed to norm_reduce between the passes set the trust ratios. A reduce
+    that leaves them alone gives the one-call result bit for bit; one that scales them (as if the parameter had
+    more shards) matches the reference backend given the same reduce."""
+    hp = hyperparameters("lamb", ALGORITHMS["lamb"][0].kwargs)
+    plain, split = Problem("lamb", hp, dtypes, "segments"), Problem("lamb", hp, dtypes, "segments")
+    seen: list[torch.Tensor] = []
+    for step in range(1, 4):
+        plain.new_grad()
+        split.grad.copy_(plain.grad)
+        plain.cuda_step(step)
+        split.cuda_step(step, norm_reduce=lambda sums: seen.append(sums.clone()))
+        assert seen[-1].shape == (2, plain.offsets.numel()) and seen[-1].device.type == "cuda"
+        torch.cuda.synchronize()
+        for a, b in zip([plain.param, *plain.states.values()], [split.param, *split.states.values()]):
+            assert torch.equal(a, b), f"step {step}"
+
+    def widen(sums: torch.Tensor) -> None:
+        sums[0].mul_(3.0)  # ||p||^2 as if two more shards held equal parts; ||u||^2 left as is
+    for step in range(4, 7):
+        split.new_grad()
+        snap = split.snapshot()
+        split.cuda_step(step, norm_reduce=widen)
+        fn_args = split._positional(snap)
+        functional.lamb(*fn_args, **split.kwargs(step), backend="reference", norm_reduce=widen)
+        torch.cuda.synchronize()
+        split.compare(snap, f"lamb norm_reduce step {step}")
+
+
 def test_misaligned_views_take_the_scalar_path() -> None:
     """Buffers that start 4 bytes past a 16-byte boundary give the same result as aligned copies."""
     hp = hyperparameters("adam", {"lr": 1e-2, "weight_decay": 0.1})

@@ -176,8 +176,9 @@ void register_cuda_bindings(py::module_& m) {
          uintptr_t item_segment, uintptr_t seg_first, int64_t items, int64_t segments, uintptr_t partial_w,
          uintptr_t partial_u, uintptr_t scaled_lr, double grad_scale, double lr, double beta1_weight, double beta2,
          double one_minus_beta2, double bc1, double bc2, double eps, double weight_decay, double max_trust_ratio,
-         double beta1, bool bias_correction, uintptr_t grad_scale_ptr, uintptr_t found_inf_ptr, uintptr_t lr_ptr,
-         uintptr_t step_ptr, int device, uintptr_t stream) {
+         double beta1, bool bias_correction, uintptr_t segment_w2, uintptr_t segment_u2, int phases,
+         uintptr_t grad_scale_ptr, uintptr_t found_inf_ptr, uintptr_t lr_ptr, uintptr_t step_ptr, int device,
+         uintptr_t stream) {
         const FlatBuffers b = buffers(param, grad, exp_avg, exp_avg_sq, 0, master, n, param_dtype, grad_dtype,
                                       state_dtype);
         LambCoeffs c{};
@@ -200,6 +201,9 @@ void register_cuda_bindings(py::module_& m) {
         w.partial_w = ptr<double>(partial_w);
         w.partial_u = ptr<double>(partial_u);
         w.scaled_lr = ptr<float>(scaled_lr);
+        w.segment_w2 = ptr<double>(segment_w2);
+        w.segment_u2 = ptr<double>(segment_u2);
+        w.phases = phases;
         cuda::Hyper h;
         h.beta1 = beta1;
         h.beta2 = beta2;
@@ -213,8 +217,10 @@ void register_cuda_bindings(py::module_& m) {
       py::arg("partial_w"), py::arg("partial_u"), py::arg("scaled_lr"), py::arg("grad_scale"), py::arg("lr"),
       py::arg("beta1_weight"), py::arg("beta2"), py::arg("one_minus_beta2"), py::arg("bc1"), py::arg("bc2"),
       py::arg("eps"), py::arg("weight_decay"), py::arg("max_trust_ratio"), py::arg("beta1"),
-      py::arg("bias_correction"), FUSEDOPT_DEVICE_ARGS,
-      "LAMB step on a CUDA device over a device work list (see _compiled_cuda.py); max_trust_ratio < 0: no clamp.");
+      py::arg("bias_correction"), py::arg("segment_w2"), py::arg("segment_u2"), py::arg("phases") = 3,
+      FUSEDOPT_DEVICE_ARGS,
+      "LAMB step on a CUDA device over a device work list (see _compiled_cuda.py); max_trust_ratio < 0: no clamp. "
+      "phases 1 (moments, per-segment sums into segment_w2/segment_u2), 2 (trust ratios from them, update) or 3.");
 
   m.def("cuda_sum_of_squares_scratch", &cuda::sum_of_squares_scratch, py::arg("n"),
         "Doubles of device scratch cuda_sum_of_squares needs for n elements.");

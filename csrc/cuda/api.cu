@@ -139,8 +139,11 @@ void lamb(const FlatBuffers& b, const LambCoeffs& c, const LambDeviceWork& w, do
   if (w.items > 0 && (w.item_begin == nullptr || w.item_end == nullptr || w.item_segment == nullptr ||
                       w.partial_w == nullptr || w.partial_u == nullptr))
     invalid("Invalid LAMB work list: null item pointer");
-  if (w.segments > 0 && (w.seg_first == nullptr || w.scaled_lr == nullptr))
+  if (w.segments > 0 && (w.seg_first == nullptr || w.scaled_lr == nullptr || w.segment_w2 == nullptr ||
+                         w.segment_u2 == nullptr))
     invalid("Invalid LAMB work list: null segment pointer");
+  if (w.phases < kLambMoments || w.phases > (kLambMoments | kLambApply))
+    invalid("Invalid phases: " + std::to_string(w.phases) + " (expected 1, 2 or 3)");
   if (w.items > 0 && b.n == 0) invalid("Invalid n: 0 with " + std::to_string(w.items) + " LAMB work items");
   check_launch_args(l);
   if (b.n == 0 || w.items == 0) return;

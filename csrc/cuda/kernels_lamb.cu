@@ -1,6 +1,8 @@
 // LAMB on the GPU, mirroring the CPU driver's two passes (csrc/cpu/driver.h run_lamb) with a deterministic reduction:
 //   pass 1 (one block per work item): moments updated in place, per-item partial ||p||^2 and ||u||^2 in double;
-//   combine (one thread per segment): its items' partials in item order -> trust ratio -> lr * ratio;
+//   segment sums (one thread per segment): its items' partials in item order -> segment_w2, segment_u2;
+//   (the caller may all-reduce segment_w2/segment_u2 across ranks here: phases kLambMoments, then kLambApply)
+//   ratios (one thread per segment): trust ratio from the segment sums -> lr * ratio;
 //   pass 2 (one block per work item): u recomputed from the stored moments (bit-identical), p -= scaled_lr * u.
 // The partition (items of kChunk elements, kThreads threads, fixed tree) depends only on the segment table.
 #include "fusedopt/math/lamb.h"
@@ -88,8 +90,8 @@ __global__ void __launch_bounds__(kThreads) lamb_pass1_kernel(const LambCoeffs h
   }
 }
 
-// One thread per segment: partial sums in item order (fixed), trust ratio as the CPU combine computes it.
-__global__ void lamb_combine_kernel(const LambDeviceWork w, double lr, double max_trust_ratio, const float* lr_dev) {
+// One thread per segment: partial sums in item order (fixed), as the CPU combine adds them.
+__global__ void lamb_segment_sums_kernel(const LambDeviceWork w) {
   const int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (s >= w.segments) return;
   double sw = 0.0, su = 0.0;
@@ -97,7 +99,15 @@ __global__ void lamb_combine_kernel(const LambDeviceWork w, double lr, double ma
     sw += w.partial_w[it];
     su += w.partial_u[it];
   }
-  const double wn = sqrt(sw), un = sqrt(su);
+  w.segment_w2[s] = sw;
+  w.segment_u2[s] = su;
+}
+
+// One thread per segment: trust ratio as the CPU combine computes it.
+__global__ void lamb_ratio_kernel(const LambDeviceWork w, double lr, double max_trust_ratio, const float* lr_dev) {
+  const int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (s >= w.segments) return;
+  const double wn = sqrt(w.segment_w2[s]), un = sqrt(w.segment_u2[s]);
   double ratio = (wn > 0.0 && un > 0.0) ? wn / un : 1.0;
   if (max_trust_ratio > 0.0 && ratio > max_trust_ratio) ratio = max_trust_ratio;
   const double rate = lr_dev != nullptr ? static_cast<double>(*lr_dev) : lr;
@@ -147,13 +157,19 @@ void launch_lamb_typed(const LambCoeffs& c, const LambArgs& a, double lr, double
                        cudaStream_t stream) {
   constexpr auto pass1 = &lamb_pass1_kernel<TP>;
   constexpr auto pass2 = &lamb_pass2_kernel<TP>;
-  pass1<<<grid_size<pass1>(a.w.items), kThreads, 0, stream>>>(c, a);
-  check_launch("lamb_pass1_kernel");
-  const unsigned combine_blocks = static_cast<unsigned>((a.w.segments + kThreads - 1) / kThreads);
-  lamb_combine_kernel<<<combine_blocks, kThreads, 0, stream>>>(a.w, lr, max_trust_ratio, a.d.lr);
-  check_launch("lamb_combine_kernel");
-  pass2<<<grid_size<pass2>(a.w.items), kThreads, 0, stream>>>(c, a);
-  check_launch("lamb_pass2_kernel");
+  const unsigned segment_blocks = static_cast<unsigned>((a.w.segments + kThreads - 1) / kThreads);
+  if (a.w.phases & kLambMoments) {
+    pass1<<<grid_size<pass1>(a.w.items), kThreads, 0, stream>>>(c, a);
+    check_launch("lamb_pass1_kernel");
+    lamb_segment_sums_kernel<<<segment_blocks, kThreads, 0, stream>>>(a.w);
+    check_launch("lamb_segment_sums_kernel");
+  }
+  if (a.w.phases & kLambApply) {
+    lamb_ratio_kernel<<<segment_blocks, kThreads, 0, stream>>>(a.w, lr, max_trust_ratio, a.d.lr);
+    check_launch("lamb_ratio_kernel");
+    pass2<<<grid_size<pass2>(a.w.items), kThreads, 0, stream>>>(c, a);
+    check_launch("lamb_pass2_kernel");
+  }
 }
 
 }  // namespace

@@ -23,7 +23,15 @@ import torch
 from torch import Tensor
 
 from . import _C
-from ._compiled import _PARAM_DTYPES, DTYPE_CODES, _check_lamb_arguments, _check_tensor, _scalar
+from ._compiled import (
+    _LAMB_APPLY,
+    _LAMB_MOMENTS,
+    _PARAM_DTYPES,
+    DTYPE_CODES,
+    _check_lamb_arguments,
+    _check_tensor,
+    _scalar,
+)
 from ._compiled import _buffers as _check_buffers
 
 __all__ = [
@@ -453,10 +461,12 @@ def lamb(
     found_inf: Tensor | None = None,
     norm_reduce: Any = None,
 ) -> None:
-    """LAMB with one trust ratio per segment (offset, numel) on a CUDA device; see fusedopt.reference.lamb."""
-    if norm_reduce is not None:
-        raise NotImplementedError("fusedopt: LAMB on sharded (DTensor) CUDA parameters is not implemented yet; "
-                                  "use backend='reference' for that group")
+    """LAMB with one trust ratio per segment (offset, numel) on a CUDA device; see fusedopt.reference.lamb.
+
+    `norm_reduce`, as on the CPU, receives the (2, segments) float64 per-segment sums of squares of the parameter and
+    of the update direction between the two passes, here a CUDA tensor, and reduces it in place (an all-reduce
+    across the ranks a sharded parameter lives on).
+    """
     beta1, beta2 = _host_scalar("beta1", beta1), _host_scalar("beta2", beta2)
     eps, weight_decay = _host_scalar("eps", eps), _host_scalar("weight_decay", weight_decay)
     mtr = -1.0 if max_trust_ratio is None else _host_scalar("max_trust_ratio", max_trust_ratio)
@@ -469,45 +479,59 @@ def lamb(
     table, items, segments = _lamb_work(offsets, numels, n, param.device)
     if items == 0:
         return
-    # Scratch: per-item partial sums (double) then per-segment scaled learning rates (float), one allocation.
-    scratch = torch.empty(2 * items + (segments + 1) // 2, dtype=torch.float64, device=param.device)
+    # Scratch: per-item partial sums (double), per-segment sums (double, the (2, segments) tensor norm_reduce gets),
+    # then per-segment scaled learning rates (float): one allocation.
+    scratch = torch.empty(2 * items + 2 * segments + (segments + 1) // 2, dtype=torch.float64, device=param.device)
+    segment_sums = scratch[2 * items:2 * items + 2 * segments].view(2, segments)
     base, word = table.data_ptr(), 8
     bc1 = 1.0 - beta1**d.step if bias_correction else 1.0
     bc2 = 1.0 - beta2**d.step if bias_correction else 1.0
-    _C.cuda_lamb(
-        param.data_ptr(),
-        grad.data_ptr(),
-        ptrs[0],
-        ptrs[1],
-        master_ptr,
-        n,
-        pd,
-        gd,
-        sd,
-        item_begin=base,
-        item_end=base + items * word,
-        item_segment=base + 2 * items * word,
-        seg_first=base + 3 * items * word,
-        items=items,
-        segments=segments,
-        partial_w=scratch.data_ptr(),
-        partial_u=scratch.data_ptr() + items * word,
-        scaled_lr=scratch.data_ptr() + 2 * items * word,
-        grad_scale=d.grad_scale,
-        lr=d.lr,
-        beta1_weight=1.0 - beta1,
-        beta2=beta2,
-        one_minus_beta2=1.0 - beta2,
-        bc1=bc1,
-        bc2=bc2,
-        eps=eps,
-        weight_decay=weight_decay,
-        max_trust_ratio=mtr,
-        beta1=beta1,
-        bias_correction=bool(bias_correction),
-        **d.kwargs(),
-        **_launch(param),
-    )
+
+    def run(phases: int) -> None:
+        _C.cuda_lamb(
+            param.data_ptr(),
+            grad.data_ptr(),
+            ptrs[0],
+            ptrs[1],
+            master_ptr,
+            n,
+            pd,
+            gd,
+            sd,
+            item_begin=base,
+            item_end=base + items * word,
+            item_segment=base + 2 * items * word,
+            seg_first=base + 3 * items * word,
+            items=items,
+            segments=segments,
+            partial_w=scratch.data_ptr(),
+            partial_u=scratch.data_ptr() + items * word,
+            scaled_lr=scratch.data_ptr() + (2 * items + 2 * segments) * word,
+            grad_scale=d.grad_scale,
+            lr=d.lr,
+            beta1_weight=1.0 - beta1,
+            beta2=beta2,
+            one_minus_beta2=1.0 - beta2,
+            bc1=bc1,
+            bc2=bc2,
+            eps=eps,
+            weight_decay=weight_decay,
+            max_trust_ratio=mtr,
+            beta1=beta1,
+            bias_correction=bool(bias_correction),
+            segment_w2=segment_sums[0].data_ptr(),
+            segment_u2=segment_sums[1].data_ptr(),
+            phases=phases,
+            **d.kwargs(),
+            **_launch(param),
+        )
+
+    if norm_reduce is None:
+        run(_LAMB_MOMENTS | _LAMB_APPLY)
+        return
+    run(_LAMB_MOMENTS)
+    norm_reduce(segment_sums)
+    run(_LAMB_APPLY)
 
 
 def _check_1d_cuda(name: str, tensor: Tensor) -> None:

@@ -40,6 +40,8 @@ struct Hyper {
 // LAMB work list in device memory (built once per segment table by the caller; see python/fusedopt/_compiled_cuda.py):
 // item i is [item_begin[i], item_end[i]) of segment item_segment[i], at most kChunk elements, starting on a kChunk
 // boundary of its segment. partial_w/partial_u (items doubles each) and scaled_lr (segments floats) are scratch.
+// segment_w2/segment_u2 (segments doubles each) hold the per-segment sums of squares of p and u between the passes:
+// `phases` (kLambMoments, kLambApply or both, as on the CPU) lets the caller reduce them across ranks in between.
 struct LambDeviceWork {
   const int64_t* item_begin = nullptr;
   const int64_t* item_end = nullptr;
@@ -50,6 +52,9 @@ struct LambDeviceWork {
   double* partial_w = nullptr;
   double* partial_u = nullptr;
   float* scaled_lr = nullptr;
+  double* segment_w2 = nullptr;
+  double* segment_u2 = nullptr;
+  int phases = kLambMoments | kLambApply;
 };
 
 // Checked entry points: they validate every argument and throw std::invalid_argument before any launch, and turn a
