@@ -199,3 +199,23 @@ def test_captured_training_step_replays_like_eager_steps(name: str) -> None:
     for p, q in zip(model.parameters(), twin.parameters()):
         for key, value in eager.state[q].items():
             assert_close(opt.state[p][key].float(), value.float(), "fp32_trajectory", msg=key)
+
+
+def test_clip_grad_norm_stays_on_the_gpu_and_matches_torch() -> None:
+    """fusedopt.clip_grad_norm_ on GPU gradients: torch's norm and clipped gradients, and no synchronisation."""
+    grads = [torch.randn(shape, device="cuda") * 3 for shape in [(300, 7), (1,), (4097,), (64, 64)]]
+    ours = [torch.zeros_like(g, requires_grad=True) for g in grads]
+    theirs = [torch.zeros_like(g, requires_grad=True) for g in grads]
+    for p, q, g in zip(ours, theirs, grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        norm = fusedopt.clip_grad_norm_(ours, 1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    assert norm.device == expected.device and norm.item() == pytest.approx(expected.item(), rel=1e-6)
+    for p, q in zip(ours, theirs):
+        assert_close(p.grad, q.grad, "fp32")

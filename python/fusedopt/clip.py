@@ -25,7 +25,9 @@ def clip_grad_norm_(
 
     Same contract as torch.nn.utils.clip_grad_norm_: coefficient = max_norm / (norm + 1e-6) clamped to 1,
     applied to every gradient. The L2 norm of CPU gradients is a two-phase sum of squares whose result does
-    not depend on the number of threads; other norms and devices use the reference implementation.
+    not depend on the number of threads; on a GPU it stays on the device, so the host waits only when
+    `error_if_nonfinite` asks it to look at the norm (as torch's does). Other norms use the reference
+    implementation.
     DTensor gradients (FSDP2) are summed over the local shards and all-reduced across the ranks they are sharded
     over (one all-reduce per mesh and placement), so every rank gets the norm of the whole model; the result is a
     plain tensor.
@@ -43,6 +45,8 @@ def clip_grad_norm_(
         return reference.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
     if sharded and norm_type != 2.0:
         raise ValueError(f"Invalid norm_type: {norm_type} (fusedopt clips DTensor gradients by their L2 norm only)")
+    if not sharded:
+        return _clip_l2(grads, float(max_norm), error_if_nonfinite, backend)
     total = 0.0
     by_sharding: dict[tuple[object, ...], tuple[list[object], list[float]]] = {}
     for g in grads:
@@ -60,15 +64,37 @@ def clip_grad_norm_(
     norm = math.sqrt(total)
     total_norm = torch.tensor(norm, dtype=torch.float32, device=device)
     if error_if_nonfinite and not math.isfinite(norm):
-        raise RuntimeError(
-            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot "
-            "be clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
-            "`error_if_nonfinite=False`"
-        )
+        raise _nonfinite_norm_error()
     coefficient = torch.clamp(float(max_norm) / (total_norm + 1e-6), max=1.0)
     with torch.no_grad():
         torch._foreach_mul_([local_tensor(g) for g in grads], coefficient)
     return total_norm
+
+
+def _clip_l2(grads: list[Tensor], max_norm: float, error_if_nonfinite: bool, backend: str) -> Tensor:
+    """The L2 clip of gradients on one device: each gradient's sum of squares lands in a tensor on that device, and
+    the norm and the coefficient are computed there too (on a GPU the host does not wait)."""
+    device = grads[0].device
+    sums = torch.zeros(len(grads), dtype=torch.float32, device=device)
+    flags = torch.zeros(len(grads), dtype=torch.float32, device=device)
+    for k, g in enumerate(grads):
+        flat = g.detach().reshape(-1)
+        functional.sum_of_squares_into(flat, sums[k:k + 1], flags[k:k + 1],
+                                       backend=backend if flat.dtype in PARAM_DTYPES else "reference")
+    total_norm = sums.to(torch.float64).sum().sqrt().to(torch.float32)
+    if error_if_nonfinite and not bool(torch.isfinite(total_norm)):
+        raise _nonfinite_norm_error()
+    coefficient = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    with torch.no_grad():
+        torch._foreach_mul_(grads, coefficient)
+    return total_norm
+
+
+def _nonfinite_norm_error() -> RuntimeError:
+    return RuntimeError(
+        "The total norm of order 2.0 for gradients from `parameters` is non-finite, so it cannot be clipped. To "
+        "disable this error and scale the gradients by the non-finite norm anyway, set `error_if_nonfinite=False`"
+    )
 
 
 
