@@ -121,3 +121,56 @@ def test_offsets_beyond_32_bits() -> None:
     assert buf.offsets[1] > 2**31 and buf.offsets[2] > 2**32
     assert buf.offsets[2] % 32 == 0 and buf.total >= buf.offsets[2] + 7
     assert buf.region(buf.param, 2).numel() == 7
+
+
+def test_a_gradient_handed_back_each_step_is_left_in_place_and_copied_from() -> None:
+    """Like DDP with gradient_as_bucket_view: after every backward something re-points `.grad` at its own persistent
+    storage. The second time it comes back, the step stops re-pointing it: it copies from it, zero_grad zeroes it in
+    place, and the trajectory stays torch.optim's."""
+    params = make_params()
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    bucket = [torch.zeros_like(p) for p in params]  # the keeper's storage
+    opt = fusedopt.AdamW(params, lr=1e-2, weight_decay=0.1, max_grad_norm=1.0)
+    reference = torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.1, foreach=False)
+    buf = opt.flat_buffers[0][0]
+    for step in range(6):
+        grads = [torch.randn_like(p) for p in params]
+        for p, b, g in zip(params, bucket, grads):
+            if p.grad is not None and p.grad.data_ptr() != b.data_ptr():
+                b.copy_(p.grad)  # the keeper takes over what was accumulated elsewhere
+            b.add_(g)
+            p.grad = b
+        for q, g in zip(twins, grads):
+            q.grad = g.clone()
+        opt.step()
+        torch.nn.utils.clip_grad_norm_(twins, 1.0)  # torch's sequence: clip, then step
+        reference.step()
+        kept = [p.grad is b for p, b in zip(params, bucket)]
+        assert all(kept) == (step >= 1), f"step {step}: {kept}"
+        opt.zero_grad()
+        reference.zero_grad(set_to_none=True)
+        for i, (p, q) in enumerate(zip(params, twins)):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=f"step {step}, param {i}")
+            assert not p.grad.any()
+        if step >= 1:
+            assert all(p.grad is b for p, b in zip(params, bucket))  # zeroed in place, not re-pointed
+    assert buf._kept == [True] * len(params)
+
+
+def test_a_fresh_gradient_after_kept_ones_is_adopted_again() -> None:
+    params = make_params()[:2]
+    opt = fusedopt.SGD(params, lr=0.1)
+    bucket = [torch.zeros_like(p) for p in params]
+    for _ in range(2):
+        for p, b in zip(params, bucket):
+            b.fill_(1.0)
+            p.grad = b
+        opt.step()
+    buf = opt.flat_buffers[0][0]
+    assert buf._kept == [True, True]
+    before = [p.detach().clone() for p in params]
+    params[0].grad = torch.full_like(params[0], 2.0)  # a new tensor: copied in and replaced by our view again
+    opt.step()
+    assert params[0].grad.data_ptr() == buf.region(buf.grad, 0).data_ptr() and buf._kept == [False, True]
+    torch.testing.assert_close(params[0].detach(), before[0] - 0.2)
+    torch.testing.assert_close(params[1].detach(), before[1] - 0.1)
