@@ -293,24 +293,13 @@ inline void run_lamb(const FlatBuffers& b, const LambCoeffs& c, const LambWork& 
           lamb_pass1_range<TP, TG, TS, kMaster>(lc, p, g, m, v, mw, w.item_begin[it], w.item_end[it],
                                                 &w.partial_w[it], &w.partial_u[it]);
 #pragma omp for schedule(static)
-        for (int64_t s = 0; s < w.segments; ++s) {
-          double sw = 0.0, su = 0.0;
-          for (int64_t it = w.seg_first[s]; it < w.seg_first[s + 1]; ++it) {
-            sw += w.partial_w[it];
-            su += w.partial_u[it];
-          }
-          w.segment_w2[s] = sw;
-          w.segment_u2[s] = su;
-        }
+        for (int64_t s = 0; s < w.segments; ++s)
+          lamb_segment_sums(w.seg_first, w.partial_w, w.partial_u, s, w.segment_w2[s], w.segment_u2[s]);
       }
       if (w.phases & kLambApply) {
 #pragma omp for schedule(static)
-        for (int64_t s = 0; s < w.segments; ++s) {
-          const double wn = sqrt(w.segment_w2[s]), un = sqrt(w.segment_u2[s]);
-          double ratio = (wn > 0.0 && un > 0.0) ? wn / un : 1.0;
-          if (w.max_trust_ratio >= 0.0 && ratio > w.max_trust_ratio) ratio = w.max_trust_ratio;
-          w.scaled_lr[s] = static_cast<float>(w.lr * ratio);
-        }
+        for (int64_t s = 0; s < w.segments; ++s)
+          w.scaled_lr[s] = lamb_scaled_lr(w.segment_w2[s], w.segment_u2[s], w.lr, w.max_trust_ratio);
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < w.items; ++it)
           lamb_pass2_range<TP, TS, kMaster>(lc, w.scaled_lr[w.item_segment[it]], p, m, v, mw, w.item_begin[it],

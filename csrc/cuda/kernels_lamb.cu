@@ -90,28 +90,19 @@ __global__ void __launch_bounds__(kThreads) lamb_pass1_kernel(const LambCoeffs h
   }
 }
 
-// One thread per segment: partial sums in item order (fixed), as the CPU combine adds them.
+// One thread per segment: its partial sums, as the CPU driver adds them (math/lamb.h).
 __global__ void lamb_segment_sums_kernel(const LambDeviceWork w) {
   const int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (s >= w.segments) return;
-  double sw = 0.0, su = 0.0;
-  for (int64_t it = w.seg_first[s]; it < w.seg_first[s + 1]; ++it) {
-    sw += w.partial_w[it];
-    su += w.partial_u[it];
-  }
-  w.segment_w2[s] = sw;
-  w.segment_u2[s] = su;
+  lamb_segment_sums(w.seg_first, w.partial_w, w.partial_u, s, w.segment_w2[s], w.segment_u2[s]);
 }
 
-// One thread per segment: trust ratio as the CPU combine computes it.
+// One thread per segment: lr * trust ratio, as the CPU driver computes it (math/lamb.h).
 __global__ void lamb_ratio_kernel(const LambDeviceWork w, double lr, double max_trust_ratio, const float* lr_dev) {
   const int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (s >= w.segments) return;
-  const double wn = sqrt(w.segment_w2[s]), un = sqrt(w.segment_u2[s]);
-  double ratio = (wn > 0.0 && un > 0.0) ? wn / un : 1.0;
-  if (max_trust_ratio > 0.0 && ratio > max_trust_ratio) ratio = max_trust_ratio;
   const double rate = lr_dev != nullptr ? static_cast<double>(*lr_dev) : lr;
-  w.scaled_lr[s] = static_cast<float>(rate * ratio);
+  w.scaled_lr[s] = lamb_scaled_lr(w.segment_w2[s], w.segment_u2[s], rate, max_trust_ratio);
 }
 
 template <typename TP>

@@ -67,7 +67,7 @@ void rmsprop(const FlatBuffers& b, const RmspropCoeffs& c, bool centered, bool m
              const Hyper& h, const Launch& l);
 void adagrad(const FlatBuffers& b, const AdagradCoeffs& c, const DeviceScalars& d, const Hyper& h, const Launch& l);
 void lion(const FlatBuffers& b, const LionCoeffs& c, const DeviceScalars& d, const Hyper& h, const Launch& l);
-// lr and max_trust_ratio in double (max_trust_ratio <= 0 or NaN: no clamp); d.lr replaces lr when set.
+// lr and max_trust_ratio in double (max_trust_ratio < 0 or NaN: no clamp, as on the CPU); d.lr replaces lr when set.
 void lamb(const FlatBuffers& b, const LambCoeffs& c, const LambDeviceWork& w, double lr, double max_trust_ratio,
           const DeviceScalars& d, const Hyper& h, const Launch& l);
 

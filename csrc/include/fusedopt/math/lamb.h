@@ -3,6 +3,8 @@
 // torch.optim.adam, norms per parameter tensor). The drivers run two passes, see csrc/cpu/driver.h.
 #pragma once
 
+#include <math.h>
+
 #include "fusedopt/common.h"
 
 namespace fusedopt {
@@ -34,7 +36,27 @@ FUSEDOPT_HD float lamb_moments(const LambCoeffs& c, float p, float g, float& exp
   return lamb_direction(c, p, exp_avg, exp_avg_sq);
 }
 
-// Pass 2: p -= (lr * trust_ratio) * u, with lr * trust_ratio computed per segment in double on the host.
+// Between the passes, per segment: the sums of squares of p and u over its work items, added in item order (fixed, so
+// the norms are bitwise reproducible), then lr * trust ratio.
+FUSEDOPT_HD void lamb_segment_sums(const int64_t* seg_first, const double* partial_w, const double* partial_u,
+                                   int64_t segment, double& w2, double& u2) {
+  w2 = 0.0;
+  u2 = 0.0;
+  for (int64_t it = seg_first[segment]; it < seg_first[segment + 1]; ++it) {
+    w2 += partial_w[it];
+    u2 += partial_u[it];
+  }
+}
+
+// ||p|| / ||u||, 1 when either norm is 0, clamped to max_trust_ratio unless that is negative or NaN (None); times lr.
+FUSEDOPT_HD float lamb_scaled_lr(double w2, double u2, double lr, double max_trust_ratio) {
+  const double wn = sqrt(w2), un = sqrt(u2);
+  double ratio = (wn > 0.0 && un > 0.0) ? wn / un : 1.0;
+  if (max_trust_ratio >= 0.0 && ratio > max_trust_ratio) ratio = max_trust_ratio;
+  return static_cast<float>(lr * ratio);
+}
+
+// Pass 2: p -= (lr * trust_ratio) * u, with lr * trust_ratio computed per segment in double.
 FUSEDOPT_HD void lamb_apply(const LambCoeffs& c, float scaled_lr, float& p, float exp_avg, float exp_avg_sq) {
   p -= scaled_lr * lamb_direction(c, p, exp_avg, exp_avg_sq);
 }
