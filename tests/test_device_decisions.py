@@ -2,9 +2,10 @@
 
 On one CUDA device the step keeps AMP's found_inf, the global norm, the clip coefficient, skip_nonfinite's verdict and
 the step counts in device tensors, and groups parameters into kernel calls by host-side step keys. Here that same
-path runs on CPU tensors (`_device_decisions = True`) and must give what the host-decided step gives: same
-parameters, states, step counts, skipped-step count and norm, through AMP skips, skip_nonfinite skips and parameters
-whose gradient comes and goes. The GPU runs of this path (no synchronisation, CUDA graphs) are in test_cuda_optim.py.
+path runs on CPU tensors (`_device_decisions = True`), and on a GPU where one is present, and must give what the
+host-decided step gives: same parameters, states, step counts, skipped-step count and norm, through AMP skips,
+skip_nonfinite skips and parameters whose gradient comes and goes. The other GPU checks of this path (no
+synchronisation, CUDA graphs) are in test_cuda_optim.py.
 """
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ from tolerances import assert_close
 
 COMPILED = "cpu" in fusedopt.build_info()["backends"]
 BACKENDS = ["cpu", "reference"] if COMPILED else ["reference"]
+CUDA = pytest.param("cuda", marks=[
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available"),
+    pytest.mark.skipif("cuda" not in fusedopt.build_info()["backends"], reason="built without CUDA kernels"),
+])
 STEPS = 20
 SCALE = 2.0**10
 AMP_SKIPS = {0, 5, 12}  # GradScaler found inf on these steps (a first step too: AMP often skips those)
@@ -37,9 +43,9 @@ CASES: dict[str, tuple[type, dict[str, Any]]] = {
 SHAPES = [(7, 5), (33,), (4, 4, 3), (1,), (65,), (16, 9)]
 
 
-def make_params() -> list[torch.Tensor]:
+def make_params(device: str = "cpu") -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    return [torch.randn(shape, generator=generator).requires_grad_() for shape in SHAPES]
+    return [torch.randn(shape, generator=generator).to(device).requires_grad_() for shape in SHAPES]
 
 
 def has_grad(step: int, k: int) -> bool:
@@ -55,6 +61,7 @@ def feed(params: list[torch.Tensor], opt: torch.optim.Optimizer, step: int, inf_
         grad = torch.randn(p.shape, generator=generator) * SCALE
         if inf_grads and step in INF_GRADS and k == 0:  # k = 0 always has a gradient
             grad.view(-1)[0] = math.inf
+        grad = grad.to(p.device)
         if has_grad(step, k):
             if p.grad is None:
                 p.grad = grad
@@ -62,8 +69,8 @@ def feed(params: list[torch.Tensor], opt: torch.optim.Optimizer, step: int, inf_
                 p.grad.copy_(grad)
         else:
             p.grad = None
-    opt.grad_scale = torch.full((1,), SCALE)
-    opt.found_inf = torch.full((1,), 1.0 if step in AMP_SKIPS else 0.0)
+    opt.grad_scale = torch.full((1,), SCALE, device=params[0].device)
+    opt.found_inf = torch.full((1,), 1.0 if step in AMP_SKIPS else 0.0, device=params[0].device)
 
 
 def state_values(params: list[torch.Tensor], opt: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
@@ -95,14 +102,19 @@ def assert_same_as_host(device_params: list[torch.Tensor], device: torch.optim.O
     assert device.skipped_steps == host.skipped_steps
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, CUDA])
 @pytest.mark.parametrize("case", list(CASES))
 def test_device_decisions_match_host_decisions(case: str, backend: str) -> None:
     cls, kwargs = CASES[case]
-    host_params, device_params = make_params(), make_params()
+    device_name = "cuda" if backend == "cuda" else "cpu"
+    host_params, device_params = make_params(device_name), make_params(device_name)
     host = cls(host_params, backend=backend, **kwargs)
     device = cls(device_params, backend=backend, **kwargs)
-    device._device_decisions = True
+    if backend == "cuda":  # on one GPU the step decides on the device by itself
+        host._device_decisions = False
+        assert device._decides_on_device()
+    else:
+        device._device_decisions = True
     inf_grads = bool(kwargs.get("skip_nonfinite"))
     for step in range(STEPS):
         feed(host_params, host, step, inf_grads)
