@@ -154,7 +154,7 @@ def test_a_gradient_handed_back_each_step_is_left_in_place_and_copied_from() -> 
             assert not p.grad.any()
         if step >= 1:
             assert all(p.grad is b for p, b in zip(params, bucket))  # zeroed in place, not re-pointed
-    assert buf._kept == [True] * len(params)
+    assert [buf.is_kept(i, p.grad) for i, p in enumerate(params)] == [True] * len(params)
 
 
 def test_a_fresh_gradient_after_kept_ones_is_adopted_again() -> None:
@@ -167,10 +167,11 @@ def test_a_fresh_gradient_after_kept_ones_is_adopted_again() -> None:
             p.grad = b
         opt.step()
     buf = opt.flat_buffers[0][0]
-    assert buf._kept == [True, True]
+    assert [buf.is_kept(i, p.grad) for i, p in enumerate(params)] == [True, True]
     before = [p.detach().clone() for p in params]
     params[0].grad = torch.full_like(params[0], 2.0)  # a new tensor: copied in and replaced by our view again
     opt.step()
-    assert params[0].grad.data_ptr() == buf.region(buf.grad, 0).data_ptr() and buf._kept == [False, True]
+    assert params[0].grad.data_ptr() == buf.region(buf.grad, 0).data_ptr()
+    assert [buf.is_kept(i, p.grad) for i, p in enumerate(params)] == [False, True]
     torch.testing.assert_close(params[0].detach(), before[0] - 0.2)
     torch.testing.assert_close(params[1].detach(), before[1] - 0.1)

@@ -141,7 +141,6 @@ class FlatBuffer:
         # gradient_as_bucket_view puts its bucket view back after every backward) is left in place: each step copies
         # from it and zero_grad zeroes it, instead of two copies a step fighting over `.grad`.
         self._foreign_ptrs: list[int] = [0] * len(self.params)  # address of the last foreign gradient re-pointed
-        self._kept: list[bool] = [False] * len(self.params)  # left in place, copied from each step
         # State names for which every parameter already has its views (None: check on the next step).
         self.complete_state: tuple[str, ...] | None = None
         self._segment_cache: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
@@ -290,17 +289,16 @@ class FlatBuffer:
         """Bring a gradient that is not our view into the flat buffer: copied and re-pointed at our view, or, when it
         came back at the address we re-pointed last time, copied and left in place."""
         self._check_grad(i, g)
-        ptr = g.data_ptr()
-        self._kept[i] = ptr == self._foreign_ptrs[i]
-        if not self._kept[i]:
-            self._foreign_ptrs[i] = ptr
+        if not self.is_kept(i, g):
+            self._foreign_ptrs[i] = g.data_ptr()
             self._adopt_grad(i, g)
             return
         with torch.no_grad():
             self.region(self.grad, i).copy_(g.detach().reshape(-1))
 
-    def _is_kept(self, i: int, g: Tensor) -> bool:
-        return self._kept[i] and g.data_ptr() == self._foreign_ptrs[i]
+    def is_kept(self, i: int, g: Tensor) -> bool:
+        """Whether `g`, parameter i's `.grad`, is a foreign gradient left in place (copied from at each step)."""
+        return g.data_ptr() == self._foreign_ptrs[i]
 
     def _adopt_grad(self, i: int, g: Tensor) -> None:
         p = self.params[i]
@@ -321,14 +319,14 @@ class FlatBuffer:
             if grads:
                 torch._foreach_zero_(grads)
             return
-        kept = [p.grad for i, p in enumerate(self.params) if p.grad is not None and self._is_kept(i, p.grad)]
+        kept = [p.grad for i, p in enumerate(self.params) if p.grad is not None and self.is_kept(i, p.grad)]
         if len(kept) < len(self.params):  # each step copies every kept gradient in: their regions need no zeroing
             self.grad.zero_()
         if kept:
             torch._foreach_zero_(kept)
         for i, p in enumerate(self.params):
             g = p.grad
-            if g is None or self._is_kept(i, g):
+            if g is None or self.is_kept(i, g):
                 continue
             if g is not self._grad_views[i] or g.data_ptr() != self._grad_ptrs[i]:
                 if g is self._grad_views[i]:
