@@ -1,5 +1,5 @@
-// Shared by the CPU and CUDA bindings: turns the raw addresses and dtype codes that Python passes as ints into the
-// FlatBuffers the compiled entry points take.
+// Shared by the CPU and CUDA bindings: turns the raw addresses, dtype codes and hyperparameters that Python passes
+// as ints and floats into the FlatBuffers, Segments and StepArgs the compiled entry points take.
 #pragma once
 
 #include <cstdint>
@@ -28,6 +28,29 @@ inline FlatBuffers buffers(uintptr_t param, uintptr_t grad, uintptr_t s0, uintpt
   b.grad_dtype = grad_dtype;
   b.state_dtype = state_dtype;
   return b;
+}
+
+inline Segments segments(uintptr_t offsets, uintptr_t numels, uintptr_t steps, uintptr_t active, int64_t count) {
+  Segments s;
+  s.offsets = ptr<const int64_t>(offsets);
+  s.numels = ptr<const int64_t>(numels);
+  s.steps = ptr<float>(steps);
+  s.active = ptr<const uint8_t>(active);
+  s.count = count;
+  return s;
+}
+
+inline StepArgs step_args(const std::vector<double>& hyper, double lr, double grad_scale, int passes,
+                          uintptr_t segment_w2, uintptr_t segment_u2) {
+  StepArgs a;
+  a.hyper = hyper.data();
+  a.hyper_count = static_cast<int64_t>(hyper.size());
+  a.lr = lr;
+  a.grad_scale = grad_scale;
+  a.passes = passes;
+  a.segment_w2 = ptr<double>(segment_w2);
+  a.segment_u2 = ptr<double>(segment_u2);
+  return a;
 }
 
 }  // namespace bindings

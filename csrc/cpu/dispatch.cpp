@@ -1,7 +1,9 @@
-// Checked CPU entry points: argument validation, run-time ISA selection (cpuid, FUSEDOPT_CPU_ISA), thread count, and
-// the host-side halves of the deterministic reductions. Compiled once, for the baseline ISA.
+// Checked CPU entry points: argument validation, the work list of the active segments, per-segment step counts and
+// coefficients, run-time ISA selection (cpuid, FUSEDOPT_CPU_ISA), thread count, and the host-side halves of the
+// deterministic reductions. Compiled once, for the baseline ISA.
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include <algorithm>
 #include <atomic>
@@ -120,6 +122,21 @@ std::atomic<const KernelTable*> g_table{initial_table()};
 std::atomic<int> g_threads{default_threads()};
 
 const KernelTable& table() { return *g_table.load(std::memory_order_relaxed); }
+
+// The table entry of algorithm A.
+template <typename A>
+struct KernelOf;
+#define FUSEDOPT_KERNEL_OF(A)                                                       \
+  template <>                                                                       \
+  struct KernelOf<algo::A> {                                                        \
+    static decltype(KernelTable::A) get(const KernelTable& t) { return t.A; }       \
+  };
+FUSEDOPT_FOR_EACH_ALGORITHM(FUSEDOPT_KERNEL_OF)
+#undef FUSEDOPT_KERNEL_OF
+template <typename A>
+auto kernel_of(const KernelTable& t) {
+  return KernelOf<A>::get(t);
+}
 int threads() { return g_threads.load(std::memory_order_relaxed); }
 
 [[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
@@ -130,9 +147,10 @@ void check_dtype(const char* what, int code) {
          " (expected 0 float32, 1 bfloat16, 2 float16)");
 }
 
-// Validates one buffer set for an algorithm with the given state slots; a rejected call touches nothing.
-void check_buffers(const char* algo, const FlatBuffers& b, const bool (&uses)[3], const char* const (&names)[3]) {
-  const std::string a(algo);
+// Validates one buffer set for an algorithm whose state slots are named `names`; a rejected call touches nothing.
+template <typename A>
+void check_buffers(const char* algo_name, const FlatBuffers& b, const typename A::Hyper& h) {
+  const std::string a(algo_name);
   if (b.n < 0) fail(a + ": Invalid element count n: " + std::to_string(b.n));
   check_dtype("param", b.param_dtype);
   check_dtype("grad", b.grad_dtype);
@@ -141,121 +159,168 @@ void check_buffers(const char* algo, const FlatBuffers& b, const bool (&uses)[3]
     fail(a + ": grad dtype code " + std::to_string(b.grad_dtype) + " must equal the param dtype code " +
          std::to_string(b.param_dtype) + " or be 0 (float32)");
   if (b.state_dtype == kFloat16) fail(a + ": Invalid state dtype code 2 (float16); states are float32 or bfloat16");
+  if (b.master != nullptr && b.param_dtype == kFloat32)
+    fail(a + ": master weights are for 16-bit parameters (param dtype code 0 is float32)");
   if (b.n == 0) return;
   if (b.param == nullptr) fail(a + ": param pointer is null");
   if (b.grad == nullptr) fail(a + ": grad pointer is null");
-  for (int k = 0; k < 3; ++k) {
-    if (uses[k] && b.states[k] == nullptr) fail(a + ": " + names[k] + " pointer is null");
+  constexpr int kSlots = static_cast<int>(sizeof(A::kStates) / sizeof(A::kStates[0]));
+  for (int k = 0; k < algo::kMaxStates; ++k) {
+    if (A::uses_state(h, k) && b.states[k] == nullptr)
+      fail(a + ": " + (k < kSlots ? A::kStates[k] : "state") + " pointer is null");
   }
 }
 
-// fp32 parameters with fp32 master weights: update the master buffer as the parameter, then copy it into param.
-template <typename Run>
-void run_with_master(const FlatBuffers& b, Run&& run) {
-  if (b.master != nullptr && b.param_dtype == kFloat32) {
-    FlatBuffers m = b;
-    m.param = b.master;
-    m.master = nullptr;
-    run(m);
-    table().round_copy(b.param, kFloat32, b.master, b.n, threads());
-  } else {
-    run(b);
-  }
-}
-
-}  // namespace
-
-void adam(const FlatBuffers& b, const AdamCoeffs& c, bool amsgrad) {
-  check_buffers("adam", b, {true, true, amsgrad}, {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"});
-  if (b.n == 0) return;
-  run_with_master(b, [&](const FlatBuffers& x) { table().adam(x, c, amsgrad, threads()); });
-}
-
-void sgd(const FlatBuffers& b, const SgdCoeffs& c, bool momentum) {
-  check_buffers("sgd", b, {momentum, false, false}, {"momentum_buffer", "", ""});
-  if (b.n == 0) return;
-  run_with_master(b, [&](const FlatBuffers& x) { table().sgd(x, c, momentum, threads()); });
-}
-
-void rmsprop(const FlatBuffers& b, const RmspropCoeffs& c, bool centered, bool momentum) {
-  check_buffers("rmsprop", b, {true, momentum, centered}, {"square_avg", "momentum_buffer", "grad_avg"});
-  if (b.n == 0) return;
-  run_with_master(b, [&](const FlatBuffers& x) { table().rmsprop(x, c, centered, momentum, threads()); });
-}
-
-void adagrad(const FlatBuffers& b, const AdagradCoeffs& c) {
-  check_buffers("adagrad", b, {true, false, false}, {"sum", "", ""});
-  if (b.n == 0) return;
-  run_with_master(b, [&](const FlatBuffers& x) { table().adagrad(x, c, threads()); });
-}
-
-void lion(const FlatBuffers& b, const LionCoeffs& c) {
-  check_buffers("lion", b, {true, false, false}, {"exp_avg", "", ""});
-  if (b.n == 0) return;
-  run_with_master(b, [&](const FlatBuffers& x) { table().lion(x, c, threads()); });
-}
-
-void lamb(const FlatBuffers& b, const LambCoeffs& c, const LambSegments& s, double lr, double max_trust_ratio) {
-  std::vector<double> w2(s.count > 0 ? s.count : 0), u2(s.count > 0 ? s.count : 0);
-  lamb_phases(b, c, s, lr, max_trust_ratio, kLambMoments | kLambApply, w2.data(), u2.data());
-}
-
-void lamb_phases(const FlatBuffers& b, const LambCoeffs& c, const LambSegments& s, double lr, double max_trust_ratio,
-                 int phases, double* segment_w2, double* segment_u2) {
-  check_buffers("lamb", b, {true, true, false}, {"exp_avg", "exp_avg_sq", ""});
-  if (phases < kLambMoments || phases > (kLambMoments | kLambApply))
-    fail("lamb: Invalid phases: " + std::to_string(phases) + " (expected 1, 2 or 3)");
-  if (s.count < 0) fail("lamb: Invalid segment count: " + std::to_string(s.count));
-  if (s.count > 0 && (s.offsets == nullptr || s.numels == nullptr)) fail("lamb: segment arrays are null");
-  if (s.count > 0 && (segment_w2 == nullptr || segment_u2 == nullptr)) fail("lamb: segment sum arrays are null");
+// Validates the segment table and builds the work list of its active segments (chunks of at most kChunk elements,
+// starting on a kChunk boundary of their segment).
+struct WorkList {
   std::vector<int64_t> begin, end, segment, first;
-  first.reserve(s.count + 1);
+  Work work() const {
+    Work w;
+    w.item_begin = begin.data();
+    w.item_end = end.data();
+    w.item_segment = segment.data();
+    w.seg_first = first.data();
+    w.items = static_cast<int64_t>(begin.size());
+    w.segments = static_cast<int64_t>(first.size()) - 1;
+    return w;
+  }
+};
+
+WorkList work_list(const char* algo_name, int64_t n, const Segments& s, bool needs_steps) {
+  const std::string a(algo_name);
+  if (s.count < 0) fail(a + ": Invalid segment count: " + std::to_string(s.count));
+  if (s.count > 0 && (s.offsets == nullptr || s.numels == nullptr || s.active == nullptr))
+    fail(a + ": segment offsets, numels and active flags must not be null");
+  if (s.count > 0 && needs_steps && s.steps == nullptr) fail(a + ": segment steps must not be null");
+  WorkList l;
+  l.first.reserve(s.count + 1);
   int64_t prev_end = 0;
   for (int64_t k = 0; k < s.count; ++k) {
     const int64_t off = s.offsets[k], num = s.numels[k];
-    if (off < 0 || num < 0 || off > b.n || num > b.n - off)
-      fail("lamb: segment " + std::to_string(k) + " (offset " + std::to_string(off) + ", numel " + std::to_string(num) +
-           ") is outside the buffer of " + std::to_string(b.n) + " elements");
+    if (off < 0 || num < 0 || off > n || num > n - off)
+      fail(a + ": segment " + std::to_string(k) + " (offset " + std::to_string(off) + ", numel " +
+           std::to_string(num) + ") is outside the buffer of " + std::to_string(n) + " elements");
     if (off < prev_end)
-      fail("lamb: segment " + std::to_string(k) + " at offset " + std::to_string(off) +
+      fail(a + ": segment " + std::to_string(k) + " at offset " + std::to_string(off) +
            " overlaps or precedes the previous segment (segments must be sorted and disjoint)");
     prev_end = off + num;
-    first.push_back(static_cast<int64_t>(begin.size()));
+    l.first.push_back(static_cast<int64_t>(l.begin.size()));
+    if (s.active[k] == 0) continue;
     for (int64_t x = 0; x < num; x += kChunk) {
-      begin.push_back(off + x);
-      end.push_back(off + (num - x < kChunk ? num : x + kChunk));
-      segment.push_back(k);
+      l.begin.push_back(off + x);
+      l.end.push_back(off + (num - x < kChunk ? num : x + kChunk));
+      l.segment.push_back(k);
     }
   }
-  first.push_back(static_cast<int64_t>(begin.size()));
-  if (phases & kLambMoments) {  // segments without elements (empty shards) have zero sums
-    std::fill(segment_w2, segment_w2 + s.count, 0.0);
-    std::fill(segment_u2, segment_u2 + s.count, 0.0);
-  }
-  if (b.n == 0 || begin.empty()) return;
-  const int64_t items = static_cast<int64_t>(begin.size());
-  std::vector<double> pw(items), pu(items);
-  std::vector<float> slr(s.count);
-  LambWork w{begin.data(), end.data(), segment.data(), first.data(), items,    s.count, pw.data(),
-             pu.data(),    slr.data(), segment_w2,     segment_u2,   lr,       max_trust_ratio, phases};
-  run_with_master(b, [&](const FlatBuffers& x) { table().lamb(x, c, w, threads()); });
+  l.first.push_back(static_cast<int64_t>(l.begin.size()));
+  return l;
 }
 
-SumOfSquares sum_of_squares(const void* data, int64_t n, int dtype) {
-  if (n < 0) fail("sum_of_squares: Invalid element count n: " + std::to_string(n));
-  check_dtype("t", dtype);
+template <typename A>
+typename A::Hyper hyper_from(const char* algo_name, const StepArgs& args) {
+  constexpr int64_t kFields = static_cast<int64_t>(sizeof(A::kFields) / sizeof(A::kFields[0]));
+  static_assert(sizeof(typename A::Hyper) == kFields * sizeof(double), "Hyper must be kFields doubles");
+  if (args.hyper_count != kFields || args.hyper == nullptr)
+    fail(std::string(algo_name) + ": Invalid hyperparameter count: " + std::to_string(args.hyper_count) +
+         " (expected " + std::to_string(kFields) + ")");
+  typename A::Hyper h;
+  memcpy(&h, args.hyper, sizeof(h));
+  return h;
+}
+
+// The checked step of algorithm A: validate, count the step of every active segment, make each active segment's
+// coefficients (in double, on the host), then run the kernel of the selected ISA over the work list.
+template <typename A>
+void step(const char* algo_name, const FlatBuffers& b, const Segments& s, const StepArgs& args) {
+  const typename A::Hyper h = hyper_from<A>(algo_name, args);
+  check_buffers<A>(algo_name, b, h);
+  const bool counts_step = A::kKind == algo::Kind::kElementwise || (args.passes & kPassMoments) != 0;
+  if (A::kKind == algo::Kind::kTrustRatio) {
+    if (args.passes < kPassMoments || args.passes > (kPassMoments | kPassApply))
+      fail(std::string(algo_name) + ": Invalid passes: " + std::to_string(args.passes) + " (expected 1, 2 or 3)");
+    if (args.passes != (kPassMoments | kPassApply) && s.count > 0 &&
+        (args.segment_w2 == nullptr || args.segment_u2 == nullptr))
+      fail(std::string(algo_name) + ": separate passes need the per-segment sum arrays");
+  }
+  const WorkList list = work_list(algo_name, b.n, s, true);
+  std::vector<typename A::Coeffs> coeffs(s.count > 0 ? s.count : 0);
+  for (int64_t k = 0; k < s.count; ++k) {
+    if (s.active[k] == 0) continue;
+    if (counts_step) s.steps[k] += 1.0f;
+    coeffs[k] = A::make_coeffs(h, args.lr, static_cast<double>(s.steps[k]), args.grad_scale);
+  }
+  Work w = list.work();
+  std::vector<double> pw, pu, w2, u2;
+  std::vector<float> slr;
+  if (A::kKind == algo::Kind::kTrustRatio) {
+    pw.resize(w.items);
+    pu.resize(w.items);
+    slr.resize(s.count);
+    w.partial_w = pw.data();
+    w.partial_u = pu.data();
+    w.scaled_lr = slr.data();
+    w.passes = args.passes;
+    if (args.segment_w2 != nullptr) {
+      w.segment_w2 = args.segment_w2;
+      w.segment_u2 = args.segment_u2;
+    } else {
+      w2.resize(s.count);
+      u2.resize(s.count);
+      w.segment_w2 = w2.data();
+      w.segment_u2 = u2.data();
+    }
+    if (args.passes & kPassMoments) {  // segments without items (empty shards, no gradient) have zero sums
+      std::fill(w.segment_w2, w.segment_w2 + s.count, 0.0);
+      std::fill(w.segment_u2, w.segment_u2 + s.count, 0.0);
+    }
+  }
+  if (b.n == 0 || w.items == 0) return;
+  kernel_of<A>(table())(b, h, w, coeffs.data(), threads());
+}
+
+SumOfSquares combine(const KernelTable& t, const void* data, int dtype, const Work& w) {
   SumOfSquares r;
-  if (n == 0) return r;
-  if (data == nullptr) fail("sum_of_squares: data pointer is null");
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  std::vector<double> partials(chunks);
-  std::vector<unsigned char> bad(chunks);
-  table().sum_of_squares(data, n, dtype, partials.data(), bad.data(), threads());
-  for (int64_t k = 0; k < chunks; ++k) {  // fixed combine order: bitwise identical for any thread count
+  if (w.items == 0) return r;
+  std::vector<double> partials(w.items);
+  std::vector<unsigned char> bad(w.items);
+  t.sum_of_squares(data, dtype, w, partials.data(), bad.data(), threads());
+  for (int64_t k = 0; k < w.items; ++k) {  // fixed combine order: bitwise identical for any thread count
     r.sum += partials[k];
     r.nonfinite = r.nonfinite || bad[k] != 0;
   }
   return r;
+}
+
+}  // namespace
+
+#define FUSEDOPT_DEFINE_STEP(A) \
+  void A(const FlatBuffers& b, const Segments& s, const StepArgs& args) { step<algo::A>(#A, b, s, args); }
+FUSEDOPT_FOR_EACH_ALGORITHM(FUSEDOPT_DEFINE_STEP)
+#undef FUSEDOPT_DEFINE_STEP
+
+SumOfSquares sum_of_squares(const void* data, int64_t n, int dtype) {
+  if (n < 0) fail("sum_of_squares: Invalid element count n: " + std::to_string(n));
+  check_dtype("t", dtype);
+  if (n == 0) return SumOfSquares{};
+  if (data == nullptr) fail("sum_of_squares: data pointer is null");
+  const int64_t offset = 0;
+  const uint8_t active = 1;
+  Segments whole;
+  whole.offsets = &offset;
+  whole.numels = &n;
+  whole.active = &active;
+  whole.count = 1;
+  const WorkList list = work_list("sum_of_squares", n, whole, false);
+  return combine(table(), data, dtype, list.work());
+}
+
+SumOfSquares sum_of_squares_segments(const void* data, int64_t n, int dtype, const Segments& s) {
+  if (n < 0) fail("sum_of_squares: Invalid element count n: " + std::to_string(n));
+  check_dtype("t", dtype);
+  const WorkList list = work_list("sum_of_squares", n, s, false);
+  if (!list.begin.empty() && data == nullptr) fail("sum_of_squares: data pointer is null");
+  return combine(table(), data, dtype, list.work());
 }
 
 std::vector<std::string> compiled_isas() {

@@ -1,6 +1,7 @@
-// The one CPU driver: a single OpenMP region over fixed chunks of the flat buffer, a vectorisable inner loop over the
-// per-element math of csrc/include/fusedopt/math, and deterministic chunked reductions. Included by the per-algorithm
-// kernel sources, which are compiled once per ISA with FUSEDOPT_ISA_NS naming the namespace (baseline, avx2, avx512).
+// The one CPU driver: a single OpenMP region over the work items of the active segments (chunks of at most kChunk
+// elements), a vectorisable inner loop over the per-element math of csrc/include/fusedopt/math with each segment's own
+// coefficients, and deterministic per-item reductions. Included by csrc/cpu/kernels.cpp, which is compiled once per ISA
+// with FUSEDOPT_ISA_NS naming the namespace (baseline, avx2, avx512).
 //
 // Everything defined here lives in that per-ISA namespace (or is always_inline), and only plain C arrays are used, so
 // no inline function compiled with AVX-512 flags can be merged by the linker into the code of another ISA.
@@ -15,7 +16,6 @@
 
 #include "fusedopt/common.h"
 #include "fusedopt/dtype.h"
-#include "fusedopt/math/lamb.h"
 #include "fusedopt/math/norm.h"
 #include "kernels.h"
 
@@ -46,11 +46,8 @@ struct Bool {
   static constexpr bool value = B;
 };
 
-inline int64_t chunk_count(int64_t n) { return (n + kChunk - 1) / kChunk; }
-
-// Calls f(Type<param>, Type<grad>, Type<state>, Bool<master>) for the combinations CONTRACT.md allows:
-// grad dtype = param dtype or fp32; states fp32 or bf16; master weights only with 16-bit parameters (fp32 parameters
-// with master weights are run by the dispatcher on the master buffer, then copied).
+// Calls f(Type<param>, Type<grad>, Type<state>, Bool<master>) for the combinations the dispatcher allows: grad dtype =
+// param dtype or fp32; states fp32 or bf16; master weights only with 16-bit parameters.
 template <typename F>
 void dispatch_dtypes(const FlatBuffers& b, F&& f) {
   auto with_state = [&](auto tp, auto tg, auto master) {
@@ -80,10 +77,11 @@ void dispatch_dtypes(const FlatBuffers& b, F&& f) {
   }
 }
 
-// Inner loop over [begin, end): the compiler vectorises it (unused states are compile-time dead, uniform mode flags
-// are unswitched or if-converted) and emits the scalar remainder from the same source, so the tail runs the same math.
-template <typename Op, typename TP, typename TG, typename TS, bool Master>
-inline void elementwise_range(const Op op, TP* FUSEDOPT_RESTRICT p, const TG* FUSEDOPT_RESTRICT g,
+// Inner loop over [begin, end) with one segment's coefficients: the compiler vectorises it (unused states are
+// compile-time dead, uniform mode flags are unswitched or if-converted) and emits the scalar remainder from the same
+// source, so the tail runs the same math.
+template <typename Op, typename Coeffs, typename TP, typename TG, typename TS, bool Master>
+inline void elementwise_range(const Op op, const Coeffs c, TP* FUSEDOPT_RESTRICT p, const TG* FUSEDOPT_RESTRICT g,
                               TS* FUSEDOPT_RESTRICT s0, TS* FUSEDOPT_RESTRICT s1, TS* FUSEDOPT_RESTRICT s2,
                               float* FUSEDOPT_RESTRICT master, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
@@ -91,19 +89,19 @@ inline void elementwise_range(const Op op, TP* FUSEDOPT_RESTRICT p, const TG* FU
     const float gv = load(g[i]);
     float a = Op::uses(0) ? load(s0[i]) : 0.0f;
     float bb = Op::uses(1) ? load(s1[i]) : 0.0f;
-    float c = Op::uses(2) ? load(s2[i]) : 0.0f;
-    op(pv, gv, a, bb, c);
+    float cc = Op::uses(2) ? load(s2[i]) : 0.0f;
+    op(c, pv, gv, a, bb, cc);
     if (Master) master[i] = pv;
     p[i] = store<TP>(pv);
     if (Op::uses(0)) s0[i] = store<TS>(a);
     if (Op::uses(1)) s1[i] = store<TS>(bb);
-    if (Op::uses(2)) s2[i] = store<TS>(c);
+    if (Op::uses(2)) s2[i] = store<TS>(cc);
   }
 }
 
-// One parallel region over the whole buffer, static schedule over fixed chunks (one pass over memory).
-template <typename Op>
-void run_elementwise(const Op& op, const FlatBuffers& b, int threads) {
+// One parallel region over the work items, static schedule (one pass over memory).
+template <typename Op, typename Coeffs>
+void run_elementwise(const Op& op, const FlatBuffers& b, const Work& w, const Coeffs* coeffs, int threads) {
   dispatch_dtypes(b, [&](auto tp, auto tg, auto ts, auto master) {
     using TP = typename decltype(tp)::type;
     using TG = typename decltype(tg)::type;
@@ -115,23 +113,21 @@ void run_elementwise(const Op& op, const FlatBuffers& b, int threads) {
     TS* s1 = static_cast<TS*>(b.states[1]);
     TS* s2 = static_cast<TS*>(b.states[2]);
     float* m = b.master;
-    const int64_t n = b.n;
-    const int64_t chunks = chunk_count(n);
     const Op local = op;
-#pragma omp parallel for schedule(static) num_threads(threads) if (chunks > 1)
-    for (int64_t ck = 0; ck < chunks; ++ck) {
-      const int64_t begin = ck * kChunk;
-      const int64_t end = n - begin < kChunk ? n : begin + kChunk;
-      elementwise_range<Op, TP, TG, TS, kMaster>(local, p, g, s0, s1, s2, m, begin, end);
+#pragma omp parallel for schedule(static) num_threads(threads) if (w.items > 1)
+    for (int64_t it = 0; it < w.items; ++it) {
+      const Coeffs c = coeffs[w.item_segment[it]];
+      elementwise_range<Op, Coeffs, TP, TG, TS, kMaster>(local, c, p, g, s0, s1, s2, m, w.item_begin[it],
+                                                         w.item_end[it]);
     }
   });
 }
 
-// Sum of squares of [begin, end): element i goes to lane i % kNormLanes (16). Each lane sums its fp32 squares over a
-// block of kNormBlock elements in two 8-float vectors (GCC/Clang vector extension: packed on every ISA; wider vector
-// types spill to the stack on AVX2, and plain double lanes stay scalar), then adds the block's lanes into double lanes,
-// combined in lane order at the end. The order depends on the index range only, so the result is the same for every
-// thread count. Sets *bad when an element is inf/NaN.
+// Sum of squares of [begin, end): element i goes to lane (i - begin) % kNormLanes (16). Each lane sums its fp32
+// squares over a block of kNormBlock elements in two 8-float vectors (GCC/Clang vector extension: packed on every ISA;
+// wider vector types spill to the stack on AVX2, and plain double lanes stay scalar), then adds the block's lanes into
+// double lanes, combined in lane order at the end. The order depends on the index range only, so the result is the same
+// for every thread count. Sets *bad when an element is inf/NaN.
 typedef float NormVector __attribute__((vector_size(8 * sizeof(float))));
 static_assert(kNormLanes == 16, "two 8-float vectors make the 16 lanes");
 constexpr int64_t kNormBlock = 64 * kNormLanes;
@@ -179,19 +175,16 @@ inline double sum_squares_range(const T* FUSEDOPT_RESTRICT x, int64_t begin, int
   return total;
 }
 
-inline void sum_of_squares_kernel(const void* data, int64_t n, int dtype, double* partials, unsigned char* nonfinite,
-                                  int threads) {
-  const int64_t chunks = chunk_count(n);
+inline void sum_of_squares_kernel(const void* data, int dtype, const Work& w, double* partials,
+                                  unsigned char* nonfinite, int threads) {
   auto run = [&](auto tag) {
     using T = typename decltype(tag)::type;
     const T* x = static_cast<const T*>(data);
-#pragma omp parallel for schedule(static) num_threads(threads) if (chunks > 1)
-    for (int64_t ck = 0; ck < chunks; ++ck) {
-      const int64_t begin = ck * kChunk;
-      const int64_t end = n - begin < kChunk ? n : begin + kChunk;
+#pragma omp parallel for schedule(static) num_threads(threads) if (w.items > 1)
+    for (int64_t it = 0; it < w.items; ++it) {
       bool bad = false;
-      partials[ck] = sum_squares_range<T>(x, begin, end, &bad);
-      nonfinite[ck] = bad ? 1 : 0;
+      partials[it] = sum_squares_range<T>(x, w.item_begin[it], w.item_end[it], &bad);
+      nonfinite[it] = bad ? 1 : 0;
     }
   };
   if (dtype == kBFloat16)
@@ -202,49 +195,30 @@ inline void sum_of_squares_kernel(const void* data, int64_t n, int dtype, double
     run(Type<float>{});
 }
 
-inline void round_copy_kernel(void* dst, int dst_dtype, const float* src, int64_t n, int threads) {
-  const int64_t chunks = chunk_count(n);
-  auto run = [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    T* FUSEDOPT_RESTRICT d = static_cast<T*>(dst);
-#pragma omp parallel for schedule(static) num_threads(threads) if (chunks > 1)
-    for (int64_t ck = 0; ck < chunks; ++ck) {
-      const int64_t begin = ck * kChunk;
-      const int64_t end = n - begin < kChunk ? n : begin + kChunk;
-      for (int64_t i = begin; i < end; ++i) d[i] = store<T>(src[i]);
-    }
-  };
-  if (dst_dtype == kBFloat16)
-    run(Type<bf16_t>{});
-  else if (dst_dtype == kFloat16)
-    run(Type<fp16_t>{});
-  else
-    run(Type<float>{});
-}
-
-// LAMB, two passes inside one parallel region (bytes per parameter: docs/cpu_kernels.md):
+// Trust-ratio algorithms (LAMB), two passes inside one parallel region (bytes per parameter: docs/cpu_kernels.md):
 //   pass 1 reads p (or master), g, m, v; writes m, v; accumulates per-item ||p||^2 and ||u||^2 (u is not stored);
 //   combine: per segment, its items' partial sums in item order -> trust ratio -> lr * ratio (deterministic);
 //   pass 2 reads p (or master), m, v; recomputes u from the stored moments (bit-identical); writes p (and master).
 // Storing u instead would cost a write and a read of n values, the same traffic as re-reading m and v in pass 2,
 // and would need a scratch buffer or clobber the gradient.
-template <typename TP, typename TG, typename TS, bool Master>
-inline void lamb_pass1_range(const LambCoeffs c, const TP* FUSEDOPT_RESTRICT p, const TG* FUSEDOPT_RESTRICT g,
-                             TS* FUSEDOPT_RESTRICT m, TS* FUSEDOPT_RESTRICT v, const float* FUSEDOPT_RESTRICT master,
-                             int64_t begin, int64_t end, double* w2, double* u2) {
+template <typename A, typename TP, typename TG, typename TS, bool Master>
+inline void trust_ratio_pass1(const typename A::Coeffs c, const TP* FUSEDOPT_RESTRICT p,
+                              const TG* FUSEDOPT_RESTRICT g, TS* FUSEDOPT_RESTRICT m, TS* FUSEDOPT_RESTRICT v,
+                              const float* FUSEDOPT_RESTRICT master, int64_t begin, int64_t end, double* w2,
+                              double* u2) {
   double lw[kNormLanes] = {};
   double lu[kNormLanes] = {};
   auto element = [&](int64_t i, int l) FUSEDOPT_LAMBDA_INLINE {
     const float pv = Master ? master[i] : load(p[i]);
     float mm = load(m[i]);
     float vv = load(v[i]);
-    lamb_moments(c, pv, load(g[i]), mm, vv);
+    A::moments(c, load(g[i]), mm, vv);
     const TS ms = store<TS>(mm);
     const TS vs = store<TS>(vv);
     m[i] = ms;
     v[i] = vs;
     // u from the stored (possibly rounded) moments, exactly what pass 2 applies.
-    const float u = lamb_direction(c, pv, load(ms), load(vs));
+    const float u = A::direction(c, pv, load(ms), load(vs));
     lw[l] += square_term(pv);
     lu[l] += square_term(u);
   };
@@ -261,19 +235,20 @@ inline void lamb_pass1_range(const LambCoeffs c, const TP* FUSEDOPT_RESTRICT p, 
   *u2 = su;
 }
 
-template <typename TP, typename TS, bool Master>
-inline void lamb_pass2_range(const LambCoeffs c, float scaled_lr, TP* FUSEDOPT_RESTRICT p,
-                             const TS* FUSEDOPT_RESTRICT m, const TS* FUSEDOPT_RESTRICT v,
-                             float* FUSEDOPT_RESTRICT master, int64_t begin, int64_t end) {
+template <typename A, typename TP, typename TS, bool Master>
+inline void trust_ratio_pass2(const typename A::Coeffs c, float scaled_lr, TP* FUSEDOPT_RESTRICT p,
+                              const TS* FUSEDOPT_RESTRICT m, const TS* FUSEDOPT_RESTRICT v,
+                              float* FUSEDOPT_RESTRICT master, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
     float pv = Master ? master[i] : load(p[i]);
-    lamb_apply(c, scaled_lr, pv, load(m[i]), load(v[i]));
+    A::apply(c, scaled_lr, pv, load(m[i]), load(v[i]));
     if (Master) master[i] = pv;
     p[i] = store<TP>(pv);
   }
 }
 
-inline void run_lamb(const FlatBuffers& b, const LambCoeffs& c, const LambWork& w, int threads) {
+template <typename A>
+void run_trust_ratio(const FlatBuffers& b, const Work& w, const typename A::Coeffs* coeffs, int threads) {
   dispatch_dtypes(b, [&](auto tp, auto tg, auto ts, auto master) {
     using TP = typename decltype(tp)::type;
     using TG = typename decltype(tg)::type;
@@ -284,29 +259,41 @@ inline void run_lamb(const FlatBuffers& b, const LambCoeffs& c, const LambWork& 
     TS* m = static_cast<TS*>(b.states[0]);
     TS* v = static_cast<TS*>(b.states[1]);
     float* mw = b.master;
-    const LambCoeffs lc = c;
 #pragma omp parallel num_threads(threads) if (w.items > 1)
     {
-      if (w.phases & kLambMoments) {
+      if (w.passes & kPassMoments) {
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < w.items; ++it)
-          lamb_pass1_range<TP, TG, TS, kMaster>(lc, p, g, m, v, mw, w.item_begin[it], w.item_end[it],
-                                                &w.partial_w[it], &w.partial_u[it]);
+          trust_ratio_pass1<A, TP, TG, TS, kMaster>(coeffs[w.item_segment[it]], p, g, m, v, mw, w.item_begin[it],
+                                                    w.item_end[it], &w.partial_w[it], &w.partial_u[it]);
 #pragma omp for schedule(static)
         for (int64_t s = 0; s < w.segments; ++s)
-          lamb_segment_sums(w.seg_first, w.partial_w, w.partial_u, s, w.segment_w2[s], w.segment_u2[s]);
+          A::segment_sums(w.seg_first, w.partial_w, w.partial_u, s, w.segment_w2[s], w.segment_u2[s]);
       }
-      if (w.phases & kLambApply) {
+      if (w.passes & kPassApply) {
 #pragma omp for schedule(static)
         for (int64_t s = 0; s < w.segments; ++s)
-          w.scaled_lr[s] = lamb_scaled_lr(w.segment_w2[s], w.segment_u2[s], w.lr, w.max_trust_ratio);
+          w.scaled_lr[s] = A::scaled_lr(coeffs[s], w.segment_w2[s], w.segment_u2[s]);
 #pragma omp for schedule(static)
-        for (int64_t it = 0; it < w.items; ++it)
-          lamb_pass2_range<TP, TS, kMaster>(lc, w.scaled_lr[w.item_segment[it]], p, m, v, mw, w.item_begin[it],
-                                            w.item_end[it]);
+        for (int64_t it = 0; it < w.items; ++it) {
+          const int64_t s = w.item_segment[it];
+          trust_ratio_pass2<A, TP, TS, kMaster>(coeffs[s], w.scaled_lr[s], p, m, v, mw, w.item_begin[it],
+                                                w.item_end[it]);
+        }
       }
     }
   });
+}
+
+// The kernel of algorithm A: its driver, chosen by its kind, with the op its modes select.
+template <typename A>
+void kernel(const FlatBuffers& b, const typename A::Hyper& h, const Work& w, const typename A::Coeffs* coeffs,
+            int threads) {
+  if constexpr (A::kKind == algo::Kind::kElementwise) {
+    A::with_op(h, [&](auto op) { run_elementwise(op, b, w, coeffs, threads); });
+  } else {
+    run_trust_ratio<A>(b, w, coeffs, threads);
+  }
 }
 
 }  // namespace FUSEDOPT_ISA_NS

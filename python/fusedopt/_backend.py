@@ -20,7 +20,7 @@ BACKENDS = ("auto", "cpu", "cuda", "reference")
 _compiled: ModuleType | None
 _load_error: BaseException | None
 try:
-    from . import _compiled  # noqa: F401  (imports fusedopt._C)
+    from . import _kernels as _compiled  # noqa: F401  (imports fusedopt._C)
     _load_error = None
 except ValueError:
     raise  # an unusable FUSEDOPT_CPU_ISA is the user's explicit request: say so instead of running slower code

@@ -3,7 +3,7 @@
 Parameters, their gradients, optimizer states and optional fp32 master weights each get one flat buffer;
 every parameter's region starts on a 64-byte boundary in all of them. Parameters and their `.grad` are views
 into these buffers, so backward accumulates straight into the flat gradient buffer and a step is one kernel
-call per run of parameters. When the user breaks the aliasing (assigns `p.grad`, sets it to None, or
+call per buffer set, whatever the parameters' step counts. When the user breaks the aliasing (assigns `p.grad`, sets it to None, or
 replaces `p.data`), `prepare_step` copies the data back in and restores the views.
 Offsets and sizes are Python ints, so they are 64-bit.
 
@@ -15,53 +15,87 @@ parameter's placements, which is what torch.distributed.checkpoint reshards.
 """
 from __future__ import annotations
 
+import array
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-if torch.distributed.is_available():
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-else:  # a torch build without distributed support has no DTensor parameters
-    dist = None  # type: ignore[assignment]
-    DTensor = ()  # type: ignore[assignment,misc]
+from ._distributed import all_reduce_sum, is_dtensor, local_tensor, shard_groups, sharding_key, state_as_dtensor
 
 ALIGN_BYTES = 64
 # Offsets are counted in elements and shared by all buffers of the set; aligning them to the smallest element
 # size we store (2 bytes) keeps every region 64-byte aligned in fp32, bf16 and fp16 buffers alike.
 ALIGN_ELEMENTS = ALIGN_BYTES // 2
+# fusedopt::kChunk: the kernels' work items never cross a multiple of it within a segment.
+CHUNK = 16384
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def is_dtensor(t: Tensor) -> bool:
-    return isinstance(t, DTensor)
+class Segments:
+    """The segment table of a flat buffer set, as the kernels read it: parameter k occupies
+    [offsets[k], offsets[k] + numels[k]) of every buffer, has taken steps[k] steps (float32, as torch.optim's `step`;
+    the kernels count the step of every active segment) and has a gradient this step when active[k] is 1.
 
+    One kernel call serves segments whose step counts differ. `active` is a uint8 CPU tensor over a Python array, so the
+    step sets a flag per parameter at the cost of a list store.
+    """
 
-def local_tensor(t: Tensor) -> Tensor:
-    """The tensor whose memory holds `t` on this rank: a DTensor's local shard, else `t` itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    def __init__(self, offsets: Sequence[int], numels: Sequence[int], steps_device: torch.device) -> None:
+        self.offsets: Tensor = torch.tensor(list(offsets), dtype=torch.int64)
+        self.numels: Tensor = torch.tensor(list(numels), dtype=torch.int64)
+        self.steps: Tensor = torch.zeros(len(offsets), dtype=torch.float32, device=steps_device)
+        self.flags = array.array("B", bytes(len(offsets)))
+        self.active: Tensor = torch.frombuffer(self.flags, dtype=torch.uint8) if len(offsets) else \
+            torch.zeros(0, dtype=torch.uint8)
+        self._on_device: dict[torch.device, dict[str, Tensor]] = {}
 
+    @classmethod
+    def packed(cls, numels: Sequence[int], device: torch.device | str = "cpu") -> Segments:
+        """Segments of the given sizes laid out as flat storage lays them out (each start 64-byte aligned), all
+        active, steps 0 on `device`; `total` is the length of a buffer that holds them."""
+        offsets, total = [], 0
+        for n in numels:
+            offsets.append(total)
+            total = _align(total + n)
+        table = cls(offsets, numels, torch.device(device))
+        table.total = total
+        table.set_all_active(True)
+        return table
 
-def shard_groups(t: Tensor) -> list[Any]:
-    """The process groups a DTensor is sharded across (one per sharded mesh dimension); [] for a plain tensor."""
-    if not isinstance(t, DTensor):
-        return []
-    return [t.device_mesh.get_group(d) for d, placement in enumerate(t.placements) if placement.is_shard()]
+    def __len__(self) -> int:
+        return len(self.flags)
 
+    def set_all_active(self, value: bool) -> None:
+        for k in range(len(self.flags)):
+            self.flags[k] = int(value)
 
-def all_reduce_sum(sums: Tensor, groups: Sequence[Any]) -> None:
-    """Sum `sums` in place over each of `groups` in turn: per-rank sums of squares become whole-tensor sums."""
-    for group in groups:
-        dist.all_reduce(sums, group=group)
+    def any_active(self) -> bool:
+        return any(self.flags)
 
+    def on_device(self, device: torch.device) -> dict[str, Tensor]:
+        """Device copies for the CUDA kernels: the offsets/numels table and the work list over every segment (item
+        begin, end, segment, then each segment's first item), built once; the active flags, copied each call."""
+        cached = self._on_device.get(device)
+        if cached is None:
+            begin, end, segment, first = [], [], [], []
+            for k, (off, num) in enumerate(zip(self.offsets.tolist(), self.numels.tolist())):
+                first.append(len(begin))
+                for x in range(0, num, CHUNK):
+                    begin.append(off + x)
+                    end.append(off + min(num, x + CHUNK))
+                    segment.append(k)
+            first.append(len(begin))
+            work = torch.tensor(begin + end + segment + first, dtype=torch.int64)
+            cached = {"offsets": self.offsets.to(device), "numels": self.numels.to(device), "work": work.to(device),
+                      "items": torch.tensor(len(begin)), "active": torch.zeros_like(self.active, device=device)}
+            self._on_device[device] = cached
+        cached["active"].copy_(self.active, non_blocking=True)
+        return cached
 
-def _sharding_key(p: Tensor) -> Any:
-    """Parameters of one FlatBuffer share device, dtype and (for DTensors) mesh and placements."""
-    return (p.device_mesh, tuple(p.placements)) if isinstance(p, DTensor) else None
 
 
 def _align(n: int) -> int:
@@ -114,14 +148,13 @@ class FlatBuffer:
         self.param: Tensor = _allocate(total, self.dtype, self.device)
         self.grad: Tensor = _allocate(total, self.dtype, self.device)
         self.state: dict[str, Tensor] = {}
-        # Float32 step counts, one per parameter; state[p]["step"] are 0-d views into it (torch.optim's layout).
-        # On the GPU they live on the device, as torch.optim's fused/capturable steps do, so that a step skipped
-        # on the device (AMP found_inf, skip_nonfinite) is not counted and nothing has to be read back.
+        # The segment table the kernels read. Step counts are float32, one per parameter; state[p]["step"] are 0-d views
+        # into them (torch.optim's layout). On the GPU they live on the device, as torch.optim's fused/capturable
+        # steps do, so that a step skipped on the device (AMP found_inf, skip_nonfinite) is not counted and nothing
+        # has to be read back.
         steps_device = self.device if self.device.type == "cuda" and not self.sharded else torch.device("cpu")
-        self.steps: Tensor = torch.zeros(len(self.params), dtype=torch.float32, device=steps_device)
-        # Host keys that group parameters into kernel calls without reading `steps`: (steps attempted, hash of the
-        # attempts whose skip was decided on the device). Parameters with equal keys have equal `steps`.
-        self.step_keys: list[tuple[int, int]] = [(0, 0)] * len(self.params)
+        self.segments = Segments(self.offsets, self.numels, steps_device)
+        self.steps: Tensor = self.segments.steps
         self.master: Tensor | None = None
         with torch.no_grad():
             for i, (p, local) in enumerate(zip(self.params, locals_)):
@@ -143,7 +176,6 @@ class FlatBuffer:
         self._foreign_ptrs: list[int] = [0] * len(self.params)  # address of the last foreign gradient re-pointed
         # State names for which every parameter already has its views (None: check on the next step).
         self.complete_state: tuple[str, ...] | None = None
-        self._segment_cache: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
 
     # Regions and views -------------------------------------------------------------------------------------
 
@@ -164,25 +196,7 @@ class FlatBuffer:
         """Parameter i's region of `flat` as torch.optim exposes a state: a DTensor placed like a sharded parameter."""
         view = self.view(flat, i)
         p = self.params[i]
-        if not self.sharded:
-            return view
-        return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                  stride=p.stride())
-
-    def span(self, first: int, last: int) -> slice:
-        """Elements of parameters first..last inclusive (with the padding between them, which stays zero)."""
-        end = self.total if last == len(self.params) - 1 else self.offsets[last + 1]
-        return slice(self.offsets[first], end)
-
-    def segments(self, first: int, last: int) -> tuple[Tensor, Tensor]:
-        """Offsets (relative to the span's start) and sizes of parameters first..last, as int64 CPU tensors."""
-        key = (first, last)
-        if key not in self._segment_cache:
-            start = self.offsets[first]
-            offsets = torch.tensor([o - start for o in self.offsets[first:last + 1]], dtype=torch.int64)
-            numels = torch.tensor(self.numels[first:last + 1], dtype=torch.int64)
-            self._segment_cache[key] = (offsets, numels)
-        return self._segment_cache[key]
+        return view if not self.sharded else state_as_dtensor(view, p)
 
     # States ------------------------------------------------------------------------------------------------
 
@@ -201,8 +215,9 @@ class FlatBuffer:
 
     # Aliasing ----------------------------------------------------------------------------------------------
 
-    def prepare_step(self) -> list[bool]:
-        """Restore aliasing the user broke and report which parameters have a gradient this step.
+    def prepare_step(self) -> bool:
+        """Restore aliasing the user broke, mark in `segments.flags` which parameters have a gradient this step, and say
+        whether any has.
 
         A parameter whose data was replaced (`p.data = t`) is copied back in; a gradient that is not our view
         (assigned, or created by autograd after `set_to_none=True`) is copied into the flat buffer and the view
@@ -211,27 +226,29 @@ class FlatBuffer:
         """
         if self.sharded:
             return self._prepare_sharded()
-        has_grad = []
+        flags = self.segments.flags
         param_ptrs, grad_views, grad_ptrs = self._param_ptrs, self._grad_views, self._grad_ptrs
+        any_grad = False
         for i, p in enumerate(self.params):
             if p.data_ptr() != param_ptrs[i]:
                 self._adopt_param(i)
             g = p.grad
             if g is None:
-                has_grad.append(False)
+                flags[i] = 0
                 continue
             if g is not grad_views[i] or g.data_ptr() != grad_ptrs[i]:
                 self._take_grad(i, g)
-            has_grad.append(True)
-        return has_grad
+            flags[i] = 1
+            any_grad = True
+        return any_grad
 
     @torch.no_grad()
-    def _prepare_sharded(self) -> list[bool]:
+    def _prepare_sharded(self) -> bool:
         """Copy in the local gradient shards and the shards of the parameters that have one."""
-        has_grad = []
+        flags = self.segments.flags
         for i, p in enumerate(self.params):
             g = p.grad
-            has_grad.append(g is not None)
+            flags[i] = int(g is not None)
             if g is not None:
                 local = p.to_local()
                 self._check_same_layout(i, local)
@@ -245,15 +262,15 @@ class FlatBuffer:
                 local_grad = local_tensor(g)
                 self._check_grad(i, local_grad)
                 self.region(self.grad, i).copy_(local_grad.reshape(-1))
-        return has_grad
+        return any(flags)
 
     @torch.no_grad()
-    def finish_step(self, updated: Sequence[bool]) -> None:
+    def finish_step(self) -> None:
         """Write updated parameter shards back into their DTensors' local storage (sharded buffers only)."""
         if not self.sharded:
             return
         for i, p in enumerate(self.params):
-            if updated[i]:
+            if self.segments.flags[i]:
                 p.to_local().copy_(self.view(self.param, i))
 
     def all_reduce_sums(self, sums: Tensor) -> None:
@@ -333,37 +350,10 @@ class FlatBuffer:
                     self._grad_views[i] = self.view(self.grad, i)
                 p.grad = self._grad_views[i]
 
-    def count_steps(self, first: int, last: int, device_decided: int | None) -> None:
-        """Record a step of parameters first..last in `step_keys`; `device_decided` identifies the step when only
-        the device knows whether it was applied (None: it was)."""
-        for i in range(first, last + 1):
-            attempts, history = self.step_keys[i]
-            if device_decided is not None:
-                history = hash((history, device_decided))
-            self.step_keys[i] = (attempts + 1, history)
-
-    def reset_step_keys(self) -> None:
-        """Rebuild `step_keys` from `steps` after they were written from outside (a loaded checkpoint)."""
-        self.step_keys = [(int(s), 0) for s in self.steps.tolist()]
-
-    def runs(self, active: Sequence[bool], keys: Sequence[object]) -> list[tuple[int, int]]:
-        """Maximal ranges (first, last) of consecutive active parameters that share the same key."""
-        result: list[tuple[int, int]] = []
-        start = None
-        for i, is_active in enumerate(active):
-            if start is not None and (not is_active or keys[i] != keys[start]):
-                result.append((start, i - 1))
-                start = None
-            if is_active and start is None:
-                start = i
-        if start is not None:
-            result.append((start, len(active) - 1))
-        return result
-
 
 def build_flat_buffers(params: Sequence[Tensor], master_weights: bool = False) -> list[FlatBuffer]:
     """One FlatBuffer per (device, dtype, sharding) among `params`, each keeping the group's parameter order."""
     by_key: dict[tuple[Any, ...], list[Tensor]] = {}
     for p in params:
-        by_key.setdefault((p.device, p.dtype, _sharding_key(p)), []).append(p)
+        by_key.setdefault((p.device, p.dtype, sharding_key(p)), []).append(p)
     return [FlatBuffer(group, master_weights=master_weights) for group in by_key.values()]

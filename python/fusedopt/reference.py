@@ -162,20 +162,20 @@ def sgd(
     grad: Tensor,
     momentum_buffer: Tensor | None,
     *,
+    step: int,
     lr: float,
     momentum: float,
     dampening: float,
     weight_decay: float,
     nesterov: bool,
     maximize: bool,
-    first_step: bool,
     grad_scale: float = 1.0,
 ) -> None:
     """SGD with momentum (Sutskever et al. 2013 form used by torch.optim.SGD).
 
     g = grad*grad_scale (negated if maximize); g = g + wd*p; if momentum != 0:
-    buf = g on the first step else momentum*buf + (1-dampening)*g; g = g + momentum*buf if nesterov else buf;
-    p = p - lr*g.
+    buf = g on the first step (step 1) else momentum*buf + (1-dampening)*g; g = g + momentum*buf if nesterov else
+    buf; p = p - lr*g.
     """
     if momentum != 0 and momentum_buffer is None:
         raise ValueError(f"Invalid momentum_buffer: None with momentum={momentum}")
@@ -188,7 +188,7 @@ def sgd(
     buf = None
     if momentum != 0:
         buf = _fp32(momentum_buffer)
-        if first_step:
+        if step <= 1:
             buf.copy_(g)
         else:
             buf.mul_(momentum).add_(g, alpha=1 - dampening)
@@ -208,6 +208,7 @@ def rmsprop(
     momentum_buffer: Tensor | None,
     grad_avg: Tensor | None,
     *,
+    step: int,
     lr: float,
     alpha: float,
     eps: float,
@@ -227,6 +228,7 @@ def rmsprop(
         raise ValueError(f"Invalid momentum_buffer: None with momentum={momentum}")
     if centered and grad_avg is None:
         raise ValueError("Invalid grad_avg: None with centered=True")
+    del step  # RMSprop has no step-dependent term
     _check_same_numel(param, grad=grad, square_avg=square_avg,
                       momentum_buffer=momentum_buffer if momentum > 0 else None,
                       grad_avg=grad_avg if centered else None)
@@ -302,6 +304,7 @@ def lion(
     grad: Tensor,
     exp_avg: Tensor,
     *,
+    step: int,
     lr: float,
     beta1: float,
     beta2: float,
@@ -315,6 +318,7 @@ def lion(
     c = lerp(m, g, 1-beta1) = beta1*m + (1-beta1)*g;  p = p - lr*sign(c)   (sign(0) = 0);
     m = lerp(m, g, 1-beta2) = beta2*m + (1-beta2)*g.
     """
+    del step  # Lion has no step-dependent term
     _check_same_numel(param, grad=grad, exp_avg=exp_avg)
     p, m = _fp32(param), _fp32(exp_avg)
     g = _effective_grad(grad, grad_scale, maximize)
@@ -393,7 +397,7 @@ def lamb_apply(param: Tensor, u: Tensor, w2: float, u2: float, *, lr: float, max
     """LAMB's second half: p -= lr * trust_ratio * u, the trust ratio from the sums of squares |p|^2 and |u|^2."""
     w_norm, u_norm = math.sqrt(w2), math.sqrt(u2)
     ratio = w_norm / u_norm if (w_norm > 0 and u_norm > 0) else 1.0
-    if max_trust_ratio is not None:
+    if max_trust_ratio is not None and max_trust_ratio >= 0:  # None (or the kernels' -1): no clamp
         ratio = min(ratio, max_trust_ratio)
     p = _fp32(param)
     p.add_(u, alpha=-(lr * ratio))

@@ -1,5 +1,6 @@
-// C++ API of the compiled core: plain pointers, 64-bit counts, dtype codes and precomputed coefficients.
-// Implemented for the CPU in csrc/cpu/dispatch.cpp (checked entry points) and consumed by csrc/bindings/module.cpp.
+// C++ API of the compiled core: plain pointers, 64-bit counts, dtype codes, a segment table and the algorithm's
+// hyperparameters as doubles. Implemented for the CPU in csrc/cpu/dispatch.cpp (checked entry points) and consumed by
+// csrc/bindings/module.cpp; csrc/include/fusedopt/cuda_api.h is the CUDA counterpart.
 #pragma once
 
 #include <stdint.h>
@@ -7,21 +8,16 @@
 #include <string>
 #include <vector>
 
-#include "fusedopt/math/adagrad.h"
-#include "fusedopt/math/adam.h"
-#include "fusedopt/math/lamb.h"
-#include "fusedopt/math/lion.h"
-#include "fusedopt/math/rmsprop.h"
-#include "fusedopt/math/sgd.h"
+#include "fusedopt/algorithms.h"
 
 namespace fusedopt {
 
-// One flat buffer set: n elements each. states[k] follows the algorithm's state order (see math/*.h); unused slots
-// are null. master (fp32) is null or holds the parameter value, with param receiving round(master).
+// One flat buffer set: n elements each. states[k] follows the algorithm's kStates; unused slots are null. master
+// (fp32, only with 16-bit parameters) is null or holds the parameter value, with param receiving round(master).
 struct FlatBuffers {
   void* param = nullptr;
   const void* grad = nullptr;
-  void* states[3] = {nullptr, nullptr, nullptr};
+  void* states[algo::kMaxStates] = {nullptr, nullptr, nullptr};
   float* master = nullptr;
   int64_t n = 0;
   int param_dtype = 0;
@@ -29,16 +25,34 @@ struct FlatBuffers {
   int state_dtype = 0;
 };
 
-// LAMB segments: count (offset, numel) pairs, sorted by offset, non-overlapping, within [0, n).
-struct LambSegments {
+// The parameters of a flat buffer set: segment s is [offsets[s], offsets[s] + numels[s]), sorted and disjoint.
+// steps[s] is the segment's step count (float32, as torch.optim's `step`), incremented by the call for every active
+// segment before its coefficients are made; active[s] != 0 when the parameter has a gradient this step. Inactive
+// segments are neither read nor written. Segments with different step counts are updated in the same call.
+struct Segments {
   const int64_t* offsets = nullptr;
   const int64_t* numels = nullptr;
+  float* steps = nullptr;
+  const uint8_t* active = nullptr;
   int64_t count = 0;
 };
 
-// LAMB passes, for running them separately (sharded parameters all-reduce the per-segment sums in between).
-constexpr int kLambMoments = 1;  // pass 1: moments and per-segment sums of squares of p and u
-constexpr int kLambApply = 2;    // pass 2: trust ratios from the sums, then the update
+// Trust-ratio passes, for running them separately (sharded parameters all-reduce the per-segment sums in between).
+constexpr int kPassMoments = 1;  // pass 1: moments and per-segment sums of squares of p and u (counts the step)
+constexpr int kPassApply = 2;    // pass 2: trust ratios from the sums, then the update
+
+// What a step needs besides the buffers and segments. hyper holds the algorithm's Hyper fields in kFields order.
+struct StepArgs {
+  const double* hyper = nullptr;
+  int64_t hyper_count = 0;
+  double lr = 0.0;
+  double grad_scale = 1.0;  // AMP 1/scale times the clip coefficient
+  // Trust-ratio algorithms only: which passes run, and segments.count doubles each that receive the per-segment sums
+  // of squares of p and u after pass 1 and are read by pass 2 (null: scratch space of the call).
+  int passes = kPassMoments | kPassApply;
+  double* segment_w2 = nullptr;
+  double* segment_u2 = nullptr;
+};
 
 struct SumOfSquares {
   double sum = 0.0;
@@ -47,19 +61,15 @@ struct SumOfSquares {
 
 namespace cpu {
 
-// Checked entry points: they validate their arguments and throw std::invalid_argument before touching memory.
-void adam(const FlatBuffers& b, const AdamCoeffs& c, bool amsgrad);
-void sgd(const FlatBuffers& b, const SgdCoeffs& c, bool momentum);
-void rmsprop(const FlatBuffers& b, const RmspropCoeffs& c, bool centered, bool momentum);
-void adagrad(const FlatBuffers& b, const AdagradCoeffs& c);
-void lion(const FlatBuffers& b, const LionCoeffs& c);
-// lr and max_trust_ratio in double (max_trust_ratio < 0 or NaN: no clamp, i.e. None); the trust ratio is computed per segment.
-void lamb(const FlatBuffers& b, const LambCoeffs& c, const LambSegments& segments, double lr, double max_trust_ratio);
-// One or both LAMB passes: `phases` is kLambMoments, kLambApply or both. segment_w2/segment_u2 (segments.count doubles
-// each) receive the sums of squares of p and u after pass 1 and are read by pass 2.
-void lamb_phases(const FlatBuffers& b, const LambCoeffs& c, const LambSegments& segments, double lr,
-                 double max_trust_ratio, int phases, double* segment_w2, double* segment_u2);
+// Checked entry points, one per algorithm: they validate their arguments and throw std::invalid_argument before
+// touching memory.
+#define FUSEDOPT_DECLARE_STEP(A) void A(const FlatBuffers& b, const Segments& s, const StepArgs& args);
+FUSEDOPT_FOR_EACH_ALGORITHM(FUSEDOPT_DECLARE_STEP)
+#undef FUSEDOPT_DECLARE_STEP
+
 SumOfSquares sum_of_squares(const void* data, int64_t n, int dtype);
+// Over the active segments only (a parameter without a gradient this step holds stale values).
+SumOfSquares sum_of_squares_segments(const void* data, int64_t n, int dtype, const Segments& s);
 
 // Run-time ISA selection: "baseline", "avx2", "avx512".
 std::vector<std::string> compiled_isas();

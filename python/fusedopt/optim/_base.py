@@ -1,26 +1,41 @@
-"""Shared machinery of fusedopt's optimizers: flat storage per group, gradient clipping, AMP, state_dict.
-
-Subclasses declare their states and implement `_update`, which hands one run of parameters (consecutive
-parameters that have gradients and share a step count) to one `fusedopt.functional` call.
+"""The optimizer base class: param groups over flat storage, state views in torch.optim's layout, and the step that
+hands each flat buffer set to one `fusedopt.functional.update` call. No arithmetic: the algorithm is the class's
+`spec` (optim/_spec.py) and its math header; gradient scaling lives in fusedopt._scaling, checkpoint loading in
+optim/_checkpoint.py.
 """
 from __future__ import annotations
 
-import math
+import inspect
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, TypedDict
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import _torch_ops, functional
+from .. import _scaling, _torch_ops, functional
 from .._backend import resolve, validate_backend
-from ..flat import STATE_DTYPES, FlatBuffer, all_reduce_sum, build_flat_buffers, is_dtensor, local_tensor
+from .._distributed import is_dtensor, local_tensor
+from ..flat import STATE_DTYPES, FlatBuffer, build_flat_buffers
+from . import _checkpoint
+from ._spec import Spec, check_range, scalar
 
-# Group keys that describe where and how state is stored, not the training trajectory: a loaded
-# checkpoint keeps the optimizer's own values for these.
-_LAYOUT_KEYS = ("backend", "state_dtype", "master_weights")
+
+class FusedOptions(TypedDict, total=False):
+    """fusedopt's own keywords, accepted by every optimizer beside torch.optim's.
+
+    backend: "auto", "cpu", "cuda" or "reference" (FUSEDOPT_BACKEND overrides it). max_grad_norm: clip the global
+    gradient norm inside the step (kept in `last_grad_norm`). state_dtype: torch.float32 (default) or torch.bfloat16
+    states. master_weights: fp32 copies of 16-bit parameters, updated in the same pass. skip_nonfinite: a step whose
+    gradients hold inf or nan changes nothing (counted in `skipped_steps`).
+    """
+
+    backend: str
+    max_grad_norm: float | None
+    state_dtype: torch.dtype | None
+    master_weights: bool
+    skip_nonfinite: bool
+
 
 FUSED_DEFAULTS: dict[str, Any] = {
     "backend": "auto",
@@ -30,18 +45,9 @@ FUSED_DEFAULTS: dict[str, Any] = {
     "skip_nonfinite": False,
 }
 
-
-def scalar(value: float | Tensor) -> float:
-    """A hyperparameter as a Python float (tensor learning rates and betas are accepted)."""
-    return float(value.item()) if isinstance(value, Tensor) else float(value)
-
-
-def check_range(name: str, value: Any, low: float, high: float | None = None, high_open: bool = True) -> None:
-    """Raise ValueError naming `name` unless low <= value (< or <=) high; NaN is always rejected."""
-    v = scalar(value)
-    ok = v >= low and (high is None or (v < high if high_open else v <= high))
-    if not ok or math.isnan(v):
-        raise ValueError(f"Invalid {name}: {value}")
+# Group keys that describe where and how state is stored, or fusedopt's own policy: a loaded torch.optim checkpoint
+# does not carry them, so the optimizer keeps its own values.
+_KEPT_ON_LOAD = tuple(FUSED_DEFAULTS)
 
 
 def check_flattenable(params: list[Tensor]) -> None:
@@ -72,29 +78,6 @@ def check_flattenable(params: list[Tensor]) -> None:
                              "flat storage would give each its own copy")
 
 
-def _local_values(value: Tensor, p: Tensor) -> Tensor:
-    """A loaded state tensor as this rank's part of parameter `p`: a DTensor is redistributed like `p`."""
-    if is_dtensor(value):
-        if not is_dtensor(p):
-            return value.full_tensor()
-        return value.redistribute(p.device_mesh, p.placements).to_local()
-    if is_dtensor(p):
-        if value.numel() == p.numel():  # a whole (unsharded) tensor: keep this rank's shard of it
-            from torch.distributed.tensor import distribute_tensor
-            return distribute_tensor(value.reshape(p.shape).to(p.device), p.device_mesh, p.placements,
-                                     src_data_rank=None).to_local()
-    return value
-
-
-def clip_coefficient(max_norm: float | None, norm: float) -> float:
-    """torch.nn.utils.clip_grad_norm_'s factor max_norm / (norm + 1e-6), clamped to 1; nan spreads as in torch."""
-    if max_norm is None:
-        return 1.0
-    if math.isnan(norm):
-        return math.nan
-    return min(float(max_norm) / (norm + 1e-6), 1.0)
-
-
 def _tensor_hyperparameters(groups: list[dict[str, Any]]) -> list[tuple[int, str, int | None, Tensor]]:
     """(group index, key, index in a tuple value or None, tensor) for every tensor hyperparameter, e.g. a tensor
     lr or betas: a compiled step passes them to the op so that it sees values the same graph just wrote."""
@@ -110,74 +93,44 @@ def _tensor_hyperparameters(groups: list[dict[str, Any]]) -> list[tuple[int, str
     return found
 
 
-@dataclass
-class StepScalars:
-    """What one kernel call needs besides the group's hyperparameters: host numbers, or tensors on the buffer's
-    device when the step is decided there (see `FusedOptimizer._decides_on_device`)."""
-
-    # The step being taken, 1 for the first: an int, or a 1-element float32 tensor already incremented.
-    step: int | Tensor
-    # No update has reached these parameters yet (SGD initialises its momentum buffer from the gradient).
-    first_step: bool
-    # Multiplies every gradient: AMP's 1/scale times the clip coefficient.
-    grad_scale: float | Tensor
-    # When it holds a non-zero value the kernel writes nothing (AMP's found_inf, skip_nonfinite).
-    found_inf: Tensor | None
-    on_device: bool
-
-    def lr(self, value: float | Tensor) -> float | Tensor:
-        """The group's lr as the kernel takes it: in a step decided on the GPU a tensor lr there stays there (the
-        kernel reads it, nothing waits); anything else becomes a Python float."""
-        if self.on_device and isinstance(value, Tensor) and value.device.type == "cuda":
-            return value.to(torch.float32).reshape(1)
-        return scalar(value)
-
-
-def _kernel_scale(value: float | Tensor) -> float | Tensor:
-    """A gradient multiplier as the kernels take it: a float, or a 1-element float32 tensor."""
-    return value.to(torch.float32).reshape(1) if isinstance(value, Tensor) else value
+Prepared = tuple[dict[str, Any], FlatBuffer, str]  # (group, buffer set with a gradient this step, backend)
 
 
 class FusedOptimizer(Optimizer):
     """Base class: a torch.optim.Optimizer whose groups live in flat buffers updated by fused kernels."""
 
-    # State tensors this algorithm keeps per parameter, as (name, fill value), for a given group.
-    def _state_specs(self, group: dict[str, Any]) -> list[tuple[str, float]]:
-        raise NotImplementedError
-
-    # Every state name this algorithm may keep (torch.optim's names), for checking loaded checkpoints.
-    STATE_NAMES: tuple[str, ...] = ()
-
-    # Whether state[p] exposes torch.optim's float32 "step" tensor (every FlatBuffer counts steps either way).
-    _tracks_step = True
-
-    def _update(self, group: dict[str, Any], buf: FlatBuffer, first: int, last: int, scalars: StepScalars,
-                backend: str) -> None:
-        raise NotImplementedError
+    spec: ClassVar[Spec]
+    # torch.optim's defaults of this algorithm, read from the subclass's __init__ signature (its one definition).
+    torch_defaults: ClassVar[dict[str, Any]] = {}
 
     # None: a step is decided on the device when every buffer sits on one CUDA device and none is sharded (see
     # `_decides_on_device`). The tests set True to run that same path on CPU tensors.
     _device_decisions: bool | None = None
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        raise NotImplementedError
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        signature = inspect.signature(cls.__init__)
+        cls.torch_defaults = {name: p.default for name, p in signature.parameters.items()
+                              if p.default is not inspect.Parameter.empty and name not in FUSED_DEFAULTS}
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
-        if defaults.get("differentiable"):
-            raise ValueError("Invalid differentiable: True (fusedopt's fused kernels are not differentiable)")
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], options: FusedOptions) -> None:
+        if isinstance(params, Tensor):
+            raise TypeError("params argument given to the optimizer should be an iterable of Tensors or dicts, but "
+                            f"got {torch.typename(params)}")
+        unknown = set(options) - set(FUSED_DEFAULTS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.__init__() got unexpected keyword arguments {sorted(unknown)}")
+        defaults = {**defaults, **FUSED_DEFAULTS, **options}
         self._flat_groups: list[list[FlatBuffer]] = []
         self._backends: list[list[str]] = []
         # The global norm of the last clipped step: a float, or a 0-dim tensor when the step ran on the GPU.
         self.last_grad_norm: float | Tensor | None = None
         self._skipped_on_host = 0
         self._skipped_on_device: Tensor | None = None  # steps skip_nonfinite skipped, counted on the device
-        self._device_decided_steps = 0  # identifies each step decided on the device in FlatBuffer.step_keys
-        params = [params] if isinstance(params, Tensor) else list(params)
+        params = list(params)
         # Validate every group before the first one is moved into flat storage: a rejected call changes nothing.
-        candidates = [defaults] + [{**defaults, **g} for g in params if isinstance(g, dict)]
-        for merged in candidates:
-            self._validate_common(merged)
-            self._validate_group(merged)
+        for merged in [defaults] + [{**defaults, **g} for g in params if isinstance(g, dict)]:
+            self._validate(merged)
         super().__init__(params, defaults)
         # GradScaler hands us grad_scale and found_inf; we unscale and skip inside step.
         self._step_supports_amp_scaling = True
@@ -185,11 +138,21 @@ class FusedOptimizer(Optimizer):
 
     # Groups ------------------------------------------------------------------------------------------------
 
+    def _validate(self, group: dict[str, Any]) -> None:
+        validate_backend(group["backend"])
+        if group.get("differentiable"):
+            raise ValueError("Invalid differentiable: True (fusedopt's fused kernels are not differentiable)")
+        if group["max_grad_norm"] is not None:
+            check_range("max_grad_norm value", group["max_grad_norm"], 0.0)
+        state_dtype = group["state_dtype"]
+        if state_dtype is not None and state_dtype not in STATE_DTYPES:
+            raise ValueError(f"Invalid state_dtype: {state_dtype} (expected torch.float32 or torch.bfloat16)")
+        if not isinstance(group["master_weights"], bool):
+            raise ValueError(f"Invalid master_weights: {group['master_weights']!r} (expected True or False)")
+        self.spec.validate(group)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        candidate = dict(self.defaults)
-        candidate.update({k: v for k, v in param_group.items() if k != "params"})
-        self._validate_common(candidate)
-        self._validate_group(candidate)
+        self._validate({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         params = group["params"]
@@ -198,34 +161,20 @@ class FusedOptimizer(Optimizer):
         except ValueError:
             self.param_groups.pop()  # a rejected group leaves the optimizer as it was
             raise
-        buffers = build_flat_buffers(params, master_weights=bool(group["master_weights"])) if params else []
+        buffers = build_flat_buffers(params, master_weights=group["master_weights"]) if params else []
         self._flat_groups.append(buffers)
         self._backends.append([resolve(group["backend"], b.device) for b in buffers])
-        self._on_group_added(group, buffers)
-
-    def _on_group_added(self, group: dict[str, Any], buffers: list[FlatBuffer]) -> None:
-        """Hook for algorithms whose state exists before the first step (Adagrad)."""
-
-    def _validate_common(self, group: dict[str, Any]) -> None:
-        validate_backend(group["backend"])
-        if group.get("differentiable"):
-            raise ValueError("Invalid differentiable: True (fusedopt's fused kernels are not differentiable)")
-        max_norm = group["max_grad_norm"]
-        if max_norm is not None:
-            check_range("max_grad_norm value", max_norm, 0.0)
-        state_dtype = group["state_dtype"]
-        if state_dtype is not None and state_dtype not in STATE_DTYPES:
-            raise ValueError(f"Invalid state_dtype: {state_dtype} (expected torch.float32 or torch.bfloat16)")
+        if self.spec.state_at_init:
+            for buf in buffers:
+                for i in range(len(buf.params)):
+                    self._init_state(group, buf, i)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            for key, value in FUSED_DEFAULTS.items():
+            for key, value in {**self.torch_defaults, **FUSED_DEFAULTS, **self.spec.forced}.items():
                 group.setdefault(key, value)
         self._handle = _torch_ops.register(self)  # a copy is a different optimizer
-
-    def _state_dtype(self, group: dict[str, Any]) -> torch.dtype:
-        return group["state_dtype"] or torch.float32
 
     # Per-parameter state -----------------------------------------------------------------------------------
 
@@ -233,38 +182,36 @@ class FusedOptimizer(Optimizer):
         """Create state[p] as views into the flat buffers (torch.optim's names and shapes)."""
         p = buf.params[i]
         state: dict[str, Any] = {}
-        if self._tracks_step:
+        if self.spec.tracks_step:
             state["step"] = buf.steps[i]
-        for name, fill in self._state_specs(group):
-            state[name] = buf.state_view(buf.ensure_state(name, self._state_dtype(group), fill), i)
+        dtype = group["state_dtype"] or torch.float32
+        for s in self.spec.kept_states(group):
+            state[s.name] = buf.state_view(buf.ensure_state(s.name, dtype, s.fill(group)), i)
         if buf.master is not None:
             state["master_param"] = buf.state_view(buf.master, i)
         if state:  # like torch.optim, parameters without state (plain SGD) get no entry
             self.state[p] = state
 
-    def _ensure_state_views(self, group: dict[str, Any], buf: FlatBuffer, has_grad: list[bool]) -> None:
-        specs = self._state_specs(group)
-        names = tuple(name for name, _ in specs)
+    def _ensure_state_views(self, group: dict[str, Any], buf: FlatBuffer) -> None:
+        kept = self.spec.kept_states(group)
+        names = tuple(s.name for s in kept)
         if buf.complete_state == names:
             return  # the common case after the first step: nothing to create
         complete = True
+        dtype = group["state_dtype"] or torch.float32
         for i, p in enumerate(buf.params):
             state = self.state.get(p)
             if not state:
-                if has_grad[i]:
+                if buf.segments.flags[i]:
                     self._init_state(group, buf, i)
                 else:
                     complete = False
                 continue
-            for name, fill in specs:  # a mode switched on mid-training (e.g. amsgrad) adds a state
-                if name not in state:
-                    state[name] = buf.state_view(buf.ensure_state(name, self._state_dtype(group), fill), i)
+            for s in kept:  # a mode switched on mid-training (e.g. amsgrad) adds a state
+                if s.name not in state:
+                    state[s.name] = buf.state_view(buf.ensure_state(s.name, dtype, s.fill(group)), i)
         # A parameter that has never had a gradient keeps the buffer incomplete: the loop runs again next step.
         buf.complete_state = names if complete else None
-
-    def _run_keys(self, buf: FlatBuffer) -> list[Any]:
-        """Parameters in one kernel call must agree on this key (the step count by default, known on the host)."""
-        return buf.step_keys
 
     @property
     def skipped_steps(self) -> int:
@@ -273,11 +220,16 @@ class FusedOptimizer(Optimizer):
         on_device = 0 if self._skipped_on_device is None else int(self._skipped_on_device.item())
         return self._skipped_on_host + on_device
 
+    @property
+    def flat_buffers(self) -> list[list[FlatBuffer]]:
+        """The flat buffer sets of each param group (one per device and dtype)."""
+        return self._flat_groups
+
     # Step --------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Perform one optimization step over every group (one fused kernel call per run of parameters).
+        """Perform one optimization step over every group: one fused kernel call per flat buffer set.
 
         Under `torch.compile` the step is one `fusedopt::optimizer_step` custom op (see `_torch_ops`), which
         runs this same eager step when the compiled code executes, so dynamo needs no graph break here.
@@ -296,60 +248,44 @@ class FusedOptimizer(Optimizer):
     def _eager_step(self, groups: list[dict[str, Any]], grad_scale: Tensor | float | None,
                     found_inf: Tensor | None) -> None:
         """The step itself; `groups` are the param groups (or copies carrying a compiled graph's hyperparameters)."""
-        prepared: list[tuple[dict[str, Any], FlatBuffer, str, list[bool]]] = []
+        prepared: list[Prepared] = []
         for group, buffers, backends in zip(groups, self._flat_groups, self._backends):
             for buf, backend in zip(buffers, backends):
-                has_grad = buf.prepare_step()
-                if any(has_grad):
-                    prepared.append((group, buf, backend, has_grad))
-        # A first step that differs from later ones is chosen on the host, so it must not be skipped on the device.
-        on_device = self._decides_on_device() and not any(
-            self._first_step_differs(group) and any(has and buf.step_keys[i][0] == 0 for i, has in enumerate(has_grad))
-            for group, buf, _, has_grad in prepared)
+                if buf.prepare_step() or buf.reduce_groups:  # sharded buffers join every collective
+                    prepared.append((group, buf, backend))
+        on_device = self._decides_on_device()
         if not on_device and found_inf is not None and bool(found_inf.sum() != 0):
             return  # GradScaler saw inf/nan: parameters, states and step counts stay as they are
-        if not prepared:
+        prepared_with_grads = [entry for entry in prepared if entry[1].segments.any_active()]
+        if not prepared_with_grads and not any(buf.reduce_groups for _, buf, _ in prepared):
             return
+        decided = self._scales(prepared, grad_scale, found_inf, on_device)
+        if decided is None:
+            return  # skip_nonfinite: parameters, states and step counts stay as they are
+        scales, skip = decided
+        for (group, buf, backend), scale in zip(prepared, scales):
+            if not buf.segments.any_active() and not buf.reduce_groups:
+                continue
+            self._ensure_state_views(group, buf)
+            functional.update(
+                self.spec.kernel, buf.param, buf.grad, [buf.state.get(s.name) for s in self.spec.states],
+                buf.master, buf.segments, hyper=self.spec.hyper(group), lr=self._lr(group["lr"], on_device),
+                grad_scale=scale, found_inf=skip, backend=backend,
+                norm_reduce=buf.all_reduce_sums if buf.reduce_groups else None)
+            buf.finish_step()
 
-        skip: Tensor | None = None
-        if on_device:
-            scales, skip = self._device_scales(prepared, grad_scale, found_inf)
-            self._device_decided_steps += 1
-        else:
-            host_scales = self._host_scales(prepared, grad_scale)
-            if host_scales is None:
-                return  # skip_nonfinite: parameters, states and step counts stay as they are
-            scales = list(host_scales)
-        applied = None if skip is None else 1.0 - skip  # per-step increment of the device step counts
-        decided_as = self._device_decided_steps if skip is not None else None
-        for (group, buf, backend, has_grad), grad_scale_k in zip(prepared, scales):
-            self._ensure_state_views(group, buf, has_grad)
-            for first, last in buf.runs(has_grad, self._run_keys(buf)):
-                steps = buf.steps[first:last + 1]
-                if on_device:
-                    steps.add_(1.0 if applied is None else applied)  # before the kernel, which reads it
-                    scalars = StepScalars(step=buf.steps[first:first + 1], first_step=buf.step_keys[first][0] == 0,
-                                          grad_scale=grad_scale_k, found_inf=skip, on_device=True)
-                    self._update(group, buf, first, last, scalars, backend)
-                else:
-                    step = int(buf.steps[first].item()) + 1
-                    scalars = StepScalars(step=step, first_step=step == 1, grad_scale=grad_scale_k, found_inf=None,
-                                          on_device=False)
-                    self._update(group, buf, first, last, scalars, backend)
-                    steps.add_(1)
-                buf.count_steps(first, last, decided_as)
-            buf.finish_step(has_grad)
-
-    def _first_step_differs(self, group: dict[str, Any]) -> bool:
-        """Whether this group's first update is a different formula that the kernel is told about by the host
-        (SGD's momentum initialisation). Parameters that have not taken it yet are stepped with host decisions:
-        `step_keys` then count only applied steps until it is done."""
-        return False
+    @staticmethod
+    def _lr(value: float | Tensor, on_device: bool) -> float | Tensor:
+        """The group's lr as the kernel takes it: in a step decided on the GPU a tensor lr there stays there (the
+        kernel reads it, nothing waits); anything else becomes a Python float."""
+        if on_device and isinstance(value, Tensor) and value.device.type == "cuda":
+            return value.to(torch.float32).reshape(1)
+        return scalar(value)
 
     def _decides_on_device(self) -> bool:
         """Whether this step keeps AMP's found_inf, the gradient norm, the clip coefficient, skip_nonfinite and the
         step counts on the device, so that the host never waits for the GPU: when every buffer sits on one CUDA
-        device and none is sharded. Otherwise those are host numbers (sharded norms are all-reduced on the host)."""
+        device and none is sharded. Otherwise those are host numbers."""
         if self._device_decisions is not None:
             return self._device_decisions
         buffers = [buf for group_buffers in self._flat_groups for buf in group_buffers]
@@ -357,67 +293,49 @@ class FusedOptimizer(Optimizer):
         return (len(devices) == 1 and next(iter(devices)).type == "cuda"
                 and not any(buf.sharded for buf in buffers))
 
-    def _host_scales(self, prepared: list[tuple[dict[str, Any], FlatBuffer, str, list[bool]]],
-                     grad_scale: Tensor | float | None) -> list[float] | None:
-        """Each prepared buffer's gradient multiplier (AMP 1/scale x clip coefficient), or None when
-        skip_nonfinite skips this step."""
-        unscale = 1.0 if grad_scale is None else 1.0 / scalar(grad_scale)
-        coefficients = [1.0] * len(prepared)
+    def _scales(self, prepared: list[Prepared], grad_scale: Tensor | float | None, found_inf: Tensor | None,
+                on_device: bool) -> tuple[list[_scaling.Scale], Tensor | None] | None:
+        """Each prepared buffer's gradient multiplier (AMP 1/scale x clip coefficient) and the device flag that makes
+        the kernels skip the step (None when the host decides); None when the host decides to skip it."""
+        device = prepared[0][1].device if on_device else torch.device("cpu")
+        unscale = _scaling.unscale_of(grad_scale, device) if on_device else (
+            1.0 if grad_scale is None else 1.0 / scalar(grad_scale))
+        skip = _scaling.amp_skip(found_inf, device) if on_device else None
+        scales: list[_scaling.Scale] = [unscale] * len(prepared)
         clipping = any(group["max_grad_norm"] is not None for group, *_ in prepared)
-        if clipping or any(group["skip_nonfinite"] for group, *_ in prepared):
-            norm, nonfinite = self._global_grad_norm(prepared, unscale)
-            if nonfinite and any(group["skip_nonfinite"] for group, *_ in prepared):
-                self._skipped_on_host += 1
-                return None
+        skipping = any(group["skip_nonfinite"] for group, *_ in prepared)
+        if clipping or skipping:
+            norm, nonfinite = self._global_norm(prepared, unscale, device)
+            if skipping:
+                if on_device:
+                    counted = nonfinite if skip is None else nonfinite * (1.0 - skip)  # AMP's skips not counted
+                    if self._skipped_on_device is None or self._skipped_on_device.device != device:
+                        self._skipped_on_device = torch.zeros(1, dtype=torch.float32, device=device)
+                    self._skipped_on_device.add_(counted)
+                    skip = nonfinite if skip is None else torch.maximum(skip, nonfinite)
+                elif bool(nonfinite.item()):
+                    self._skipped_on_host += 1
+                    return None
             if clipping:
-                self.last_grad_norm = norm
-                coefficients = [clip_coefficient(group["max_grad_norm"], norm) for group, *_ in prepared]
-        return [unscale * coefficient for coefficient in coefficients]
-
-    def _device_scales(self, prepared: list[tuple[dict[str, Any], FlatBuffer, str, list[bool]]],
-                       grad_scale: Tensor | float | None,
-                       found_inf: Tensor | None) -> tuple[list[float | Tensor], Tensor | None]:
-        """`_host_scales` computed on the device: the gradient multipliers (tensors when they depend on device
-        values) and the flag that makes the kernels skip this step (AMP's found_inf, or skip_nonfinite's
-        verdict), None when nothing can skip it. The same formulas, evaluated in float64 tensors."""
-        device = prepared[0][1].device
-        # GradScaler's found_inf sums the flags of several devices: any non-zero value means skip.
-        skip = None if found_inf is None else (found_inf.to(device).reshape(1) != 0).to(torch.float32)
-        unscale: float | Tensor = 1.0
-        if isinstance(grad_scale, Tensor):
-            unscale = grad_scale.to(device=device, dtype=torch.float64).reshape(1).reciprocal()
-        elif grad_scale is not None:
-            unscale = 1.0 / float(grad_scale)
-        scales: list[float | Tensor] = [unscale] * len(prepared)
-        clipping = any(group["max_grad_norm"] is not None for group, *_ in prepared)
-        if clipping or any(group["skip_nonfinite"] for group, *_ in prepared):
-            norm, nonfinite = self._device_grad_norm(prepared, unscale, device)
-            if any(group["skip_nonfinite"] for group, *_ in prepared):
-                counted = nonfinite if skip is None else nonfinite * (1.0 - skip)  # AMP's own skips not counted
-                if self._skipped_on_device is None or self._skipped_on_device.device != device:
-                    self._skipped_on_device = torch.zeros(1, dtype=torch.float32, device=device)
-                self._skipped_on_device.add_(counted)
-                skip = nonfinite if skip is None else torch.maximum(skip, nonfinite)
-            if clipping:
-                self.last_grad_norm = norm.reshape(())
-                scales = [unscale if group["max_grad_norm"] is None
-                          else torch.clamp(float(group["max_grad_norm"]) / (norm + 1e-6), max=1.0) * unscale
-                          for group, *_ in prepared]  # torch.clamp keeps nan, as clip_coefficient does
-        return [_kernel_scale(value) for value in scales], skip
+                self.last_grad_norm = norm.reshape(()) if on_device else float(norm.item())
+                scales = [_scaling.clip_coefficient(group["max_grad_norm"], norm) * unscale
+                          for group, *_ in prepared]
+        if not on_device:
+            return [float(s.item()) if isinstance(s, Tensor) else s for s in scales], None
+        return [_scaling.kernel_scale(s) for s in scales], skip
 
     @staticmethod
-    def _device_grad_norm(prepared: list[tuple[dict[str, Any], FlatBuffer, str, list[bool]]],
-                          unscale: float | Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
-        """The global gradient norm as a 1-element float64 tensor and the 1-element float32 non-finite flag (1.0
-        when a gradient holds inf or nan), both computed on the device."""
-        spans = [(buf, backend, buf.span(first, last)) for _, buf, backend, has_grad in prepared
-                 for first, last in buf.runs(has_grad, [0] * len(has_grad))]
-        sums = torch.zeros(len(spans), dtype=torch.float32, device=device)
-        flags = torch.zeros(len(spans), dtype=torch.float32, device=device)
-        for k, (buf, backend, span) in enumerate(spans):
-            functional.sum_of_squares_into(buf.grad[span], sums[k:k + 1], flags[k:k + 1], backend=backend)
-        norm = sums.to(torch.float64).sum().sqrt().reshape(1) * unscale
-        return norm, flags.amax().reshape(1)
+    def _global_norm(prepared: list[Prepared], unscale: _scaling.Scale, device: torch.device
+                     ) -> tuple[Tensor, Tensor]:
+        """The norm of every gradient of this step and its non-finite flag, from one deterministic sum of squares
+        per buffer set (over its parameters that have a gradient), summed on `device`."""
+        # float64 sums on the host keep the norm as exact as the reduction; the CUDA kernels write float32.
+        sums = torch.zeros(len(prepared), dtype=torch.float32 if device.type == "cuda" else torch.float64,
+                           device=device)
+        flags = torch.zeros(len(prepared), dtype=torch.float32, device=device)
+        for k, (_, buf, backend) in enumerate(prepared):
+            functional.sum_of_squares_into(buf.grad, buf.segments, sums[k:k + 1], flags[k:k + 1], backend=backend)
+        return _scaling.global_norm(sums, flags, [buf.reduce_groups for _, buf, _ in prepared], unscale)
 
     # torch.compile -----------------------------------------------------------------------------------------
 
@@ -527,44 +445,6 @@ class FusedOptimizer(Optimizer):
                         p.grad = buf.grad_view(i)
                     p.grad.zero_()
 
-    def _global_grad_norm(self, prepared: list[tuple[dict[str, Any], FlatBuffer, str, list[bool]]],
-                          unscale: float) -> tuple[float, bool]:
-        """L2 norm of every gradient of this step (deterministic sum of squares) and whether any is inf/nan.
-
-        Sums over sharded (DTensor) buffers are all-reduced across their process groups, one all-reduce per
-        distinct set of groups; every rank takes part for every sharded buffer, gradients or not.
-        """
-        partials = {id(buf): self._sum_of_squares(buf, backend, has_grad) for _, buf, backend, has_grad in prepared}
-        total, nonfinite = 0.0, False
-        sharded: dict[tuple[int, ...], tuple[list[Any], list[float]]] = {}
-        for buffers in self._flat_groups:
-            for buf in buffers:
-                if not buf.reduce_groups:
-                    continue
-                key = tuple(id(g) for g in buf.reduce_groups)
-                entry = sharded.setdefault(key, (buf.reduce_groups, [0.0, 0.0]))
-                partial, flag = partials.pop(id(buf), (0.0, False))
-                entry[1][0] += partial
-                entry[1][1] += float(flag)
-        for partial, flag in partials.values():
-            total += partial
-            nonfinite = nonfinite or flag
-        for groups, (partial, flag) in sharded.values():
-            sums = torch.tensor([partial, flag], dtype=torch.float64)
-            all_reduce_sum(sums, groups)
-            total += float(sums[0])
-            nonfinite = nonfinite or bool(sums[1] > 0)
-        return math.sqrt(total) * unscale, nonfinite
-
-    @staticmethod
-    def _sum_of_squares(buf: FlatBuffer, backend: str, has_grad: list[bool]) -> tuple[float, bool]:
-        total, nonfinite = 0.0, False
-        for first, last in buf.runs(has_grad, [0] * len(has_grad)):
-            partial, flag = functional.sum_of_squares(buf.grad[buf.span(first, last)], backend=backend)
-            total += partial
-            nonfinite = nonfinite or flag
-        return total, nonfinite
-
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zero every gradient with one fill per flat buffer, keeping `.grad` views (the fast path).
@@ -583,90 +463,18 @@ class FusedOptimizer(Optimizer):
     # Checkpoints -------------------------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a fusedopt or torch.optim checkpoint; state is copied into this optimizer's flat buffers."""
-        saved_state = state_dict["state"]
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"loaded state dict has {len(saved_groups)} parameter groups, optimizer has {len(self.param_groups)}"
-            )
-        ids = [i for g in saved_groups for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        if len(ids) != len(params):
-            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
-                             "optimizer's group")
-        owners = [{**self.defaults, **g} for g in saved_groups for _ in g["params"]]
-        for saved_group in saved_groups:
-            merged = {**self.defaults, **{k: v for k, v in saved_group.items() if k != "params"}}
-            self._validate_common(merged)
-            self._validate_group(merged)
-        for saved_id, p, owner in zip(ids, params, owners):
-            self._check_loaded_state(saved_id, p, saved_state.get(saved_id), owner)
-        layouts = [{k: g[k] for k in _LAYOUT_KEYS} for g in self.param_groups]
+        """Load a fusedopt or torch.optim checkpoint; state is copied into this optimizer's flat buffers. The whole
+        dict is checked first, so a rejected load changes nothing. fusedopt's own settings (max_grad_norm,
+        skip_nonfinite, backend, state_dtype, master_weights), which a torch.optim checkpoint does not carry, keep
+        this optimizer's values."""
+        saved_state, saved_groups, ids, params = _checkpoint.check(self, state_dict)
+        kept = [{k: g[k] for k in _KEPT_ON_LOAD} for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for group, layout in zip(self.param_groups, layouts):
-            group.update(layout)
+        for group, own in zip(self.param_groups, kept):
+            group.update(own)
+            group.update(self.spec.forced)
         originals = {id(p): saved_state.get(saved_id) for saved_id, p in zip(ids, params)}
         for group, buffers in zip(self.param_groups, self._flat_groups):
             for buf in buffers:
                 buf.complete_state = None
-                self._adopt_loaded_state(group, buf, originals)
-
-    def _check_loaded_state(self, saved_id: int, p: Tensor, loaded: dict[str, Any] | None,
-                            group: dict[str, Any]) -> None:
-        """Refuse a checkpoint entry whose keys, sizes or dtypes do not fit this algorithm and parameter."""
-        if not loaded:
-            return
-        required = {name for name, _ in self._state_specs(group)} | ({"step"} if self._tracks_step else set())
-        allowed = set(self.STATE_NAMES) | {"step", "master_param"}
-        missing, unknown = required - set(loaded), set(loaded) - allowed
-        if missing or unknown:
-            raise ValueError(f"loaded state of parameter {saved_id} does not fit {type(self).__name__}: "
-                             f"missing {sorted(missing)}, unknown {sorted(unknown)}")
-        for key, value in loaded.items():
-            if key == "step" or value is None:
-                continue
-            if not isinstance(value, Tensor) or not value.is_floating_point():
-                raise ValueError(f"loaded state {key!r} of parameter {saved_id} must be a floating-point tensor, "
-                                 f"got {value.dtype if isinstance(value, Tensor) else type(value).__name__}")
-            if value.numel() != p.numel():
-                raise ValueError(f"loaded state {key!r} of parameter {saved_id} has {value.numel()} elements, "
-                                 f"the parameter has {p.numel()}")
-
-    @torch.no_grad()
-    def _adopt_loaded_state(self, group: dict[str, Any], buf: FlatBuffer,
-                            originals: dict[int, dict[str, Any] | None]) -> None:
-        """Copy loaded per-parameter state into the flat buffers and make state[p] views again.
-
-        Values come from the checkpoint's own tensors, not from torch's copies cast to the parameter dtype, so
-        fp32 states and master weights of 16-bit parameters keep their precision.
-        """
-        for i, p in enumerate(buf.params):
-            loaded = originals.get(id(p))
-            if not loaded:
-                self.state.pop(p, None)
-                continue
-            self._init_state(group, buf, i)
-            state = self.state.setdefault(p, {})
-            for key, value in loaded.items():
-                if key == "step":
-                    buf.steps[i] = scalar(value)
-                elif key == "master_param":
-                    if buf.master is not None:
-                        buf.region(buf.master, i).copy_(_local_values(value, p).reshape(-1))
-                elif isinstance(value, Tensor) and key in state:
-                    local_tensor(state[key]).copy_(_local_values(value, p).reshape(buf.shapes[i]))
-                elif key not in state:
-                    state[key] = value
-            if buf.master is not None and "master_param" not in loaded:
-                buf.region(buf.master, i).copy_(buf.region(buf.param, i))
-            self._after_state_loaded(group, buf, i, loaded)
-        buf.reset_step_keys()
-
-    def _after_state_loaded(self, group: dict[str, Any], buf: FlatBuffer, i: int, loaded: dict[str, Any]) -> None:
-        """Hook for algorithms that derive bookkeeping from loaded state (SGD's first momentum step)."""
-
-    @property
-    def flat_buffers(self) -> list[list[FlatBuffer]]:
-        """The flat buffer sets of each param group (one per device and dtype)."""
-        return self._flat_groups
+                _checkpoint.adopt(self, group, buf, originals)

@@ -1,33 +1,58 @@
-// Per-element Adagrad, shared by the CPU driver and the CUDA launcher.
-// Duchi, Hazan & Singer 2011, eq. (1) diagonal form; torch.optim.adagrad._single_tensor_adagrad.
+// Adagrad: hyperparameters, per-segment coefficients and the per-element update, shared by the CPU driver and the
+// CUDA launcher. Duchi, Hazan & Singer 2011, eq. (1) diagonal form; torch.optim.adagrad._single_tensor_adagrad.
 #pragma once
 
-#include "fusedopt/common.h"
+#include <math.h>
+
+#include "fusedopt/algorithm.h"
 
 namespace fusedopt {
+namespace algo {
 
-struct AdagradCoeffs {
-  float grad_scale;       // grad_scale, negated when maximize
-  float clr;              // lr / (1 + (step - 1) * lr_decay)
-  float eps;              //
-  float weight_decay;     //
-  bool has_weight_decay;  // weight_decay != 0
+struct adagrad {
+  static constexpr Kind kKind = Kind::kElementwise;
+  static constexpr const char* kStates[] = {"sum"};
+  struct Hyper {
+    double lr_decay, eps, weight_decay, maximize;
+  };
+  static constexpr const char* kFields[] = {"lr_decay", "eps", "weight_decay", "maximize"};
+
+  FUSEDOPT_HD static bool uses_state(const Hyper&, int k) { return k == 0; }
+
+  struct Coeffs {
+    float grad_scale;       // negated when maximize
+    float clr;              // lr / (1 + (step - 1) * lr_decay)
+    float eps;              //
+    float weight_decay;     //
+    bool has_weight_decay;  // weight_decay != 0
+  };
+
+  FUSEDOPT_HD static Coeffs make_coeffs(const Hyper& h, double lr, double step, double grad_scale) {
+    Coeffs c;
+    c.grad_scale = static_cast<float>(h.maximize != 0.0 ? -grad_scale : grad_scale);
+    c.clr = static_cast<float>(lr / (1.0 + (step - 1.0) * h.lr_decay));
+    c.eps = static_cast<float>(h.eps);
+    c.weight_decay = static_cast<float>(h.weight_decay);
+    c.has_weight_decay = h.weight_decay != 0.0;
+    return c;
+  }
+
+  // sum += g^2; p -= clr * g / (sqrt(sum) + eps)
+  struct Op {
+    FUSEDOPT_HD static constexpr bool uses(int k) { return k == 0; }
+    FUSEDOPT_HD void operator()(const Coeffs& c, float& p, float g, float& sum, float&, float&) const {
+      g *= c.grad_scale;
+      g = uniform_select(c.has_weight_decay, g + c.weight_decay * p, g);
+      sum += g * g;
+      p -= c.clr * (g / (sqrtf(sum) + c.eps));
+    }
+  };
+
+  template <typename F>
+  static void with_op(const Hyper&, F&& f) {
+    f(Op{});
+  }
 };
 
-// sum += g^2; p -= clr * g / (sqrt(sum) + eps)
-FUSEDOPT_HD void adagrad_update(const AdagradCoeffs& c, float& p, float g, float& sum) {
-  g *= c.grad_scale;
-  g = uniform_select(c.has_weight_decay, g + c.weight_decay * p, g);
-  sum += g * g;
-  p -= c.clr * (g / (sqrtf(sum) + c.eps));
-}
-
-// State 0: sum.
-struct AdagradOp {
-  static constexpr int kStates = 1;
-  FUSEDOPT_HD static constexpr bool uses(int k) { return k < kStates; }
-  AdagradCoeffs c;
-  FUSEDOPT_HD void operator()(float& p, float g, float& s0, float&, float&) const { adagrad_update(c, p, g, s0); }
-};
-
+}  // namespace algo
 }  // namespace fusedopt

@@ -1,64 +1,101 @@
-// Per-element LAMB pieces (moment update, update direction, trust-ratio step), shared by CPU and CUDA.
-// You et al. 2020, "Large Batch Optimization for Deep Learning", Algorithm 2 (no torch.optim counterpart; moments as
-// torch.optim.adam, norms per parameter tensor). The drivers run two passes, see csrc/cpu/driver.h.
+// LAMB: hyperparameters, per-segment coefficients and the per-element pieces (moment update, update direction,
+// trust-ratio step), shared by the CPU driver and the CUDA kernels. You et al. 2020, "Large Batch Optimization for Deep
+// Learning", Algorithm 2 (no torch.optim counterpart; moments as torch.optim.adam, norms per parameter tensor).
+// A trust-ratio algorithm: the drivers run pass 1 (moments, per-segment sums of squares of p and u), combine the sums
+// per segment, then pass 2 (the update); see csrc/cpu/driver.h.
 #pragma once
 
 #include <math.h>
 
-#include "fusedopt/common.h"
+#include "fusedopt/algorithm.h"
 
 namespace fusedopt {
+namespace algo {
 
-struct LambCoeffs {
-  float grad_scale;       // grad_scale, negated when maximize
-  float beta1_weight;     // 1 - beta1
-  float beta2;            //
-  float one_minus_beta2;  //
-  float bc1;              // 1 - beta1^step, or 1 without bias correction (m/1 is exact)
-  float bc2;              // 1 - beta2^step, or 1
-  float eps;              //
-  float weight_decay;     //
-  bool has_weight_decay;  // weight_decay != 0
+struct lamb {
+  static constexpr Kind kKind = Kind::kTrustRatio;
+  static constexpr const char* kStates[] = {"exp_avg", "exp_avg_sq"};
+  // max_trust_ratio < 0 (or NaN) means no clamp (Python's None).
+  struct Hyper {
+    double beta1, beta2, eps, weight_decay, bias_correction, max_trust_ratio, maximize;
+  };
+  static constexpr const char* kFields[] = {"beta1",           "beta2",           "eps",     "weight_decay",
+                                            "bias_correction", "max_trust_ratio", "maximize"};
+
+  FUSEDOPT_HD static bool uses_state(const Hyper&, int k) { return k < 2; }
+
+  struct Coeffs {
+    float grad_scale;        // negated when maximize
+    float beta1_weight;      // 1 - beta1
+    float beta2;             //
+    float one_minus_beta2;   //
+    float bc1;               // 1 - beta1^step, or 1 without bias correction (m/1 is exact)
+    float bc2;               // 1 - beta2^step, or 1
+    float eps;               //
+    float weight_decay;      //
+    bool has_weight_decay;   // weight_decay != 0
+    double lr;               // the trust ratio multiplies lr in double
+    double max_trust_ratio;  //
+  };
+
+  FUSEDOPT_HD static Coeffs make_coeffs(const Hyper& h, double lr, double step, double grad_scale) {
+    const bool bias_correction = h.bias_correction != 0.0;
+    Coeffs c;
+    c.grad_scale = static_cast<float>(h.maximize != 0.0 ? -grad_scale : grad_scale);
+    c.beta1_weight = static_cast<float>(1.0 - h.beta1);
+    c.beta2 = static_cast<float>(h.beta2);
+    c.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
+    c.bc1 = bias_correction ? static_cast<float>(1.0 - pow(h.beta1, step)) : 1.0f;
+    c.bc2 = bias_correction ? static_cast<float>(1.0 - pow(h.beta2, step)) : 1.0f;
+    c.eps = static_cast<float>(h.eps);
+    c.weight_decay = static_cast<float>(h.weight_decay);
+    c.has_weight_decay = h.weight_decay != 0.0;
+    c.lr = lr;
+    c.max_trust_ratio = h.max_trust_ratio;
+    return c;
+  }
+
+  // u = m/bc1 / (sqrt(v/bc2) + eps) + wd * p: a pure function of the stored moments, so pass 2 recomputes it bit for
+  // bit.
+  FUSEDOPT_HD static float direction(const Coeffs& c, float p, float exp_avg, float exp_avg_sq) {
+    float u = (exp_avg / c.bc1) / (sqrtf(exp_avg_sq / c.bc2) + c.eps);
+    u = uniform_select(c.has_weight_decay, u + c.weight_decay * p, u);
+    return u;
+  }
+
+  // Pass 1: update the moments in place; p is read, not written.
+  FUSEDOPT_HD static void moments(const Coeffs& c, float g, float& exp_avg, float& exp_avg_sq) {
+    g *= c.grad_scale;
+    exp_avg = lerp(exp_avg, g, c.beta1_weight);
+    exp_avg_sq = exp_avg_sq * c.beta2 + c.one_minus_beta2 * g * g;
+  }
+
+  // Between the passes, per segment: the sums of squares of p and u over its work items, added in item order (fixed, so
+  // the norms are bitwise reproducible).
+  FUSEDOPT_HD static void segment_sums(const int64_t* seg_first, const double* partial_w, const double* partial_u,
+                                       int64_t segment, double& w2, double& u2) {
+    w2 = 0.0;
+    u2 = 0.0;
+    for (int64_t it = seg_first[segment]; it < seg_first[segment + 1]; ++it) {
+      w2 += partial_w[it];
+      u2 += partial_u[it];
+    }
+  }
+
+  // lr * ||p|| / ||u||, the ratio 1 when either norm is 0 and clamped to max_trust_ratio unless that is negative or
+  // NaN (None).
+  FUSEDOPT_HD static float scaled_lr(const Coeffs& c, double w2, double u2) {
+    const double wn = sqrt(w2), un = sqrt(u2);
+    double ratio = (wn > 0.0 && un > 0.0) ? wn / un : 1.0;
+    if (c.max_trust_ratio >= 0.0 && ratio > c.max_trust_ratio) ratio = c.max_trust_ratio;
+    return static_cast<float>(c.lr * ratio);
+  }
+
+  // Pass 2: p -= (lr * trust_ratio) * u.
+  FUSEDOPT_HD static void apply(const Coeffs& c, float scaled_lr, float& p, float exp_avg, float exp_avg_sq) {
+    p -= scaled_lr * direction(c, p, exp_avg, exp_avg_sq);
+  }
 };
 
-// u = m/bc1 / (sqrt(v/bc2) + eps) + wd * p: a pure function of the stored moments, so pass 2 recomputes it bit for bit.
-FUSEDOPT_HD float lamb_direction(const LambCoeffs& c, float p, float exp_avg, float exp_avg_sq) {
-  float u = (exp_avg / c.bc1) / (sqrtf(exp_avg_sq / c.bc2) + c.eps);
-  u = uniform_select(c.has_weight_decay, u + c.weight_decay * p, u);
-  return u;
-}
-
-// Pass 1: update the moments in place and return u (for the norm); p is read, not written.
-FUSEDOPT_HD float lamb_moments(const LambCoeffs& c, float p, float g, float& exp_avg, float& exp_avg_sq) {
-  g *= c.grad_scale;
-  exp_avg = lerp(exp_avg, g, c.beta1_weight);
-  exp_avg_sq = exp_avg_sq * c.beta2 + c.one_minus_beta2 * g * g;
-  return lamb_direction(c, p, exp_avg, exp_avg_sq);
-}
-
-// Between the passes, per segment: the sums of squares of p and u over its work items, added in item order (fixed, so
-// the norms are bitwise reproducible), then lr * trust ratio.
-FUSEDOPT_HD void lamb_segment_sums(const int64_t* seg_first, const double* partial_w, const double* partial_u,
-                                   int64_t segment, double& w2, double& u2) {
-  w2 = 0.0;
-  u2 = 0.0;
-  for (int64_t it = seg_first[segment]; it < seg_first[segment + 1]; ++it) {
-    w2 += partial_w[it];
-    u2 += partial_u[it];
-  }
-}
-
-// ||p|| / ||u||, 1 when either norm is 0, clamped to max_trust_ratio unless that is negative or NaN (None); times lr.
-FUSEDOPT_HD float lamb_scaled_lr(double w2, double u2, double lr, double max_trust_ratio) {
-  const double wn = sqrt(w2), un = sqrt(u2);
-  double ratio = (wn > 0.0 && un > 0.0) ? wn / un : 1.0;
-  if (max_trust_ratio >= 0.0 && ratio > max_trust_ratio) ratio = max_trust_ratio;
-  return static_cast<float>(lr * ratio);
-}
-
-// Pass 2: p -= (lr * trust_ratio) * u, with lr * trust_ratio computed per segment in double.
-FUSEDOPT_HD void lamb_apply(const LambCoeffs& c, float scaled_lr, float& p, float exp_avg, float exp_avg_sq) {
-  p -= scaled_lr * lamb_direction(c, p, exp_avg, exp_avg_sq);
-}
-
+}  // namespace algo
 }  // namespace fusedopt

@@ -1,34 +1,57 @@
-// Per-element Lion update, shared by the CPU driver and the CUDA launcher.
-// Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", Algorithm 2 (no torch.optim counterpart;
-// the lerp follows torch's formula so it matches the reference, which uses torch.lerp).
+// Lion: hyperparameters, coefficients and the per-element update, shared by the CPU driver and the CUDA launcher.
+// Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", Algorithm 2 (no torch.optim counterpart; the lerp
+// follows torch's formula so it matches the reference, which uses torch.lerp).
 #pragma once
 
-#include "fusedopt/common.h"
+#include "fusedopt/algorithm.h"
 
 namespace fusedopt {
+namespace algo {
 
-struct LionCoeffs {
-  float grad_scale;    // grad_scale, negated when maximize
-  float lr;            //
-  float decay;         // 1 - lr * weight_decay
-  float beta1_weight;  // 1 - beta1: interpolation for the update direction
-  float beta2_weight;  // 1 - beta2: interpolation for the stored momentum
+struct lion {
+  static constexpr Kind kKind = Kind::kElementwise;
+  static constexpr const char* kStates[] = {"exp_avg"};
+  struct Hyper {
+    double beta1, beta2, weight_decay, maximize;
+  };
+  static constexpr const char* kFields[] = {"beta1", "beta2", "weight_decay", "maximize"};
+
+  FUSEDOPT_HD static bool uses_state(const Hyper&, int k) { return k == 0; }
+
+  struct Coeffs {
+    float grad_scale;    // negated when maximize
+    float lr;            //
+    float decay;         // 1 - lr * weight_decay
+    float beta1_weight;  // 1 - beta1: interpolation for the update direction
+    float beta2_weight;  // 1 - beta2: interpolation for the stored momentum
+  };
+
+  FUSEDOPT_HD static Coeffs make_coeffs(const Hyper& h, double lr, double, double grad_scale) {
+    Coeffs c;
+    c.grad_scale = static_cast<float>(h.maximize != 0.0 ? -grad_scale : grad_scale);
+    c.lr = static_cast<float>(lr);
+    c.decay = h.weight_decay != 0.0 ? static_cast<float>(1.0 - lr * h.weight_decay) : 1.0f;
+    c.beta1_weight = static_cast<float>(1.0 - h.beta1);
+    c.beta2_weight = static_cast<float>(1.0 - h.beta2);
+    return c;
+  }
+
+  // p = p*(1 - lr wd); p -= lr * sign(lerp(m, g, 1-beta1)); m = lerp(m, g, 1-beta2)
+  struct Op {
+    FUSEDOPT_HD static constexpr bool uses(int k) { return k == 0; }
+    FUSEDOPT_HD void operator()(const Coeffs& c, float& p, float g, float& exp_avg, float&, float&) const {
+      g *= c.grad_scale;
+      p *= c.decay;
+      p -= c.lr * sign(lerp(exp_avg, g, c.beta1_weight));
+      exp_avg = lerp(exp_avg, g, c.beta2_weight);
+    }
+  };
+
+  template <typename F>
+  static void with_op(const Hyper&, F&& f) {
+    f(Op{});
+  }
 };
 
-// p = p*(1 - lr wd); p -= lr * sign(lerp(m, g, 1-beta1)); m = lerp(m, g, 1-beta2)
-FUSEDOPT_HD void lion_update(const LionCoeffs& c, float& p, float g, float& exp_avg) {
-  g *= c.grad_scale;
-  p *= c.decay;
-  p -= c.lr * sign(lerp(exp_avg, g, c.beta1_weight));
-  exp_avg = lerp(exp_avg, g, c.beta2_weight);
-}
-
-// State 0: exp_avg.
-struct LionOp {
-  static constexpr int kStates = 1;
-  FUSEDOPT_HD static constexpr bool uses(int k) { return k < kStates; }
-  LionCoeffs c;
-  FUSEDOPT_HD void operator()(float& p, float g, float& s0, float&, float&) const { lion_update(c, p, g, s0); }
-};
-
+}  // namespace algo
 }  // namespace fusedopt

@@ -1,41 +1,70 @@
-// Per-element SGD (with momentum, dampening, Nesterov), shared by the CPU driver and the CUDA launcher.
-// Sutskever et al. 2013, eq. 1-2 (Nesterov: eq. 3-4, torch's formulation); torch.optim.sgd._single_tensor_sgd.
+// SGD with momentum, dampening and Nesterov: hyperparameters, per-segment coefficients and the per-element update,
+// shared by the CPU driver and the CUDA launcher. Sutskever et al. 2013, eq. 1-2 (Nesterov: eq. 3-4, torch's
+// formulation); torch.optim.sgd._single_tensor_sgd.
 #pragma once
 
-#include "fusedopt/common.h"
+#include "fusedopt/algorithm.h"
 
 namespace fusedopt {
+namespace algo {
 
-struct SgdCoeffs {
-  float grad_scale;        // grad_scale, negated when maximize
-  float lr;                //
-  float weight_decay;      //
-  float momentum;          //
-  float one_minus_damp;    // 1 - dampening
-  bool has_weight_decay;   // weight_decay != 0
-  bool nesterov;           //
-  bool first_step;         // momentum_buffer is initialised to the gradient on the first step
-};
+struct sgd {
+  static constexpr Kind kKind = Kind::kElementwise;
+  static constexpr const char* kStates[] = {"momentum_buffer"};
+  struct Hyper {
+    double momentum, dampening, weight_decay, nesterov, maximize;
+  };
+  static constexpr const char* kFields[] = {"momentum", "dampening", "weight_decay", "nesterov", "maximize"};
 
-// buf = first ? g : momentum*buf + (1-dampening)*g;  g = nesterov ? g + momentum*buf : buf;  p -= lr*g
-template <bool Momentum>
-FUSEDOPT_HD void sgd_update(const SgdCoeffs& c, float& p, float g, float& momentum_buffer) {
-  g *= c.grad_scale;
-  g = uniform_select(c.has_weight_decay, g + c.weight_decay * p, g);
-  if (Momentum) {
-    momentum_buffer = uniform_select(c.first_step, g, momentum_buffer * c.momentum + c.one_minus_damp * g);
-    g = uniform_select(c.nesterov, g + c.momentum * momentum_buffer, momentum_buffer);
+  FUSEDOPT_HD static bool uses_state(const Hyper& h, int k) { return k == 0 && h.momentum != 0.0; }
+
+  struct Coeffs {
+    float grad_scale;       // negated when maximize
+    float lr;               //
+    float weight_decay;     //
+    float momentum;         //
+    float one_minus_damp;   // 1 - dampening
+    bool has_weight_decay;  // weight_decay != 0
+    bool nesterov;          //
+    bool first_step;        // the segment's first step: momentum_buffer starts as the gradient (torch's clone)
+  };
+
+  FUSEDOPT_HD static Coeffs make_coeffs(const Hyper& h, double lr, double step, double grad_scale) {
+    Coeffs c;
+    c.grad_scale = static_cast<float>(h.maximize != 0.0 ? -grad_scale : grad_scale);
+    c.lr = static_cast<float>(lr);
+    c.weight_decay = static_cast<float>(h.weight_decay);
+    c.momentum = static_cast<float>(h.momentum);
+    c.one_minus_damp = static_cast<float>(1.0 - h.dampening);
+    c.has_weight_decay = h.weight_decay != 0.0;
+    c.nesterov = h.nesterov != 0.0;
+    c.first_step = step <= 1.0;
+    return c;
   }
-  p -= c.lr * g;
-}
 
-// State 0: momentum_buffer (only when momentum != 0).
-template <bool Momentum>
-struct SgdOp {
-  static constexpr int kStates = Momentum ? 1 : 0;
-  FUSEDOPT_HD static constexpr bool uses(int k) { return k < kStates; }
-  SgdCoeffs c;
-  FUSEDOPT_HD void operator()(float& p, float g, float& s0, float&, float&) const { sgd_update<Momentum>(c, p, g, s0); }
+  // buf = first ? g : momentum*buf + (1-dampening)*g;  g = nesterov ? g + momentum*buf : buf;  p -= lr*g
+  template <bool Momentum>
+  struct Op {
+    FUSEDOPT_HD static constexpr bool uses(int k) { return Momentum && k == 0; }
+    FUSEDOPT_HD void operator()(const Coeffs& c, float& p, float g, float& momentum_buffer, float&, float&) const {
+      g *= c.grad_scale;
+      g = uniform_select(c.has_weight_decay, g + c.weight_decay * p, g);
+      if (Momentum) {
+        momentum_buffer = uniform_select(c.first_step, g, momentum_buffer * c.momentum + c.one_minus_damp * g);
+        g = uniform_select(c.nesterov, g + c.momentum * momentum_buffer, momentum_buffer);
+      }
+      p -= c.lr * g;
+    }
+  };
+
+  template <typename F>
+  static void with_op(const Hyper& h, F&& f) {
+    if (h.momentum != 0.0)
+      f(Op<true>{});
+    else
+      f(Op<false>{});
+  }
 };
 
+}  // namespace algo
 }  // namespace fusedopt

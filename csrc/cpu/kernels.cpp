@@ -1,0 +1,19 @@
+// Every algorithm of the list instantiated on the CPU driver for one ISA, and this ISA's kernel table (this file is
+// compiled once per ISA, into the namespace FUSEDOPT_ISA_NS).
+#include "driver.h"
+
+namespace fusedopt {
+namespace cpu {
+namespace FUSEDOPT_ISA_NS {
+
+const KernelTable& kernel_table() {
+#define FUSEDOPT_TABLE_ENTRY(A) kernel<algo::A>,
+  static const KernelTable table = {FUSEDOPT_ISA_NAME, FUSEDOPT_FOR_EACH_ALGORITHM(FUSEDOPT_TABLE_ENTRY)
+                                                           sum_of_squares_kernel};
+#undef FUSEDOPT_TABLE_ENTRY
+  return table;
+}
+
+}  // namespace FUSEDOPT_ISA_NS
+}  // namespace cpu
+}  // namespace fusedopt

@@ -1,0 +1,266 @@
+"""The compiled kernels behind one device-agnostic wrapper: validate tensors, then hand pointers, the segment table and
+the algorithm's hyperparameters to fusedopt._C (CPU) or fusedopt._C.cuda_* (CUDA).
+
+Validation happens before any pointer crosses the boundary, and a rejected call changes nothing. Python computes no
+coefficients: each math header's `make_coeffs` does, per segment, from the segment's own step count.
+On CUDA every launch goes to `torch.cuda.current_stream(device)` and nothing synchronises with the host; `lr` and
+`grad_scale` may then be 1-element float32 device tensors and `found_inf` a device flag that makes the kernels write
+nothing (a step decided on the device).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+from . import _C
+from .flat import Segments
+
+# Dtype codes of csrc/include/fusedopt/dtype.h.
+DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+# Trust-ratio passes of csrc/include/fusedopt/api.h (kPassMoments, kPassApply).
+PASS_MOMENTS, PASS_APPLY = 1, 2
+
+# {name: {"kind", "fields", "states"}} from the compiled core's list of algorithms.
+ALGORITHMS: dict[str, dict[str, Any]] = _C.algorithms()
+
+_env_error = _C.isa_override_error()
+if _env_error is not None:
+    raise ValueError(_env_error)
+
+Scalar = Union[float, Tensor]
+
+
+def _check_tensor(name: str, t: Any, like: Tensor | None, dtypes: tuple[torch.dtype, ...]) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"Invalid {name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"Invalid {name} dtype: {t.dtype} (expected one of {allowed})")
+    if t.dim() != 1:
+        raise ValueError(f"Invalid {name}: expected a 1-D tensor, got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"Invalid {name}: tensor is not contiguous (stride {t.stride()})")
+    if like is not None:
+        if t.numel() != like.numel():
+            raise ValueError(f"Invalid {name}: numel {t.numel()} != param numel {like.numel()}")
+        if t.device != like.device:
+            raise ValueError(f"Invalid {name}: device {t.device} != param device {like.device}")
+    return t
+
+
+def _float(name: str, value: Any) -> float:
+    """A hyperparameter as a Python float: booleans as 0/1, None (max_trust_ratio) as -1, CPU tensors read."""
+    if value is None:
+        return -1.0
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.device.type != "cpu":
+            raise ValueError(f"Invalid {name}: expected a number or a 1-element CPU tensor, got a tensor of shape "
+                             f"{tuple(value.shape)} on {value.device}")
+        return float(value.item())
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"Invalid {name}: expected a float, got {type(value).__name__} {value!r}") from None
+
+
+def hyper_values(algorithm: str, hyper: Mapping[str, Any]) -> list[float]:
+    """The algorithm's hyperparameters in the order its math header declares them (kFields)."""
+    fields = ALGORITHMS[algorithm]["fields"]
+    missing = [f for f in fields if f not in hyper]
+    if missing:
+        raise ValueError(f"Invalid hyper for {algorithm}: missing {missing} (expected {fields})")
+    return [_float(f, hyper[f]) for f in fields]
+
+
+def _check_segments(segments: Segments, n: int) -> None:
+    last = 0
+    for off, num in zip(segments.offsets.tolist(), segments.numels.tolist()):
+        if off < last or num < 0 or off + num > n:
+            raise ValueError(f"Invalid segments: segment ({off}, {num}) is out of order or outside the buffer of {n} "
+                             "elements")
+        last = off + num
+
+
+def check_buffers(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[Tensor | None],
+                  master: Tensor | None, device_type: str) -> tuple[list[int], int, int, int]:
+    """Validate one flat buffer set; returns (state pointers, master pointer, grad dtype code, state dtype code).
+    A state slot passed as None is a null pointer: the compiled entry point refuses it when the configuration needs
+    that state (its math header's uses_state)."""
+    _check_tensor("param", param, None, PARAM_DTYPES)
+    if param.device.type != device_type:
+        raise ValueError(f"Invalid param device: {param.device} (expected a {device_type} tensor)")
+    _check_tensor("grad", grad, param, PARAM_DTYPES)
+    if grad.dtype != param.dtype and grad.dtype != torch.float32:
+        raise TypeError(f"Invalid grad dtype: {grad.dtype} (expected {param.dtype} like param, or torch.float32)")
+    names = list(ALGORITHMS[algorithm]["states"]) + ["state"] * 3
+    if len(states) > 3:
+        raise ValueError(f"Invalid states: {len(states)} slots (at most 3)")
+    state_dtype: torch.dtype | None = None
+    pointers: list[int] = []
+    used = [param, grad]
+    for k in range(3):
+        t = states[k] if k < len(states) else None
+        if t is None:
+            pointers.append(0)
+            continue
+        _check_tensor(names[k], t, param, STATE_DTYPES)
+        if state_dtype is None:
+            state_dtype = t.dtype
+        elif t.dtype != state_dtype:
+            raise TypeError(f"Invalid {names[k]} dtype: {t.dtype} (all states of one call share {state_dtype})")
+        pointers.append(t.data_ptr())
+        used.append(t)
+    master_ptr = 0
+    if master is not None:
+        if param.dtype == torch.float32:
+            raise ValueError("Invalid master: master weights are for bfloat16/float16 parameters, param is float32")
+        _check_tensor("master", master, param, (torch.float32,))
+        master_ptr = master.data_ptr()
+        used.append(master)
+    if param.numel() > 0:
+        # The kernels assume distinct buffers (restrict pointers); sharing storage would give undefined results.
+        seen: dict[int, int] = {}
+        for k, t in enumerate(used):
+            if t.data_ptr() in seen:
+                raise ValueError(f"Invalid buffers: arguments {seen[t.data_ptr()]} and {k} share memory")
+            seen[t.data_ptr()] = k
+    return pointers, master_ptr, DTYPE_CODES[grad.dtype], DTYPE_CODES[state_dtype or torch.float32]
+
+
+def step(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[Tensor | None], master: Tensor | None,
+         segments: Segments, *, hyper: Mapping[str, Any], lr: Scalar, grad_scale: Scalar = 1.0,
+         found_inf: Tensor | None = None, norm_reduce: Callable[[Tensor], None] | None = None) -> None:
+    """One step of `algorithm` over a flat buffer set: every active segment is updated with coefficients from its own
+    step count, which the kernel increments. `norm_reduce` (trust-ratio algorithms on sharded parameters) reduces the
+    (2, segments) float64 per-segment sums of squares in place between the two passes."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"Invalid algorithm: {algorithm!r} (expected one of {', '.join(ALGORITHMS)})")
+    values = hyper_values(algorithm, hyper)
+    device_type = param.device.type
+    pointers, master_ptr, grad_code, state_code = check_buffers(algorithm, param, grad, states, master, device_type)
+    n = param.numel()
+    _check_segments(segments, n)
+    if segments.steps.device != (param.device if device_type == "cuda" else torch.device("cpu")):
+        raise ValueError(f"Invalid segments: steps on {segments.steps.device} for a param on {param.device}")
+    trust_ratio = ALGORITHMS[algorithm]["kind"] == "trust_ratio"
+    if device_type == "cuda":
+        _cuda_step(algorithm, param, grad, pointers, master_ptr, grad_code, state_code, segments, values, lr,
+                   grad_scale, found_inf, trust_ratio, norm_reduce)
+        return
+    if found_inf is not None and bool(found_inf.item() != 0):
+        return
+    buffers = (param.data_ptr(), grad.data_ptr(), *pointers, master_ptr, n, DTYPE_CODES[param.dtype], grad_code,
+               state_code)
+    table = (segments.offsets.data_ptr(), segments.numels.data_ptr(), segments.steps.data_ptr(),
+             segments.active.data_ptr(), len(segments))
+    kernel = getattr(_C, algorithm)
+    lr_value, scale = _float("lr", lr), _float("grad_scale", grad_scale)
+    if not trust_ratio or norm_reduce is None:
+        kernel(*buffers, *table, values, lr_value, scale, PASS_MOMENTS | PASS_APPLY, 0, 0)
+        return
+    sums = torch.zeros(2, len(segments), dtype=torch.float64)
+    w2, u2 = (sums[0].data_ptr(), sums[1].data_ptr()) if len(segments) else (0, 0)
+    kernel(*buffers, *table, values, lr_value, scale, PASS_MOMENTS, w2, u2)
+    norm_reduce(sums)
+    kernel(*buffers, *table, values, lr_value, scale, PASS_APPLY, w2, u2)
+
+
+def _device_scalar(name: str, t: Tensor, device: torch.device) -> int:
+    """Pointer of a 1-element float32 tensor on `device` (the kernels read it from device memory)."""
+    if t.device != device or t.dtype != torch.float32 or t.numel() != 1:
+        raise ValueError(f"Invalid {name}: expected a 1-element torch.float32 tensor on {device}, got {t.dtype} with "
+                         f"{t.numel()} elements on {t.device}")
+    return t.data_ptr()
+
+
+def _launch(device: torch.device) -> tuple[int, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return index, torch.cuda.current_stream(device).cuda_stream
+
+
+def _cuda_step(algorithm: str, param: Tensor, grad: Tensor, pointers: list[int], master_ptr: int, grad_code: int,
+               state_code: int, segments: Segments, values: list[float], lr: Scalar, grad_scale: Scalar,
+               found_inf: Tensor | None, trust_ratio: bool, norm_reduce: Callable[[Tensor], None] | None) -> None:
+    """The CUDA launch: device copies of the segment table, device scalars for whatever is a device tensor."""
+    device = param.device
+    table = segments.on_device(device)
+    lr_ptr = _device_scalar("lr", lr, device) if isinstance(lr, Tensor) and lr.device.type == "cuda" else 0
+    scale_ptr = (_device_scalar("grad_scale", grad_scale, device)
+                 if isinstance(grad_scale, Tensor) and grad_scale.device.type == "cuda" else 0)
+    found_ptr = 0 if found_inf is None else _device_scalar("found_inf", found_inf, device)
+    lr_value = 0.0 if lr_ptr else _float("lr", lr)
+    scale = 1.0 if scale_ptr else _float("grad_scale", grad_scale)
+    index, stream = _launch(device)
+    kernel = getattr(_C, "cuda_" + algorithm)
+    args = (param.data_ptr(), grad.data_ptr(), *pointers, master_ptr, param.numel(), DTYPE_CODES[param.dtype],
+            grad_code, state_code, table["offsets"].data_ptr(), table["numels"].data_ptr(),
+            segments.steps.data_ptr(), table["active"].data_ptr(), len(segments), table["work"].data_ptr(),
+            int(table["items"]), values, lr_value, scale, lr_ptr, scale_ptr, found_ptr)
+    if not trust_ratio or norm_reduce is None:
+        kernel(*args, PASS_MOMENTS | PASS_APPLY, 0, 0, index, stream)
+        return
+    sums = torch.zeros(2, len(segments), dtype=torch.float64, device=device)
+    w2, u2 = (sums[0].data_ptr(), sums[1].data_ptr()) if len(segments) else (0, 0)
+    kernel(*args, PASS_MOMENTS, w2, u2, index, stream)
+    norm_reduce(sums)  # every rank takes part, whatever its shard holds
+    kernel(*args, PASS_APPLY, w2, u2, index, stream)
+
+
+def sum_of_squares(tensor: Tensor) -> tuple[float, bool]:
+    """(sum of fp32 squares as a float, whether any element is inf/nan) of a 1-D CPU tensor; bitwise reproducible for
+    any thread count."""
+    _check_tensor("tensor", tensor, None, PARAM_DTYPES)
+    if tensor.device.type != "cpu":
+        raise ValueError(f"Invalid tensor device: {tensor.device} (expected a cpu tensor)")
+    total, nonfinite = _C.sum_of_squares(tensor.data_ptr() if tensor.numel() else 0, tensor.numel(),
+                                         DTYPE_CODES[tensor.dtype])
+    return float(total), bool(nonfinite)
+
+
+def sum_of_squares_segments(tensor: Tensor, segments: Segments) -> tuple[float, bool]:
+    """`sum_of_squares` over the active segments of a flat CPU buffer."""
+    _check_tensor("tensor", tensor, None, PARAM_DTYPES)
+    _check_segments(segments, tensor.numel())
+    total, nonfinite = _C.sum_of_squares_segments(
+        tensor.data_ptr() if tensor.numel() else 0, tensor.numel(), DTYPE_CODES[tensor.dtype],
+        segments.offsets.data_ptr(), segments.numels.data_ptr(), segments.active.data_ptr(), len(segments))
+    return float(total), bool(nonfinite)
+
+
+def sum_of_squares_into(tensor: Tensor, segments: Segments | None, out_sum: Tensor, out_nonfinite: Tensor) -> None:
+    """Sum of squares (over the active segments when given) written into 1-element float32 tensors on the tensor's
+    device, 1.0 in `out_nonfinite` for inf/nan; on CUDA without waiting for the GPU."""
+    if tensor.device.type != "cuda":
+        total, flag = sum_of_squares(tensor) if segments is None else sum_of_squares_segments(tensor, segments)
+        out_sum.fill_(total)
+        out_nonfinite.fill_(float(flag))
+        return
+    _check_tensor("tensor", tensor, None, PARAM_DTYPES)
+    device = tensor.device
+    if segments is None:
+        segments = Segments.packed([tensor.numel()], device)
+    table = segments.on_device(device)
+    scratch = torch.empty(int(_C.cuda_sum_of_squares_scratch(int(table["items"]))), dtype=torch.float64,
+                          device=device)
+    index, stream = _launch(device)
+    _C.cuda_sum_of_squares(tensor.data_ptr(), tensor.numel(), DTYPE_CODES[tensor.dtype], table["work"].data_ptr(),
+                           int(table["items"]), table["active"].data_ptr(), len(segments), scratch.data_ptr(),
+                           _device_scalar("out_sum", out_sum, device),
+                           _device_scalar("out_nonfinite", out_nonfinite, device), index, stream)
+
+
+def build_info() -> dict[str, Any]:
+    return _C.build_info()
+
+
+cpu_isa: Callable[[], str] = _C.cpu_isa
+supported_isas: Callable[[], list[str]] = _C.supported_isas
+compiled_isas: Callable[[], list[str]] = _C.compiled_isas
+set_cpu_isa: Callable[[str], None] = _C.set_cpu_isa
+set_num_threads: Callable[[int], None] = _C.set_num_threads
+get_num_threads: Callable[[], int] = _C.get_num_threads

@@ -1,0 +1,108 @@
+"""Loading checkpoints into flat storage: the whole state_dict is checked against the optimizer before anything is
+written, then loaded values are copied into the flat buffers and state[p] becomes views again. Functions over the
+optimizer's groups, flat buffers and spec; torch.optim.Optimizer.load_state_dict does the group bookkeeping."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._distributed import local_tensor, local_values
+from ..flat import FlatBuffer
+from ._spec import scalar
+
+
+def check(optimizer: Any, state_dict: dict[str, Any]) -> tuple[dict[Any, Any], list[dict[str, Any]], list[Any],
+                                                              list[Tensor]]:
+    """Refuse a checkpoint that does not fit: group count and sizes, hyperparameters, state keys, sizes, dtypes and
+    step values. Returns (saved state, saved groups, saved parameter ids, this optimizer's parameters)."""
+    saved_state = state_dict["state"]
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, optimizer has "
+                         f"{len(optimizer.param_groups)}")
+    for saved, own in zip(saved_groups, optimizer.param_groups):
+        if len(saved["params"]) != len(own["params"]):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
+                             "optimizer's group")
+    ids = [i for g in saved_groups for i in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    merged_groups = []
+    for saved, own in zip(saved_groups, optimizer.param_groups):
+        merged = {**optimizer.defaults, **{k: v for k, v in saved.items() if k != "params"}}
+        merged.update({k: own[k] for k in ("backend", "max_grad_norm", "state_dtype", "master_weights",
+                                           "skip_nonfinite")})
+        merged.update(optimizer.spec.forced)
+        optimizer._validate(merged)
+        merged_groups.extend([merged] * len(saved["params"]))
+    for saved_id, p, group in zip(ids, params, merged_groups):
+        _check_entry(optimizer.spec, saved_id, p, saved_state.get(saved_id), group)
+    return saved_state, saved_groups, ids, params
+
+
+def _check_entry(spec: Any, saved_id: Any, p: Tensor, loaded: dict[str, Any] | None, group: dict[str, Any]) -> None:
+    if not loaded:
+        return
+    required = {s.name for s in spec.kept_states(group)} | ({"step"} if spec.tracks_step else set())
+    allowed = set(spec.state_names()) | {"step", "master_param"}
+    missing, unknown = required - set(loaded), set(loaded) - allowed
+    if missing or unknown:
+        raise ValueError(f"loaded state of parameter {saved_id} does not fit {spec.kernel}: missing {sorted(missing)}, "
+                         f"unknown {sorted(unknown)}")
+    for key, value in loaded.items():
+        if key == "step":
+            step = value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
+            if isinstance(value, Tensor) and value.numel() != 1 or not isinstance(step, (int, float)) \
+                    or isinstance(step, bool) or step < 0 or float(step) != int(step):
+                raise ValueError(f"loaded state 'step' of parameter {saved_id} must be a whole number >= 0, got "
+                                 f"{value!r}")
+            continue
+        if value is None:
+            continue
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            raise ValueError(f"loaded state {key!r} of parameter {saved_id} must be a floating-point tensor, "
+                             f"got {value.dtype if isinstance(value, Tensor) else type(value).__name__}")
+        if value.numel() != p.numel():
+            raise ValueError(f"loaded state {key!r} of parameter {saved_id} has {value.numel()} elements, "
+                             f"the parameter has {p.numel()}")
+
+
+@torch.no_grad()
+def adopt(optimizer: Any, group: dict[str, Any], buf: FlatBuffer, originals: dict[int, dict[str, Any] | None]) -> None:
+    """Copy loaded per-parameter state into the flat buffers and make state[p] views again.
+
+    Values come from the checkpoint's own tensors, not from torch's copies cast to the parameter dtype, so fp32
+    states and master weights of 16-bit parameters keep their precision. A parameter the checkpoint has no state for
+    starts afresh, as in torch.optim.
+    """
+    spec = optimizer.spec
+    for i, p in enumerate(buf.params):
+        loaded = originals.get(id(p))
+        if not loaded:
+            optimizer.state.pop(p, None)
+            buf.steps[i] = 0.0
+            for s in spec.states:
+                if s.name in buf.state:
+                    buf.region(buf.state[s.name], i).fill_(s.fill(group))
+            if buf.master is not None:
+                buf.region(buf.master, i).copy_(buf.region(buf.param, i))
+            if spec.state_at_init:
+                optimizer._init_state(group, buf, i)
+            continue
+        optimizer._init_state(group, buf, i)
+        state = optimizer.state.setdefault(p, {})
+        for key, value in loaded.items():
+            if key == "step":
+                buf.steps[i] = scalar(value)
+            elif key == "master_param":
+                if buf.master is not None:
+                    buf.region(buf.master, i).copy_(local_values(value, p).reshape(-1))
+            elif isinstance(value, Tensor) and key in state:
+                local_tensor(state[key]).copy_(local_values(value, p).reshape(buf.shapes[i]))
+            elif key not in state:
+                state[key] = value
+        if buf.master is not None and "master_param" not in loaded:
+            buf.region(buf.master, i).copy_(buf.region(buf.param, i))
+        if "step" not in loaded and spec.loaded_step is not None:
+            buf.steps[i] = spec.loaded_step(loaded)

@@ -1,0 +1,76 @@
+"""The declarative spec of an algorithm on the Python side: its kernel in the compiled core's list, its states and when
+each exists, validation with torch's messages, the group-to-kernel mapping and checkpoint quirks. The optimizer class
+holds torch's signature and defaults; the spec holds everything else, and the base class reads it."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+Group = Mapping[str, Any]
+
+
+def scalar(value: float | Tensor) -> float:
+    """A hyperparameter as a Python float (tensor learning rates and betas are accepted)."""
+    return float(value.item()) if isinstance(value, Tensor) else float(value)
+
+
+def check_range(name: str, value: Any, low: float, high: float | None = None, high_open: bool = True) -> None:
+    """Raise ValueError naming `name` unless low <= value (< or <=) high; NaN is always rejected."""
+    v = scalar(value)
+    ok = v >= low and (high is None or (v < high if high_open else v <= high))
+    if not ok or math.isnan(v):
+        raise ValueError(f"Invalid {name}: {value}")
+
+
+def check_lr(group: Group) -> None:
+    """torch.optim's checks of `lr`, shared by every algorithm."""
+    if isinstance(group["lr"], Tensor) and group["lr"].numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    check_range("learning rate", group["lr"], 0.0)
+
+
+def check_betas(group: Group) -> None:
+    check_range("beta parameter at index 0", group["betas"][0], 0.0, 1.0)
+    check_range("beta parameter at index 1", group["betas"][1], 0.0, 1.0)
+
+
+def always(group: Group) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class State:
+    """One per-element state, in the kernel's slot order: torch.optim's name, when the group keeps it, its first
+    value."""
+
+    name: str
+    when: Callable[[Group], bool] = always
+    fill: Callable[[Group], float] = lambda group: 0.0
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Everything about an algorithm that is not its math (csrc/include/fusedopt/math/<kernel>.h) or torch's
+    signature (the optimizer class)."""
+
+    kernel: str  # its name in the compiled core's list and in fusedopt.functional.REFERENCE
+    states: tuple[State, ...]  # slot order of the math header's kStates
+    validate: Callable[[Group], None]  # raises torch.optim's ValueError for a bad group
+    hyper: Callable[[Group], dict[str, Any]]  # the group's values of the math header's kFields
+    tracks_step: bool = True  # state[p] shows torch.optim's float32 "step"
+    state_at_init: bool = False  # states exist from construction (Adagrad), not from the first step
+    # Group keys a loaded checkpoint cannot change (AdamW stays decoupled whatever an Adam checkpoint says).
+    forced: Mapping[str, Any] = field(default_factory=dict)
+    # The step count of a loaded parameter that carries no "step" (torch.optim.SGD keeps none): a function of its
+    # loaded state.
+    loaded_step: Callable[[Mapping[str, Any]], float] | None = None
+
+    def state_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.states)
+
+    def kept_states(self, group: Group) -> list[State]:
+        return [s for s in self.states if s.when(group)]
