@@ -1,11 +1,13 @@
-"""CPU kernels (fusedopt._compiled on fusedopt._C) against fusedopt.reference, step by step.
+"""CPU kernels (fusedopt._kernels on fusedopt._C) against fusedopt.reference, step by step, through
+fusedopt.functional.update on both sides.
 
 Tables of cases per algorithm run over param/grad/state dtype x master weights x size x ISA (state dtype, size and
 ISA rotate through the cross product so every mode meets every param/grad/master combination, both state dtypes,
 several sizes and every ISA, within the time budget). Each test
 runs 10 steps with fresh random gradients and compares the parameters, master weights and every state tensor after
 every step; both sides then continue from the compiled result, so each step is checked from identical inputs.
-Also: bitwise determinism across thread counts, LAMB segments, sum_of_squares, and argument checks at the boundary.
+Also: segments whose step counts differ updated in one call, inactive segments left untouched, bitwise determinism
+across thread counts, LAMB segments, sum_of_squares, and argument checks at the boundary.
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-_compiled = pytest.importorskip("fusedopt._compiled")
-from fusedopt import _C, reference  # noqa: E402
+_kernels = pytest.importorskip("fusedopt._kernels")
+from fusedopt import _C, functional, reference  # noqa: E402
+from fusedopt.flat import Segments  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 try:
@@ -37,10 +40,9 @@ ISAS = list(_C.supported_isas())
 STEPS = 10
 
 F32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
-# (param dtype, grad dtype, master weights): grad = param dtype or fp32; master only meaningful for 16-bit params,
-# but fp32 + master is accepted too (the dispatcher updates the master and copies it).
+# (param dtype, grad dtype, master weights): grad = param dtype or fp32; master weights only for 16-bit params.
 DTYPE_COMBOS = [
-    (F32, F32, False), (F32, F32, True),
+    (F32, F32, False),
     (BF16, BF16, False), (BF16, F32, False), (BF16, BF16, True), (BF16, F32, True),
     (FP16, FP16, False), (FP16, F32, False), (FP16, FP16, True), (FP16, F32, True),
 ]
@@ -118,7 +120,6 @@ ALGOS = {
             ("betas", dict(beta1=0.5, beta2=0.9, eps=1e-3)),
         ],
         needs=lambda kw: {"max_exp_avg_sq": kw["amsgrad"]},
-        stepped=True,
     ),
     "sgd": dict(
         states=("momentum_buffer",), init=(_sym,),
@@ -132,7 +133,6 @@ ALGOS = {
             ("maximize-scaled", dict(momentum=0.5, maximize=True, grad_scale=2.0)),
         ],
         needs=lambda kw: {"momentum_buffer": kw["momentum"] != 0},
-        first_step=True,
     ),
     "rmsprop": dict(
         states=("square_avg", "momentum_buffer", "grad_avg"), init=(None, _sym, None),
@@ -157,7 +157,6 @@ ALGOS = {
             ("scaled", dict(grad_scale=3.0, eps=1e-3)),
         ],
         needs=lambda kw: {"sum": True},
-        stepped=True,
     ),
     "lion": dict(
         states=("exp_avg",), init=(_sym,),
@@ -181,7 +180,6 @@ ALGOS = {
             ("maximize-scaled", dict(maximize=True, grad_scale=0.5)),
         ],
         needs=lambda kw: {"exp_avg": True, "exp_avg_sq": True},
-        stepped=True,
     ),
 }
 
@@ -204,24 +202,21 @@ def _init_states(algo, kw, n, dtype, gen):
     return states
 
 
-def _call_compiled(algo, param, grad, states, master, kw, segments=None):
-    fn = getattr(_compiled, algo)
+def _call(backend, algo, param, grad, states, master, kw, segments):
+    """One step of `algo` through functional.update; kw holds lr, grad_scale and the math header's fields."""
+    hyper = dict(kw)
+    lr, grad_scale = hyper.pop("lr"), hyper.pop("grad_scale", 1.0)
     s = [states[name] for name in ALGOS[algo]["states"]]
-    if algo == "lamb":
-        fn(param, grad, *s, master, segments[0], segments[1], **kw)
-    else:
-        fn(param, grad, *s, master, **kw)
+    functional.update(algo, param, grad, s, master, segments, hyper=hyper, lr=lr, grad_scale=grad_scale,
+                      backend=backend)
 
 
-def _call_reference(algo, param, grad, states, kw, segments=None):
-    fn = getattr(reference, algo)
-    s = [states[name] for name in ALGOS[algo]["states"]]
-    if algo == "lamb":
-        for off, num in zip(segments[0].tolist(), segments[1].tolist()):
-            r = slice(off, off + num)
-            fn(param[r], grad[r], *(t[r] for t in s), **kw)
-    else:
-        fn(param, grad, *s, **kw)
+def _table(segments, n):
+    """A fresh Segments table (steps 0, all active) for (offsets, numels) or one segment of n elements."""
+    if segments is None:
+        return Segments([0], [n], torch.device("cpu"))
+    table = Segments(segments[0].tolist(), segments[1].tolist(), torch.device("cpu"))
+    return table
 
 
 def run_and_compare(algo, case_kw, n, pdtype, gdtype, master, sdtype, seed, segments=None, steps=STEPS, msg=""):
@@ -232,8 +227,9 @@ def run_and_compare(algo, case_kw, n, pdtype, gdtype, master, sdtype, seed, segm
     param = p32.to(pdtype)
     master_t = p32.clone() if master else None
     states = _init_states(algo, kw, n, sdtype, gen)
-    if segments is None and algo == "lamb":
-        segments = (torch.tensor([0], dtype=torch.int64), torch.tensor([n], dtype=torch.int64))
+    table, ref_table = _table(segments, n), _table(segments, n)
+    for t in (table, ref_table):
+        t.set_all_active(True)
 
     ref_param = (master_t if master else param).clone()
     ref_states = {k: (v.clone() if v is not None else None) for k, v in states.items()}
@@ -243,13 +239,11 @@ def run_and_compare(algo, case_kw, n, pdtype, gdtype, master, sdtype, seed, segm
 
     for step in range(1, steps + 1):
         grad = (_sym(n, gen) * 0.5).to(gdtype)
-        step_kw = dict(kw)
-        if spec.get("stepped"):
-            step_kw["step"] = step
-        if spec.get("first_step"):
-            step_kw["first_step"] = step == 1
-        _call_compiled(algo, param, grad, states, master_t, step_kw, segments)
-        _call_reference(algo, ref_param, grad, ref_states, step_kw, segments)
+        _call("cpu", algo, param, grad, states, master_t, kw, table)
+        ref_master = ref_param if master else None
+        ref_target = param.clone() if master else ref_param
+        _call("reference", algo, ref_target, grad, ref_states, ref_master, kw, ref_table)
+        assert torch.equal(table.steps, ref_table.steps) and bool((table.steps == step).all()), "step counts"
 
         where = f"{msg} step {step}"
         if algo == "lion":
@@ -342,16 +336,83 @@ def test_lamb_segments(isa, pdtype, gdtype, master, sdtype):
     assert torch.equal(param[~covered], p0[~covered])
 
 
-def test_lamb_rejects_bad_segments():
+def test_rejects_bad_segments():
     n = 100
     p, g, m, v = (torch.randn(n) for _ in range(4))
-    kw = dict(step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0, bias_correction=True,
-              max_trust_ratio=None, maximize=False)
+    hyper = dict(beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0, bias_correction=True, max_trust_ratio=None,
+                 maximize=False)
     before = p.clone()
     for offs, nums in [([90], [20]), ([-1], [5]), ([10, 5], [10, 10]), ([0, 5], [10, 10])]:
-        with pytest.raises(ValueError):
-            _compiled.lamb(p, g, m, v, None, torch.tensor(offs), torch.tensor(nums), **kw)
+        table = Segments(offs, nums, torch.device("cpu"))
+        table.set_all_active(True)
+        with pytest.raises(ValueError, match="segment"):
+            functional.update("lamb", p, g, [m, v], None, table, hyper=hyper, lr=1e-3, backend="cpu")
+        assert table.steps.tolist() == [0.0] * len(offs), "a rejected call counted a step"
     assert torch.equal(p, before)
+
+
+# --- per-segment steps and active flags ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("algo", list(ALGOS))
+def test_segments_with_different_steps_in_one_call(algo):
+    """Parameters whose step counts differ (frozen then unfrozen, added later, experts without tokens) are updated in
+    one call, each with its own bias corrections; inactive ones are neither read nor written and keep their step."""
+    sizes = [5, CHUNK + 3, 40, 7, 2 * CHUNK, 33]
+    table = Segments.packed(sizes)
+    ref_table = Segments.packed(sizes)
+    n = table.total
+    kw = dict(ALGOS[algo]["base"], **ALGOS[algo]["cases"][-1][1])
+    gen = torch.Generator().manual_seed(17)
+    param = _sym(n, gen)
+    states = _init_states(algo, kw, n, F32, gen)
+    ref_param = param.clone()
+    ref_states = {k: (v.clone() if v is not None else None) for k, v in states.items()}
+    # Different histories: segment k has taken k steps before this test's steps start.
+    for t in (table, ref_table):
+        t.steps.copy_(torch.arange(len(sizes), dtype=torch.float32))
+    for step in range(4):
+        active = [(k + step) % 3 != 0 for k in range(len(sizes))]
+        for t in (table, ref_table):
+            for k, a in enumerate(active):
+                t.flags[k] = int(a)
+        grad = _sym(n, gen) * 0.5
+        before = param.clone()
+        before_states = {k: (v.clone() if v is not None else None) for k, v in states.items()}
+        _call("cpu", algo, param, grad, states, None, kw, table)
+        # The reference side, one segment at a time with its own step (the oracle of per-segment coefficients).
+        for k, (off, num) in enumerate(zip(table.offsets.tolist(), sizes)):
+            if not active[k]:
+                continue
+            one = Segments([0], [num], torch.device("cpu"))
+            one.set_all_active(True)
+            one.steps.fill_(ref_table.steps[k])
+            r = slice(off, off + num)
+            _call("reference", algo, ref_param[r], grad[r],
+                  {name: (v[r] if v is not None else None) for name, v in ref_states.items()}, None, kw, one)
+            ref_table.steps[k] = one.steps[0]
+        assert torch.equal(table.steps, ref_table.steps), (table.steps, ref_table.steps)
+        for k, (off, num) in enumerate(zip(table.offsets.tolist(), sizes)):
+            r = slice(off, off + num)
+            if not active[k]:
+                assert torch.equal(param[r], before[r]), f"inactive segment {k} was written"
+                for name, v in states.items():
+                    if v is not None:
+                        assert torch.equal(v[r], before_states[name][r]), f"inactive {name} {k} was written"
+            elif algo != "lion":
+                assert_close(param[r], ref_param[r], F32, msg=f"{algo} segment {k} step {step}")
+        ref_param.copy_(param)
+        for name, v in states.items():
+            if v is not None:
+                ref_states[name].copy_(v)
+
+
+def test_master_weights_are_for_16_bit_parameters():
+    table = Segments.packed([8])
+    p, g, m, v = (torch.randn(table.total) for _ in range(4))
+    hyper = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled=False)
+    with pytest.raises(ValueError, match="master"):
+        functional.update("adam", p, g, [m, v, None], p.clone(), table, hyper=hyper, lr=1e-3, backend="cpu")
+    assert table.steps.tolist() == [0.0]
 
 
 # --- determinism ---------------------------------------------------------------------------------------------------
@@ -388,7 +449,7 @@ def test_sum_of_squares(dtype, isa):
             outs = []
             for threads in (1, 2):
                 with num_threads(threads):
-                    outs.append(_compiled.sum_of_squares(t))
+                    outs.append(_kernels.sum_of_squares(t))
             assert outs[0] == outs[1], "not bitwise identical across thread counts"
             total, bad = outs[0]
             assert not bad
@@ -397,77 +458,105 @@ def test_sum_of_squares(dtype, isa):
         for value in (float("inf"), float("nan"), float("-inf")):
             u = t.clone()
             u[CHUNK + 5] = value
-            assert _compiled.sum_of_squares(u)[1] is True
+            assert _kernels.sum_of_squares(u)[1] is True
+        # Over active segments only: a non-finite value in an inactive segment is not seen.
+        table = Segments([0, CHUNK + 32], [CHUNK, CHUNK - 32], torch.device("cpu"))
+        table.flags[0] = 1
+        u = t.clone()
+        u[CHUNK + 40] = float("nan")
+        total, bad = _kernels.sum_of_squares_segments(u, table)
+        assert not bad
+        assert math.isclose(total, float((t[:CHUNK].float() ** 2).double().sum()), rel_tol=1e-6)
 
 
 # --- boundary checks -----------------------------------------------------------------------------------------------
 
+def _raw_adam(ptrs, n, codes, table, hyper_values, lr=1e-3):
+    s0, s1, s2 = ptrs[2], ptrs[3], 0
+    return _C.adam(ptrs[0], ptrs[1], s0, s1, s2, 0, n, *codes, table.offsets.data_ptr(), table.numels.data_ptr(),
+                   table.steps.data_ptr(), table.active.data_ptr(), len(table), hyper_values, lr, 1.0, 3, 0, 0)
+
+
 def test_c_boundary_rejects_bad_arguments():
-    n = 64
+    table = Segments.packed([64])
+    n = table.total
     p, g, m, v = (torch.randn(n) for _ in range(4))
     ptrs = [t.data_ptr() for t in (p, g, m, v)]
-    coeffs = dict(grad_scale=1.0, beta1_weight=0.1, beta2=0.999, one_minus_beta2=0.001, eps=1e-8,
-                  weight_decay=0.0, decay=1.0, step_size=1e-3, bc2_sqrt=0.03, coupled_wd=False, amsgrad=False)
+    hyper = [0.9, 0.999, 1e-8, 0.0, 0.0, 0.0, 0.0]
     before = p.clone()
     with pytest.raises(ValueError, match="dtype code"):
-        _C.adam(*ptrs, 0, 0, n, 7, 0, 0, **coeffs)
+        _raw_adam(ptrs, n, (7, 0, 0), table, hyper)
     with pytest.raises(ValueError, match="grad dtype"):
-        _C.adam(*ptrs, 0, 0, n, 1, 2, 0, **coeffs)
+        _raw_adam(ptrs, n, (1, 2, 0), table, hyper)
     with pytest.raises(ValueError, match="state dtype"):
-        _C.adam(*ptrs, 0, 0, n, 0, 0, 2, **coeffs)
+        _raw_adam(ptrs, n, (0, 0, 2), table, hyper)
     with pytest.raises(ValueError, match="element count"):
-        _C.adam(*ptrs, 0, 0, -1, 0, 0, 0, **coeffs)
+        _raw_adam(ptrs, -1, (0, 0, 0), table, hyper)
     with pytest.raises(ValueError, match="exp_avg_sq pointer is null"):
-        _C.adam(ptrs[0], ptrs[1], ptrs[2], 0, 0, 0, n, 0, 0, 0, **coeffs)
+        _raw_adam(ptrs[:3] + [0], n, (0, 0, 0), table, hyper)
     with pytest.raises(ValueError, match="max_exp_avg_sq pointer is null"):
-        _C.adam(*ptrs, 0, 0, n, 0, 0, 0, **dict(coeffs, amsgrad=True))
+        _raw_adam(ptrs, n, (0, 0, 0), table, hyper[:4] + [1.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="hyperparameter count"):
+        _raw_adam(ptrs, n, (0, 0, 0), table, hyper[:6])
+    with pytest.raises(ValueError, match="outside the buffer"):
+        _raw_adam(ptrs, n - 1, (0, 0, 0), table, hyper)
     with pytest.raises(ValueError, match="dtype code"):
         _C.sum_of_squares(p.data_ptr(), n, 3)
-    with pytest.raises(ValueError, match="outside the buffer"):
-        offs, nums = torch.tensor([0]), torch.tensor([n + 1])
-        _C.lamb(ptrs[0], ptrs[1], ptrs[2], ptrs[3], 0, n, 0, 0, 0, offs.data_ptr(), nums.data_ptr(), 1,
-                grad_scale=1.0, lr=1e-3, beta1_weight=0.1, beta2=0.999, one_minus_beta2=0.001, bc1=1.0, bc2=1.0,
-                eps=1e-6, weight_decay=0.0, max_trust_ratio=-1.0)
     with pytest.raises(ValueError, match="threads"):
         _C.set_num_threads(0)
     assert torch.equal(p, before)
+    assert table.steps.tolist() == [0.0], "a rejected call counted a step"
 
 
 def test_python_validation_names_the_argument():
-    n = 32
+    table = Segments.packed([32])
+    n = table.total
     p, g, m, v = (torch.randn(n) for _ in range(4))
-    kw = dict(step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False)
+    hyper = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled=False)
+
+    def adam(param, grad, states, **kw):
+        functional.update("adam", param, grad, states, None, table, hyper=dict(hyper, **kw), lr=1e-3, backend="cpu")
+
     with pytest.raises(ValueError, match="exp_avg_sq: numel"):
-        _compiled.adam(p, g, m, torch.randn(n + 1), None, None, **kw)
+        adam(p, g, [m, torch.randn(n + 1), None])
     with pytest.raises(TypeError, match="grad dtype"):
-        _compiled.adam(p.bfloat16(), g.half(), m, v, None, None, **kw)
+        adam(p.bfloat16(), g.half(), [m, v, None])
     with pytest.raises(TypeError, match="exp_avg_sq dtype"):
-        _compiled.adam(p, g, m, v.bfloat16(), None, None, **kw)
+        adam(p, g, [m, v.bfloat16(), None])
     with pytest.raises(ValueError, match="not contiguous"):
-        _compiled.adam(torch.randn(2 * n)[::2], g, m, v, None, None, **kw)
+        adam(torch.randn(2 * n)[::2], g, [m, v, None])
     with pytest.raises(ValueError, match="1-D"):
-        _compiled.adam(p.view(4, 8), g, m, v, None, None, **kw)
+        adam(p.view(n // 8, 8), g, [m, v, None])
     with pytest.raises(ValueError, match="max_exp_avg_sq"):
-        _compiled.adam(p, g, m, v, None, None, **dict(kw, amsgrad=True))
-    with pytest.raises(ValueError, match="step"):
-        _compiled.adam(p, g, m, v, None, None, **dict(kw, step=0))
+        adam(p, g, [m, v, None], amsgrad=True)
+    with pytest.raises(ValueError, match="missing"):
+        functional.update("adam", p, g, [m, v, None], None, table, hyper={"beta1": 0.9}, lr=1e-3, backend="cpu")
     with pytest.raises(ValueError, match="share memory"):
-        _compiled.adam(p, g, m, m, None, None, **kw)
+        adam(p, g, [m, m, None])
+    with pytest.raises(ValueError, match="algorithm"):
+        functional.update("bogus", p, g, [m, v, None], None, table, hyper=hyper, lr=1e-3, backend="cpu")
+    assert table.steps.tolist() == [0.0]
 
 
 def test_tensor_hyperparameters_and_empty_buffers():
-    n = 50
+    table, ref_table = Segments.packed([50]), Segments.packed([50])
+    n = table.total
     gen = torch.Generator().manual_seed(5)
     p, g, m, v = (_sym(n, gen) for _ in range(4))
     v = v.abs()
     P, M, V = p.clone(), m.clone(), v.clone()
-    kw = dict(step=2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False)
-    _compiled.adam(p, g, m, v, None, None, lr=torch.tensor(1e-2), grad_scale=torch.tensor(0.5), **kw)
-    reference.adam(P, g, M, V, None, lr=1e-2, grad_scale=0.5, **kw)
+    hyper = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled=False)
+    functional.update("adam", p, g, [m, v, None], None, table, hyper=hyper, lr=torch.tensor(1e-2),
+                      grad_scale=torch.tensor(0.5), backend="cpu")
+    functional.update("adam", P, g, [M, V, None], None, ref_table, hyper=hyper, lr=1e-2, grad_scale=0.5,
+                      backend="reference")
     assert_close(p, P, F32)
     e = torch.empty(0)
-    _compiled.adam(e, e.clone(), e.clone(), e.clone(), None, None, lr=1e-2, **kw)
-    assert _compiled.sum_of_squares(e) == (0.0, False)
+    empty = Segments.packed([0])
+    functional.update("adam", e, e.clone(), [e.clone(), e.clone(), None], None, empty, hyper=hyper, lr=1e-2,
+                      backend="cpu")
+    assert empty.steps.tolist() == [1.0]
+    assert _kernels.sum_of_squares(e) == (0.0, False)
 
 
 def test_isa_selection():

@@ -66,7 +66,8 @@ def test_zero_grad_keeps_none_and_set_to_none_drops_views() -> None:
     buf = FlatBuffer(params)
     for p in params[:3]:
         p.grad = torch.randn_like(p)
-    assert buf.prepare_step() == [True, True, True, False, False, False]
+    assert buf.prepare_step() is True
+    assert list(buf.segments.flags) == [1, 1, 1, 0, 0, 0]
     buf.zero_grad(set_to_none=False)
     assert all(p.grad is None for p in params[3:])
     assert all(torch.count_nonzero(p.grad) == 0 for p in params[:3])
@@ -92,16 +93,14 @@ def test_moved_parameter_is_a_clear_error() -> None:
         buf.prepare_step()
 
 
-def test_runs_split_on_missing_gradients_and_different_steps() -> None:
+def test_segment_table_matches_the_layout() -> None:
     buf = FlatBuffer(make_params())
-    active = [True, True, False, True, True, True]
-    assert buf.runs(active, [0, 0, 0, 0, 0, 0]) == [(0, 1), (3, 5)]
-    assert buf.runs(active, [1, 1, 0, 1, 2, 2]) == [(0, 1), (3, 3), (4, 5)]
-    assert buf.runs([False] * 6, [0] * 6) == []
-    assert buf.span(0, 5) == slice(0, buf.total)
-    offsets, numels = buf.segments(3, 5)
-    assert offsets.tolist() == [0, buf.offsets[4] - buf.offsets[3], buf.offsets[5] - buf.offsets[3]]
-    assert numels.tolist() == [4097, 60, 1]
+    assert buf.segments.offsets.tolist() == buf.offsets
+    assert buf.segments.numels.tolist() == buf.numels
+    assert buf.segments.steps.data_ptr() == buf.steps.data_ptr() and buf.steps.dtype == torch.float32
+    buf.segments.flags[2] = 1
+    assert buf.segments.active.tolist() == [0, 0, 1, 0, 0, 0]  # the tensor the kernels read shares the flags
+    assert buf.prepare_step() is False and not buf.segments.any_active()
 
 
 def test_one_buffer_per_device_and_dtype_in_parameter_order() -> None:

@@ -6,6 +6,7 @@ import fusedopt
 import pytest
 import torch
 from fusedopt import functional
+from fusedopt.flat import Segments
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tolerances import assert_close
@@ -19,14 +20,14 @@ unit = st.floats(0.5, 0.999)
 small = st.floats(0.0, 0.2)
 
 
-def _state_names(algorithm: str, hp: dict) -> list[str]:
+def _state_names(algorithm: str, hp: dict) -> list[str | None]:
+    """The state slots of the configuration, in the kernel's order (None for a slot it does not keep)."""
     if algorithm == "adam":
-        return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hp["amsgrad"] else [])
+        return ["exp_avg", "exp_avg_sq", "max_exp_avg_sq" if hp["amsgrad"] else None]
     if algorithm == "sgd":
-        return ["momentum_buffer"] if hp["momentum"] else []
+        return ["momentum_buffer" if hp["momentum"] else None]
     if algorithm == "rmsprop":
-        optional = [("momentum_buffer", hp["momentum"]), ("grad_avg", hp["centered"])]
-        return ["square_avg"] + [name for name, used in optional if used]
+        return ["square_avg", "momentum_buffer" if hp["momentum"] else None, "grad_avg" if hp["centered"] else None]
     return ["sum"] if algorithm == "adagrad" else ["exp_avg"]
 
 
@@ -47,19 +48,11 @@ HYPERPARAMETERS = {
 }
 
 
-def _call(algorithm: str, backend: str, param, grad, states: dict, master, hp: dict, step: int) -> None:
-    if algorithm == "adam":
-        functional.adam(param, grad, states["exp_avg"], states["exp_avg_sq"], states.get("max_exp_avg_sq"), master,
-                        step=step, backend=backend, **hp)
-    elif algorithm == "sgd":
-        functional.sgd(param, grad, states.get("momentum_buffer"), master, first_step=step == 1, backend=backend, **hp)
-    elif algorithm == "rmsprop":
-        functional.rmsprop(param, grad, states["square_avg"], states.get("momentum_buffer"), states.get("grad_avg"),
-                           master, backend=backend, **hp)
-    elif algorithm == "adagrad":
-        functional.adagrad(param, grad, states["sum"], master, step=step, backend=backend, **hp)
-    else:
-        functional.lion(param, grad, states["exp_avg"], master, backend=backend, **hp)
+def _call(algorithm: str, backend: str, param, grad, states: dict, master, hp: dict, segments: Segments) -> None:
+    hyper = dict(hp)
+    lr = hyper.pop("lr")
+    slots = [states.get(name) if name else None for name in _state_names(algorithm, hp)]
+    functional.update(algorithm, param, grad, slots, master, segments, hyper=hyper, lr=lr, backend=backend)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -81,12 +74,16 @@ def test_compiled_kernels_match_the_reference(algorithm, data, n, param_dtype, s
     sides = []
     for _ in range(2):
         master = init.clone() if use_master else None
-        states = {name: torch.zeros(n, dtype=sdt) for name in _state_names(algorithm, hp)}
+        states = {name: torch.zeros(n, dtype=sdt) for name in _state_names(algorithm, hp) if name}
         sides.append((init.to(pdt).clone(), master, states))  # .to() of the same dtype returns init itself
+    tables = [Segments([0], [n], torch.device("cpu")) for _ in sides]
+    for table in tables:
+        table.set_all_active(True)
     for step in range(1, 4):
         grad = torch.randn(n, generator=gen).to(pdt)
-        for (param, master, states), backend in zip(sides, ("cpu", "reference")):
-            _call(algorithm, backend, param, grad, states, master, hp, step)
+        for (param, master, states), backend, table in zip(sides, ("cpu", "reference"), tables):
+            _call(algorithm, backend, param, grad, states, master, hp, table)
+        assert tables[0].steps.tolist() == tables[1].steps.tolist() == [float(step)]
         (p_cpu, m_cpu, s_cpu), (p_ref, m_ref, s_ref) = sides
         tol = "fp32" if pdt == torch.float32 and sdt == torch.float32 else (sdt if pdt == torch.float32 else pdt)
         if algorithm == "lion":  # sign(c) flips where c is within rounding of 0: compare the rest
@@ -112,13 +109,16 @@ def test_lamb_segments_match_the_reference(sizes, seed, weight_decay, max_trust_
     total = max(total, 1)
     gen = torch.Generator().manual_seed(seed)
     init = torch.randn(total, generator=gen)
-    seg_offsets, seg_numels = torch.tensor(offsets, dtype=torch.int64), torch.tensor(sizes, dtype=torch.int64)
     sides = [(init.clone(), torch.zeros(total), torch.zeros(total)) for _ in range(2)]
+    tables = [Segments(offsets, sizes, torch.device("cpu")) for _ in sides]
+    hyper = dict(beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=weight_decay, bias_correction=bias_correction,
+                 max_trust_ratio=max_trust_ratio, maximize=False)
     for step in range(1, 4):
         grad = torch.randn(total, generator=gen)
-        for (param, m, v), backend in zip(sides, ("cpu", "reference")):
-            functional.lamb(param, grad, m, v, None, seg_offsets, seg_numels, step=step, lr=1e-2, beta1=0.9,
-                            beta2=0.99, eps=1e-6, weight_decay=weight_decay, bias_correction=bias_correction,
-                            max_trust_ratio=max_trust_ratio, maximize=False, backend=backend)
+        for (param, m, v), backend, table in zip(sides, ("cpu", "reference"), tables):
+            for k in range(len(sizes)):  # a different subset of parameters has a gradient at every step
+                table.flags[k] = int((k + step) % 4 != 0)
+            functional.update("lamb", param, grad, [m, v], None, table, hyper=hyper, lr=1e-2, backend=backend)
+        assert torch.equal(tables[0].steps, tables[1].steps)
         for a, b in zip(sides[0], sides[1]):
             assert_close(a, b, "fp32_trajectory", msg=f"lamb step {step}")

@@ -55,17 +55,17 @@ def reference_step(algorithm: str, kwargs: dict[str, Any], param: Tensor, grad: 
     elif algorithm == "sgd":
         reference.sgd(param, grad, s("momentum_buffer"), lr=hp["lr"], momentum=hp["momentum"],
                       dampening=hp["dampening"], weight_decay=hp["weight_decay"], nesterov=hp["nesterov"],
-                      maximize=hp["maximize"], first_step=step == 1, grad_scale=grad_scale)
+                      maximize=hp["maximize"], step=step, grad_scale=grad_scale)
     elif algorithm == "rmsprop":
         reference.rmsprop(param, grad, s("square_avg"), s("momentum_buffer"), s("grad_avg"), lr=hp["lr"],
                           alpha=hp["alpha"], eps=hp["eps"], weight_decay=hp["weight_decay"],
                           momentum=hp["momentum"], centered=hp["centered"], maximize=hp["maximize"],
-                          grad_scale=grad_scale)
+                          step=step, grad_scale=grad_scale)
     elif algorithm == "adagrad":
         reference.adagrad(param, grad, s("sum"), step=step, lr=hp["lr"], lr_decay=hp["lr_decay"], eps=hp["eps"],
                           weight_decay=hp["weight_decay"], maximize=hp["maximize"], grad_scale=grad_scale)
     elif algorithm == "lion":
-        reference.lion(param, grad, s("exp_avg"), lr=hp["lr"], beta1=hp["betas"][0], beta2=hp["betas"][1],
+        reference.lion(param, grad, s("exp_avg"), step=step, lr=hp["lr"], beta1=hp["betas"][0], beta2=hp["betas"][1],
                        weight_decay=hp["weight_decay"], maximize=hp["maximize"], grad_scale=grad_scale)
     elif algorithm == "lamb":
         reference.lamb(param, grad, s("exp_avg"), s("exp_avg_sq"), step=step, lr=hp["lr"], beta1=hp["betas"][0],
@@ -333,13 +333,6 @@ def test_grad_scale_equals_scaled_grad(algorithm: str, case) -> None:
         assert torch.equal(p_a, p_b)
         for k in state_names(algorithm, case.kwargs):
             assert torch.equal(st_a[k], st_b[k]), k
-
-
-def test_state_names_table() -> None:
-    assert reference.STATE_NAMES == {
-        "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), "sgd": ("momentum_buffer",),
-        "rmsprop": ("square_avg", "momentum_buffer", "grad_avg"), "adagrad": ("sum",), "lion": ("exp_avg",),
-        "lamb": ("exp_avg", "exp_avg_sq")}
 
 
 def test_reference_does_not_import_compiled_module() -> None:

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "STATE_NAMES",
     "adagrad",
     "adam",
     "adamw",
@@ -27,16 +26,6 @@ __all__ = [
     "rmsprop",
     "sgd",
 ]
-
-# Per-parameter state tensors of each algorithm, in torch.optim's names (adamw shares adam's).
-STATE_NAMES: dict[str, tuple[str, ...]] = {
-    "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-    "sgd": ("momentum_buffer",),
-    "rmsprop": ("square_avg", "momentum_buffer", "grad_avg"),
-    "adagrad": ("sum",),
-    "lion": ("exp_avg",),
-    "lamb": ("exp_avg", "exp_avg_sq"),
-}
 
 _TensorOrTensors = Union[Tensor, Iterable[Tensor]]  # runtime alias: no `|` on Python 3.9
 
