@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from fusedopt import bench as hb  # noqa: E402
 from fusedopt.bench.workloads import Workload, format_size  # noqa: E402
 
-__all__ = ["Case", "best_fusedopt", "hb", "kResults", "run_suite"]
+__all__ = ["Case", "best_fusedopt", "hb", "kRepo", "kResults", "run_suite"]
 
 
 @dataclass
