@@ -1,4 +1,4 @@
-"""Shared driver of the bench/*.py scripts: runs a list of cases through fusedopt._bench (the harness core,
+"""Shared driver of the bench/*.py scripts: runs a list of cases through fusedopt.bench (the harness core,
 which the ``fusedopt bench`` CLI also uses) and writes bench/results/<name>-<machine>.{json,csv,md}."""
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ except ImportError:
     import fusedopt  # noqa: F401
 
 import torch  # noqa: E402
-from fusedopt import _bench as hb  # noqa: E402
-from fusedopt._bandwidth import measure_bandwidth  # noqa: E402
-from fusedopt._workloads import Workload, format_size  # noqa: E402
+from fusedopt import bench as hb  # noqa: E402
+from fusedopt.bench.workloads import Workload, format_size  # noqa: E402
 
-__all__ = ["Case", "best_fusedopt", "hb", "kResults", "run_suite"]
+__all__ = ["Case", "best_fusedopt", "hb", "kRepo", "kResults", "run_suite"]
 
 
 @dataclass
@@ -71,7 +70,7 @@ def run_suite(
     meta = hb.machine_info(device, repo_dir=kRepo)
     meta.update(extra_meta or {})
     bar = hb.Progress("measuring bandwidth", enabled=progress)
-    bw = measure_bandwidth(device, progress=bar)
+    bw = hb.measure_bandwidth(device, progress=bar)
     bar.close()
     print(
         f"{name}: fusedopt {meta.get('fusedopt_version')} | torch {meta['torch']} | "

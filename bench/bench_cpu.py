@@ -12,7 +12,7 @@ import argparse
 
 import torch
 from _harness import Case, best_fusedopt, hb, run_suite
-from fusedopt._workloads import equal_tensors_workload, parse_size, transformer_128m_workload
+from fusedopt.bench.workloads import equal_tensors_workload, parse_size, transformer_128m_workload
 
 kAll = ["adamw", "adamw-clip", "adamw-bf16-states", "adam", "sgd", "rmsprop", "adagrad", "lion", "lamb"]
 

@@ -14,7 +14,7 @@ import sys
 
 import torch
 from _harness import Case, best_fusedopt, hb, run_suite
-from fusedopt._workloads import equal_tensors_workload, gpt2_workload, parse_size
+from fusedopt.bench.workloads import equal_tensors_workload, gpt2_workload, parse_size
 
 kAll = ["adamw", "adamw-clip", "adam", "sgd", "lion", "lamb", "rmsprop"]
 

@@ -29,6 +29,7 @@ import fusedopt  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+from fusedopt.bench.workloads import parse_size  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
@@ -37,11 +38,6 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 WIDTH = 1024
 ENGINES = ("ddp", "ddp-bucket-view", "fsdp2")
 IMPLS = ("fusedopt", "torch-foreach", "torch-fused")
-
-
-def parse_size(text: str) -> int:
-    scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1].upper(), 1)
-    return int(float(text[:-1] if scale > 1 else text) * scale)
 
 
 def make_model(params: int) -> nn.Module:

@@ -77,7 +77,7 @@ def test_help(argv, capsys):
 
 
 def test_parse_size_and_sweep_sizes():
-    from fusedopt._workloads import parse_size
+    from fusedopt.bench.workloads import parse_size
 
     assert parse_size("1M") == 1_000_000
     assert parse_size("124m") == 124_000_000
@@ -87,7 +87,7 @@ def test_parse_size_and_sweep_sizes():
 
 
 def test_workload_shapes():
-    from fusedopt._workloads import equal_tensors_workload, gpt2_workload, transformer_128m_workload
+    from fusedopt.bench.workloads import equal_tensors_workload, gpt2_workload, transformer_128m_workload
 
     gpt2 = gpt2_workload("124M")
     assert gpt2.numel == 124_439_808 and gpt2.num_tensors == 148
@@ -114,6 +114,25 @@ def test_info_subprocess():
     info = json.loads(proc.stdout)
     assert info["version"] == fusedopt.build_info()["version"]
     assert "reference" in info["backends"]
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import fusedopt",
+        "import fusedopt.cli",
+        "from fusedopt import cli; assert cli.main(['info', '--json']) == 0",
+    ],
+    ids=["import fusedopt", "import fusedopt.cli", "fusedopt info"],
+)
+def test_library_and_info_do_not_import_the_bench_harness(code):
+    # The harness lives in fusedopt.bench and is loaded by the bench command only.
+    check = "import sys; bad = sorted(m for m in sys.modules if m.startswith('fusedopt.bench')); assert not bad, bad"
+    proc = subprocess.run(
+        [sys.executable, "-c", f"{code}\n{check}"], capture_output=True, text=True, env=_env(), timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")

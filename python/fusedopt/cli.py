@@ -20,8 +20,11 @@ kDefaultParams = "124M"
 kQuickParams = "1M"
 
 
+# The harness (fusedopt.bench) is imported inside the bench command's argument parsers and body only, so that
+# `fusedopt info` and `import fusedopt.cli` never load it.
+
 def _size_arg(text: str) -> int:
-    from ._workloads import parse_size
+    from .bench.workloads import parse_size
 
     try:
         return parse_size(text)
@@ -63,7 +66,7 @@ def _clip_arg(text: str) -> float:
 
 
 def _optimizer_arg(text: str) -> list[str]:
-    from ._bench import OPTIMIZERS
+    from .bench.registry import OPTIMIZERS
 
     names = [t.strip().lower() for t in text.split(",") if t.strip()]
     if names == ["all"]:
@@ -77,7 +80,7 @@ def _optimizer_arg(text: str) -> list[str]:
 
 
 def _impls_arg(text: str) -> list:
-    from ._bench import ImplSpec
+    from .bench.registry import ImplSpec
 
     try:
         return [ImplSpec.parse(t) for t in text.split(",") if t.strip()]
@@ -191,9 +194,7 @@ def _csv_path(json_path: str) -> str:
 def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
-    from . import _bench as hb
-    from ._bandwidth import measure_bandwidth
-    from ._workloads import workload_for
+    from . import bench as hb
 
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -210,7 +211,7 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.threads:
         hb.set_threads(args.threads)
     sizes = _sweep_sizes(args.params) if args.sweep else [args.params]
-    workloads = [workload_for(n, args.tensors) for n in sizes]
+    workloads = [hb.workload_for(n, args.tensors) for n in sizes]
 
     # Settle implementations and check memory for every case before allocating anything large.
     plan: list[tuple[str, list, dict[str, str]]] = []
@@ -235,7 +236,7 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     progress = hb.Progress("measuring bandwidth", enabled=args.progress)
     meta = hb.machine_info(args.device)
-    bw = measure_bandwidth(args.device, repeats=3 if args.quick else 10, progress=progress)
+    bw = hb.measure_bandwidth(args.device, repeats=3 if args.quick else 10, progress=progress)
     progress.close()
     threads = torch.get_num_threads()
     where = meta.get("gpu") if args.device == "cuda" else f"{meta['cpu_model']}, {threads} thread(s)"
@@ -284,58 +285,9 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     hb.write_csv(_csv_path(args.json), rows, meta)
     print(f"\nwrote {args.json} and {_csv_path(args.json)}")
     if args.plot:
-        plot_results(rows, bw, meta, args.plot, device=args.device)
+        hb.plot_results(rows, bw, meta, args.plot, device=args.device)
         print(f"wrote {args.plot}")
     return 0
-
-
-def plot_results(rows: Sequence[dict[str, Any]], bandwidth: dict[str, Any], meta: dict[str, Any], path: str,
-                 *, device: str = "cpu") -> None:
-    """Effective GB/s against parameter count (log x), one line per implementation, one panel per optimizer,
-    with the measured memory bandwidth as a horizontal line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ._workloads import format_size
-
-    optimizers = list(dict.fromkeys(r["optimizer"] for r in rows))
-    n = len(optimizers)
-    cols = min(n, 3)
-    nrows = math.ceil(n / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(6.4 * cols, 4.4 * nrows), squeeze=False)
-    machine = meta.get("gpu") if device == "cuda" and meta.get("gpu") else (
-        f"{meta.get('cpu_model')}, {meta.get('torch_threads')} thread(s)")
-    for ax, opt_name in zip(axes.flat, optimizers):
-        sub = [r for r in rows if r["optimizer"] == opt_name]
-        for impl in dict.fromkeys(r["impl"] for r in sub):
-            pts = sorted((r["params"], r["gbs"]) for r in sub if r["impl"] == impl)
-            style = "-o" if impl.startswith("fusedopt") else "--s"
-            width = 2 if impl.startswith("fusedopt") else 1.2
-            ax.plot([p for p, _ in pts], [g for _, g in pts], style, label=impl, linewidth=width)
-        ax.axhline(bandwidth["gbs"], color="black", linestyle=":",
-                   label=f"measured bandwidth {bandwidth['gbs']:.0f} GB/s")
-        ax.set_xscale("log")
-        sizes = sorted({r["params"] for r in sub})
-        ax.set_xticks(sizes)
-        ax.set_xticklabels([format_size(s) for s in sizes])
-        ax.minorticks_off()
-        ax.set_xlabel("parameters")
-        ax.set_ylabel("effective bandwidth (GB/s, algorithmic bytes)")
-        dt = sub[0]["dtype"]
-        clip = f", clip {sub[0]['clip']:g}" if sub[0]["clip"] else ""
-        ax.set_title(f"{opt_name} ({dt}{clip})")
-        ax.set_ylim(bottom=0)
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize="small")
-    for ax in list(axes.flat)[n:]:
-        ax.set_visible(False)
-    fig.suptitle(f"fusedopt {meta.get('fusedopt_version')} optimizer step throughput on {machine}")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
