@@ -174,3 +174,31 @@ def test_a_fresh_gradient_after_kept_ones_is_adopted_again() -> None:
     assert [buf.is_kept(i, p.grad) for i, p in enumerate(params)] == [False, True]
     torch.testing.assert_close(params[0].detach(), before[0] - 0.2)
     torch.testing.assert_close(params[1].detach(), before[1] - 0.1)
+
+
+@pytest.mark.skipif("cpu" not in fusedopt.build_info()["backends"], reason="compiled CPU backend not built")
+def test_one_kernel_call_per_buffer_when_step_counts_differ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parameters that received gradients at different steps (frozen then unfrozen, experts without tokens) have
+    different step counts; every step is still one kernel call per flat buffer set, and the trajectory is
+    torch.optim's, which keeps a step per parameter."""
+    from fusedopt import _C
+
+    calls = []
+    kernel = _C.adam
+    monkeypatch.setattr(_C, "adam", lambda *args: calls.append(args[6]) or kernel(*args))
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 300, 17, 4097)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = fusedopt.AdamW(params, lr=1e-2, weight_decay=0.1, backend="cpu")
+    ref = torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.1)
+    for step in range(6):
+        grads = [torch.randn(p.shape) if (i + step) % 3 != 0 or step >= 4 else None for i, p in enumerate(params)]
+        for p, t, g in zip(params, twins, grads):
+            p.grad = None if g is None else g.clone()
+            t.grad = None if g is None else g.clone()
+        opt.step()
+        ref.step()
+    assert len(calls) == 6, calls  # one call per step: one flat buffer set
+    steps = [float(opt.state[p]["step"]) for p in params]
+    assert steps == [float(ref.state[t]["step"]) for t in twins] and len(set(steps)) > 1, steps
+    for p, t in zip(params, twins):
+        torch.testing.assert_close(p.detach(), t.detach(), rtol=1e-6, atol=1e-7)

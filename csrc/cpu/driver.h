@@ -195,7 +195,7 @@ inline void sum_of_squares_kernel(const void* data, int dtype, const Work& w, do
     run(Type<float>{});
 }
 
-// Trust-ratio algorithms (LAMB), two passes inside one parallel region (bytes per parameter: docs/cpu_kernels.md):
+// Trust-ratio algorithms, two passes inside one parallel region (bytes per parameter: docs/cpu_kernels.md):
 //   pass 1 reads p (or master), g, m, v; writes m, v; accumulates per-item ||p||^2 and ||u||^2 (u is not stored);
 //   combine: per segment, its items' partial sums in item order -> trust ratio -> lr * ratio (deterministic);
 //   pass 2 reads p (or master), m, v; recomputes u from the stored moments (bit-identical); writes p (and master).

@@ -2,12 +2,10 @@
 
 Swap `torch.optim.AdamW(...)` for `fusedopt.AdamW(...)`: same arguments, same trajectory, one pass over memory.
 """
+from . import optim
 from ._backend import build_info
 from ._version import __version__
 from .clip import clip_grad_norm_, clip_grad_value_
-from .optim import LAMB, SGD, Adagrad, Adam, AdamW, Lion, RMSprop
+from .optim import *  # noqa: F403  (every optimizer class, listed once in optim.__all__)
 
-__all__ = [
-    "__version__", "build_info", "clip_grad_norm_", "clip_grad_value_",
-    "Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Lion", "LAMB",
-]
+__all__ = ["__version__", "build_info", "clip_grad_norm_", "clip_grad_value_", *optim.__all__]

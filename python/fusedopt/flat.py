@@ -137,7 +137,7 @@ class FlatBuffer:
         self.shapes: list[torch.Size] = [t.shape for t in locals_]
         self.numels: list[int] = [t.numel() for t in locals_]
         # Process groups over which this buffer's parameters are sharded: per-rank sums of squares (global norm,
-        # LAMB trust ratios) are all-reduced over them to give the norms of whole parameters.
+        # trust ratios) are all-reduced over them to give the norms of whole parameters.
         self.reduce_groups: list[Any] = shard_groups(first)
         self.offsets: list[int] = []
         total = 0

@@ -23,21 +23,9 @@ from . import reference
 from ._backend import compiled
 from .flat import Segments
 
-__all__ = ["update", "sum_of_squares", "sum_of_squares_into", "REFERENCE"]
+__all__ = ["update", "sum_of_squares", "sum_of_squares_into"]
 
 Scalar = Union[float, Tensor]
-
-# The per-tensor reference function of each algorithm of the compiled core's list, and whether it is a trust-ratio
-# algorithm (two passes with per-segment norms).
-REFERENCE: dict[str, Callable[..., None]] = {
-    "adam": reference.adam,
-    "sgd": reference.sgd,
-    "rmsprop": reference.rmsprop,
-    "adagrad": reference.adagrad,
-    "lion": reference.lion,
-    "lamb": reference.lamb,
-}
-
 
 def _kernels() -> Any:
     module = compiled()
@@ -55,11 +43,11 @@ def update(
     segments: Segments, *, hyper: Mapping[str, Any], lr: Scalar, grad_scale: Scalar = 1.0,
     found_inf: Tensor | None = None, backend: str, norm_reduce: Callable[[Tensor], None] | None = None,
 ) -> None:
-    """One step of `algorithm` ("adam", "sgd", "rmsprop", "adagrad", "lion", "lamb") over a flat buffer set.
+    """One step of `algorithm` (a name of the compiled core's list, `fusedopt._C.algorithms()`) over a flat buffer set.
 
     `states` are the state buffers in the algorithm's slot order (None for a state this configuration does not
     keep), `hyper` its hyperparameters by name (the math header's kFields, e.g. beta1, beta2, eps, weight_decay,
-    amsgrad, maximize, decoupled for Adam). `norm_reduce` (trust-ratio algorithms on sharded parameters) reduces in
+    amsgrad, maximize, decoupled for adam). `norm_reduce` (trust-ratio algorithms on sharded parameters) reduces in
     place the (2, segments) float64 sums of squares of the parameter and of the update between the two passes, so
     that trust ratios use the norms of whole parameters.
     """
@@ -69,7 +57,7 @@ def update(
         return
     if found_inf is not None and bool(found_inf.item() != 0):
         return
-    function = REFERENCE[algorithm]
+    function = getattr(reference, algorithm)  # the reference function has the kernel's name
     target = param if master is None else master
     kwargs = dict(hyper)
     kwargs.update(lr=_host(lr), grad_scale=_host(grad_scale))
@@ -77,7 +65,7 @@ def update(
                                                                       segments.numels.tolist()))
                if segments.flags[k]]
     steps = segments.steps
-    if algorithm != "lamb" or norm_reduce is None:
+    if norm_reduce is None or not hasattr(reference, algorithm + "_moments"):  # one pass unless trust-ratio
         for k, region in regions:
             steps[k] += 1
             function(target[region], grad[region], *(s if s is None else s[region] for s in states),
@@ -86,14 +74,15 @@ def update(
         apply_kwargs = {"lr": kwargs.pop("lr"), "max_trust_ratio": kwargs.pop("max_trust_ratio")}
         sums = torch.zeros(2, len(segments), dtype=torch.float64)
         directions = {}
+        moments, apply = getattr(reference, algorithm + "_moments"), getattr(reference, algorithm + "_apply")
         for k, region in regions:
             steps[k] += 1
-            directions[k], sums[0, k], sums[1, k] = reference.lamb_moments(
+            directions[k], sums[0, k], sums[1, k] = moments(
                 target[region], grad[region], states[0][region], states[1][region], step=int(steps[k].item()),
                 **kwargs)
         norm_reduce(sums)
         for k, region in regions:
-            reference.lamb_apply(target[region], directions[k], float(sums[0, k]), float(sums[1, k]), **apply_kwargs)
+            apply(target[region], directions[k], float(sums[0, k]), float(sums[1, k]), **apply_kwargs)
     if master is not None:
         for _, region in regions:
             param[region].copy_(master[region])

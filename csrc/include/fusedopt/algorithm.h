@@ -9,7 +9,7 @@
 namespace fusedopt {
 namespace algo {
 
-// Which driver runs an algorithm: one pass of Op over every element, or LAMB-style two passes with per-segment norms.
+// Which driver runs an algorithm: one pass of Op over every element, or two passes with per-segment norms between them (trust ratios).
 enum class Kind : int { kElementwise = 0, kTrustRatio = 1 };
 
 // At most this many per-element state slots (FlatBuffers::states).

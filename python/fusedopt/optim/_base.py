@@ -189,7 +189,7 @@ class FusedOptimizer(Optimizer):
             state[s.name] = buf.state_view(buf.ensure_state(s.name, dtype, s.fill(group)), i)
         if buf.master is not None:
             state["master_param"] = buf.state_view(buf.master, i)
-        if state:  # like torch.optim, parameters without state (plain SGD) get no entry
+        if state:  # like torch.optim, parameters without state (a stateless configuration) get no entry
             self.state[p] = state
 
     def _ensure_state_views(self, group: dict[str, Any], buf: FlatBuffer) -> None:

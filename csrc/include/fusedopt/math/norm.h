@@ -1,4 +1,4 @@
-// Per-element pieces of the deterministic sum-of-squares reductions (global gradient norm, LAMB per-tensor norms).
+// Per-element pieces of the deterministic sum-of-squares reductions (global gradient norm, per-parameter norms of trust-ratio algorithms).
 // torch.nn.utils.clip_grad_norm_ / torch.linalg.vector_norm(ord=2) squared; the partition and combine order live in
 // the drivers (fixed chunks of kChunk elements, kNormLanes interleaved lanes per chunk, fixed-order combine).
 #pragma once
