@@ -153,7 +153,10 @@ PYBIND11_MODULE(_C, m) {
         return py::str(e);
       },
       "Why FUSEDOPT_CPU_ISA was rejected at load (None when unset or valid).");
-  m.def("set_num_threads", &cpu::set_num_threads, py::arg("n"), "Threads used by the CPU kernels (>= 1).");
+  m.def("set_num_threads", &cpu::set_num_threads, py::arg("n"),
+        "Fix the threads used by the CPU kernels (>= 1); by default they follow torch.get_num_threads().");
+  m.def("reset_num_threads", &cpu::reset_num_threads, "Let the CPU kernels follow torch's thread count again.");
+  m.def("follow_threads", &cpu::follow_threads, py::arg("n"), "The thread count to use while none is fixed.");
   m.def("get_num_threads", &cpu::get_num_threads);
 #if defined(FUSEDOPT_WITH_CUDA)
   register_cuda_bindings(m);

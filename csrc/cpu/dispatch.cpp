@@ -2,6 +2,7 @@
 // coefficients, run-time ISA selection (cpuid, FUSEDOPT_CPU_ISA), thread count, and the host-side halves of the
 // deterministic reductions. Compiled once, for the baseline ISA.
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -119,7 +120,15 @@ const KernelTable* initial_table() {
 }
 
 std::atomic<const KernelTable*> g_table{initial_table()};
-std::atomic<int> g_threads{default_threads()};
+// Threads of the kernels: the count set with set_num_threads when there is one (> 0), else the count Python follows
+// from torch.get_num_threads() (follow_threads), so the kernels use what torch uses.
+std::atomic<int> g_threads_fixed{0};
+std::atomic<int> g_threads_followed{default_threads()};
+// Set in a child process forked after the parent ran a parallel region: libgomp's thread pool does not survive fork()
+// (a child entering a parallel region waits forever for the parent's workers), so the child runs on one thread.
+std::atomic<bool> g_forked_child{false};
+void on_fork_child() { g_forked_child.store(true); }
+const int g_atfork_registered = pthread_atfork(nullptr, nullptr, on_fork_child);
 
 const KernelTable& table() { return *g_table.load(std::memory_order_relaxed); }
 
@@ -137,7 +146,11 @@ template <typename A>
 auto kernel_of(const KernelTable& t) {
   return KernelOf<A>::get(t);
 }
-int threads() { return g_threads.load(std::memory_order_relaxed); }
+int threads() {
+  if (g_forked_child.load(std::memory_order_relaxed)) return 1;
+  const int fixed = g_threads_fixed.load(std::memory_order_relaxed);
+  return fixed > 0 ? fixed : g_threads_followed.load(std::memory_order_relaxed);
+}
 
 [[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
 
@@ -344,7 +357,14 @@ std::string isa_override_error() { return g_env_error; }
 
 void set_num_threads(int n) {
   if (n < 1) fail("Invalid number of threads: " + std::to_string(n) + " (must be >= 1)");
-  g_threads.store(n);
+  g_threads_fixed.store(n);
+}
+
+void reset_num_threads() { g_threads_fixed.store(0); }
+
+void follow_threads(int n) {
+  if (n < 1) fail("Invalid number of threads: " + std::to_string(n) + " (must be >= 1)");
+  g_threads_followed.store(n);
 }
 
 int get_num_threads() { return threads(); }

@@ -3,9 +3,10 @@
 Swap `torch.optim.AdamW(...)` for `fusedopt.AdamW(...)`: same arguments, same trajectory, one pass over memory.
 """
 from . import optim
-from ._backend import build_info
+from ._backend import build_info, set_num_threads
 from ._version import __version__
 from .clip import clip_grad_norm_, clip_grad_value_
 from .optim import *  # noqa: F403  (every optimizer class, listed once in optim.__all__)
 
-__all__ = ["__version__", "build_info", "clip_grad_norm_", "clip_grad_value_", *optim.__all__]
+__all__ = ["__version__", "build_info", "clip_grad_norm_", "clip_grad_value_", "set_num_threads",
+           *optim.__all__]

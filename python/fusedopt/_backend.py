@@ -113,3 +113,15 @@ def build_info() -> dict[str, Any]:
         info["cpu_isas_supported"] = list(_compiled.supported_isas())
         info["cuda_built"] = bool(native.get("cuda_built", False))
     return info
+
+
+def set_num_threads(n: int | None) -> None:
+    """Fix the number of threads of the CPU kernels, or with None let them follow `torch.get_num_threads()` (the
+    default, so `torch.set_num_threads` applies to fusedopt too). A forked child process always runs them on one
+    thread, since the OpenMP thread pool does not survive fork()."""
+    if _compiled is None:
+        return
+    if n is None:
+        _compiled.reset_num_threads()
+    else:
+        _compiled.set_num_threads(int(n))

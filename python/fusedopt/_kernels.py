@@ -34,6 +34,18 @@ if _env_error is not None:
 
 Scalar = Union[float, Tensor]
 
+_followed_threads = 0
+
+
+def _follow_torch_threads() -> None:
+    """Run the CPU kernels on torch's thread count (torch.set_num_threads applies to them too), unless
+    `fusedopt.set_num_threads` fixed one."""
+    global _followed_threads
+    n = torch.get_num_threads()
+    if n != _followed_threads:
+        _C.follow_threads(n)
+        _followed_threads = n
+
 
 def _check_tensor(name: str, t: Any, like: Tensor | None, dtypes: tuple[torch.dtype, ...]) -> Tensor:
     if not isinstance(t, Tensor):
@@ -144,7 +156,6 @@ def step(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[Tensor | 
     device_type = param.device.type
     pointers, master_ptr, grad_code, state_code = check_buffers(algorithm, param, grad, states, master, device_type)
     n = param.numel()
-    _check_segments(segments, n)
     if segments.steps.device != (param.device if device_type == "cuda" else torch.device("cpu")):
         raise ValueError(f"Invalid segments: steps on {segments.steps.device} for a param on {param.device}")
     trust_ratio = ALGORITHMS[algorithm]["kind"] == "trust_ratio"
@@ -154,6 +165,7 @@ def step(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[Tensor | 
         return
     if found_inf is not None and bool(found_inf.item() != 0):
         return
+    _follow_torch_threads()
     buffers = (param.data_ptr(), grad.data_ptr(), *pointers, master_ptr, n, DTYPE_CODES[param.dtype], grad_code,
                state_code)
     table = (segments.offsets.data_ptr(), segments.numels.data_ptr(), segments.steps.data_ptr(),
@@ -188,6 +200,7 @@ def _cuda_step(algorithm: str, param: Tensor, grad: Tensor, pointers: list[int],
                found_inf: Tensor | None, trust_ratio: bool, norm_reduce: Callable[[Tensor], None] | None) -> None:
     """The CUDA launch: device copies of the segment table, device scalars for whatever is a device tensor."""
     device = param.device
+    _check_segments(segments, param.numel())  # the compiled CPU entry points check the table themselves
     table = segments.on_device(device)
     lr_ptr = _device_scalar("lr", lr, device) if isinstance(lr, Tensor) and lr.device.type == "cuda" else 0
     scale_ptr = (_device_scalar("grad_scale", grad_scale, device)
@@ -217,6 +230,7 @@ def sum_of_squares(tensor: Tensor) -> tuple[float, bool]:
     _check_tensor("tensor", tensor, None, PARAM_DTYPES)
     if tensor.device.type != "cpu":
         raise ValueError(f"Invalid tensor device: {tensor.device} (expected a cpu tensor)")
+    _follow_torch_threads()
     total, nonfinite = _C.sum_of_squares(tensor.data_ptr() if tensor.numel() else 0, tensor.numel(),
                                          DTYPE_CODES[tensor.dtype])
     return float(total), bool(nonfinite)
@@ -225,7 +239,7 @@ def sum_of_squares(tensor: Tensor) -> tuple[float, bool]:
 def sum_of_squares_segments(tensor: Tensor, segments: Segments) -> tuple[float, bool]:
     """`sum_of_squares` over the active segments of a flat CPU buffer."""
     _check_tensor("tensor", tensor, None, PARAM_DTYPES)
-    _check_segments(segments, tensor.numel())
+    _follow_torch_threads()
     total, nonfinite = _C.sum_of_squares_segments(
         tensor.data_ptr() if tensor.numel() else 0, tensor.numel(), DTYPE_CODES[tensor.dtype],
         segments.offsets.data_ptr(), segments.numels.data_ptr(), segments.active.data_ptr(), len(segments))
@@ -263,4 +277,5 @@ supported_isas: Callable[[], list[str]] = _C.supported_isas
 compiled_isas: Callable[[], list[str]] = _C.compiled_isas
 set_cpu_isa: Callable[[str], None] = _C.set_cpu_isa
 set_num_threads: Callable[[int], None] = _C.set_num_threads
+reset_num_threads: Callable[[], None] = _C.reset_num_threads
 get_num_threads: Callable[[], int] = _C.get_num_threads

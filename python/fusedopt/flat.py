@@ -16,6 +16,7 @@ parameter's placements, which is what torch.distributed.checkpoint reshards.
 from __future__ import annotations
 
 import array
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -98,6 +99,23 @@ class Segments:
 
 
 
+# Storages of flat buffers this process allocated: a parameter already living in one (an earlier optimizer over the
+# same model) is re-pointed like a fresh one, while any other shared storage keeps its aliasing (see FlatBuffer).
+_OWN_STORAGES: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
+
+
+def keeps_external_storage(p: Tensor) -> bool:
+    """Whether `p`'s memory must stay where it is: shared memory (`model.share_memory()`, Hogwild workers) or part of a
+    larger tensor the user may read (parameters made as views of one big tensor). Flat storage then copies such
+    parameters in before each step and out after it, instead of re-pointing them."""
+    if is_dtensor(p) or p.device.type == "meta":
+        return False
+    storage = p.untyped_storage()
+    if storage.data_ptr() in _OWN_STORAGES:
+        return False
+    return p.is_shared() or storage.nbytes() > p.numel() * p.element_size()
+
+
 def _align(n: int) -> int:
     return (n + ALIGN_ELEMENTS - 1) // ALIGN_ELEMENTS * ALIGN_ELEMENTS
 
@@ -113,11 +131,14 @@ def _allocate(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """
     raw = torch.zeros(numel, dtype=dtype, device=device)
     if raw.data_ptr() % ALIGN_BYTES == 0:
+        _OWN_STORAGES[raw.untyped_storage().data_ptr()] = raw
         return raw
     extra = ALIGN_BYTES // raw.element_size()
     raw = torch.zeros(numel + extra, dtype=dtype, device=device)
     shift = (ALIGN_BYTES - raw.data_ptr() % ALIGN_BYTES) % ALIGN_BYTES // raw.element_size()
-    return torch.empty((0,), dtype=dtype, device=device).set_(raw.untyped_storage(), shift, (numel,), (1,))
+    flat = torch.empty((0,), dtype=dtype, device=device).set_(raw.untyped_storage(), shift, (numel,), (1,))
+    _OWN_STORAGES[flat.untyped_storage().data_ptr()] = flat
+    return flat
 
 
 class FlatBuffer:
@@ -134,6 +155,9 @@ class FlatBuffer:
         self.params: list[Tensor] = list(params)
         locals_ = [local_tensor(p) for p in self.params]
         self.sharded: bool = is_dtensor(first)
+        # Parameters whose memory stays theirs (FSDP2 shards, shared memory, views of a user tensor): copied in before
+        # each step and out after it. Shared-memory buffers are allocated in shared memory too.
+        self.external: bool = self.sharded or any(keeps_external_storage(p) for p in params)
         self.shapes: list[torch.Size] = [t.shape for t in locals_]
         self.numels: list[int] = [t.numel() for t in locals_]
         # Process groups over which this buffer's parameters are sharded: per-rank sums of squares (global norm,
@@ -147,6 +171,9 @@ class FlatBuffer:
         self.total: int = total
         self.param: Tensor = _allocate(total, self.dtype, self.device)
         self.grad: Tensor = _allocate(total, self.dtype, self.device)
+        if any(p.is_shared() for p in locals_ if p.device.type == "cpu"):
+            self.param.share_memory_()
+            self.grad.share_memory_()
         self.state: dict[str, Tensor] = {}
         # The segment table the kernels read. Step counts are float32, one per parameter; state[p]["step"] are 0-d views
         # into them (torch.optim's layout). On the GPU they live on the device, as torch.optim's fused/capturable
@@ -159,13 +186,17 @@ class FlatBuffer:
         with torch.no_grad():
             for i, (p, local) in enumerate(zip(self.params, locals_)):
                 self.region(self.param, i).copy_(local.detach().reshape(-1))
-                if not self.sharded:
+                if not self.external:
                     p.data = self.view(self.param, i)
             if master_weights and self.dtype != torch.float32:
                 self.master = _allocate(total, torch.float32, self.device)
                 self.master.copy_(self.param)
         # Sharded parameters are copied in every step, so only plain ones need their addresses checked.
-        self._param_ptrs = [] if self.sharded else [p.data_ptr() for p in self.params]
+        self._param_ptrs = [] if self.external else [p.data_ptr() for p in self.params]
+        # Version counters of the parameters when master weights last matched them: an in-place write by the user
+        # (a loaded pretrained model, p.clamp_(), an init) bumps it, and the next step takes the new value into the
+        # master copy instead of overwriting it. The kernels write through pointers and bump nothing.
+        self._versions = [p._version for p in self.params]
         # The .grad tensors we hand out: a step recognises them by identity and address (`p.grad.data = t` keeps
         # the object but not the memory).
         self._grad_views = [self.view(self.grad, i) for i in range(len(self.params))]
@@ -224,33 +255,44 @@ class FlatBuffer:
         put back. The fast path is one pointer compare and one identity check per parameter: autograd accumulates
         into the existing `.grad` tensor, which keeps its Python object.
         """
-        if self.sharded:
-            return self._prepare_sharded()
+        if self.external:
+            return self._prepare_external()
+        if self.master is not None:
+            self._sync_master()
         flags = self.segments.flags
-        param_ptrs, grad_views, grad_ptrs = self._param_ptrs, self._grad_views, self._grad_ptrs
         any_grad = False
-        for i, p in enumerate(self.params):
-            if p.data_ptr() != param_ptrs[i]:
+        # One pass of plain list walks: this loop is most of a step's Python cost.
+        for i, p, param_ptr, view, grad_ptr in zip(range(len(flags)), self.params, self._param_ptrs, self._grad_views,
+                                                   self._grad_ptrs):
+            if p.data_ptr() != param_ptr:
                 self._adopt_param(i)
             g = p.grad
             if g is None:
                 flags[i] = 0
                 continue
-            if g is not grad_views[i] or g.data_ptr() != grad_ptrs[i]:
+            if g is not view or g.data_ptr() != grad_ptr:
                 self._take_grad(i, g)
             flags[i] = 1
             any_grad = True
         return any_grad
 
     @torch.no_grad()
-    def _prepare_sharded(self) -> bool:
-        """Copy in the local gradient shards and the shards of the parameters that have one."""
+    def _sync_master(self) -> None:
+        """Take parameters the user wrote in place since the last step into the master weights."""
+        for i, p in enumerate(self.params):
+            if p._version != self._versions[i]:
+                self.region(self.master, i).copy_(self.region(self.param, i))
+                self._versions[i] = p._version
+
+    @torch.no_grad()
+    def _prepare_external(self) -> bool:
+        """Copy in the gradients (or local gradient shards) and the parameters that have one."""
         flags = self.segments.flags
         for i, p in enumerate(self.params):
             g = p.grad
             flags[i] = int(g is not None)
             if g is not None:
-                local = p.to_local()
+                local = local_tensor(p)
                 self._check_same_layout(i, local)
                 param_region = self.region(self.param, i)
                 if self.master is None:
@@ -266,12 +308,12 @@ class FlatBuffer:
 
     @torch.no_grad()
     def finish_step(self) -> None:
-        """Write updated parameter shards back into their DTensors' local storage (sharded buffers only)."""
-        if not self.sharded:
+        """Write updated parameters back into their own storage (external buffers only)."""
+        if not self.external:
             return
         for i, p in enumerate(self.params):
             if self.segments.flags[i]:
-                p.to_local().copy_(self.view(self.param, i))
+                local_tensor(p).copy_(self.view(self.param, i))
 
     def all_reduce_sums(self, sums: Tensor) -> None:
         """Sum `sums` in place over the process groups this buffer is sharded across."""
@@ -331,7 +373,7 @@ class FlatBuffer:
             for p in self.params:
                 p.grad = None
             return
-        if self.sharded:  # the gradients are FSDP's tensors, not views into self.grad
+        if self.external:  # the gradients are the user's (FSDP's) tensors, not views into self.grad
             grads = [p.grad for p in self.params if p.grad is not None]
             if grads:
                 torch._foreach_zero_(grads)

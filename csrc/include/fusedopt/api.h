@@ -77,8 +77,10 @@ std::vector<std::string> supported_isas();  // compiled and runnable on this CPU
 std::string cpu_isa();
 void set_cpu_isa(const std::string& name);  // throws std::invalid_argument naming the value and the supported ISAs
 std::string isa_override_error();           // non-empty when FUSEDOPT_CPU_ISA held an unusable value at load
-void set_num_threads(int n);
-int get_num_threads();
+void set_num_threads(int n);     // fixes the kernels' thread count
+void reset_num_threads();        // back to following the count given by follow_threads
+void follow_threads(int n);      // the caller's (torch's) thread count, used unless one is fixed
+int get_num_threads();           // what the next kernel will use (1 in a forked child)
 bool openmp_enabled();
 
 }  // namespace cpu

@@ -17,7 +17,7 @@ from .. import _scaling, _torch_ops, functional
 from .._backend import resolve, validate_backend
 from .._distributed import is_dtensor, local_tensor
 from ..flat import STATE_DTYPES, FlatBuffer, build_flat_buffers
-from . import _checkpoint
+from . import _checkpoint, _shadow
 from ._spec import Spec, check_range, scalar
 
 
@@ -123,6 +123,7 @@ class FusedOptimizer(Optimizer):
         defaults = {**defaults, **FUSED_DEFAULTS, **options}
         self._flat_groups: list[list[FlatBuffer]] = []
         self._backends: list[list[str]] = []
+        self._group_params: list[tuple[list[Any], int]] = []
         # The global norm of the last clipped step: a float, or a 0-dim tensor when the step ran on the GPU.
         self.last_grad_norm: float | Tensor | None = None
         self._skipped_on_host = 0
@@ -132,6 +133,7 @@ class FusedOptimizer(Optimizer):
         for merged in [defaults] + [{**defaults, **g} for g in params if isinstance(g, dict)]:
             self._validate(merged)
         super().__init__(params, defaults)
+        self.state = _shadow.TrackedState(self.state)
         # GradScaler hands us grad_scale and found_inf; we unscale and skip inside step.
         self._step_supports_amp_scaling = True
         self._handle = _torch_ops.register(self)
@@ -161,19 +163,64 @@ class FusedOptimizer(Optimizer):
         except ValueError:
             self.param_groups.pop()  # a rejected group leaves the optimizer as it was
             raise
-        buffers = build_flat_buffers(params, master_weights=group["master_weights"]) if params else []
-        self._flat_groups.append(buffers)
-        self._backends.append([resolve(group["backend"], b.device) for b in buffers])
+        self._flat_groups.append([])
+        self._backends.append([])
+        self._build_group(len(self.param_groups) - 1)
         if self.spec.state_at_init:
-            for buf in buffers:
+            for buf in self._flat_groups[-1]:
                 for i in range(len(buf.params)):
                     self._init_state(group, buf, i)
+
+    def _build_group(self, index: int) -> None:
+        """(Re)build the flat buffers of param group `index` from its current parameter list."""
+        group = self.param_groups[index]
+        params = group["params"]
+        buffers = build_flat_buffers(params, master_weights=group["master_weights"]) if params else []
+        self._flat_groups[index] = buffers
+        self._backends[index] = [resolve(group["backend"], b.device) for b in buffers]
+        # What a step checks to notice `param_groups[i]["params"]` replaced or edited in place.
+        self._group_params[index:index + 1] = [(params, len(params))]
+
+    def _follow_param_groups(self) -> None:
+        """Rebuild the buffers of a group whose parameter list user code replaced or edited (append, a subset to
+        freeze some), carrying over the state of the parameters it keeps; a group dict appended to param_groups
+        directly is taken in as add_param_group would."""
+        if len(self.param_groups) < len(self._flat_groups):
+            raise RuntimeError(f"fusedopt: param_groups has {len(self.param_groups)} groups, the optimizer built "
+                               f"{len(self._flat_groups)}; remove groups by creating a new optimizer")
+        for index, group in enumerate(self.param_groups):
+            if index >= len(self._flat_groups):
+                added = self.param_groups.pop(index)
+                self.add_param_group(added)
+                continue
+            params, count = self._group_params[index]
+            if group["params"] is params and len(params) == count:
+                continue
+            if not isinstance(group["params"], list):
+                group["params"] = list(group["params"])
+            check_flattenable(group["params"])
+            kept = {id(p): {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in dict.get(self.state, p).items()}
+                    for p in group["params"] if dict.get(self.state, p)}
+            self._build_group(index)
+            for buf in self._flat_groups[index]:
+                _checkpoint.adopt(self, group, buf, kept)
+            self.state.dirty = False
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in {**self.torch_defaults, **FUSED_DEFAULTS, **self.spec.forced}.items():
                 group.setdefault(key, value)
+        self.state = _shadow.TrackedState(self.state)
+        if "_flat_groups" not in self.__dict__:  # a copy or an unpickled optimizer: build its own flat storage
+            self._flat_groups, self._backends, self._group_params = [], [], []
+            self.last_grad_norm, self._skipped_on_host, self._skipped_on_device = None, 0, None
+            self._step_supports_amp_scaling = True
+            for index in range(len(self.param_groups)):
+                self._flat_groups.append([])
+                self._backends.append([])
+                self._build_group(index)
+            self.state.dirty = True  # the copied state tensors are copied into the new buffers at the next step
         self._handle = _torch_ops.register(self)  # a copy is a different optimizer
 
     # Per-parameter state -----------------------------------------------------------------------------------
@@ -190,7 +237,7 @@ class FusedOptimizer(Optimizer):
         if buf.master is not None:
             state["master_param"] = buf.state_view(buf.master, i)
         if state:  # like torch.optim, parameters without state (a stateless configuration) get no entry
-            self.state[p] = state
+            self.state.put(p, state)
 
     def _ensure_state_views(self, group: dict[str, Any], buf: FlatBuffer) -> None:
         kept = self.spec.kept_states(group)
@@ -200,7 +247,7 @@ class FusedOptimizer(Optimizer):
         complete = True
         dtype = group["state_dtype"] or torch.float32
         for i, p in enumerate(buf.params):
-            state = self.state.get(p)
+            state = dict.get(self.state, p)
             if not state:
                 if buf.segments.flags[i]:
                     self._init_state(group, buf, i)
@@ -209,7 +256,7 @@ class FusedOptimizer(Optimizer):
                 continue
             for s in kept:  # a mode switched on mid-training (e.g. amsgrad) adds a state
                 if s.name not in state:
-                    state[s.name] = buf.state_view(buf.ensure_state(s.name, dtype, s.fill(group)), i)
+                    dict.__setitem__(state, s.name, buf.state_view(buf.ensure_state(s.name, dtype, s.fill(group)), i))
         # A parameter that has never had a gradient keeps the buffer incomplete: the loop runs again next step.
         buf.complete_state = names if complete else None
 
@@ -248,6 +295,7 @@ class FusedOptimizer(Optimizer):
     def _eager_step(self, groups: list[dict[str, Any]], grad_scale: Tensor | float | None,
                     found_inf: Tensor | None) -> None:
         """The step itself; `groups` are the param groups (or copies carrying a compiled graph's hyperparameters)."""
+        self._follow_visible_objects()
         prepared: list[Prepared] = []
         for group, buffers, backends in zip(groups, self._flat_groups, self._backends):
             for buf, backend in zip(buffers, backends):
@@ -273,6 +321,19 @@ class FusedOptimizer(Optimizer):
                 grad_scale=scale, found_inf=skip, backend=backend,
                 norm_reduce=buf.all_reduce_sums if buf.reduce_groups else None)
             buf.finish_step()
+
+    def _follow_visible_objects(self) -> None:
+        """Before trusting its copies, the step checks what user code may have changed: param_groups' parameter
+        lists (identity and length) and optimizer.state (a dirty flag set by its edits); the buffers follow."""
+        if len(self.param_groups) != len(self._flat_groups) or any(
+                group["params"] is not params or len(params) != count
+                for group, (params, count) in zip(self.param_groups, self._group_params)):
+            self._follow_param_groups()
+        if not isinstance(self.state, _shadow.TrackedState):
+            self.state = _shadow.TrackedState(self.state)
+            self.state.dirty = True
+        if self.state.dirty:
+            _shadow.follow_state(self)
 
     @staticmethod
     def _lr(value: float | Tensor, on_device: bool) -> float | Tensor:
@@ -351,7 +412,7 @@ class FusedOptimizer(Optimizer):
         """
         buffers = [buf for group_buffers in self._flat_groups for buf in group_buffers]
         for buf in buffers:
-            if not buf.sharded:  # a sharded buffer's gradients belong to FSDP; the op copies them in
+            if not buf.external:  # an external buffer's gradients are not ours (FSDP's); the op copies them in
                 for i, p in enumerate(buf.params):
                     if p.grad is not None and p.grad is not buf.grad_view(i):
                         buf.grad_view(i).copy_(p.grad)
@@ -391,7 +452,7 @@ class FusedOptimizer(Optimizer):
         try:
             for (buf, i), grad in zip(slots, grads):
                 p = buf.params[i]
-                if grad is None or buf.sharded:
+                if grad is None or buf.external:
                     p.grad = grad  # None skips the parameter; FSDP's gradient shards are copied in by prepare_step
                     continue
                 if grad.data_ptr() != buf.region(buf.grad, i).data_ptr():
@@ -441,7 +502,7 @@ class FusedOptimizer(Optimizer):
                 for i, p in enumerate(buf.params):
                     if p.grad is None:
                         continue
-                    if not buf.sharded and p.grad is not buf.grad_view(i):
+                    if not buf.external and p.grad is not buf.grad_view(i):
                         p.grad = buf.grad_view(i)
                     p.grad.zero_()
 
@@ -478,3 +539,5 @@ class FusedOptimizer(Optimizer):
             for buf in buffers:
                 buf.complete_state = None
                 _checkpoint.adopt(self, group, buf, originals)
+        self._group_params = [(group["params"], len(group["params"])) for group in self.param_groups]
+        self.state.dirty = False

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .._distributed import local_tensor, local_values
 from ..flat import FlatBuffer
+from ._shadow import reset
 from ._spec import scalar
 
 
@@ -80,18 +81,15 @@ def adopt(optimizer: Any, group: dict[str, Any], buf: FlatBuffer, originals: dic
     for i, p in enumerate(buf.params):
         loaded = originals.get(id(p))
         if not loaded:
-            optimizer.state.pop(p, None)
-            buf.steps[i] = 0.0
-            for s in spec.states:
-                if s.name in buf.state:
-                    buf.region(buf.state[s.name], i).fill_(s.fill(group))
-            if buf.master is not None:
-                buf.region(buf.master, i).copy_(buf.region(buf.param, i))
-            if spec.state_at_init:
-                optimizer._init_state(group, buf, i)
+            if dict.get(optimizer.state, p) is not None:
+                dict.__delitem__(optimizer.state, p)
+            reset(optimizer, group, buf, i)
             continue
         optimizer._init_state(group, buf, i)
-        state = optimizer.state.setdefault(p, {})
+        state = dict.get(optimizer.state, p)
+        if state is None:
+            state = optimizer.state.entry({})
+            dict.__setitem__(optimizer.state, p, state)
         for key, value in loaded.items():
             if key == "step":
                 buf.steps[i] = scalar(value)
@@ -101,7 +99,7 @@ def adopt(optimizer: Any, group: dict[str, Any], buf: FlatBuffer, originals: dic
             elif isinstance(value, Tensor) and key in state:
                 local_tensor(state[key]).copy_(local_values(value, p).reshape(buf.shapes[i]))
             elif key not in state:
-                state[key] = value
+                dict.__setitem__(state, key, value)
         if buf.master is not None and "master_param" not in loaded:
             buf.region(buf.master, i).copy_(buf.region(buf.param, i))
         if "step" not in loaded and spec.loaded_step is not None:
