@@ -14,6 +14,7 @@ from torch import Tensor
 from ._distributed import all_reduce_sum
 
 Scale = Union[float, Tensor]
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def global_norm(sums: Tensor, flags: Tensor, reduce_groups: Sequence[Sequence[Any]], unscale: Scale = 1.0
@@ -35,6 +36,9 @@ def global_norm(sums: Tensor, flags: Tensor, reduce_groups: Sequence[Sequence[An
         all_reduce_sum(pair, reduce_groups[members[0]])
         total = total + pair[0]
         flag = torch.maximum(flag, (pair[1] > 0).to(flags.dtype))
+    # torch's float32 norm overflows to inf when the sum of squares leaves the float32 range (gradients of 1e18, say),
+    # and clipping by it zeroes the gradients: the same here, though the sum itself is exact in float64.
+    total = torch.where(total > _FLOAT32_MAX, torch.full_like(total, float("inf")), total)
     return (total.sqrt() * unscale).reshape(1), flag.reshape(1)
 
 

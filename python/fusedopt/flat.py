@@ -116,6 +116,18 @@ def keeps_external_storage(p: Tensor) -> bool:
     return p.is_shared() or storage.nbytes() > p.numel() * p.element_size()
 
 
+class _GradMark:
+    """Post-accumulate-grad hook: marks that backward produced parameter i's gradient since the last zero_grad."""
+
+    __slots__ = ("flags", "i")
+
+    def __init__(self, flags: array.array, i: int) -> None:
+        self.flags, self.i = flags, i
+
+    def __call__(self, param: Tensor) -> None:
+        self.flags[self.i] = 1
+
+
 def _align(n: int) -> int:
     return (n + ALIGN_ELEMENTS - 1) // ALIGN_ELEMENTS * ALIGN_ELEMENTS
 
@@ -191,6 +203,17 @@ class FlatBuffer:
             if master_weights and self.dtype != torch.float32:
                 self.master = _allocate(total, torch.float32, self.device)
                 self.master.copy_(self.param)
+        # Which parameters received a gradient since the last zero_grad: zero_grad keeps the views and zeroes them, so a
+        # parameter that backward did not reach has a zero gradient, and the step skips it as torch.optim skips a None
+        # one (its state does not move). Set by a post-accumulate-grad hook, or when a gradient is handed over.
+        self._received = array.array("B", bytes(len(self.params)))
+        self.received: Tensor = (torch.frombuffer(self._received, dtype=torch.uint8) if self.params
+                                 else torch.zeros(0, dtype=torch.uint8))
+        self._hooks = [] if self.external else [p.register_post_accumulate_grad_hook(_GradMark(self._received, i))
+                                                for i, p in enumerate(self.params) if p.requires_grad]
+        # The gradient buffer's version counter after the last zero_grad: if nothing wrote to it since, an unmarked
+        # gradient is certainly zero; if something did (user code writing into .grad in place), it is read to see.
+        self._zeroed_version = self.grad._version
         # Sharded parameters are copied in every step, so only plain ones need their addresses checked.
         self._param_ptrs = [] if self.external else [p.data_ptr() for p in self.params]
         # Version counters of the parameters when master weights last matched them: an in-place write by the user
@@ -259,7 +282,7 @@ class FlatBuffer:
             return self._prepare_external()
         if self.master is not None:
             self._sync_master()
-        flags = self.segments.flags
+        flags, received = self.segments.flags, self._received
         any_grad = False
         # One pass of plain list walks: this loop is most of a step's Python cost.
         for i, p, param_ptr, view, grad_ptr in zip(range(len(flags)), self.params, self._param_ptrs, self._grad_views,
@@ -272,6 +295,12 @@ class FlatBuffer:
                 continue
             if g is not view or g.data_ptr() != grad_ptr:
                 self._take_grad(i, g)
+                received[i] = 1
+            elif not received[i]:  # our zeroed view, which backward has not reached since zero_grad
+                if self.grad._version == self._zeroed_version or not bool(self.region(self.grad, i).any()):
+                    flags[i] = 0
+                    continue
+                received[i] = 1  # written in place by user code
             flags[i] = 1
             any_grad = True
         return any_grad
@@ -315,6 +344,12 @@ class FlatBuffer:
             if self.segments.flags[i]:
                 local_tensor(p).copy_(self.view(self.param, i))
 
+    def close(self) -> None:
+        """Remove the gradient hooks (the buffer set is being replaced)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
     def all_reduce_sums(self, sums: Tensor) -> None:
         """Sum `sums` in place over the process groups this buffer is sharded across."""
         all_reduce_sum(sums, self.reduce_groups)
@@ -338,6 +373,10 @@ class FlatBuffer:
     def _adopt_param(self, i: int) -> None:
         p = self.params[i]
         self._check_same_layout(i, p)
+        if p.shape != self.shapes[i]:  # same numel, new shape: the states' layout would no longer match
+            raise RuntimeError(f"fusedopt: parameter {i} changed shape from {tuple(self.shapes[i])} to "
+                               f"{tuple(p.shape)} after the optimizer was created; create the optimizer after "
+                               "reshaping the model")
         with torch.no_grad():
             self.region(self.param, i).copy_(p.detach().reshape(-1))
             if self.master is not None:
@@ -369,6 +408,7 @@ class FlatBuffer:
 
     def zero_grad(self, set_to_none: bool) -> None:
         """Zero every gradient in one call (views kept), or set them all to None."""
+        self.received.zero_()
         if set_to_none:
             for p in self.params:
                 p.grad = None
@@ -391,6 +431,7 @@ class FlatBuffer:
                 if g is self._grad_views[i]:
                     self._grad_views[i] = self.view(self.grad, i)
                 p.grad = self._grad_views[i]
+        self._zeroed_version = self.grad._version
 
 
 def build_flat_buffers(params: Sequence[Tensor], master_weights: bool = False) -> list[FlatBuffer]:

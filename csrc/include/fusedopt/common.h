@@ -21,8 +21,6 @@
 #define FUSEDOPT_RESTRICT __restrict
 #endif
 
-#define FUSEDOPT_VERSION "0.1.0"
-
 namespace fusedopt {
 
 // Elements per unit of CPU work and per partial sum of the deterministic reductions. The partition depends only on

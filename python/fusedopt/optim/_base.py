@@ -154,6 +154,8 @@ class FusedOptimizer(Optimizer):
         self.spec.validate(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(self.state, _shadow.TrackedState):  # torch.optim's __init__ adds groups before we wrap it
+            self.state = _shadow.TrackedState(self.state)
         self._validate({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -176,6 +178,8 @@ class FusedOptimizer(Optimizer):
         group = self.param_groups[index]
         params = group["params"]
         buffers = build_flat_buffers(params, master_weights=group["master_weights"]) if params else []
+        for old in self._flat_groups[index]:
+            old.close()
         self._flat_groups[index] = buffers
         self._backends[index] = [resolve(group["backend"], b.device) for b in buffers]
         # What a step checks to notice `param_groups[i]["params"]` replaced or edited in place.
@@ -499,6 +503,7 @@ class FusedOptimizer(Optimizer):
         lowering and would allocate fresh zeros and copy them over.)"""
         for buffers in self._flat_groups:
             for buf in buffers:
+                buf.received.zero_()
                 for i, p in enumerate(buf.params):
                     if p.grad is None:
                         continue

@@ -11,6 +11,19 @@ from ._spec import Group, Spec, State, check_betas, check_lr, check_range, scala
 
 
 def _validate(group: Group) -> None:
+    # torch.optim.Adam's checks of tensor hyperparameters, with its messages (its foreach path cannot take them).
+    foreach_only = group.get("foreach") and not group.get("capturable")
+    if isinstance(group["lr"], Tensor) and foreach_only:
+        raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+    betas = group["betas"]
+    if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for k, beta in enumerate(betas):
+        if isinstance(beta, Tensor):
+            if foreach_only:
+                raise ValueError(f"betas[{k}] as a Tensor is not supported for capturable=False and foreach=True")
+            if beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{k}] must be 1-element")
     check_lr(group)
     check_range("epsilon value", group["eps"], 0.0)
     check_betas(group)
