@@ -20,7 +20,7 @@ import pytest
 import torch
 
 _kernels = pytest.importorskip("fusedopt._kernels")
-from fusedopt import _C, functional, reference  # noqa: E402
+from fusedopt import _C, functional  # noqa: E402
 from fusedopt.flat import Segments  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -3,8 +3,8 @@
 Parameters, their gradients, optimizer states and optional fp32 master weights each get one flat buffer;
 every parameter's region starts on a 64-byte boundary in all of them. Parameters and their `.grad` are views
 into these buffers, so backward accumulates straight into the flat gradient buffer and a step is one kernel
-call per buffer set, whatever the parameters' step counts. When the user breaks the aliasing (assigns `p.grad`, sets it to None, or
-replaces `p.data`), `prepare_step` copies the data back in and restores the views.
+call per buffer set, whatever the parameters' step counts. When the user breaks the aliasing (assigns `p.grad`,
+sets it to None, or replaces `p.data`), `prepare_step` copies the data back in and restores the views.
 Offsets and sizes are Python ints, so they are 64-bit.
 
 DTensor parameters (FSDP2 shards) are held by their local shards. Their storage belongs to FSDP, which

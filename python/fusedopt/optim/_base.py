@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from .. import _scaling, _torch_ops, functional
 from .._backend import resolve, validate_backend
-from .._distributed import is_dtensor, local_tensor
+from .._distributed import local_tensor
 from ..flat import STATE_DTYPES, FlatBuffer, build_flat_buffers
 from . import _checkpoint, _shadow
 from ._spec import Spec, check_range, scalar
@@ -527,6 +527,12 @@ class FusedOptimizer(Optimizer):
                 buf.zero_grad(set_to_none)
 
     # Checkpoints -------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state_dict, with plain dicts per parameter (torch.load(weights_only=True) reads it)."""
+        saved = super().state_dict()
+        saved["state"] = {key: dict(entry) for key, entry in saved["state"].items()}
+        return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a fusedopt or torch.optim checkpoint; state is copied into this optimizer's flat buffers. The whole

@@ -63,10 +63,11 @@ class Spec:
     hyper: Callable[[Group], dict[str, Any]]  # the group's values of the math header's kFields
     tracks_step: bool = True  # state[p] shows torch.optim's float32 "step"
     state_at_init: bool = False  # states exist from construction, not from the first step
-    # Group keys a loaded checkpoint cannot change (e.g. a decoupled variant stays decoupled whatever its parent's checkpoint says).
+    # Group keys a loaded checkpoint cannot change (a decoupled variant stays decoupled whatever its parent's
+    # checkpoint says).
     forced: Mapping[str, Any] = field(default_factory=dict)
-    # The step count of a loaded parameter that carries no "step" (some torch.optim algorithms keep none): a function of its
-    # loaded state.
+    # The step count of a loaded parameter that carries no "step" (some torch.optim algorithms keep none): a function
+    # of its loaded state.
     loaded_step: Callable[[Mapping[str, Any]], float] | None = None
 
     def state_names(self) -> tuple[str, ...]:
