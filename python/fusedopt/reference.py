@@ -17,12 +17,14 @@ from torch import Tensor
 __all__ = [
     "adagrad",
     "adam",
+    "adamax",
     "adamw",
     "clip_grad_norm_",
     "clip_grad_value_",
     "global_norm",
     "lamb",
     "lion",
+    "radam",
     "rmsprop",
     "sgd",
 ]
@@ -450,3 +452,89 @@ def clip_grad_value_(parameters: _TensorOrTensors, clip_value: float, foreach: b
     for p in parameters:
         if p.grad is not None:
             p.grad.clamp_(min=-clip_value, max=clip_value)
+
+
+@torch.no_grad()
+def adamax(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_inf: Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: float = 1.0,
+) -> None:
+    """Adamax (Kingma & Ba 2015, Algorithm 2), as torch.optim.Adamax.
+
+    g = grad*grad_scale (negated if maximize); g = g + wd*p; m = lerp(m, g, 1-beta1);
+    u = max(beta2*u, |g| + eps); p = p - lr/(1 - beta1**t) * m/u.
+    """
+    if step < 1:
+        raise ValueError(f"Invalid step: {step}")
+    _check_same_numel(param, grad=grad, exp_avg=exp_avg, exp_inf=exp_inf)
+    p, m, u = _fp32(param), _fp32(exp_avg), _fp32(exp_inf)
+    g = _effective_grad(grad, grad_scale, maximize)
+    if weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
+    m.lerp_(g, 1 - beta1)
+    torch.maximum(u.mul_(beta2), g.abs().add_(eps), out=u)
+    p.addcdiv_(m, u, value=-lr / (1 - beta1**step))
+    _write_back(param, p)
+    _write_back(exp_avg, m)
+    _write_back(exp_inf, u)
+
+
+@torch.no_grad()
+def radam(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    maximize: bool,
+    grad_scale: float = 1.0,
+) -> None:
+    """RAdam (Liu et al. 2020, Algorithm 2), as torch.optim.RAdam.
+
+    Moments as Adam (decoupled: p = p*(1 - lr*wd) first, else g = g + wd*p); rho_inf = 2/(1-beta2) - 1,
+    rho_t = rho_inf - 2t beta2^t/(1 - beta2^t); when rho_t > 5:
+    p = p - lr * m/(1-beta1^t) * sqrt(1-beta2^t)/(sqrt(v)+eps) * r_t with
+    r_t = sqrt((rho_t-4)(rho_t-2)rho_inf / ((rho_inf-4)(rho_inf-2)rho_t)); else p = p - lr * m/(1-beta1^t).
+    """
+    if step < 1:
+        raise ValueError(f"Invalid step: {step}")
+    _check_same_numel(param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    p, m, v = _fp32(param), _fp32(exp_avg), _fp32(exp_avg_sq)
+    g = _effective_grad(grad, grad_scale, maximize)
+    if weight_decay != 0:
+        if decoupled:
+            p.mul_(1 - lr * weight_decay)
+        else:
+            g = g.add(p, alpha=weight_decay)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+    update = m / bias_correction1 * lr
+    if rho_t > 5.0:
+        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+        update = update * ((bias_correction2**0.5) / v.sqrt().add_(eps)) * rect
+    p.add_(update, alpha=-1.0)
+    _write_back(param, p)
+    _write_back(exp_avg, m)
+    _write_back(exp_avg_sq, v)

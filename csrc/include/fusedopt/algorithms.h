@@ -5,9 +5,11 @@
 
 #include "fusedopt/math/adagrad.h"
 #include "fusedopt/math/adam.h"
+#include "fusedopt/math/adamax.h"
 #include "fusedopt/math/lamb.h"
 #include "fusedopt/math/lion.h"
+#include "fusedopt/math/radam.h"
 #include "fusedopt/math/rmsprop.h"
 #include "fusedopt/math/sgd.h"
 
-#define FUSEDOPT_FOR_EACH_ALGORITHM(X) X(adam) X(sgd) X(rmsprop) X(adagrad) X(lion) X(lamb)
+#define FUSEDOPT_FOR_EACH_ALGORITHM(X) X(adam) X(sgd) X(rmsprop) X(adagrad) X(lion) X(lamb) X(adamax) X(radam)

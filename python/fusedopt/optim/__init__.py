@@ -2,9 +2,11 @@
 from ._base import FusedOptimizer
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
+from .adamax import Adamax
 from .lamb import LAMB
 from .lion import Lion
+from .radam import RAdam
 from .rmsprop import RMSprop
 from .sgd import SGD
 
-__all__ = ["FusedOptimizer", "Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Lion", "LAMB"]
+__all__ = ["FusedOptimizer", "Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Lion", "LAMB", "Adamax", "RAdam"]

@@ -1,0 +1,63 @@
+// Adamax: hyperparameters, per-segment coefficients and the per-element update, shared by the CPU driver and the CUDA
+// launcher. Kingma & Ba 2015, Algorithm 2 (the infinity-norm variant of Adam); torch.optim.adamax._single_tensor_adamax.
+#pragma once
+
+#include <math.h>
+
+#include "fusedopt/algorithm.h"
+
+namespace fusedopt {
+namespace algo {
+
+struct adamax {
+  static constexpr Kind kKind = Kind::kElementwise;
+  static constexpr const char* kStates[] = {"exp_avg", "exp_inf"};
+  struct Hyper {
+    double beta1, beta2, eps, weight_decay, maximize;
+  };
+  static constexpr const char* kFields[] = {"beta1", "beta2", "eps", "weight_decay", "maximize"};
+
+  FUSEDOPT_HD static bool uses_state(const Hyper&, int k) { return k < 2; }
+
+  struct Coeffs {
+    float grad_scale;       // negated when maximize
+    float beta1_weight;     // 1 - beta1
+    float beta2;            //
+    float eps;              //
+    float weight_decay;     // L2 coefficient added to the gradient
+    float clr;              // lr / (1 - beta1^step)
+    bool has_weight_decay;  // weight_decay != 0
+  };
+
+  FUSEDOPT_HD static Coeffs make_coeffs(const Hyper& h, double lr, double step, double grad_scale) {
+    Coeffs c;
+    c.grad_scale = static_cast<float>(h.maximize != 0.0 ? -grad_scale : grad_scale);
+    c.beta1_weight = static_cast<float>(1.0 - h.beta1);
+    c.beta2 = static_cast<float>(h.beta2);
+    c.eps = static_cast<float>(h.eps);
+    c.weight_decay = static_cast<float>(h.weight_decay);
+    c.clr = static_cast<float>(lr / (1.0 - pow(h.beta1, step)));
+    c.has_weight_decay = h.weight_decay != 0.0;
+    return c;
+  }
+
+  // m = lerp(m, g, 1-beta1); u = max(beta2 u, |g| + eps); p -= clr * m / u
+  struct Op {
+    FUSEDOPT_HD static constexpr bool uses(int k) { return k < 2; }
+    FUSEDOPT_HD void operator()(const Coeffs& c, float& p, float g, float& exp_avg, float& exp_inf, float&) const {
+      g *= c.grad_scale;
+      g = uniform_select(c.has_weight_decay, g + c.weight_decay * p, g);
+      exp_avg = lerp(exp_avg, g, c.beta1_weight);
+      exp_inf = nan_maximum(exp_inf * c.beta2, fabsf(g) + c.eps);
+      p -= c.clr * (exp_avg / exp_inf);
+    }
+  };
+
+  template <typename F>
+  static void with_op(const Hyper&, F&& f) {
+    f(Op{});
+  }
+};
+
+}  // namespace algo
+}  // namespace fusedopt
