@@ -234,6 +234,41 @@ def test_huge_finite_gradients_clip_as_torch() -> None:
         assert torch.equal(p.grad, t.grad)
 
 
+def test_a_rejected_gradient_then_none_or_a_good_one_recovers() -> None:
+    p = torch.nn.Parameter(torch.randn(3))
+    t = torch.nn.Parameter(p.detach().clone())
+    opt, ref = fusedopt.SGD([p], lr=0.1), torch.optim.SGD([t], lr=0.1)
+    p.grad, t.grad = torch.ones(3), torch.ones(3)
+    opt.step(), ref.step()
+    p.grad.data = torch.randn(4)  # torch lets .data change the size
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match="gradient of parameter 0"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+    p.grad = None
+    opt.step()
+    p.grad, t.grad = torch.full((3,), 2.0), torch.full((3,), 2.0)
+    opt.step(), ref.step()
+    torch.testing.assert_close(p.detach(), t.detach())
+
+
+def test_an_expanded_view_of_the_gradient_assigned_back_keeps_training() -> None:
+    torch.manual_seed(2)
+    model, twin = torch.nn.Linear(4, 1, bias=False), torch.nn.Linear(4, 1, bias=False)
+    twin.load_state_dict(model.state_dict())
+    opt, ref = fusedopt.SGD(model.parameters(), lr=0.1), torch.optim.SGD(twin.parameters(), lr=0.1)
+    for step in range(4):
+        x = torch.randn(2, 4)
+        model(x).sum().backward()
+        twin(x).sum().backward()
+        if step == 0:
+            model.weight.grad = model.weight.grad[:1].expand(1, 4)
+            twin.weight.grad = twin.weight.grad[:1].expand(1, 4)
+        opt.step(), ref.step()
+        opt.zero_grad(), ref.zero_grad()
+    torch.testing.assert_close(model.weight.detach(), twin.weight.detach())
+
+
 def test_minor_edits_are_refused_or_followed() -> None:
     p = torch.nn.Parameter(torch.randn(3, 4))
     opt = fusedopt.SGD([p], lr=0.1)

@@ -308,10 +308,13 @@ class FlatBuffer:
     @torch.no_grad()
     def _sync_master(self) -> None:
         """Take parameters the user wrote in place since the last step into the master weights."""
-        for i, p in enumerate(self.params):
-            if p._version != self._versions[i]:
+        current = [p._version for p in self.params]
+        if current == self._versions:
+            return
+        for i, (now, seen) in enumerate(zip(current, self._versions)):
+            if now != seen:
                 self.region(self.master, i).copy_(self.region(self.param, i))
-                self._versions[i] = p._version
+        self._versions = current
 
     @torch.no_grad()
     def _prepare_external(self) -> bool:
@@ -402,7 +405,9 @@ class FlatBuffer:
         p = self.params[i]
         with torch.no_grad():
             self.region(self.grad, i).copy_(g.detach().reshape(-1))
-        if g is self._grad_views[i]:  # our view object had its data replaced: hand out a fresh view
+        view = self._grad_views[i]
+        if g is view or view.data_ptr() != self._grad_ptrs[i] or view.shape != self.shapes[i]:
+            # our view object had its data replaced (`p.grad.data = t`): hand out a fresh view
             self._grad_views[i] = self.view(self.grad, i)
         p.grad = self._grad_views[i]
 
