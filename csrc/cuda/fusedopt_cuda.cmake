@@ -26,10 +26,13 @@ endif()
 file(GLOB FUSEDOPT_CUDA_SOURCES CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/*.cu")
 target_sources(_C PRIVATE ${FUSEDOPT_CUDA_SOURCES} "${CMAKE_CURRENT_SOURCE_DIR}/csrc/bindings/cuda_bindings.cpp")
 target_compile_definitions(_C PRIVATE FUSEDOPT_WITH_CUDA)
-# Exact IEEE division and square root (nvcc's default without --use_fast_math) and no FMA contraction, so the GPU
-# rounds like the reference and the baseline CPU kernels; the kernels are memory-bound, so neither costs time.
+# The one rounding policy of the CPU kernels (CMakeLists.txt, -ffp-contract=off): no FMA contraction, IEEE
+# round-to-nearest division and square root, denormals kept. The last three are nvcc's defaults without
+# --use_fast_math; they are spelled out so the whole policy reads here instead of resting on defaults. The kernels are
+# memory-bound, so none of it costs time.
 # Device code is always fully optimised (ptxas -O3 is the default); -O for nvcc only affects host code.
-target_compile_options(_C PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-lineinfo --fmad=false>)
+target_compile_options(_C PRIVATE
+    $<$<COMPILE_LANGUAGE:CUDA>:-lineinfo --fmad=false -prec-div=true -prec-sqrt=true -ftz=false>)
 set_target_properties(_C PROPERTIES
     CUDA_ARCHITECTURES "${_fusedopt_cuda_archs}"
     CUDA_STANDARD 17

@@ -1,0 +1,166 @@
+"""Bitwise identity across CPU instruction sets: every optimizer class, stepped on backend="cpu", leaves the same bits
+in its parameters and every state tensor under each ISA of `fusedopt._C.supported_isas()` (DESIGN.md: one rounding
+policy for all ISAs, so no FMA contraction anywhere).
+
+Only the public optimizer classes and `_C.set_cpu_isa/supported_isas/set_num_threads` are used, so the test holds
+whatever the functional layer below the classes looks like.
+"""
+from __future__ import annotations
+
+import fusedopt
+import pytest
+import torch
+from cases import ALGORITHMS, Case
+
+_C = pytest.importorskip("fusedopt._C")
+
+ISAS = list(_C.supported_isas())
+if len(ISAS) < 2:
+    pytest.skip(f"only one CPU ISA runs here ({', '.join(ISAS)}): nothing to compare", allow_module_level=True)
+
+F32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
+
+OPTIMIZERS = {
+    "adam": fusedopt.Adam,
+    "adamw": fusedopt.AdamW,
+    "sgd": fusedopt.SGD,
+    "rmsprop": fusedopt.RMSprop,
+    "adagrad": fusedopt.Adagrad,
+    "lion": fusedopt.Lion,
+    "lamb": fusedopt.LAMB,
+}
+
+# Per algorithm, case ids of tests/cases.py covering its mode switches; the first also clips the global gradient
+# norm (MAX_GRAD_NORM is far below the norm of the random gradients, so the sum-of-squares kernel decides the step).
+CASE_IDS = {
+    "adam": ("betas-eps", "amsgrad-weight_decay", "amsgrad-maximize"),
+    "adamw": ("weight_decay", "amsgrad-maximize-eps"),
+    "sgd": ("nesterov-weight_decay", "momentum-dampening-weight_decay-maximize", "weight_decay"),
+    "rmsprop": ("centered-momentum-weight_decay", "momentum", "alpha-eps"),
+    "adagrad": ("lr_decay-weight_decay-initial_accumulator_value", "eps", "maximize"),
+    "lion": ("weight_decay-maximize", "betas"),
+    "lamb": ("max_trust_ratio", "no-bias_correction-max_trust_ratio-weight_decay", "eps"),
+}
+MAX_GRAD_NORM = 10.0
+
+# (param dtype, master_weights); gradients have the parameter's dtype.
+PARAM_DTYPES = [(F32, False), (BF16, False), (BF16, True), (FP16, False), (FP16, True)]
+STATE_DTYPES = [F32, BF16]
+
+# 1 and 7: shorter than any vector (scalar code only); 33: two AVX2 vectors and a tail; 4097: vector body and a
+# one-element tail; 20011 (prime): longer than one 16384-element chunk, so a chunk boundary and an uneven last chunk.
+SIZES = (1, 7, 33, 4097, 20011)
+STEPS = 20
+SEED = 20240611
+_BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+
+
+def _case(algorithm: str, case_id: str) -> Case:
+    matches = [c for c in ALGORITHMS[algorithm] if c.id == case_id]
+    if len(matches) != 1:
+        raise KeyError(f"no case {case_id!r} in the {algorithm} table of tests/cases.py")
+    return matches[0]
+
+
+def _grid() -> list:
+    rows = []
+    for algorithm, ids in CASE_IDS.items():
+        for k, case_id in enumerate(ids):
+            kwargs = dict(_case(algorithm, case_id).kwargs)
+            if k == 0:
+                kwargs["max_grad_norm"] = MAX_GRAD_NORM
+            for dtype, master in PARAM_DTYPES:
+                for state_dtype in STATE_DTYPES:
+                    name = (f"{algorithm}-{case_id}{'-clip' if k == 0 else ''}-{str(dtype)[6:]}"
+                            f"{'-master' if master else ''}-state_{str(state_dtype)[6:]}")
+                    rows.append(pytest.param(algorithm, kwargs, dtype, master, state_dtype, id=name))
+    return rows
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns of `t` as integers, so that -0.0 != 0.0 and NaN payloads count."""
+    return t.detach().reshape(-1).view(_BITS[t.element_size()])
+
+
+def bit_differences(name: str, expected: torch.Tensor, actual: torch.Tensor) -> str | None:
+    """None when `actual` holds the same bits as `expected`, else one line saying how many elements differ."""
+    if expected.dtype != actual.dtype or expected.shape != actual.shape:
+        return f"{name}: {expected.dtype}{tuple(expected.shape)} vs {actual.dtype}{tuple(actual.shape)}"
+    a, b = bits(expected), bits(actual)
+    if torch.equal(a, b):
+        return None
+    differ = (a != b).nonzero().reshape(-1)
+    i = int(differ[0])
+    return (f"{name}: {differ.numel()} of {a.numel()} elements differ, first at {i}: "
+            f"{expected.reshape(-1)[i].item()!r} vs {actual.reshape(-1)[i].item()!r}")
+
+
+def run_steps(isa: str, algorithm: str, kwargs: dict, dtype: torch.dtype, master: bool,
+              state_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """STEPS optimizer steps under `isa` from a fixed seed; returns every parameter and state tensor by name."""
+    _C.set_cpu_isa(isa)
+    torch.manual_seed(SEED)
+    params = [torch.randn(n).to(dtype).requires_grad_() for n in SIZES]
+    opt = OPTIMIZERS[algorithm](params, backend="cpu", state_dtype=state_dtype, master_weights=master, **kwargs)
+    for _ in range(STEPS):
+        for p in params:
+            grad = torch.randn(p.shape).to(dtype)
+            if p.grad is None:
+                p.grad = grad
+            else:
+                p.grad.copy_(grad)  # into the flat gradient buffer, as backward would
+        opt.step()
+    out: dict[str, torch.Tensor] = {}
+    for i, p in enumerate(params):
+        out[f"param[{i}]"] = p.detach().clone()
+        for key, value in opt.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                out[f"state[{i}][{key!r}]"] = value.detach().clone()
+    if kwargs.get("max_grad_norm") is not None:
+        out["last_grad_norm"] = torch.tensor(float(opt.last_grad_norm), dtype=torch.float64)
+    return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread_and_isa_restored():
+    """One thread for both thread pools (bits do not depend on it; two pools on 2 shared cores only slow the run);
+    the ISA, thread counts are restored afterwards."""
+    isa, threads, torch_threads = _C.cpu_isa(), _C.get_num_threads(), torch.get_num_threads()
+    _C.set_num_threads(1)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        _C.set_cpu_isa(isa)
+        _C.set_num_threads(threads)
+        torch.set_num_threads(torch_threads)
+
+
+@pytest.mark.parametrize("algorithm,kwargs,dtype,master,state_dtype", _grid())
+def test_same_bits_on_every_isa(algorithm, kwargs, dtype, master, state_dtype):
+    results = {isa: run_steps(isa, algorithm, kwargs, dtype, master, state_dtype) for isa in ISAS}
+    expected = results[ISAS[0]]
+    assert any(k.startswith("state[") for k in expected) or algorithm == "sgd", "no state tensor was compared"
+    if master:
+        assert "state[0]['master_param']" in expected
+    problems = []
+    for isa in ISAS[1:]:
+        actual = results[isa]
+        if sorted(actual) != sorted(expected):
+            problems.append(f"{isa}: tensors {sorted(actual)} vs {ISAS[0]}: {sorted(expected)}")
+            continue
+        problems += [f"{isa} vs {ISAS[0]}: {line}" for name in expected
+                     if (line := bit_differences(name, expected[name], actual[name])) is not None]
+    assert not problems, "\n".join(problems)
+
+
+def test_one_ulp_is_a_difference():
+    """The comparison sees the smallest possible change: one ulp in one element, and the sign of a zero."""
+    x = torch.randn(4097)
+    y = x.clone()
+    y[4096] = torch.nextafter(y[4096], torch.tensor(float("inf")))
+    assert bit_differences("x", x, y) == f"x: 1 of 4097 elements differ, first at 4096: {x[4096].item()!r} vs " \
+                                         f"{y[4096].item()!r}"
+    assert bit_differences("x", x, x.clone()) is None
+    h = torch.zeros(7, dtype=BF16)
+    assert bit_differences("h", h, -h) == "h: 7 of 7 elements differ, first at 0: 0.0 vs -0.0"
