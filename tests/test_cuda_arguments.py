@@ -1,5 +1,6 @@
-"""The CUDA entry points check their arguments on the host and raise before any launch, so these run wherever the
-CUDA kernels were compiled, GPU or not (CI compiles them with nvcc and has no GPU)."""
+"""The CUDA entry points (fusedopt._C.cuda_*) check every argument on the host and raise before asking the CUDA runtime
+anything, so these run wherever the CUDA kernels were compiled, GPU or not (CI compiles them with nvcc and has no GPU).
+Nothing is dereferenced: the pointers are plausible addresses, and every call here is rejected."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,38 +8,145 @@ from typing import Any
 import fusedopt
 import pytest
 
-pytestmark = pytest.mark.skipif("cuda" not in fusedopt.build_info()["backends"],
-                                reason="built without CUDA kernels")
+if not fusedopt.build_info()["cuda_built"]:
+    pytest.skip("fusedopt was built without its CUDA kernels", allow_module_level=True)
 
-# Plausible 64-byte-aligned addresses: nothing is dereferenced, since every check runs before the launch.
-LAMB = dict(param=1 << 20, grad=2 << 20, exp_avg=3 << 20, exp_avg_sq=4 << 20, master=0, n=4096, param_dtype=0,
-            grad_dtype=0, state_dtype=0, item_begin=5 << 20, item_end=6 << 20, item_segment=7 << 20,
-            seg_first=8 << 20, items=1, segments=1, partial_w=9 << 20, partial_u=10 << 20, scaled_lr=11 << 20,
-            grad_scale=1.0, lr=1e-3, beta1_weight=0.1, beta2=0.999, one_minus_beta2=0.001, bc1=1.0, bc2=1.0,
-            eps=1e-6, weight_decay=0.0, max_trust_ratio=-1.0, beta1=0.9, bias_correction=True,
-            segment_w2=12 << 20, segment_u2=13 << 20)
+from fusedopt import _C  # noqa: E402  (only once the skip above has not fired)
+
+ALGORITHMS: dict[str, dict[str, Any]] = _C.algorithms()
+MIB = 1 << 20
 
 
-def cuda_lamb(**changes: Any) -> None:
-    from fusedopt import _C
-
-    _C.cuda_lamb(**{**LAMB, **changes})
-
-
-@pytest.mark.parametrize("phases", [0, 4, -1])
-def test_lamb_rejects_unknown_phases(phases: int) -> None:
-    with pytest.raises(ValueError, match="Invalid phases"):
-        cuda_lamb(phases=phases)
+def valid(algorithm: str) -> dict[str, Any]:
+    """A call that passes every host-side check: 64-byte aligned addresses, every state slot given, one segment of
+    one work item, hyperparameters all 1.0 (every mode on, so every state slot is in use)."""
+    return dict(param=1 * MIB, grad=2 * MIB, s0=3 * MIB, s1=4 * MIB, s2=5 * MIB, master=0, n=4096, param_dtype=0,
+                grad_dtype=0, state_dtype=0, seg_offsets=6 * MIB, seg_numels=7 * MIB, seg_steps=8 * MIB,
+                seg_active=9 * MIB, seg_count=1, work=10 * MIB, items=1,
+                hyper=[1.0] * len(ALGORITHMS[algorithm]["fields"]), lr=1e-3, grad_scale=1.0, lr_ptr=0,
+                grad_scale_ptr=0, found_inf_ptr=0, passes=3, segment_w2=0, segment_u2=0, device=0, stream=0)
 
 
-@pytest.mark.parametrize("name", ["segment_w2", "segment_u2", "scaled_lr", "seg_first"])
-def test_lamb_rejects_a_missing_segment_array(name: str) -> None:
-    with pytest.raises(ValueError, match="null segment pointer"):
-        cuda_lamb(**{name: 0})
+def call(algorithm: str, **changes: Any) -> None:
+    getattr(_C, "cuda_" + algorithm)(**{**valid(algorithm), **changes})
 
 
-def test_lamb_rejects_negative_counts() -> None:
-    with pytest.raises(ValueError, match="Invalid items"):
-        cuda_lamb(items=-1)
-    with pytest.raises(ValueError, match="Invalid segments"):
-        cuda_lamb(segments=-1)
+def test_every_algorithm_of_the_list_has_a_cuda_step() -> None:
+    assert {name for name in dir(_C) if name.startswith("cuda_")} == {
+        *("cuda_" + name for name in ALGORITHMS), "cuda_sum_of_squares", "cuda_sum_of_squares_scratch"}
+
+
+REJECTED = [
+    pytest.param(dict(param_dtype=5), "Invalid dtype code for param: 5", id="param-dtype"),
+    pytest.param(dict(grad_dtype=-1), "Invalid dtype code for grad: -1", id="grad-dtype"),
+    pytest.param(dict(param_dtype=1, grad_dtype=2), "grad dtype code 2 must equal the param dtype code 1",
+                 id="grad-dtype-mismatch"),
+    pytest.param(dict(state_dtype=2), "Invalid state dtype code 2", id="fp16-states"),
+    pytest.param(dict(master=11 * MIB), "master weights are for 16-bit parameters", id="fp32-master"),
+    pytest.param(dict(n=-1), "Invalid element count n: -1", id="negative-n"),
+    pytest.param(dict(param=0), "param pointer is null", id="null-param"),
+    pytest.param(dict(grad=0), "grad pointer is null", id="null-grad"),
+    pytest.param(dict(hyper=[1.0]), "Invalid hyperparameter count: 1", id="hyper-count"),
+    pytest.param(dict(param=MIB + 2), "param pointer 1048578 is not 4-byte aligned", id="param-alignment"),
+    pytest.param(dict(param_dtype=1, grad_dtype=1, grad=2 * MIB + 1), "grad pointer 2097153 is not 2-byte aligned",
+                 id="grad-alignment"),
+    pytest.param(dict(param_dtype=1, master=11 * MIB + 2), "master pointer 11534338 is not 4-byte aligned",
+                 id="master-alignment"),
+    pytest.param(dict(seg_count=-1), "Invalid segment count: -1", id="segment-count"),
+    pytest.param(dict(items=-1), "Invalid items: -1", id="negative-items"),
+    pytest.param(dict(items=4097), "Invalid items: 4097 for a buffer of 4096 elements", id="too-many-items"),
+    pytest.param(dict(seg_count=0), "Invalid items: 1 without segments", id="items-without-segments"),
+    pytest.param(dict(seg_steps=0), "steps and active flags must not be null", id="null-steps"),
+    pytest.param(dict(seg_active=0), "steps and active flags must not be null", id="null-active"),
+    pytest.param(dict(work=0), "work pointer is null", id="null-work"),
+    pytest.param(dict(work=10 * MIB + 4), "work pointer 10485764 is not 8-byte aligned", id="work-alignment"),
+    pytest.param(dict(seg_steps=8 * MIB + 2), "seg_steps pointer 8388610 is not 4-byte aligned",
+                 id="steps-alignment"),
+    pytest.param(dict(lr_ptr=3), "lr_ptr pointer 3 is not 4-byte aligned", id="lr-alignment"),
+    pytest.param(dict(found_inf_ptr=12 * MIB + 1), "found_inf_ptr pointer 12582913 is not 4-byte aligned",
+                 id="found-inf-alignment"),
+    pytest.param(dict(device=-1), "Invalid device: -1", id="negative-device"),
+]
+
+
+@pytest.mark.parametrize("changes,message", REJECTED)
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_rejects_before_any_launch(algorithm: str, changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=f"^cuda_{algorithm}: .*{message}"):
+        call(algorithm, **changes)
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_rejects_a_null_pointer_for_every_state_in_use(algorithm: str) -> None:
+    for slot, name in enumerate(ALGORITHMS[algorithm]["states"]):
+        with pytest.raises(ValueError, match=f"{name} pointer is null"):
+            call(algorithm, **{f"s{slot}": 0})
+
+
+def test_accepts_null_pointers_for_states_the_configuration_does_not_use() -> None:
+    """SGD without momentum keeps no momentum_buffer: its null pointer passes the checks, and the call is only
+    rejected later, for its device index."""
+    hyper = [0.0] * len(ALGORITHMS["sgd"]["fields"])  # momentum 0
+    with pytest.raises(ValueError, match="Invalid device: -1"):
+        call("sgd", s0=0, hyper=hyper, device=-1)
+
+
+@pytest.mark.parametrize("passes", [0, 4, -1])
+def test_trust_ratio_rejects_unknown_passes(passes: int) -> None:
+    with pytest.raises(ValueError, match=f"Invalid passes: {passes}"):
+        call("lamb", passes=passes)
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_separate_trust_ratio_passes_need_the_sum_arrays(passes: int) -> None:
+    with pytest.raises(ValueError, match="separate passes need the per-segment sum arrays"):
+        call("lamb", passes=passes)
+
+
+def test_sum_arrays_come_as_a_pair() -> None:
+    with pytest.raises(ValueError, match="must both be given or both be null"):
+        call("lamb", segment_w2=13 * MIB)
+    with pytest.raises(ValueError, match="segment_u2 pointer .* is not 8-byte aligned"):
+        call("lamb", segment_w2=13 * MIB, segment_u2=14 * MIB + 4)
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_an_unknown_device_is_rejected_before_any_launch(algorithm: str) -> None:
+    """The device index is the one check that asks the CUDA runtime: with a GPU it names the index, without a driver
+    the runtime's error; either way nothing is launched."""
+    with pytest.raises((ValueError, RuntimeError), match="Invalid device: 1000000|cudaGetDeviceCount"):
+        call(algorithm, device=1_000_000)
+
+
+# cuda_sum_of_squares(data, n, dtype, work, items, active, seg_count, scratch, out_sum, out_nonfinite, device, stream)
+SUM = dict(data=1 * MIB, n=100_000, dtype=0, work=2 * MIB, items=7, active=3 * MIB, seg_count=3, scratch=4 * MIB,
+           out_sum=5 * MIB, out_nonfinite=5 * MIB + 4, device=0, stream=0)
+
+
+@pytest.mark.parametrize("changes,message", [
+    pytest.param(dict(n=-1), "Invalid element count n: -1", id="negative-n"),
+    pytest.param(dict(dtype=3), "Invalid dtype code for data: 3", id="dtype"),
+    pytest.param(dict(items=-2), "Invalid items: -2", id="negative-items"),
+    pytest.param(dict(seg_count=-1), "Invalid segment count: -1", id="segment-count"),
+    pytest.param(dict(items=100_001), "Invalid items: 100001 for a buffer of 100000", id="too-many-items"),
+    pytest.param(dict(active=0), "need segments and their active flags", id="null-active"),
+    pytest.param(dict(work=0), "work pointer is null with 3 segments", id="whole-buffer-with-segments"),
+    pytest.param(dict(work=0, active=0, seg_count=0, items=6), r"the whole buffer of 100000 elements is 7 chunks",
+                 id="whole-buffer-items"),
+    pytest.param(dict(data=0), "data pointer is null", id="null-data"),
+    pytest.param(dict(data=MIB + 2), "data pointer is not element-aligned", id="data-alignment"),
+    pytest.param(dict(scratch=0), "scratch pointer is null", id="null-scratch"),
+    pytest.param(dict(out_sum=0), "out_sum and out_nonfinite must not be null", id="null-out"),
+    pytest.param(dict(out_nonfinite=5 * MIB + 2), "must be 4-byte aligned", id="out-alignment"),
+    pytest.param(dict(device=-1), "Invalid device: -1", id="negative-device"),
+])
+def test_sum_of_squares_rejects_before_any_launch(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=f"^cuda_sum_of_squares: .*{message}"):
+        _C.cuda_sum_of_squares(**{**SUM, **changes})
+
+
+def test_sum_of_squares_scratch() -> None:
+    assert _C.cuda_sum_of_squares_scratch(0) == 0
+    assert _C.cuda_sum_of_squares_scratch(7) == 14
+    with pytest.raises(ValueError, match="Invalid items: -1"):
+        _C.cuda_sum_of_squares_scratch(-1)

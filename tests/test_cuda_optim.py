@@ -14,11 +14,9 @@ from test_device_decisions import CASES, make_params
 from tolerances import assert_close
 from torch import nn
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available"),
-    pytest.mark.skipif("cuda" not in fusedopt.build_info()["backends"], reason="built without CUDA kernels"),
-]
+pytestmark = pytest.mark.cuda
+if not torch.cuda.is_available() or not fusedopt.build_info()["cuda_built"]:
+    pytest.skip("needs a CUDA device and fusedopt built with its CUDA kernels", allow_module_level=True)
 
 STEPS = 20
 

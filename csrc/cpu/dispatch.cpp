@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "fusedopt/checks.h"
 #include "fusedopt/dtype.h"
 #include "kernels.h"
 
@@ -152,37 +153,7 @@ int threads() {
   return fixed > 0 ? fixed : g_threads_followed.load(std::memory_order_relaxed);
 }
 
-[[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
-
-void check_dtype(const char* what, int code) {
-  if (!is_valid_dtype(code))
-    fail(std::string("Invalid dtype code for ") + what + ": " + std::to_string(code) +
-         " (expected 0 float32, 1 bfloat16, 2 float16)");
-}
-
-// Validates one buffer set for an algorithm whose state slots are named `names`; a rejected call touches nothing.
-template <typename A>
-void check_buffers(const char* algo_name, const FlatBuffers& b, const typename A::Hyper& h) {
-  const std::string a(algo_name);
-  if (b.n < 0) fail(a + ": Invalid element count n: " + std::to_string(b.n));
-  check_dtype("param", b.param_dtype);
-  check_dtype("grad", b.grad_dtype);
-  check_dtype("states", b.state_dtype);
-  if (b.grad_dtype != b.param_dtype && b.grad_dtype != kFloat32)
-    fail(a + ": grad dtype code " + std::to_string(b.grad_dtype) + " must equal the param dtype code " +
-         std::to_string(b.param_dtype) + " or be 0 (float32)");
-  if (b.state_dtype == kFloat16) fail(a + ": Invalid state dtype code 2 (float16); states are float32 or bfloat16");
-  if (b.master != nullptr && b.param_dtype == kFloat32)
-    fail(a + ": master weights are for 16-bit parameters (param dtype code 0 is float32)");
-  if (b.n == 0) return;
-  if (b.param == nullptr) fail(a + ": param pointer is null");
-  if (b.grad == nullptr) fail(a + ": grad pointer is null");
-  constexpr int kSlots = static_cast<int>(sizeof(A::kStates) / sizeof(A::kStates[0]));
-  for (int k = 0; k < algo::kMaxStates; ++k) {
-    if (A::uses_state(h, k) && b.states[k] == nullptr)
-      fail(a + ": " + (k < kSlots ? A::kStates[k] : "state") + " pointer is null");
-  }
-}
+using checks::fail;
 
 // Validates the segment table and builds the work list of its active segments (chunks of at most kChunk elements,
 // starting on a kChunk boundary of their segment).
@@ -230,32 +201,14 @@ WorkList work_list(const char* algo_name, int64_t n, const Segments& s, bool nee
   return l;
 }
 
-template <typename A>
-typename A::Hyper hyper_from(const char* algo_name, const StepArgs& args) {
-  constexpr int64_t kFields = static_cast<int64_t>(sizeof(A::kFields) / sizeof(A::kFields[0]));
-  static_assert(sizeof(typename A::Hyper) == kFields * sizeof(double), "Hyper must be kFields doubles");
-  if (args.hyper_count != kFields || args.hyper == nullptr)
-    fail(std::string(algo_name) + ": Invalid hyperparameter count: " + std::to_string(args.hyper_count) +
-         " (expected " + std::to_string(kFields) + ")");
-  typename A::Hyper h;
-  memcpy(&h, args.hyper, sizeof(h));
-  return h;
-}
-
 // The checked step of algorithm A: validate, count the step of every active segment, make each active segment's
 // coefficients (in double, on the host), then run the kernel of the selected ISA over the work list.
 template <typename A>
 void step(const char* algo_name, const FlatBuffers& b, const Segments& s, const StepArgs& args) {
-  const typename A::Hyper h = hyper_from<A>(algo_name, args);
-  check_buffers<A>(algo_name, b, h);
-  const bool counts_step = A::kKind == algo::Kind::kElementwise || (args.passes & kPassMoments) != 0;
-  if (A::kKind == algo::Kind::kTrustRatio) {
-    if (args.passes < kPassMoments || args.passes > (kPassMoments | kPassApply))
-      fail(std::string(algo_name) + ": Invalid passes: " + std::to_string(args.passes) + " (expected 1, 2 or 3)");
-    if (args.passes != (kPassMoments | kPassApply) && s.count > 0 &&
-        (args.segment_w2 == nullptr || args.segment_u2 == nullptr))
-      fail(std::string(algo_name) + ": separate passes need the per-segment sum arrays");
-  }
+  const typename A::Hyper h = checks::hyper_from<A>(algo_name, args);
+  checks::check_buffers<A>(algo_name, b, h);
+  checks::check_passes<A>(algo_name, s.count, args);
+  const bool counts_step = checks::counts_step<A>(args);
   const WorkList list = work_list(algo_name, b.n, s, true);
   std::vector<typename A::Coeffs> coeffs(s.count > 0 ? s.count : 0);
   for (int64_t k = 0; k < s.count; ++k) {
@@ -314,7 +267,7 @@ FUSEDOPT_FOR_EACH_ALGORITHM(FUSEDOPT_DEFINE_STEP)
 
 SumOfSquares sum_of_squares(const void* data, int64_t n, int dtype) {
   if (n < 0) fail("sum_of_squares: Invalid element count n: " + std::to_string(n));
-  check_dtype("t", dtype);
+  checks::check_dtype("sum_of_squares", "t", dtype);
   if (n == 0) return SumOfSquares{};
   if (data == nullptr) fail("sum_of_squares: data pointer is null");
   const int64_t offset = 0;
@@ -330,7 +283,7 @@ SumOfSquares sum_of_squares(const void* data, int64_t n, int dtype) {
 
 SumOfSquares sum_of_squares_segments(const void* data, int64_t n, int dtype, const Segments& s) {
   if (n < 0) fail("sum_of_squares: Invalid element count n: " + std::to_string(n));
-  check_dtype("t", dtype);
+  checks::check_dtype("sum_of_squares", "t", dtype);
   const WorkList list = work_list("sum_of_squares", n, s, false);
   if (!list.begin.empty() && data == nullptr) fail("sum_of_squares: data pointer is null");
   return combine(table(), data, dtype, list.work());

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _C
-from .flat import Segments
+from .flat import CHUNK, Segments
 
 # Dtype codes of csrc/include/fusedopt/dtype.h.
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -256,15 +256,17 @@ def sum_of_squares_into(tensor: Tensor, segments: Segments | None, out_sum: Tens
         return
     _check_tensor("tensor", tensor, None, PARAM_DTYPES)
     device = tensor.device
-    if segments is None:
-        segments = Segments.packed([tensor.numel()], device)
-    table = segments.on_device(device)
-    scratch = torch.empty(int(_C.cuda_sum_of_squares_scratch(int(table["items"]))), dtype=torch.float64,
-                          device=device)
+    if segments is None:  # the whole tensor: the kernel derives its chunks from n, no table to copy to the device
+        work, items, active, count = 0, -(-tensor.numel() // CHUNK), 0, 0
+    else:
+        _check_segments(segments, tensor.numel())
+        table = segments.on_device(device)
+        work, items, active, count = (table["work"].data_ptr(), int(table["items"]), table["active"].data_ptr(),
+                                      len(segments))
+    scratch = torch.empty(int(_C.cuda_sum_of_squares_scratch(items)), dtype=torch.float64, device=device)
     index, stream = _launch(device)
-    _C.cuda_sum_of_squares(tensor.data_ptr(), tensor.numel(), DTYPE_CODES[tensor.dtype], table["work"].data_ptr(),
-                           int(table["items"]), table["active"].data_ptr(), len(segments), scratch.data_ptr(),
-                           _device_scalar("out_sum", out_sum, device),
+    _C.cuda_sum_of_squares(tensor.data_ptr(), tensor.numel(), DTYPE_CODES[tensor.dtype], work, items, active, count,
+                           scratch.data_ptr(), _device_scalar("out_sum", out_sum, device),
                            _device_scalar("out_nonfinite", out_nonfinite, device), index, stream)
 
 

@@ -79,9 +79,19 @@ class Segments:
 
     def on_device(self, device: torch.device) -> dict[str, Tensor]:
         """Device copies for the CUDA kernels: the offsets/numels table and the work list over every segment (item
-        begin, end, segment, then each segment's first item), built once; the active flags, copied each call."""
+        begin, end, segment, then each segment's first item), built once; the active flags, written each call.
+
+        Nothing here waits for the GPU. Under CUDA graph capture nothing can be copied from host memory, so the
+        tables must exist before the capture (any eager step builds them, or a call of this method), and the flags are
+        written by fill kernels instead: the graph replays the flags it was captured with, and an eager call after a
+        replay writes its own again."""
         cached = self._on_device.get(device)
+        capturing = torch.cuda.is_current_stream_capturing()
         if cached is None:
+            if capturing:
+                raise RuntimeError("fusedopt: the device copy of a segment table is built on its first CUDA step, "
+                                   "which cannot be captured in a CUDA graph: take one step, or call "
+                                   "Segments.on_device(device), before capturing")
             begin, end, segment, first = [], [], [], []
             for k, (off, num) in enumerate(zip(self.offsets.tolist(), self.numels.tolist())):
                 first.append(len(begin))
@@ -91,12 +101,21 @@ class Segments:
                     segment.append(k)
             first.append(len(begin))
             work = torch.tensor(begin + end + segment + first, dtype=torch.int64)
-            cached = {"offsets": self.offsets.to(device), "numels": self.numels.to(device), "work": work.to(device),
+            # From pinned memory, so that the copies do not wait for the GPU either.
+            cached = {"offsets": self.offsets.pin_memory().to(device, non_blocking=True),
+                      "numels": self.numels.pin_memory().to(device, non_blocking=True),
+                      "work": work.pin_memory().to(device, non_blocking=True),
                       "items": torch.tensor(len(begin)), "active": torch.zeros_like(self.active, device=device)}
             self._on_device[device] = cached
-        cached["active"].copy_(self.active, non_blocking=True)
+        if not capturing:
+            cached["active"].copy_(self.active, non_blocking=True)
+            return cached
+        start = 0
+        for k in range(1, len(self.flags) + 1):  # one fill per run of equal flags: one kernel when all are set
+            if k == len(self.flags) or self.flags[k] != self.flags[start]:
+                cached["active"][start:k].fill_(self.flags[start])
+                start = k
         return cached
-
 
 
 # Storages of flat buffers this process allocated: a parameter already living in one (an earlier optimizer over the
@@ -191,7 +210,7 @@ class FlatBuffer:
         # into them (torch.optim's layout). On the GPU they live on the device, as torch.optim's fused/capturable
         # steps do, so that a step skipped on the device (AMP found_inf, skip_nonfinite) is not counted and nothing
         # has to be read back.
-        steps_device = self.device if self.device.type == "cuda" and not self.sharded else torch.device("cpu")
+        steps_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         self.segments = Segments(self.offsets, self.numels, steps_device)
         self.steps: Tensor = self.segments.steps
         self.master: Tensor | None = None

@@ -1,5 +1,6 @@
-// C++ API of the CUDA backend: the same FlatBuffers / *Coeffs as the CPU entry points (api.h) plus device-memory
-// scalars and a stream handle. Host-compiler safe: no CUDA or torch headers, so the pybind11 bindings include it as is.
+// C++ API of the CUDA backend: the FlatBuffers / Segments / StepArgs of the CPU entry points (api.h), all in device
+// memory, plus the device work list, optional device scalars and where to launch. Host-compiler safe: no CUDA or
+// torch headers, so the pybind11 bindings include it as is. Implemented in csrc/cuda/api.cu.
 #pragma once
 
 #include <stdint.h>
@@ -15,79 +16,47 @@ struct Launch {
   intptr_t stream = 0;
 };
 
-// Optional device-memory scalars read by the update kernels (every pointer may be null):
-//   grad_scale: multiplies the host grad_scale (clip coefficient x AMP 1/scale computed on the device);
-//   found_inf:  when *found_inf != 0 the kernels return without writing anything (AMP skipped step);
-//   lr, step:   capturable mode: lr and the step count (already incremented) are read from device memory and the
-//               step-dependent coefficients are recomputed per thread block from `Hyper`, so a CUDA graph can replay.
+// The work list of a segment table in device memory: one int64 array laid out
+//   [item_begin (items) | item_end (items) | item_segment (items) | seg_first (segment count + 1)]
+// over every segment, active or not (python/fusedopt/flat.py Segments.on_device builds it once per table). Item i is
+// [item_begin[i], item_end[i]) of segment item_segment[i]: at most kChunk elements starting on a kChunk boundary of
+// its segment; segment s owns items seg_first[s] .. seg_first[s+1]-1. The kernels skip the items of inactive segments,
+// so the list never changes with the active flags. The partition depends on the layout alone, which keeps the
+// reductions bitwise reproducible.
+struct DeviceWork {
+  const int64_t* work = nullptr;
+  int64_t items = 0;
+};
+
+// Optional device-memory float32 scalars read by the kernels (null: absent):
+//   lr:         replaces StepArgs::lr (a scheduler writes it in place; a CUDA graph replays with the new value);
+//   grad_scale: multiplies StepArgs::grad_scale (AMP 1/scale times the clip coefficient, computed on the device);
+//   found_inf:  when *found_inf != 0 the call writes nothing and counts no step (AMP or skip_nonfinite).
 struct DeviceScalars {
+  const float* lr = nullptr;
   const float* grad_scale = nullptr;
   const float* found_inf = nullptr;
-  const float* lr = nullptr;
-  const float* step = nullptr;
 };
 
-// Hyperparameters the device needs to recompute lr/step-dependent coefficients in capturable mode (ignored otherwise).
-struct Hyper {
-  double beta1 = 0.0;
-  double beta2 = 0.0;
-  double weight_decay = 0.0;
-  double lr_decay = 0.0;  // Adagrad
-  bool decoupled = false;       // Adam: AdamW
-  bool bias_correction = true;  // LAMB
-};
-
-// LAMB work list in device memory (built once per segment table by the caller; see python/fusedopt/_compiled_cuda.py):
-// item i is [item_begin[i], item_end[i]) of segment item_segment[i], at most kChunk elements, starting on a kChunk
-// boundary of its segment. partial_w/partial_u (items doubles each) and scaled_lr (segments floats) are scratch.
-// segment_w2/segment_u2 (segments doubles each) hold the per-segment sums of squares of p and u between the passes:
-// `phases` (kLambMoments, kLambApply or both, as on the CPU) lets the caller reduce them across ranks in between.
-struct LambDeviceWork {
-  const int64_t* item_begin = nullptr;
-  const int64_t* item_end = nullptr;
-  const int64_t* item_segment = nullptr;
-  const int64_t* seg_first = nullptr;  // segments + 1 entries
-  int64_t items = 0;
-  int64_t segments = 0;
-  double* partial_w = nullptr;
-  double* partial_u = nullptr;
-  float* scaled_lr = nullptr;
-  double* segment_w2 = nullptr;
-  double* segment_u2 = nullptr;
-  int phases = kLambMoments | kLambApply;
-};
-
-// Checked entry points: they validate every argument and throw std::invalid_argument before any launch, and turn a
-// launch error into std::runtime_error. Nothing synchronises with the host.
-void adam(const FlatBuffers& b, const AdamCoeffs& c, bool amsgrad, const DeviceScalars& d, const Hyper& h,
-          const Launch& l);
-void sgd(const FlatBuffers& b, const SgdCoeffs& c, bool momentum, const DeviceScalars& d, const Hyper& h,
+// Checked entry points, one per algorithm of the list: the CPU semantics (api.h) on the device. Every active segment's
+// step count is incremented on the device (unless *found_inf), then each segment's coefficients are made on the device
+// by the math header's make_coeffs from its own step. Every argument is validated before any launch
+// (std::invalid_argument naming it); launch errors become std::runtime_error. Nothing synchronises with the host.
+// Trust-ratio algorithms take their scratch space (per-item partial sums, and the per-segment sums when
+// StepArgs::segment_w2 is null) from cudaMallocAsync on the stream and free it there, so a call is capture-safe.
+#define FUSEDOPT_DECLARE_CUDA_STEP(A)                                                                     \
+  void A(const FlatBuffers& b, const Segments& s, const DeviceWork& w, const StepArgs& args, const DeviceScalars& d, \
          const Launch& l);
-void rmsprop(const FlatBuffers& b, const RmspropCoeffs& c, bool centered, bool momentum, const DeviceScalars& d,
-             const Hyper& h, const Launch& l);
-void adagrad(const FlatBuffers& b, const AdagradCoeffs& c, const DeviceScalars& d, const Hyper& h, const Launch& l);
-void lion(const FlatBuffers& b, const LionCoeffs& c, const DeviceScalars& d, const Hyper& h, const Launch& l);
-// lr and max_trust_ratio in double (max_trust_ratio < 0 or NaN: no clamp, as on the CPU); d.lr replaces lr when set.
-void lamb(const FlatBuffers& b, const LambCoeffs& c, const LambDeviceWork& w, double lr, double max_trust_ratio,
-          const DeviceScalars& d, const Hyper& h, const Launch& l);
+FUSEDOPT_FOR_EACH_ALGORITHM(FUSEDOPT_DECLARE_CUDA_STEP)
+#undef FUSEDOPT_DECLARE_CUDA_STEP
 
-// Doubles of scratch space sum_of_squares needs for n elements (partial sums and flags of the fixed partition).
-int64_t sum_of_squares_scratch(int64_t n);
-// Deterministic sum of squares (fp32 products, double accumulation) left in device memory: any of out_sum (fp32),
-// out_sum64 (double) may be null; out_nonfinite (fp32, 1.0 when an element is inf/NaN, else 0.0) may be null.
-void sum_of_squares(const void* data, int64_t n, int dtype, double* scratch, float* out_sum, double* out_sum64,
-                    float* out_nonfinite, const Launch& l);
-// One thread combines `count` fp32 sums of squares in index order: norm = sqrt(sum) * inv_scale;
-// coef = min(max_norm / (norm + 1e-6), 1) * inv_scale (NaN propagates, as torch.clamp). inv_scale is *inv_scale_dev
-// when set, else inv_scale. flags (count floats, may be null) and a non-finite norm set *out_found_inf to 1.
-void clip_coefficient(const float* sums, const float* flags, int64_t count, double max_norm,
-                      const float* inv_scale_dev, float inv_scale, float* out_coef, float* out_norm,
-                      float* out_found_inf, const Launch& l);
-
-int device_count();
-// CUDA runtime version this module was built against (e.g. 13000) and the driver's.
-int runtime_version();
-int driver_version();
+// Doubles of scratch space sum_of_squares needs for `items` work items (a partial sum and a flag per item).
+int64_t sum_of_squares_scratch(int64_t items);
+// Deterministic sum of fp32 squares (double accumulation) of the active segments' items, written as float32 to
+// *out_sum, and 1.0f (else 0.0f) to *out_nonfinite when one of those elements is inf/NaN; both stay in device memory.
+// w.work == 0 (with segment_count 0 and active null) means the whole buffer, in w.items = ceil(n / kChunk) chunks.
+void sum_of_squares(const void* data, int64_t n, int dtype, const DeviceWork& w, const uint8_t* active,
+                    int64_t segment_count, double* scratch, float* out_sum, float* out_nonfinite, const Launch& l);
 
 }  // namespace cuda
 }  // namespace fusedopt

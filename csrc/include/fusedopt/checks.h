@@ -1,0 +1,83 @@
+// Argument checks shared by the checked CPU entry points (csrc/cpu/dispatch.cpp) and the CUDA ones (csrc/cuda/api.cu):
+// hyperparameter count, dtype codes, null state pointers for the states a configuration uses, trust-ratio passes.
+// Each throws std::invalid_argument naming the argument and its value; none touches the memory behind a pointer.
+#pragma once
+
+#include <string.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "fusedopt/api.h"
+#include "fusedopt/dtype.h"
+
+namespace fusedopt {
+namespace checks {
+
+[[noreturn]] inline void fail(const std::string& msg) { throw std::invalid_argument(msg); }
+
+inline void check_dtype(const std::string& fn, const char* what, int code) {
+  if (!is_valid_dtype(code))
+    fail(fn + ": Invalid dtype code for " + what + ": " + std::to_string(code) +
+         " (expected 0 float32, 1 bfloat16, 2 float16)");
+}
+
+// The algorithm's Hyper from the kFields doubles Python passes.
+template <typename A>
+typename A::Hyper hyper_from(const std::string& fn, const StepArgs& args) {
+  constexpr int64_t kFields = static_cast<int64_t>(sizeof(A::kFields) / sizeof(A::kFields[0]));
+  static_assert(sizeof(typename A::Hyper) == kFields * sizeof(double), "Hyper must be kFields doubles");
+  if (args.hyper_count != kFields || args.hyper == nullptr)
+    fail(fn + ": Invalid hyperparameter count: " + std::to_string(args.hyper_count) + " (expected " +
+         std::to_string(kFields) + ")");
+  typename A::Hyper h;
+  memcpy(&h, args.hyper, sizeof(h));
+  return h;
+}
+
+// One buffer set for algorithm A under hyperparameters h: counts, dtype codes and their combinations, and a non-null
+// pointer for every buffer the configuration reads or writes (A::uses_state).
+template <typename A>
+void check_buffers(const std::string& fn, const FlatBuffers& b, const typename A::Hyper& h) {
+  if (b.n < 0) fail(fn + ": Invalid element count n: " + std::to_string(b.n));
+  check_dtype(fn, "param", b.param_dtype);
+  check_dtype(fn, "grad", b.grad_dtype);
+  check_dtype(fn, "states", b.state_dtype);
+  if (b.grad_dtype != b.param_dtype && b.grad_dtype != kFloat32)
+    fail(fn + ": grad dtype code " + std::to_string(b.grad_dtype) + " must equal the param dtype code " +
+         std::to_string(b.param_dtype) + " or be 0 (float32)");
+  if (b.state_dtype == kFloat16) fail(fn + ": Invalid state dtype code 2 (float16); states are float32 or bfloat16");
+  if (b.master != nullptr && b.param_dtype == kFloat32)
+    fail(fn + ": master weights are for 16-bit parameters (param dtype code 0 is float32)");
+  if (b.n == 0) return;
+  if (b.param == nullptr) fail(fn + ": param pointer is null");
+  if (b.grad == nullptr) fail(fn + ": grad pointer is null");
+  constexpr int kSlots = static_cast<int>(sizeof(A::kStates) / sizeof(A::kStates[0]));
+  for (int k = 0; k < algo::kMaxStates; ++k) {
+    if (A::uses_state(h, k) && b.states[k] == nullptr)
+      fail(fn + ": " + (k < kSlots ? A::kStates[k] : "state") + " pointer is null");
+  }
+}
+
+// Whether this call counts the step of its active segments: every element-wise call, and a trust-ratio call that runs
+// pass 1 (a kPassApply-only call completes a step counted by its kPassMoments call).
+template <typename A>
+bool counts_step(const StepArgs& args) {
+  return A::kKind == algo::Kind::kElementwise || (args.passes & kPassMoments) != 0;
+}
+
+// Trust-ratio algorithms: passes is 1, 2 or 3; the per-segment sum arrays come as a pair, and separate passes keep
+// their sums there.
+template <typename A>
+void check_passes(const std::string& fn, int64_t segment_count, const StepArgs& args) {
+  if (A::kKind != algo::Kind::kTrustRatio) return;
+  if (args.passes < kPassMoments || args.passes > (kPassMoments | kPassApply))
+    fail(fn + ": Invalid passes: " + std::to_string(args.passes) + " (expected 1, 2 or 3)");
+  if ((args.segment_w2 == nullptr) != (args.segment_u2 == nullptr))
+    fail(fn + ": segment_w2 and segment_u2 must both be given or both be null");
+  if (args.passes != (kPassMoments | kPassApply) && segment_count > 0 && args.segment_w2 == nullptr)
+    fail(fn + ": separate passes need the per-segment sum arrays");
+}
+
+}  // namespace checks
+}  // namespace fusedopt
