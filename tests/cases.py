@@ -1,12 +1,24 @@
-"""Case tables: per algorithm, a list of torch.optim-style constructor kwargs with a readable id, shared by every test.
+"""Case tables: one row per optimizer class of fusedopt.optim.__all__, holding its cases (constructor kwargs with a
+readable id) and every per-algorithm property a test needs. Everything else is read from the class: torch's defaults
+(`cls.torch_defaults`), the states and when each exists (`cls.spec`), the kernel fields (`cls.spec.hyper`), the
+torch.optim counterpart (`torch.optim.<class name>`, if any). Tests iterate over `TABLE` and never name an algorithm.
 
 Hyperparameters are deliberately non-default (large lr, betas far from 1, visible weight decay) so that a mode that is
 ignored or mis-wired changes the result by far more than any tolerance.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import fusedopt
+import torch
+from fusedopt.optim import FusedOptimizer
+from fusedopt.optim._spec import State
+from torch import Tensor
+
+F64 = torch.float64
 
 
 @dataclass(frozen=True)
@@ -20,103 +32,338 @@ class Case:
         return self.id
 
 
-ADAM = [
-    Case("default", {"lr": 1e-2}),
-    Case("betas-eps", {"lr": 2e-2, "betas": (0.8, 0.95), "eps": 1e-6}),
-    Case("weight_decay", {"lr": 1e-2, "betas": (0.85, 0.98), "weight_decay": 0.1}),
-    Case("amsgrad", {"lr": 1e-2, "betas": (0.8, 0.9), "amsgrad": True}),
-    Case("amsgrad-weight_decay", {"lr": 1e-2, "betas": (0.8, 0.9), "weight_decay": 0.05, "amsgrad": True}),
-    Case("maximize", {"lr": 1e-2, "maximize": True, "weight_decay": 0.05}),
-    Case("amsgrad-maximize", {"lr": 1e-2, "betas": (0.7, 0.95), "amsgrad": True, "maximize": True}),
+@dataclass(frozen=True)
+class Range:
+    """A closed float interval that property tests draw a hyperparameter from."""
+
+    low: float
+    high: float
+
+
+# An oracle in float64 straight from the paper, for algorithms torch.optim lacks:
+# (param, grad, states by name, step t >= 1, hyperparameters) -> (param, states, mask of elements not to compare).
+Oracle = Callable[[Tensor, Tensor, Mapping[str, Tensor], int, Mapping[str, Any]],
+                  tuple[Tensor, dict[str, Tensor], "Tensor | None"]]
+
+
+@dataclass(frozen=True, eq=False)
+class Algorithm:
+    """One optimizer class, its cases, and the test properties that cannot be read from the class."""
+
+    cls: type[FusedOptimizer]
+    cases: tuple[Case, ...]
+    # (kwargs, message): torch.optim's ValueError for a bad value of one of this class's own hyperparameters.
+    invalid: tuple[tuple[dict[str, Any], str], ...] = ()
+    # Float64 paper formulas; required when torch.optim has no counterpart (the oracle of the comparison tests).
+    oracle64: Oracle | None = None
+    # The oracle's whole trajectory, never re-anchored, stays within the fp32 trajectory tolerance (a smooth update;
+    # an update through sign() is not: one flipped sign moves an element by 2*lr).
+    smooth_trajectory: bool = False
+    # Each element moves by +-lr*sign(c): where c is within an ulp of 0, two correct fp32 implementations may flip the
+    # sign, so a few elements may differ by 2*lr.
+    sign_update: bool = False
+    # Weight decay enters the gradient (g + wd*p, torch.optim's coupled form) unless decoupled_weight_decay is set.
+    coupled_weight_decay: bool = False
+    # Hyperparameter ranges of the property tests (constructor kwargs: a Range, a list of alternatives, a tuple of
+    # specs, or a plain value).
+    ranges: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return self.name
+
+    @property
+    def name(self) -> str:
+        return self.cls.__name__
+
+    @property
+    def kernel(self) -> str:
+        return self.cls.spec.kernel
+
+    @property
+    def torch_cls(self) -> type[torch.optim.Optimizer] | None:
+        """torch.optim's class of the same name, the oracle where it exists."""
+        return getattr(torch.optim, self.name, None)
+
+    @property
+    def two_pass(self) -> bool:
+        """The kernel is of the compiled core's trust-ratio kind: a first pass writes the moments and per-parameter
+        sums of squares, a second reads the stored moments back to apply the update."""
+        from fusedopt import _kernels  # noqa: PLC0415 - needs the compiled extension
+
+        return _kernels.ALGORITHMS[self.kernel]["kind"] == "trust_ratio"
+
+    def group(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The param group the class builds from `kwargs`: torch's defaults, the kwargs, the spec's forced keys
+        (unknown keys raise, to catch typos in tables)."""
+        unknown = set(kwargs) - set(self.cls.torch_defaults)
+        if unknown:
+            raise KeyError(f"unknown {self.name} kwargs in case table: {sorted(unknown)}")
+        return {**self.cls.torch_defaults, **kwargs, **self.cls.spec.forced}
+
+    def kept_states(self, kwargs: Mapping[str, Any]) -> list[State]:
+        return self.cls.spec.kept_states(self.group(kwargs))
+
+    def state_names(self, kwargs: Mapping[str, Any]) -> tuple[str, ...]:
+        """The state tensors torch.optim (and fusedopt) keep for this configuration, in kernel slot order."""
+        return tuple(s.name for s in self.kept_states(kwargs))
+
+    def hyper(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The kernel fields (math header's kFields) of this configuration."""
+        return self.cls.spec.hyper(self.group(kwargs))
+
+    def decay_enters_gradient(self, kwargs: Mapping[str, Any]) -> bool:
+        """Whether this configuration adds wd*p to the gradient before normalising it."""
+        group = self.group(kwargs)
+        return self.coupled_weight_decay and not group.get("decoupled_weight_decay", False) \
+            and group["weight_decay"] != 0
+
+    def torch_optimizer(self, params: Any, kwargs: Mapping[str, Any]) -> torch.optim.Optimizer:
+        """torch.optim's single-tensor implementation (foreach=False) with the case's kwargs."""
+        assert self.torch_cls is not None, f"torch.optim has no {self.name}"
+        return self.torch_cls(params, **kwargs, foreach=False)
+
+    def descent_cases(self) -> list[Case]:
+        """The first case and the last case that minimises (no maximize=True): for trajectories through a real model,
+        where gradient ascent on the loss diverges and amplifies every rounding difference without bound."""
+        last = [c for c in self.cases if not c.kwargs.get("maximize", False)][-1]
+        return [self.cases[0], last]
+
+    def richest_case(self) -> Case:
+        """The case that keeps the most states (the latest such case: tables end with their most combined modes)."""
+        return max(reversed(self.cases), key=lambda c: len(self.state_names(c.kwargs)))
+
+
+# ------------------------------------------------------------------------------------- float64 paper oracles
+def lion64(p: Tensor, g: Tensor, states: Mapping[str, Tensor], step: int, hp: Mapping[str, Any]
+           ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """Lion, Chen et al. 2023 Alg. 2, in float64 straight from the paper:
+    c = b1*m + (1-b1)*g;  p = p - lr*(sign(c) + wd*p);  m = b2*m + (1-b2)*g.
+    The mask marks elements whose sign fp32 rounding may legitimately flip."""
+    p, g, m = p.to(F64), g.to(F64), states["exp_avg"].to(F64)
+    if hp["maximize"]:
+        g = -g
+    b1, b2 = hp["betas"]
+    c = b1 * m + (1 - b1) * g
+    p_new = p - hp["lr"] * (torch.sign(c) + hp["weight_decay"] * p)
+    m_new = b2 * m + (1 - b2) * g
+    # fp32 lerp is accurate to a few ulp of max(|m|, |g|); inside that band the sign is not determined.
+    ambiguous = c.abs() <= 1e-6 * (m.abs() + g.abs())
+    return p_new, {"exp_avg": m_new}, ambiguous
+
+
+def lamb64(p: Tensor, g: Tensor, states: Mapping[str, Tensor], step: int, hp: Mapping[str, Any]
+           ) -> tuple[Tensor, dict[str, Tensor], None]:
+    """LAMB, You et al. 2019 Alg. 2, in float64 straight from the paper (phi = identity):
+    m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2; mh = m/(1-b1^t), vh = v/(1-b2^t) (if bias_correction);
+    u = mh/(sqrt(vh)+eps) + wd*p; r = ||p||/||u|| (1 if either is 0; min(r, max_trust_ratio)); p = p - lr*r*u."""
+    p, g, m, v = p.to(F64), g.to(F64), states["exp_avg"].to(F64), states["exp_avg_sq"].to(F64)
+    if hp["maximize"]:
+        g = -g
+    b1, b2 = hp["betas"]
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    mh, vh = (m / (1 - b1**step), v / (1 - b2**step)) if hp["bias_correction"] else (m, v)
+    u = mh / (torch.sqrt(vh) + hp["eps"]) + hp["weight_decay"] * p
+    w_norm, u_norm = torch.linalg.vector_norm(p).item(), torch.linalg.vector_norm(u).item()
+    ratio = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
+    if hp["max_trust_ratio"] is not None:
+        ratio = min(ratio, hp["max_trust_ratio"])
+    return p - hp["lr"] * ratio * u, {"exp_avg": m, "exp_avg_sq": v}, None
+
+
+# ------------------------------------------------------------------------------------- the table
+UNIT = Range(0.5, 0.999)  # betas, alpha
+SMALL = Range(0.0, 0.2)  # weight decay, lr_decay
+BOTH = [False, True]
+
+_ADAM_RANGES = dict(lr=Range(1e-4, 5e-2), betas=(UNIT, UNIT), eps=Range(1e-8, 1e-3), weight_decay=SMALL,
+                    amsgrad=BOTH, maximize=BOTH)
+
+_ROWS = [
+    Algorithm(
+        fusedopt.Adam,
+        cases=(
+            Case("default", {"lr": 1e-2}),
+            Case("betas-eps", {"lr": 2e-2, "betas": (0.8, 0.95), "eps": 1e-6}),
+            Case("weight_decay", {"lr": 1e-2, "betas": (0.85, 0.98), "weight_decay": 0.1}),
+            Case("amsgrad", {"lr": 1e-2, "betas": (0.8, 0.9), "amsgrad": True}),
+            Case("amsgrad-weight_decay", {"lr": 1e-2, "betas": (0.8, 0.9), "weight_decay": 0.05, "amsgrad": True}),
+            Case("maximize", {"lr": 1e-2, "maximize": True, "weight_decay": 0.05}),
+            Case("amsgrad-maximize", {"lr": 1e-2, "betas": (0.7, 0.95), "amsgrad": True, "maximize": True}),
+        ),
+        invalid=(({"eps": -1e-8}, "Invalid epsilon value: -1e-08"),
+                 ({"betas": (1.0, 0.999)}, "Invalid beta parameter at index 0: 1.0")),
+        coupled_weight_decay=True,
+        ranges=dict(_ADAM_RANGES, decoupled_weight_decay=BOTH),
+    ),
+    Algorithm(
+        fusedopt.AdamW,
+        cases=(
+            Case("default", {"lr": 1e-2}),  # torch default weight_decay=1e-2
+            Case("weight_decay", {"lr": 1e-2, "betas": (0.85, 0.98), "weight_decay": 0.3}),
+            Case("no-weight_decay", {"lr": 1e-2, "weight_decay": 0.0}),
+            Case("amsgrad", {"lr": 1e-2, "betas": (0.8, 0.9), "weight_decay": 0.1, "amsgrad": True}),
+            Case("maximize", {"lr": 1e-2, "weight_decay": 0.1, "maximize": True}),
+            Case("amsgrad-maximize-eps", {"lr": 2e-2, "betas": (0.7, 0.95), "eps": 1e-5, "weight_decay": 0.2,
+                                          "amsgrad": True, "maximize": True}),
+        ),
+        invalid=(({"betas": (0.9, 1.5)}, "Invalid beta parameter at index 1: 1.5"),
+                 ({"weight_decay": -0.1}, "Invalid weight_decay value: -0.1")),
+        coupled_weight_decay=True,  # AdamW's spec forces decoupled_weight_decay
+        ranges=_ADAM_RANGES,
+    ),
+    Algorithm(
+        fusedopt.SGD,
+        cases=(
+            Case("plain", {"lr": 5e-2}),
+            Case("weight_decay", {"lr": 5e-2, "weight_decay": 0.1}),
+            Case("momentum", {"lr": 5e-2, "momentum": 0.9}),
+            Case("momentum-dampening", {"lr": 5e-2, "momentum": 0.8, "dampening": 0.3}),
+            Case("nesterov", {"lr": 5e-2, "momentum": 0.9, "nesterov": True}),
+            Case("nesterov-weight_decay", {"lr": 5e-2, "momentum": 0.7, "nesterov": True, "weight_decay": 0.05}),
+            Case("maximize", {"lr": 5e-2, "maximize": True}),
+            Case("momentum-dampening-weight_decay", {"lr": 5e-2, "momentum": 0.8, "dampening": 0.2,
+                                                     "weight_decay": 0.1}),
+            Case("momentum-dampening-weight_decay-maximize", {"lr": 5e-2, "momentum": 0.8, "dampening": 0.2,
+                                                              "weight_decay": 0.1, "maximize": True}),
+        ),
+        invalid=(({"lr": 0.1, "momentum": -0.5}, "Invalid momentum value: -0.5"),
+                 ({"lr": 0.1, "nesterov": True}, "Nesterov momentum requires a momentum")),
+        coupled_weight_decay=True,
+        ranges=dict(lr=Range(1e-4, 5e-2), momentum=[0.0, 0.5, 0.9], dampening=Range(0.0, 0.5), weight_decay=SMALL,
+                    nesterov=False, maximize=BOTH),
+    ),
+    Algorithm(
+        fusedopt.RMSprop,
+        cases=(
+            Case("default", {"lr": 1e-2}),
+            Case("alpha-eps", {"lr": 1e-2, "alpha": 0.9, "eps": 1e-6}),
+            Case("weight_decay", {"lr": 1e-2, "alpha": 0.95, "weight_decay": 0.1}),
+            Case("momentum", {"lr": 1e-2, "alpha": 0.9, "momentum": 0.8}),
+            Case("centered", {"lr": 1e-2, "alpha": 0.9, "centered": True}),
+            Case("centered-momentum", {"lr": 5e-3, "alpha": 0.9, "centered": True, "momentum": 0.7}),
+            Case("maximize", {"lr": 1e-2, "alpha": 0.9, "maximize": True, "weight_decay": 0.05}),
+            # eps 1e-3 keeps lr*wd/eps < 1: with eps 1e-5, elements whose gradient is ~0 oscillate under weight decay
+            # with growing amplitude (a 3e-11 difference doubled every step on the Transformer), so no two fp32 runs
+            # agree.
+            Case("centered-momentum-weight_decay", {"lr": 5e-3, "alpha": 0.8, "eps": 1e-3, "centered": True,
+                                                    "momentum": 0.6, "weight_decay": 0.1}),
+            Case("centered-momentum-weight_decay-maximize", {"lr": 5e-3, "alpha": 0.8, "eps": 1e-5, "centered": True,
+                                                             "momentum": 0.6, "weight_decay": 0.1, "maximize": True}),
+        ),
+        invalid=(({"alpha": -0.1}, "Invalid alpha value: -0.1"),),
+        coupled_weight_decay=True,
+        ranges=dict(lr=Range(1e-4, 1e-2), alpha=UNIT, eps=Range(1e-3, 1e-1), weight_decay=SMALL,
+                    momentum=[0.0, 0.5], centered=BOTH, maximize=BOTH),
+    ),
+    Algorithm(
+        fusedopt.Adagrad,
+        cases=(
+            Case("default", {"lr": 5e-2}),
+            Case("lr_decay", {"lr": 5e-2, "lr_decay": 0.05}),
+            Case("weight_decay", {"lr": 5e-2, "weight_decay": 0.1}),
+            Case("initial_accumulator_value", {"lr": 5e-2, "initial_accumulator_value": 0.3}),
+            Case("eps", {"lr": 5e-2, "eps": 1e-3}),
+            Case("maximize", {"lr": 5e-2, "maximize": True}),
+            Case("lr_decay-weight_decay-initial_accumulator_value", {"lr": 5e-2, "lr_decay": 0.02,
+                                                                     "weight_decay": 0.05,
+                                                                     "initial_accumulator_value": 0.1}),
+            Case("lr_decay-weight_decay-initial_accumulator_value-maximize", {"lr": 5e-2, "lr_decay": 0.02,
+                                                                              "weight_decay": 0.05,
+                                                                              "initial_accumulator_value": 0.1,
+                                                                              "maximize": True}),
+        ),
+        invalid=(({"lr_decay": -1.0}, "Invalid lr_decay value: -1.0"),
+                 ({"initial_accumulator_value": -1.0}, "Invalid initial_accumulator_value value: -1.0")),
+        coupled_weight_decay=True,
+        ranges=dict(lr=Range(1e-4, 5e-2), lr_decay=SMALL, eps=Range(1e-10, 1e-3), weight_decay=SMALL,
+                    initial_accumulator_value=SMALL, maximize=BOTH),
+    ),
+    Algorithm(
+        fusedopt.Lion,
+        cases=(
+            Case("default", {"lr": 1e-3}),
+            Case("betas", {"lr": 1e-3, "betas": (0.8, 0.95)}),
+            Case("weight_decay", {"lr": 1e-3, "weight_decay": 0.5}),
+            Case("maximize", {"lr": 1e-3, "betas": (0.85, 0.98), "maximize": True}),
+            Case("weight_decay-maximize", {"lr": 2e-3, "betas": (0.7, 0.9), "weight_decay": 0.3, "maximize": True}),
+        ),
+        invalid=(({"betas": (0.9, -0.1)}, "Invalid beta parameter at index 1: -0.1"),),
+        oracle64=lion64,
+        sign_update=True,
+        ranges=dict(lr=Range(1e-4, 1e-2), betas=(UNIT, UNIT), weight_decay=SMALL, maximize=BOTH),
+    ),
+    Algorithm(
+        fusedopt.LAMB,
+        cases=(
+            Case("default", {"lr": 1e-2}),
+            Case("weight_decay", {"lr": 1e-2, "betas": (0.85, 0.98), "weight_decay": 0.1}),
+            Case("no-bias_correction", {"lr": 1e-2, "betas": (0.8, 0.95), "bias_correction": False}),
+            Case("max_trust_ratio", {"lr": 1e-2, "weight_decay": 0.05, "max_trust_ratio": 0.5}),
+            Case("eps", {"lr": 1e-2, "eps": 1e-3, "weight_decay": 0.01}),
+            Case("maximize", {"lr": 1e-2, "betas": (0.8, 0.9), "maximize": True}),
+            Case("no-bias_correction-max_trust_ratio-weight_decay", {"lr": 1e-2, "betas": (0.8, 0.95),
+                                                                     "weight_decay": 0.2, "bias_correction": False,
+                                                                     "max_trust_ratio": 2.0}),
+            Case("no-bias_correction-max_trust_ratio-weight_decay-maximize", {"lr": 1e-2, "betas": (0.8, 0.95),
+                                                                              "weight_decay": 0.2,
+                                                                              "bias_correction": False,
+                                                                              "max_trust_ratio": 2.0,
+                                                                              "maximize": True}),
+        ),
+        invalid=(({"max_trust_ratio": 0.0}, "Invalid max_trust_ratio value: 0.0"),),
+        oracle64=lamb64,
+        smooth_trajectory=True,
+        ranges=dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=SMALL, bias_correction=BOTH,
+                    max_trust_ratio=[None, Range(0.1, 10.0)], maximize=BOTH),
+    ),
 ]
 
-ADAMW = [
-    Case("default", {"lr": 1e-2}),  # torch default weight_decay=1e-2
-    Case("weight_decay", {"lr": 1e-2, "betas": (0.85, 0.98), "weight_decay": 0.3}),
-    Case("no-weight_decay", {"lr": 1e-2, "weight_decay": 0.0}),
-    Case("amsgrad", {"lr": 1e-2, "betas": (0.8, 0.9), "weight_decay": 0.1, "amsgrad": True}),
-    Case("maximize", {"lr": 1e-2, "weight_decay": 0.1, "maximize": True}),
-    Case("amsgrad-maximize-eps", {"lr": 2e-2, "betas": (0.7, 0.95), "eps": 1e-5, "weight_decay": 0.2, "amsgrad": True,
-                                      "maximize": True}),
-]
+TABLE: dict[type[FusedOptimizer], Algorithm] = {row.cls: row for row in _ROWS}
+ROWS: list[Algorithm] = list(TABLE.values())
+TORCH_ROWS = [row for row in ROWS if row.torch_cls is not None]  # compared with torch.optim directly
+ORACLE_ROWS = [row for row in ROWS if row.torch_cls is None]  # compared with their float64 oracle
 
-SGD = [
-    Case("plain", {"lr": 5e-2}),
-    Case("weight_decay", {"lr": 5e-2, "weight_decay": 0.1}),
-    Case("momentum", {"lr": 5e-2, "momentum": 0.9}),
-    Case("momentum-dampening", {"lr": 5e-2, "momentum": 0.8, "dampening": 0.3}),
-    Case("nesterov", {"lr": 5e-2, "momentum": 0.9, "nesterov": True}),
-    Case("nesterov-weight_decay", {"lr": 5e-2, "momentum": 0.7, "nesterov": True, "weight_decay": 0.05}),
-    Case("maximize", {"lr": 5e-2, "maximize": True}),
-    Case("momentum-dampening-weight_decay", {"lr": 5e-2, "momentum": 0.8, "dampening": 0.2, "weight_decay": 0.1}),
-    Case("momentum-dampening-weight_decay-maximize", {"lr": 5e-2, "momentum": 0.8, "dampening": 0.2, "weight_decay": 0.1,
-                                                           "maximize": True}),
-]
+_classes = [getattr(fusedopt.optim, name) for name in fusedopt.optim.__all__]
+_missing = [c.__name__ for c in _classes if c is not FusedOptimizer and c not in TABLE]
+assert not _missing, f"optimizer classes without a row in tests/cases.py: {_missing}"
+assert all(row.oracle64 is not None for row in ORACLE_ROWS), "a class torch.optim lacks needs an oracle64"
+for _row in ROWS:
+    for _case in _row.cases:
+        _row.group(_case.kwargs)  # unknown kwargs raise at import
 
-RMSPROP = [
-    Case("default", {"lr": 1e-2}),
-    Case("alpha-eps", {"lr": 1e-2, "alpha": 0.9, "eps": 1e-6}),
-    Case("weight_decay", {"lr": 1e-2, "alpha": 0.95, "weight_decay": 0.1}),
-    Case("momentum", {"lr": 1e-2, "alpha": 0.9, "momentum": 0.8}),
-    Case("centered", {"lr": 1e-2, "alpha": 0.9, "centered": True}),
-    Case("centered-momentum", {"lr": 5e-3, "alpha": 0.9, "centered": True, "momentum": 0.7}),
-    Case("maximize", {"lr": 1e-2, "alpha": 0.9, "maximize": True, "weight_decay": 0.05}),
-    # eps 1e-3 keeps lr*wd/eps < 1: with eps 1e-5, elements whose gradient is ~0 oscillate under weight decay with
-    # growing amplitude (a 3e-11 difference doubled every step on the Transformer), so no two fp32 runs agree.
-    Case("centered-momentum-weight_decay", {"lr": 5e-3, "alpha": 0.8, "eps": 1e-3, "centered": True, "momentum": 0.6,
-                                            "weight_decay": 0.1}),
-    Case("centered-momentum-weight_decay-maximize", {"lr": 5e-3, "alpha": 0.8, "eps": 1e-5, "centered": True, "momentum": 0.6,
-                                                         "weight_decay": 0.1, "maximize": True}),
-]
+# The row tests use where any algorithm would do (the README's example). Those tests rely on it having a torch.optim
+# counterpart, a step count, `lr`, `betas` and `weight_decay` kwargs, at least two states and one state kept only in
+# some configurations.
+EXAMPLE = TABLE[fusedopt.AdamW]
+assert EXAMPLE.torch_cls is not None and EXAMPLE.cls.spec.tracks_step
+assert {"lr", "betas", "weight_decay"} <= set(EXAMPLE.cls.torch_defaults)
+assert len(EXAMPLE.state_names({})) >= 2 and len(EXAMPLE.state_names({})) < len(EXAMPLE.cls.spec.states)
 
-ADAGRAD = [
-    Case("default", {"lr": 5e-2}),
-    Case("lr_decay", {"lr": 5e-2, "lr_decay": 0.05}),
-    Case("weight_decay", {"lr": 5e-2, "weight_decay": 0.1}),
-    Case("initial_accumulator_value", {"lr": 5e-2, "initial_accumulator_value": 0.3}),
-    Case("eps", {"lr": 5e-2, "eps": 1e-3}),
-    Case("maximize", {"lr": 5e-2, "maximize": True}),
-    Case("lr_decay-weight_decay-initial_accumulator_value", {"lr": 5e-2, "lr_decay": 0.02, "weight_decay": 0.05,
-                                                             "initial_accumulator_value": 0.1}),
-    Case("lr_decay-weight_decay-initial_accumulator_value-maximize", {"lr": 5e-2, "lr_decay": 0.02, "weight_decay": 0.05,
-                                                                          "initial_accumulator_value": 0.1,
-                                                                          "maximize": True}),
-]
+# Random values of states, for tests that start a kernel from a warm state (never zeros), by torch.optim's state name:
+# second moments and sums of squares are positive, a centered first moment stays well below the root of its second
+# moment; any other state is symmetric around 0.
+def _symmetric(n: int, gen: torch.Generator) -> Tensor:
+    return torch.randn(n, generator=gen, dtype=F64).float()
 
-# Lion: fusedopt.Lion(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False)
-LION = [
-    Case("default", {"lr": 1e-3}),
-    Case("betas", {"lr": 1e-3, "betas": (0.8, 0.95)}),
-    Case("weight_decay", {"lr": 1e-3, "weight_decay": 0.5}),
-    Case("maximize", {"lr": 1e-3, "betas": (0.85, 0.98), "maximize": True}),
-    Case("weight_decay-maximize", {"lr": 2e-3, "betas": (0.7, 0.9), "weight_decay": 0.3, "maximize": True}),
-]
 
-# LAMB: fusedopt.LAMB(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, bias_correction=True,
-#                     max_trust_ratio=None, maximize=False)
-LAMB = [
-    Case("default", {"lr": 1e-2}),
-    Case("weight_decay", {"lr": 1e-2, "betas": (0.85, 0.98), "weight_decay": 0.1}),
-    Case("no-bias_correction", {"lr": 1e-2, "betas": (0.8, 0.95), "bias_correction": False}),
-    Case("max_trust_ratio", {"lr": 1e-2, "weight_decay": 0.05, "max_trust_ratio": 0.5}),
-    Case("eps", {"lr": 1e-2, "eps": 1e-3, "weight_decay": 0.01}),
-    Case("maximize", {"lr": 1e-2, "betas": (0.8, 0.9), "maximize": True}),
-    Case("no-bias_correction-max_trust_ratio-weight_decay", {"lr": 1e-2, "betas": (0.8, 0.95), "weight_decay": 0.2,
-                                                             "bias_correction": False, "max_trust_ratio": 2.0}),
-    Case("no-bias_correction-max_trust_ratio-weight_decay-maximize", {"lr": 1e-2, "betas": (0.8, 0.95),
-                                                                          "weight_decay": 0.2, "bias_correction": False,
-                                                                          "max_trust_ratio": 2.0, "maximize": True}),
-]
+def _positive(n: int, gen: torch.Generator) -> Tensor:
+    return torch.rand(n, generator=gen, dtype=F64).float() + 0.1
 
-ALGORITHMS: dict[str, list[Case]] = {
-    "adam": ADAM,
-    "adamw": ADAMW,
-    "sgd": SGD,
-    "rmsprop": RMSPROP,
-    "adagrad": ADAGRAD,
-    "lion": LION,
-    "lamb": LAMB,
+
+WARM_STATES: dict[str, Callable[[int, torch.Generator], Tensor]] = {
+    "exp_avg_sq": _positive,
+    "max_exp_avg_sq": _positive,
+    "sum": _positive,
+    "square_avg": lambda n, gen: _positive(n, gen) + 1.0,
+    "grad_avg": lambda n, gen: 0.1 * _symmetric(n, gen),
 }
+
+
+def warm_state(name: str, n: int, gen: torch.Generator) -> Tensor:
+    """A random fp32 value of the state called `name`, n elements, from `gen`."""
+    return WARM_STATES.get(name, _symmetric)(n, gen)
+
 
 # 1 (scalar-like), 7 (shorter than any SIMD vector), 4097 (one past a power of two: vector body + tail),
 # 1_000_003 (prime, larger than a cache and several OpenMP chunks).
@@ -125,70 +372,33 @@ SMALL_SIZES = [s for s in SIZES if s < 1_000_000]
 BIG_SIZE = SIZES[-1]
 
 
-def descent_cases(algorithm: str) -> list[Case]:
-    """The first case and the last case that minimises (no maximize=True): for trajectories through a real model,
-    where gradient ascent on the loss diverges and amplifies every rounding difference without bound."""
-    table = ALGORITHMS[algorithm]
-    last = [c for c in table if not c.kwargs.get("maximize", False)][-1]
-    return [table[0], last]
+def params(rows: Iterable[Algorithm] = ROWS, cases: Callable[[Algorithm], Iterable[Case]] = lambda r: r.cases
+           ) -> list:
+    """pytest.param(row, case, id="Class-case") for every row and each of `cases(row)`."""
+    import pytest  # noqa: PLC0415
+
+    return [pytest.param(row, case, id=f"{row.name}-{case.id}") for row in rows for case in cases(row)]
 
 
-def params(algorithm: str) -> list:
-    """pytest.param(case, id=case.id) for every case of `algorithm`, for use in @pytest.mark.parametrize."""
-    import pytest
+def row_params(rows: Iterable[Algorithm] = ROWS) -> list:
+    """pytest.param(row, id="Class") for every row."""
+    import pytest  # noqa: PLC0415
 
-    return [pytest.param(c, id=c.id) for c in ALGORITHMS[algorithm]]
-
-
-def all_params() -> list:
-    """pytest.param((algorithm, case), id="algorithm-case.id") over every algorithm and case."""
-    import pytest
-
-    return [pytest.param(name, c, id=f"{name}-{c.id}") for name, cases in ALGORITHMS.items() for c in cases]
+    return [pytest.param(row, id=row.name) for row in rows]
 
 
-# Constructor defaults (torch.optim's for the five torch algorithms; CONTRACT.md's for Lion and LAMB), used to turn a
-# case's kwargs into the full hyperparameter set the reference functions take.
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "adam": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False, "maximize": False},
-    "adamw": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2, "amsgrad": False, "maximize": False},
-    "sgd": {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False},
-    "rmsprop": {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.0, "centered": False, "maximize": False},
-    "adagrad": {"lr": 1e-2, "lr_decay": 0.0, "weight_decay": 0.0, "initial_accumulator_value": 0.0, "eps": 1e-10,
-                    "maximize": False},
-    "lion": {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0, "maximize": False},
-    "lamb": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0, "bias_correction": True, "max_trust_ratio": None,
-                 "maximize": False},
-}
+# The interface tests/test_cuda_*.py import (keys: lower-case class names), derived from the table.
+ALGORITHMS: dict[str, list[Case]] = {row.name.lower(): list(row.cases) for row in ROWS}
 
-# Algorithms that torch.optim implements (compared against it directly); the others use a float64 oracle.
-TORCH_ALGORITHMS = ("adam", "adamw", "sgd", "rmsprop", "adagrad")
-ORACLE_ALGORITHMS = ("lion", "lamb")
+
+def _row_named(name: str) -> Algorithm:
+    return next(row for row in ROWS if row.name.lower() == name)
 
 
 def hyperparameters(algorithm: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The case's kwargs completed with the constructor defaults (unknown keys raise, to catch typos in tables)."""
-    defaults = DEFAULTS[algorithm]
-    unknown = set(kwargs) - set(defaults)
-    if unknown:
-        raise KeyError(f"unknown {algorithm} kwargs in case table: {sorted(unknown)}")
-    return {**defaults, **kwargs}
+    """The case's kwargs completed with the class's defaults."""
+    return _row_named(algorithm).group(kwargs)
 
 
 def state_names(algorithm: str, kwargs: dict[str, Any]) -> tuple[str, ...]:
-    """The state tensors torch.optim (and fusedopt) keep for this configuration, in torch.optim's names."""
-    hp = hyperparameters(algorithm, kwargs)
-    if algorithm in ("adam", "adamw"):
-        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if hp["amsgrad"] else ())
-    if algorithm == "sgd":
-        return ("momentum_buffer",) if hp["momentum"] != 0 else ()
-    if algorithm == "rmsprop":
-        return (("square_avg",) + (("momentum_buffer",) if hp["momentum"] > 0 else ())
-                + (("grad_avg",) if hp["centered"] else ()))
-    if algorithm == "adagrad":
-        return ("sum",)
-    if algorithm == "lion":
-        return ("exp_avg",)
-    if algorithm == "lamb":
-        return ("exp_avg", "exp_avg_sq")
-    raise KeyError(algorithm)
+    return _row_named(algorithm).state_names(kwargs)

@@ -1,6 +1,7 @@
 """Training loops run inside the ranks of tests/test_distributed.py (2 ranks, gloo, CPU), and their single-process
 counterparts. Each distributed scenario saves the full parameters after every run; the test compares them with a
-single-process run of torch.optim (or of fusedopt's reference backend for Lion and LAMB) on the same data."""
+single-process run of torch.optim (or of fusedopt's reference backend where torch.optim lacks the algorithm) on the
+same data."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ import fusedopt
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from cases import EXAMPLE, TABLE
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -46,24 +48,25 @@ def make_data(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(steps)]
 
 
-# name -> (fusedopt class, kwargs); `oracle_optimizer` picks the single-process counterpart
+# name -> (fusedopt class, kwargs): every class in the minimising case of its table that combines most modes, and the
+# example optimizer with clipping (CLIP) and without (EXAMPLE.name: what the scenarios that need one optimizer use).
+# `oracle_optimizer` picks the single-process counterpart.
+EXAMPLE_KWARGS = {"lr": 1e-2, "weight_decay": 0.1}
+CLIP = f"{EXAMPLE.name}-clip"
 OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
-    "adamw": (fusedopt.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
-    "adamw_clip": (fusedopt.AdamW, {"lr": 1e-2, "weight_decay": 0.1, "max_grad_norm": 0.5}),
-    "sgd": (fusedopt.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}),
-    "lion": (fusedopt.Lion, {"lr": 1e-3, "weight_decay": 0.1}),
-    "lamb": (fusedopt.LAMB, {"lr": 1e-2, "weight_decay": 0.01}),
+    **{row.name: (row.cls, dict(row.descent_cases()[-1].kwargs)) for row in TABLE.values() if row is not EXAMPLE},
+    EXAMPLE.name: (EXAMPLE.cls, EXAMPLE_KWARGS),
+    CLIP: (EXAMPLE.cls, {**EXAMPLE_KWARGS, "max_grad_norm": 0.5}),
 }
 
 
 def oracle_optimizer(name: str, params: Any) -> torch.optim.Optimizer:
-    """torch.optim where it has the algorithm; fusedopt's reference backend (torch formulas) for Lion and LAMB."""
+    """torch.optim where it has the algorithm; fusedopt's reference backend (torch formulas) otherwise."""
     cls, kwargs = OPTIMIZERS[name]
     kwargs = {k: v for k, v in kwargs.items() if k != "max_grad_norm"}
-    if cls is fusedopt.AdamW:
-        return torch.optim.AdamW(params, **kwargs)
-    if cls is fusedopt.SGD:
-        return torch.optim.SGD(params, **kwargs)
+    row = TABLE[cls]
+    if row.torch_cls is not None:
+        return row.torch_cls(params, **kwargs)
     return cls(params, backend="reference", **kwargs)
 
 
@@ -125,16 +128,16 @@ def run_ddp(rank: int, world: int, results: dict[str, Any]) -> None:
         train(model, cls(model.parameters(), **kwargs), data, rank, world)
         results[f"ddp/{name}"] = full_state(model)
     model = DistributedDataParallel(make_model(), gradient_as_bucket_view=True)
-    train(model, fusedopt.AdamW(model.parameters(), **OPTIMIZERS["adamw"][1]), data, rank, world)
-    results["ddp_bucket_view/adamw"] = full_state(model)
+    train(model, EXAMPLE.cls(model.parameters(), **EXAMPLE_KWARGS), data, rank, world)
+    results["ddp_bucket_view/example"] = full_state(model)
 
 
 def run_zero(rank: int, world: int, results: dict[str, Any]) -> None:
     data = make_data()
     model = DistributedDataParallel(make_model())
-    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=fusedopt.AdamW, **OPTIMIZERS["adamw"][1])
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=EXAMPLE.cls, **EXAMPLE_KWARGS)
     train(model, opt, data, rank, world)
-    results["zero/adamw"] = full_state(model)
+    results["zero/example"] = full_state(model)
     opt.consolidate_state_dict(to=0)
     if rank == 0:
         state = opt.state_dict()
@@ -148,17 +151,17 @@ def run_fsdp(rank: int, world: int, results: dict[str, Any]) -> None:
         opt = cls(model.parameters(), **kwargs)
         train(model, opt, data, rank, world)
         results[f"fsdp/{name}"] = full_state(model)
-        if name == "adamw_clip":
-            results["fsdp/adamw_clip/last_grad_norm"] = opt.last_grad_norm
-        if name == "adamw":  # states are DTensors placed like their parameters
+        if name == CLIP:
+            results["fsdp/clip/last_grad_norm"] = opt.last_grad_norm
+        if name == EXAMPLE.name:  # states are DTensors placed like their parameters
             state = opt.state[next(model.parameters())]
             results["fsdp/state_types"] = sorted({type(v).__name__ for v in state.values()})
-            results["fsdp/exp_avg"] = state["exp_avg"].full_tensor().clone()
+            results["fsdp/first_state"] = state[EXAMPLE.state_names(EXAMPLE_KWARGS)[0]].full_tensor().clone()
 
     # Mixed precision (bf16 compute, fp32 reduce): fusedopt and torch.optim under the same FSDP2 engine.
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for label, make_opt in (("fusedopt", lambda ps: fusedopt.AdamW(ps, **OPTIMIZERS["adamw_clip"][1])),
-                            ("torch", lambda ps: torch.optim.AdamW(ps, **OPTIMIZERS["adamw"][1]))):
+    for label, make_opt in (("fusedopt", lambda ps: EXAMPLE.cls(ps, **OPTIMIZERS[CLIP][1])),
+                            ("torch", lambda ps: oracle_optimizer(EXAMPLE.name, ps))):
         model = fsdp_model(policy)
         opt = make_opt(model.parameters())
         clip = None if label == "fusedopt" else (lambda m=model: torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5))
@@ -181,14 +184,15 @@ def run_fsdp(rank: int, world: int, results: dict[str, Any]) -> None:
 
 
 def run_checkpoint(rank: int, world: int, results: dict[str, Any], directory: str, phase: str) -> None:
-    """Train on `world` ranks with FSDP2 + fusedopt.AdamW, saving and loading with torch.distributed.checkpoint.
+    """Train on `world` ranks with FSDP2 + the example optimizer (clipping), saving and loading with
+    torch.distributed.checkpoint.
 
     phase "save2": steps 0-9, save, steps 10-19. phase "load1": load the 2-rank checkpoint, steps 10-14, save,
     steps 15-19. phase "load2": load the 1-rank checkpoint, steps 15-19.
     """
     data = make_data()
     model = fsdp_model(world=world)
-    opt = fusedopt.AdamW(model.parameters(), **OPTIMIZERS["adamw_clip"][1])
+    opt = EXAMPLE.cls(model.parameters(), **OPTIMIZERS[CLIP][1])
 
     def save(name: str) -> None:
         model_sd, optim_sd = get_state_dict(model, opt)

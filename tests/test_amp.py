@@ -7,6 +7,7 @@ import copy
 import fusedopt
 import pytest
 import torch
+from cases import EXAMPLE
 from tolerances import assert_close
 from torch import nn
 
@@ -47,8 +48,8 @@ def test_autocast_grad_scaler_matches_torch(dtype: torch.dtype, classic: bool) -
     twin = copy.deepcopy(model)
     # The reference backend is bitwise torch.optim, so the trajectories must agree exactly: this isolates GradScaler's
     # handling (unscale, inf checks, skipped steps, scale updates) from kernel rounding.
-    ours = fusedopt.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, backend="reference")
-    theirs = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    ours = EXAMPLE.cls(model.parameters(), lr=1e-2, weight_decay=0.1, backend="reference")
+    theirs = EXAMPLE.torch_optimizer(twin.parameters(), dict(lr=1e-2, weight_decay=0.1))
     scales_ours = train(model, ours, fusedopt.clip_grad_norm_, dtype, classic)
     scales_theirs = train(twin, theirs, torch.nn.utils.clip_grad_norm_, dtype, classic)
     assert scales_ours == scales_theirs
@@ -63,8 +64,8 @@ def test_autocast_grad_scaler_matches_torch(dtype: torch.dtype, classic: bool) -
 def test_autocast_grad_scaler_on_compiled_kernels(dtype: torch.dtype) -> None:
     model = make_model()
     twin = copy.deepcopy(model)
-    ours = fusedopt.AdamW(model.parameters(), lr=1e-2, backend="cpu", max_grad_norm=1.0)
-    theirs = torch.optim.AdamW(twin.parameters(), lr=1e-2, foreach=False)
+    ours = EXAMPLE.cls(model.parameters(), lr=1e-2, backend="cpu", max_grad_norm=1.0)
+    theirs = EXAMPLE.torch_optimizer(twin.parameters(), dict(lr=1e-2))
     scales_ours = train(model, ours, None, dtype, classic=False)
     scales_theirs = train(twin, theirs, torch.nn.utils.clip_grad_norm_, dtype, classic=True)
     assert scales_ours == scales_theirs  # the same steps were skipped

@@ -11,6 +11,7 @@ import fusedopt
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import EXAMPLE, Algorithm, params
 from test_dropin import TinyTransformer, flatten_all, make_data
 from tolerances import assert_close
 from torch import nn
@@ -20,15 +21,8 @@ COMPILED = "cpu" in fusedopt.build_info()["backends"]
 BACKEND = "cpu" if COMPILED else "reference"
 STEPS = 10
 
-# One case per algorithm, each in a mode with state (momentum, centered) so that state tensors are compared too.
-ALGORITHMS = {
-    "AdamW-clip": (fusedopt.AdamW, dict(lr=1e-3, weight_decay=0.1, max_grad_norm=1.0)),
-    "SGD-momentum": (fusedopt.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01)),
-    "RMSprop-centered": (fusedopt.RMSprop, dict(lr=1e-3, momentum=0.5, centered=True)),
-    "Adagrad": (fusedopt.Adagrad, dict(lr=1e-2, lr_decay=0.01)),
-    "Lion": (fusedopt.Lion, dict(lr=1e-4, weight_decay=0.1)),
-    "LAMB": (fusedopt.LAMB, dict(lr=1e-3, weight_decay=0.01)),
-}
+# Tensor hyperparameters and fusedopt's own options used by the tests below on the example optimizer.
+EXAMPLE_KWARGS = dict(lr=1e-3, weight_decay=0.1, max_grad_norm=1.0)
 
 
 @pytest.fixture(autouse=True)
@@ -56,9 +50,10 @@ def assert_same_state(ours_model: nn.Module, ours: torch.optim.Optimizer, twin: 
     assert torch.equal(mine, reference), f"{msg}: max difference {(mine - reference).abs().max().item()}"
 
 
-@pytest.mark.parametrize("name", list(ALGORITHMS))
-def test_explain_reports_no_graph_break_in_step(name: str) -> None:
-    cls, kwargs = ALGORITHMS[name]
+@pytest.mark.parametrize("row,case", params(cases=lambda row: [row.descent_cases()[-1]]))
+def test_explain_reports_no_graph_break_in_step(row: Algorithm, case) -> None:
+    """Every class, in the minimising case of its table that combines most modes (states compared too), clipping."""
+    cls, kwargs, name = row.cls, {**case.kwargs, "max_grad_norm": 1.0}, f"{row.name}-{case.id}"
     model = TinyTransformer()
     twin = copy.deepcopy(model)
     opt = cls(model.parameters(), backend=BACKEND, **kwargs)
@@ -105,12 +100,12 @@ def own_buffers(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 
 @pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
 def test_compiled_train_step_matches_eager(backend: str, own_buffers: list[bool]) -> None:
-    kwargs = dict(lr=1e-3, weight_decay=0.1, max_grad_norm=1.0)
+    kwargs = EXAMPLE_KWARGS
     model = TinyTransformer()
     twin, torch_model = copy.deepcopy(model), copy.deepcopy(model)
-    opt = fusedopt.AdamW(model.parameters(), backend=BACKEND, **kwargs)
-    eager = fusedopt.AdamW(twin.parameters(), backend=BACKEND, **kwargs)
-    reference = torch.optim.AdamW(torch_model.parameters(), lr=1e-3, weight_decay=0.1, foreach=False)
+    opt = EXAMPLE.cls(model.parameters(), backend=BACKEND, **kwargs)
+    eager = EXAMPLE.cls(twin.parameters(), backend=BACKEND, **kwargs)
+    reference = EXAMPLE.torch_optimizer(torch_model.parameters(), dict(lr=1e-3, weight_decay=0.1))
     counter = CompileCounterWithBackend(backend)
     compiled_step = torch.compile(make_train_step(model, opt), backend=counter)
     eager_step = make_train_step(twin, eager)
@@ -155,11 +150,11 @@ def test_compiled_step_matches_eager(lr_kind: str) -> None:
     """torch.compile(opt.step) (inductor) called every step, with gradients that break the aliasing on some steps
     (set_to_none) and a parameter without a gradient on some steps: bitwise eager's trajectory."""
     tensor_lr = lr_kind.startswith("tensor")
-    kwargs = dict(lr=torch.tensor(1e-3) if tensor_lr else 1e-3, weight_decay=0.1, max_grad_norm=1.0)
+    kwargs = dict(EXAMPLE_KWARGS, lr=torch.tensor(1e-3) if tensor_lr else 1e-3)
     model = TinyTransformer()
     twin = copy.deepcopy(model)
-    opt = fusedopt.AdamW(model.parameters(), backend=BACKEND, **kwargs)
-    eager = fusedopt.AdamW(twin.parameters(), backend=BACKEND, **{**kwargs, "lr": copy.deepcopy(kwargs["lr"])})
+    opt = EXAMPLE.cls(model.parameters(), backend=BACKEND, **kwargs)
+    eager = EXAMPLE.cls(twin.parameters(), backend=BACKEND, **{**kwargs, "lr": copy.deepcopy(kwargs["lr"])})
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (s + 1)) for o in (opt, eager)]
     counter = CompileCounterWithBackend("inductor")
     compiled_step = torch.compile(opt.step, backend=counter)  # the scheduler's wrapper around step, traced too
@@ -202,10 +197,10 @@ def test_grad_scaler_and_state_dict_through_the_op() -> None:
     """GradScaler's fused contract with opt.step compiled (aot_eager, which hands the op functionalized copies of the
     parameters): grad_scale and found_inf reach the op (unscale inside the step, skip on inf), and last_grad_norm,
     the scale and state_dict follow eager's."""
-    kwargs = dict(lr=1e-2, weight_decay=0.1, max_grad_norm=1.0)
+    kwargs = dict(EXAMPLE_KWARGS, lr=1e-2)
     model = TinyTransformer()
     twin = copy.deepcopy(model)
-    opt, eager = (fusedopt.AdamW(m.parameters(), backend=BACKEND, **kwargs) for m in (model, twin))
+    opt, eager = (EXAMPLE.cls(m.parameters(), backend=BACKEND, **kwargs) for m in (model, twin))
     counter = CompileCounterWithBackend("aot_eager")
     opt.step = torch.compile(opt.step, backend=counter)  # what GradScaler.step(opt) calls
     scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2) for _ in range(2)]
@@ -231,10 +226,10 @@ def test_grad_scaler_and_state_dict_through_the_op() -> None:
 
 def test_skip_nonfinite_through_the_op() -> None:
     """skip_nonfinite with opt.step compiled: a step whose gradients hold inf changes nothing and is counted."""
-    kwargs = dict(lr=1e-2, weight_decay=0.1, max_grad_norm=1.0, skip_nonfinite=True)
+    kwargs = dict(EXAMPLE_KWARGS, lr=1e-2, skip_nonfinite=True)
     model = TinyTransformer()
     twin = copy.deepcopy(model)
-    opt, eager = (fusedopt.AdamW(m.parameters(), backend=BACKEND, **kwargs) for m in (model, twin))
+    opt, eager = (EXAMPLE.cls(m.parameters(), backend=BACKEND, **kwargs) for m in (model, twin))
     compiled_step = torch.compile(opt.step, backend="aot_eager")
     for step, (x, y) in enumerate(make_data(6)):
         for m, o in ((model, opt), (twin, eager)):
@@ -255,8 +250,8 @@ def test_graph_writes_before_step_reach_the_op(backend: str) -> None:
     must see the written values even when functionalization defers the writes to the end of the graph."""
     model = nn.Linear(16, 8)
     twin = copy.deepcopy(model)
-    opt, eager = (fusedopt.AdamW(m.parameters(), lr=torch.tensor(1e-2), betas=(0.9, torch.tensor(0.99)),
-                                 backend=BACKEND) for m in (model, twin))
+    opt, eager = (EXAMPLE.cls(m.parameters(), lr=torch.tensor(1e-2), betas=(0.9, torch.tensor(0.99)),
+                              backend=BACKEND) for m in (model, twin))
 
     def rescale_and_step(o: torch.optim.Optimizer, lr: torch.Tensor) -> None:
         with torch.no_grad():
@@ -289,7 +284,7 @@ def test_parameters_read_after_step_in_the_same_graph(backend: str) -> None:
     parameters and the flat buffer the op writes (aliases of one storage), and the EMA must see the new values."""
     model = mlp()
     twin = copy.deepcopy(model)
-    opt, eager = (fusedopt.AdamW(m.parameters(), lr=1e-2, backend=BACKEND) for m in (model, twin))
+    opt, eager = (EXAMPLE.cls(m.parameters(), lr=1e-2, backend=BACKEND) for m in (model, twin))
     emas = [[p.detach().clone() for p in m.parameters()] for m in (model, twin)]
 
     def step_and_average(m: nn.Module, o: torch.optim.Optimizer, ema: list[torch.Tensor]) -> None:
@@ -318,7 +313,7 @@ def test_recompiled_graphs_that_clip_and_zero_the_gradient_views() -> None:
     compile nor change the trajectory."""
     model = mlp()
     twin = copy.deepcopy(model)
-    opt, eager = (fusedopt.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, backend=BACKEND) for m in (model, twin))
+    opt, eager = (EXAMPLE.cls(m.parameters(), lr=1e-2, weight_decay=0.1, backend=BACKEND) for m in (model, twin))
 
     def train_step(m: nn.Module, o: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, double: bool) -> None:
         o.zero_grad()

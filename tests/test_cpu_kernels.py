@@ -1,13 +1,14 @@
 """CPU kernels (fusedopt._kernels on fusedopt._C) against fusedopt.reference, step by step, through
 fusedopt.functional.update on both sides.
 
-Tables of cases per algorithm run over param/grad/state dtype x master weights x size x ISA (state dtype, size and
-ISA rotate through the cross product so every mode meets every param/grad/master combination, both state dtypes,
-several sizes and every ISA, within the time budget). Each test
-runs 10 steps with fresh random gradients and compares the parameters, master weights and every state tensor after
-every step; both sides then continue from the compiled result, so each step is checked from identical inputs.
-Also: segments whose step counts differ updated in one call, inactive segments left untouched, bitwise determinism
-across thread counts, LAMB segments, sum_of_squares, and argument checks at the boundary.
+The cases are those of tests/cases.py, turned into kernel fields by each class's spec, run over param/grad/state
+dtype x master weights x size x ISA x grad_scale (state dtype, size, ISA and grad_scale rotate through the cross
+product so every mode meets every param/grad/master combination, both state dtypes, several sizes and every ISA,
+within the time budget). Each test runs 10 steps from random (never zero) states with fresh random gradients and
+compares the parameters, master weights and every state tensor after every step; both sides then continue from the
+compiled result, so each step is checked from identical inputs. Also: segments whose step counts differ updated in
+one call, inactive segments and gaps left untouched, bitwise determinism across thread counts, sum_of_squares, and
+argument checks at the boundary.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import math
 import os
 import sys
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import torch
@@ -24,20 +26,14 @@ from fusedopt import _C, functional  # noqa: E402
 from fusedopt.flat import Segments  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-try:
-    from tolerances import assert_close  # noqa: E402
-except ImportError:  # pragma: no cover - tolerances.py is written by another engineer
-    _TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
-
-    def assert_close(actual, expected, dtype=None, msg=""):
-        rtol, atol = _TOL[dtype if dtype is not None else actual.dtype]
-        torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, equal_nan=True,
-                                   msg=lambda m: f"{msg}\n{m}")
+from cases import EXAMPLE, ROWS, Algorithm, row_params, warm_state  # noqa: E402
+from tolerances import assert_close, tolerance  # noqa: E402
 
 CHUNK = int(_C.build_info()["chunk_elements"])
 SIZES = [1, 15, 16, 17, 4097, CHUNK - 1, CHUNK, CHUNK + 1]
 ISAS = list(_C.supported_isas())
 STEPS = 10
+GRAD_SCALES = [1.0, 0.5, 2.0, 0.25, 3.0]  # case k of a table runs with GRAD_SCALES[k % 5] (AMP's unscale factor)
 
 F32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
 # (param dtype, grad dtype, master weights): grad = param dtype or fp32; master weights only for 16-bit params.
@@ -82,132 +78,40 @@ def _one_thread_by_default(request):
         torch.set_num_threads(torch_threads)
 
 
-def assert_lion_param_close(actual, expected, dtype, lr, msg):
-    """Lion moves each element by exactly +-lr: where lerp(m, g) is within an ulp of 0, a one-ulp difference between
-    two correct implementations flips sign(c). Allow such flips on at most 0.1% of elements, nowhere else."""
+def assert_sign_update_close(actual, expected, dtype, lr, msg):
+    """A sign update moves each element by exactly +-lr: where the signed quantity is within an ulp of 0, a one-ulp
+    difference between two correct implementations flips its sign. Allow such flips on at most 0.1% of elements,
+    nowhere else."""
     a, e = actual.double(), expected.double()
-    from tolerances import tolerance  # noqa: PLC0415
-
     tol = tolerance(dtype)
     bad = (a - e).abs() > tol["atol"] + tol["rtol"] * e.abs()
     assert int(bad.sum()) <= max(1, actual.numel() // 1000), f"{msg}: {int(bad.sum())} elements differ"
     assert bool(((a - e).abs()[bad] <= 2 * lr * (1 + 1e-3) + tol["atol"] + tol["rtol"] * e.abs()[bad]).all()), msg
 
 
-# --- case tables ---------------------------------------------------------------------------------------------------
-# Each algorithm: state names, how to initialise each state (random, never zero), per-step extra kwargs, and cases.
-
-def _pos(n, gen):  # second-moment-like states must be >= 0
-    return torch.rand(n, generator=gen, dtype=torch.float64).float() + 0.1
-
+# --- kernel cases --------------------------------------------------------------------------------------------------
 
 def _sym(n, gen):
     return torch.randn(n, generator=gen, dtype=torch.float64).float()
 
 
-ALGOS = {
-    "adam": dict(
-        states=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), init=(_sym, _pos, _pos),
-        base=dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
-                  decoupled=False),
-        cases=[
-            ("default", {}),
-            ("l2", dict(weight_decay=0.1)),
-            ("adamw", dict(weight_decay=0.1, decoupled=True)),
-            ("amsgrad", dict(amsgrad=True)),
-            ("amsgrad-adamw-maximize", dict(amsgrad=True, decoupled=True, weight_decay=0.05, maximize=True)),
-            ("maximize-scaled", dict(maximize=True, grad_scale=0.25)),
-            ("betas", dict(beta1=0.5, beta2=0.9, eps=1e-3)),
-        ],
-        needs=lambda kw: {"max_exp_avg_sq": kw["amsgrad"]},
-    ),
-    "sgd": dict(
-        states=("momentum_buffer",), init=(_sym,),
-        base=dict(lr=1e-2, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False),
-        cases=[
-            ("plain", {}),
-            ("weight-decay", dict(weight_decay=0.1)),
-            ("momentum", dict(momentum=0.9)),
-            ("dampening", dict(momentum=0.9, dampening=0.3)),
-            ("nesterov-wd", dict(momentum=0.9, nesterov=True, weight_decay=0.01)),
-            ("maximize-scaled", dict(momentum=0.5, maximize=True, grad_scale=2.0)),
-        ],
-        needs=lambda kw: {"momentum_buffer": kw["momentum"] != 0},
-    ),
-    "rmsprop": dict(
-        states=("square_avg", "momentum_buffer", "grad_avg"), init=(None, _sym, None),
-        base=dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False),
-        cases=[
-            ("default", {}),
-            ("weight-decay", dict(weight_decay=0.1)),
-            ("momentum", dict(momentum=0.9)),
-            ("centered", dict(centered=True)),
-            ("centered-momentum-maximize", dict(centered=True, momentum=0.5, maximize=True, alpha=0.9)),
-            ("scaled", dict(grad_scale=0.5, eps=1e-2)),
-        ],
-        needs=lambda kw: {"square_avg": True, "momentum_buffer": kw["momentum"] > 0, "grad_avg": kw["centered"]},
-    ),
-    "adagrad": dict(
-        states=("sum",), init=(_pos,),
-        base=dict(lr=1e-2, lr_decay=0.0, eps=1e-10, weight_decay=0.0, maximize=False),
-        cases=[
-            ("default", {}),
-            ("lr-decay", dict(lr_decay=0.1)),
-            ("weight-decay-maximize", dict(weight_decay=0.1, maximize=True)),
-            ("scaled", dict(grad_scale=3.0, eps=1e-3)),
-        ],
-        needs=lambda kw: {"sum": True},
-    ),
-    "lion": dict(
-        states=("exp_avg",), init=(_sym,),
-        base=dict(lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False),
-        cases=[
-            ("default", {}),
-            ("weight-decay", dict(weight_decay=0.5)),
-            ("maximize-betas", dict(maximize=True, beta1=0.5, beta2=0.9, grad_scale=0.5)),
-        ],
-        needs=lambda kw: {"exp_avg": True},
-    ),
-    "lamb": dict(
-        states=("exp_avg", "exp_avg_sq"), init=(_sym, _pos),
-        base=dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0, bias_correction=True,
-                  max_trust_ratio=None, maximize=False),
-        cases=[
-            ("default", {}),
-            ("weight-decay", dict(weight_decay=0.01)),
-            ("no-bias-correction", dict(bias_correction=False)),
-            ("max-trust-ratio", dict(max_trust_ratio=0.5, weight_decay=0.1)),
-            ("maximize-scaled", dict(maximize=True, grad_scale=0.5)),
-        ],
-        needs=lambda kw: {"exp_avg": True, "exp_avg_sq": True},
-    ),
-}
+def kernel_args(row: Algorithm, kwargs: dict[str, Any], grad_scale: float = 1.0) -> dict[str, Any]:
+    """lr, grad_scale and the kernel fields of a case (what functional.update takes besides the buffers)."""
+    return dict(row.hyper(kwargs), lr=row.group(kwargs)["lr"], grad_scale=grad_scale)
 
 
-def _init_states(algo, kw, n, dtype, gen):
-    spec = ALGOS[algo]
-    needs = spec["needs"](kw)
-    states = {}
-    for name, init in zip(spec["states"], spec["init"]):
-        if not needs.get(name, True):
-            states[name] = None
-            continue
-        if algo == "rmsprop" and name == "square_avg":
-            t = _pos(n, gen) + 1.0
-        elif algo == "rmsprop" and name == "grad_avg":
-            t = 0.1 * _sym(n, gen)
-        else:
-            t = init(n, gen)
-        states[name] = t.to(dtype)
-    return states
+def _init_states(row, kwargs, n, dtype, gen):
+    """Every state slot of the kernel: a random warm state where the configuration keeps one, else None."""
+    kept = set(row.state_names(kwargs))
+    return {s.name: warm_state(s.name, n, gen).to(dtype) if s.name in kept else None for s in row.cls.spec.states}
 
 
-def _call(backend, algo, param, grad, states, master, kw, segments):
-    """One step of `algo` through functional.update; kw holds lr, grad_scale and the math header's fields."""
+def _call(backend, row, param, grad, states, master, kw, segments):
+    """One step of the row's kernel through functional.update; kw holds lr, grad_scale and the kernel fields."""
     hyper = dict(kw)
     lr, grad_scale = hyper.pop("lr"), hyper.pop("grad_scale", 1.0)
-    s = [states[name] for name in ALGOS[algo]["states"]]
-    functional.update(algo, param, grad, s, master, segments, hyper=hyper, lr=lr, grad_scale=grad_scale,
+    s = [states[state.name] for state in row.cls.spec.states]
+    functional.update(row.kernel, param, grad, s, master, segments, hyper=hyper, lr=lr, grad_scale=grad_scale,
                       backend=backend)
 
 
@@ -219,36 +123,36 @@ def _table(segments, n):
     return table
 
 
-def run_and_compare(algo, case_kw, n, pdtype, gdtype, master, sdtype, seed, segments=None, steps=STEPS, msg=""):
-    spec = ALGOS[algo]
-    kw = dict(spec["base"], **case_kw)
+def run_and_compare(row, kw, n, pdtype, gdtype, master, sdtype, seed, segments=None, steps=STEPS, msg="",
+                    kwargs=None):
+    """`kw`: kernel_args of the case whose constructor kwargs are `kwargs` (which decide the states kept)."""
     gen = torch.Generator().manual_seed(seed)
     p32 = _sym(n, gen)
     param = p32.to(pdtype)
     master_t = p32.clone() if master else None
-    states = _init_states(algo, kw, n, sdtype, gen)
+    states = _init_states(row, kwargs, n, sdtype, gen)
     table, ref_table = _table(segments, n), _table(segments, n)
     for t in (table, ref_table):
         t.set_all_active(True)
 
     ref_param = (master_t if master else param).clone()
     ref_states = {k: (v.clone() if v is not None else None) for k, v in states.items()}
-    # LAMB with bf16 states: the kernel's update direction uses the stored (rounded) moments, the reference the
-    # unrounded ones, so parameters agree to bf16 precision only.
-    param_tol = BF16 if (algo == "lamb" and sdtype == BF16) else None
+    # Two-pass kernels with bf16 states: the kernel's update direction uses the stored (rounded) moments, the
+    # reference the unrounded ones, so parameters agree to bf16 precision only.
+    param_tol = BF16 if (row.two_pass and sdtype == BF16) else None
 
     for step in range(1, steps + 1):
         grad = (_sym(n, gen) * 0.5).to(gdtype)
-        _call("cpu", algo, param, grad, states, master_t, kw, table)
+        _call("cpu", row, param, grad, states, master_t, kw, table)
         ref_master = ref_param if master else None
         ref_target = param.clone() if master else ref_param
-        _call("reference", algo, ref_target, grad, ref_states, ref_master, kw, ref_table)
+        _call("reference", row, ref_target, grad, ref_states, ref_master, kw, ref_table)
         assert torch.equal(table.steps, ref_table.steps) and bool((table.steps == step).all()), "step counts"
 
         where = f"{msg} step {step}"
-        if algo == "lion":
-            assert_lion_param_close(master_t if master else param, ref_param, F32 if master else pdtype,
-                                    kw["lr"], msg=f"param {where}")
+        if row.sign_update:
+            assert_sign_update_close(master_t if master else param, ref_param, F32 if master else pdtype,
+                                     kw["lr"], msg=f"param {where}")
             ref_param.copy_(master_t if master else param)
         if master:
             assert_close(master_t, ref_param, param_tol or F32, msg=f"master {where}")
@@ -272,42 +176,46 @@ def run_and_compare(algo, case_kw, n, pdtype, gdtype, master, sdtype, seed, segm
 def _grid():
     rows = []
     i = 0
-    for algo, spec in ALGOS.items():
-        for case_id, case_kw in spec["cases"]:
+    for row in ROWS:
+        for k, case in enumerate(row.cases):
+            grad_scale = GRAD_SCALES[k % len(GRAD_SCALES)]
             for pd, gd, master in DTYPE_COMBOS:
                 sd = STATE_DTYPES[(i + i // len(DTYPE_COMBOS)) % len(STATE_DTYPES)]
                 size = SIZES[i % len(SIZES)]
                 isa = ISAS[i % len(ISAS)]
                 i += 1
-                name = f"{algo}-{case_id}-p{str(pd)[6:]}-g{str(gd)[6:]}-s{str(sd)[6:]}" \
+                name = f"{row.name}-{case.id}-p{str(pd)[6:]}-g{str(gd)[6:]}-s{str(sd)[6:]}" \
                        f"{'-master' if master else ''}-n{size}-{isa}"
-                rows.append(pytest.param(algo, case_kw, size, pd, gd, master, sd, isa, id=name))
+                rows.append(pytest.param(row, case, grad_scale, size, pd, gd, master, sd, isa, id=name))
     return rows
 
 
-@pytest.mark.parametrize("algo,case_kw,size,pdtype,gdtype,master,sdtype,isa", _grid())
-def test_kernel_matches_reference(algo, case_kw, size, pdtype, gdtype, master, sdtype, isa):
+@pytest.mark.parametrize("row,case,grad_scale,size,pdtype,gdtype,master,sdtype,isa", _grid())
+def test_kernel_matches_reference(row, case, grad_scale, size, pdtype, gdtype, master, sdtype, isa):
     with cpu_isa(isa):
-        run_and_compare(algo, case_kw, size, pdtype, gdtype, master, sdtype, seed=hash((algo, size)) % 1000,
-                        msg=f"{algo} {case_kw} {isa}")
+        run_and_compare(row, kernel_args(row, case.kwargs, grad_scale), size, pdtype, gdtype, master, sdtype,
+                        seed=hash((row.name, size)) % 1000, msg=f"{row.name} {case.id} x{grad_scale} {isa}",
+                        kwargs=case.kwargs)
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("size", SIZES + [3 * CHUNK + 5])
-@pytest.mark.parametrize("algo", list(ALGOS))
-def test_every_size_and_isa_fp32_and_bf16_master(algo, size, isa):
-    """Every size x every ISA for each algorithm's richest case.
+@pytest.mark.parametrize("row", row_params())
+def test_every_size_and_isa_fp32_and_bf16_master(row, size, isa):
+    """Every size x every ISA for each class's richest case.
 
     fp32, and bf16 params with fp32 master weights and bf16 grads.
     """
-    case_kw = ALGOS[algo]["cases"][-1][1]
+    kwargs = row.richest_case().kwargs
+    kw = kernel_args(row, kwargs)
     with cpu_isa(isa):
-        run_and_compare(algo, case_kw, size, F32, F32, False, F32, seed=size, steps=3, msg=f"{algo} fp32 {isa}")
-        run_and_compare(algo, case_kw, size, BF16, BF16, True, F32, seed=size + 1, steps=3,
-                        msg=f"{algo} bf16+master {isa}")
+        run_and_compare(row, kw, size, F32, F32, False, F32, seed=size, steps=3, msg=f"{row.name} fp32 {isa}",
+                        kwargs=kwargs)
+        run_and_compare(row, kw, size, BF16, BF16, True, F32, seed=size + 1, steps=3,
+                        msg=f"{row.name} bf16+master {isa}", kwargs=kwargs)
 
 
-# --- LAMB segments -------------------------------------------------------------------------------------------------
+# --- segments ------------------------------------------------------------------------------------------------------
 
 def _segments(sizes, gap=16):
     offsets, numels, off = [], [], 0
@@ -318,15 +226,33 @@ def _segments(sizes, gap=16):
     return torch.tensor(offsets, dtype=torch.int64), torch.tensor(numels, dtype=torch.int64), off
 
 
-@pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("pdtype,gdtype,master,sdtype", [(F32, F32, False, F32), (BF16, F32, True, F32),
-                                                         (FP16, FP16, False, BF16), (F32, F32, False, BF16)])
-def test_lamb_segments(isa, pdtype, gdtype, master, sdtype):
+SEGMENT_DTYPES = [(F32, F32, False, F32), (BF16, F32, True, F32), (FP16, FP16, False, BF16), (F32, F32, False, BF16)]
+
+
+def _segment_grid():
+    """Two-pass kernels (per-segment reductions, where the layout matters most) over every ISA x dtype combination;
+    the others over every ISA, the dtype combinations rotating."""
+    out, k = [], 0
+    for row in ROWS:
+        for isa in ISAS:
+            combos = SEGMENT_DTYPES if row.two_pass else [SEGMENT_DTYPES[k % len(SEGMENT_DTYPES)]]
+            k += not row.two_pass
+            for pd, gd, master, sd in combos:
+                name = f"{row.name}-p{str(pd)[6:]}-g{str(gd)[6:]}-s{str(sd)[6:]}{'-master' if master else ''}-{isa}"
+                out.append(pytest.param(row, isa, pd, gd, master, sd, id=name))
+    return out
+
+
+@pytest.mark.parametrize("row,isa,pdtype,gdtype,master,sdtype", _segment_grid())
+def test_segments_and_gaps(row, isa, pdtype, gdtype, master, sdtype):
+    """Many segments of one buffer (per-segment quantities such as trust ratios come from each segment alone), with
+    gaps between them that no segment covers and no kernel may touch."""
     offsets, numels, n = _segments([1, 17, CHUNK + 3, 4097, 0, 2 * CHUNK, 15, CHUNK - 1])
-    kw = dict(weight_decay=0.01, max_trust_ratio=10.0)
+    kwargs = row.richest_case().kwargs
     with cpu_isa(isa):
-        param, master_t, states = run_and_compare("lamb", kw, n, pdtype, gdtype, master, sdtype, seed=7,
-                                                  segments=(offsets, numels), msg=f"lamb segments {isa}")
+        param, master_t, states = run_and_compare(row, kernel_args(row, kwargs, 0.5), n, pdtype, gdtype, master,
+                                                  sdtype, seed=7, segments=(offsets, numels),
+                                                  msg=f"{row.name} segments {isa}", kwargs=kwargs)
     # Elements in the gaps were never touched (re-create the initial parameter values to check).
     gen = torch.Generator().manual_seed(7)
     p0 = _sym(n, gen).to(pdtype)
@@ -338,33 +264,34 @@ def test_lamb_segments(isa, pdtype, gdtype, master, sdtype):
 
 def test_rejects_bad_segments():
     n = 100
-    p, g, m, v = (torch.randn(n) for _ in range(4))
-    hyper = dict(beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0, bias_correction=True, max_trust_ratio=None,
-                 maximize=False)
+    p, g = torch.randn(n), torch.randn(n)
+    states = [torch.rand(n) + 0.1 for _ in EXAMPLE.state_names({})]
     before = p.clone()
     for offs, nums in [([90], [20]), ([-1], [5]), ([10, 5], [10, 10]), ([0, 5], [10, 10])]:
         table = Segments(offs, nums, torch.device("cpu"))
         table.set_all_active(True)
         with pytest.raises(ValueError, match="segment"):
-            functional.update("lamb", p, g, [m, v], None, table, hyper=hyper, lr=1e-3, backend="cpu")
+            functional.update(EXAMPLE.kernel, p, g, states, None, table, hyper=EXAMPLE.hyper({}), lr=1e-3,
+                              backend="cpu")
         assert table.steps.tolist() == [0.0] * len(offs), "a rejected call counted a step"
     assert torch.equal(p, before)
 
 
 # --- per-segment steps and active flags ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("algo", list(ALGOS))
-def test_segments_with_different_steps_in_one_call(algo):
+@pytest.mark.parametrize("row", row_params())
+def test_segments_with_different_steps_in_one_call(row):
     """Parameters whose step counts differ (frozen then unfrozen, added later, experts without tokens) are updated in
     one call, each with its own bias corrections; inactive ones are neither read nor written and keep their step."""
     sizes = [5, CHUNK + 3, 40, 7, 2 * CHUNK, 33]
     table = Segments.packed(sizes)
     ref_table = Segments.packed(sizes)
     n = table.total
-    kw = dict(ALGOS[algo]["base"], **ALGOS[algo]["cases"][-1][1])
+    kwargs = row.richest_case().kwargs
+    kw = kernel_args(row, kwargs)
     gen = torch.Generator().manual_seed(17)
     param = _sym(n, gen)
-    states = _init_states(algo, kw, n, F32, gen)
+    states = _init_states(row, kwargs, n, F32, gen)
     ref_param = param.clone()
     ref_states = {k: (v.clone() if v is not None else None) for k, v in states.items()}
     # Different histories: segment k has taken k steps before this test's steps start.
@@ -378,7 +305,7 @@ def test_segments_with_different_steps_in_one_call(algo):
         grad = _sym(n, gen) * 0.5
         before = param.clone()
         before_states = {k: (v.clone() if v is not None else None) for k, v in states.items()}
-        _call("cpu", algo, param, grad, states, None, kw, table)
+        _call("cpu", row, param, grad, states, None, kw, table)
         # The reference side, one segment at a time with its own step (the oracle of per-segment coefficients).
         for k, (off, num) in enumerate(zip(table.offsets.tolist(), sizes)):
             if not active[k]:
@@ -387,7 +314,7 @@ def test_segments_with_different_steps_in_one_call(algo):
             one.set_all_active(True)
             one.steps.fill_(ref_table.steps[k])
             r = slice(off, off + num)
-            _call("reference", algo, ref_param[r], grad[r],
+            _call("reference", row, ref_param[r], grad[r],
                   {name: (v[r] if v is not None else None) for name, v in ref_states.items()}, None, kw, one)
             ref_table.steps[k] = one.steps[0]
         assert torch.equal(table.steps, ref_table.steps), (table.steps, ref_table.steps)
@@ -398,8 +325,11 @@ def test_segments_with_different_steps_in_one_call(algo):
                 for name, v in states.items():
                     if v is not None:
                         assert torch.equal(v[r], before_states[name][r]), f"inactive {name} {k} was written"
-            elif algo != "lion":
-                assert_close(param[r], ref_param[r], F32, msg=f"{algo} segment {k} step {step}")
+            elif row.sign_update:
+                assert_sign_update_close(param[r], ref_param[r], F32, kw["lr"],
+                                         msg=f"{row.name} segment {k} step {step}")
+            else:
+                assert_close(param[r], ref_param[r], F32, msg=f"{row.name} segment {k} step {step}")
         ref_param.copy_(param)
         for name, v in states.items():
             if v is not None:
@@ -408,28 +338,31 @@ def test_segments_with_different_steps_in_one_call(algo):
 
 def test_master_weights_are_for_16_bit_parameters():
     table = Segments.packed([8])
-    p, g, m, v = (torch.randn(table.total) for _ in range(4))
-    hyper = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled=False)
+    p, g = torch.randn(table.total), torch.randn(table.total)
+    states = [torch.rand(table.total) + 0.1 for _ in EXAMPLE.state_names({})]
     with pytest.raises(ValueError, match="master"):
-        functional.update("adam", p, g, [m, v, None], p.clone(), table, hyper=hyper, lr=1e-3, backend="cpu")
+        functional.update(EXAMPLE.kernel, p, g, states, p.clone(), table, hyper=EXAMPLE.hyper({}), lr=1e-3,
+                          backend="cpu")
     assert table.steps.tolist() == [0.0]
 
 
 # --- determinism ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("algo", list(ALGOS))
-def test_bitwise_identical_for_1_and_2_threads(algo):
+@pytest.mark.parametrize("layout", ["one-segment", "segments"])
+@pytest.mark.parametrize("row", row_params())
+def test_bitwise_identical_for_1_and_2_threads(row, layout):
     n = 3 * CHUNK + 7
-    case_kw = ALGOS[algo]["cases"][-1][1]
+    kwargs = row.richest_case().kwargs
     segments = None
-    if algo == "lamb":
+    if layout == "segments":
         offsets, numels, n = _segments([CHUNK + 3, 5, 2 * CHUNK + 1, 100])
         segments = (offsets, numels)
     results = []
     for threads in (1, 2, 1):
         with num_threads(threads):
-            results.append(run_and_compare(algo, case_kw, n, BF16, F32, True, F32, seed=3, segments=segments,
-                                           steps=3, msg=f"{algo} threads={threads}"))
+            results.append(run_and_compare(row, kernel_args(row, kwargs), n, BF16, F32, True, F32, seed=3,
+                                           segments=segments, steps=3, msg=f"{row.name} threads={threads}",
+                                           kwargs=kwargs))
     for other in results[1:]:
         for a, b in zip(results[0][:2], other[:2]):
             assert torch.equal(a, b)
@@ -471,68 +404,87 @@ def test_sum_of_squares(dtype, isa):
 
 # --- boundary checks -----------------------------------------------------------------------------------------------
 
-def _raw_adam(ptrs, n, codes, table, hyper_values, lr=1e-3):
-    s0, s1, s2 = ptrs[2], ptrs[3], 0
-    return _C.adam(ptrs[0], ptrs[1], s0, s1, s2, 0, n, *codes, table.offsets.data_ptr(), table.numels.data_ptr(),
-                   table.steps.data_ptr(), table.active.data_ptr(), len(table), hyper_values, lr, 1.0, 3, 0, 0)
-
-
-def test_c_boundary_rejects_bad_arguments():
+@pytest.mark.parametrize("row", row_params())
+def test_c_boundary_rejects_bad_arguments(row):
+    """The compiled entry point of every kernel, called directly: bad codes, counts and pointers are refused and the
+    call changes nothing (in the richest case, so that every state slot the kernel has is checked)."""
+    kwargs = row.richest_case().kwargs
     table = Segments.packed([64])
     n = table.total
-    p, g, m, v = (torch.randn(n) for _ in range(4))
-    ptrs = [t.data_ptr() for t in (p, g, m, v)]
-    hyper = [0.9, 0.999, 1e-8, 0.0, 0.0, 0.0, 0.0]
+    p, g = torch.randn(n), torch.randn(n)
+    states = {s.name: torch.rand(n) + 0.1 for s in row.kept_states(kwargs)}
+    values = _kernels.hyper_values(row.kernel, row.hyper(kwargs))
+    kernel = getattr(_C, row.kernel)
+
+    def raw(n=n, codes=(0, 0, 0), values=values, null=None):
+        slots = [states[s.name].data_ptr() if s.name in states and s.name != null else 0
+                 for s in row.cls.spec.states]
+        slots += [0] * (3 - len(slots))
+        return kernel(p.data_ptr(), g.data_ptr(), *slots, 0, n, *codes, table.offsets.data_ptr(),
+                      table.numels.data_ptr(), table.steps.data_ptr(), table.active.data_ptr(), len(table), values,
+                      1e-3, 1.0, 3, 0, 0)
+
     before = p.clone()
     with pytest.raises(ValueError, match="dtype code"):
-        _raw_adam(ptrs, n, (7, 0, 0), table, hyper)
+        raw(codes=(7, 0, 0))
     with pytest.raises(ValueError, match="grad dtype"):
-        _raw_adam(ptrs, n, (1, 2, 0), table, hyper)
+        raw(codes=(1, 2, 0))
     with pytest.raises(ValueError, match="state dtype"):
-        _raw_adam(ptrs, n, (0, 0, 2), table, hyper)
+        raw(codes=(0, 0, 2))
     with pytest.raises(ValueError, match="element count"):
-        _raw_adam(ptrs, -1, (0, 0, 0), table, hyper)
-    with pytest.raises(ValueError, match="exp_avg_sq pointer is null"):
-        _raw_adam(ptrs[:3] + [0], n, (0, 0, 0), table, hyper)
-    with pytest.raises(ValueError, match="max_exp_avg_sq pointer is null"):
-        _raw_adam(ptrs, n, (0, 0, 0), table, hyper[:4] + [1.0, 0.0, 0.0])
+        raw(n=-1)
+    for name in states:
+        with pytest.raises(ValueError, match=f"{name} pointer is null"):
+            raw(null=name)
     with pytest.raises(ValueError, match="hyperparameter count"):
-        _raw_adam(ptrs, n, (0, 0, 0), table, hyper[:6])
+        raw(values=values[:-1])
     with pytest.raises(ValueError, match="outside the buffer"):
-        _raw_adam(ptrs, n - 1, (0, 0, 0), table, hyper)
-    with pytest.raises(ValueError, match="dtype code"):
-        _C.sum_of_squares(p.data_ptr(), n, 3)
-    with pytest.raises(ValueError, match="threads"):
-        _C.set_num_threads(0)
+        raw(n=n - 1)
     assert torch.equal(p, before)
     assert table.steps.tolist() == [0.0], "a rejected call counted a step"
+
+
+def test_c_boundary_rejects_bad_global_arguments():
+    p = torch.randn(64)
+    with pytest.raises(ValueError, match="dtype code"):
+        _C.sum_of_squares(p.data_ptr(), p.numel(), 3)
+    with pytest.raises(ValueError, match="threads"):
+        _C.set_num_threads(0)
 
 
 def test_python_validation_names_the_argument():
     table = Segments.packed([32])
     n = table.total
-    p, g, m, v = (torch.randn(n) for _ in range(4))
-    hyper = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled=False)
+    p, g = torch.randn(n), torch.randn(n)
+    m, v = (torch.rand(n) + 0.1 for _ in range(2))
+    # The example's default configuration keeps two states; a later slot is kept only in some configurations.
+    names = EXAMPLE.state_names({})
+    slots = [s.name for s in EXAMPLE.cls.spec.states]
+    conditional = next(name for name in slots if name not in names)
+    keeps_it = next(c.kwargs for c in EXAMPLE.cases if conditional in EXAMPLE.state_names(c.kwargs))
+    hyper = EXAMPLE.hyper({})
 
-    def adam(param, grad, states, **kw):
-        functional.update("adam", param, grad, states, None, table, hyper=dict(hyper, **kw), lr=1e-3, backend="cpu")
+    def update(param, grad, states, hyper=hyper):
+        states = list(states) + [None] * (len(slots) - len(states))
+        functional.update(EXAMPLE.kernel, param, grad, states, None, table, hyper=hyper, lr=1e-3, backend="cpu")
 
-    with pytest.raises(ValueError, match="exp_avg_sq: numel"):
-        adam(p, g, [m, torch.randn(n + 1), None])
+    with pytest.raises(ValueError, match=f"{names[1]}: numel"):
+        update(p, g, [m, torch.randn(n + 1)])
     with pytest.raises(TypeError, match="grad dtype"):
-        adam(p.bfloat16(), g.half(), [m, v, None])
-    with pytest.raises(TypeError, match="exp_avg_sq dtype"):
-        adam(p, g, [m, v.bfloat16(), None])
+        update(p.bfloat16(), g.half(), [m, v])
+    with pytest.raises(TypeError, match=f"{names[1]} dtype"):
+        update(p, g, [m, v.bfloat16()])
     with pytest.raises(ValueError, match="not contiguous"):
-        adam(torch.randn(2 * n)[::2], g, [m, v, None])
+        update(torch.randn(2 * n)[::2], g, [m, v])
     with pytest.raises(ValueError, match="1-D"):
-        adam(p.view(n // 8, 8), g, [m, v, None])
-    with pytest.raises(ValueError, match="max_exp_avg_sq"):
-        adam(p, g, [m, v, None], amsgrad=True)
+        update(p.view(n // 8, 8), g, [m, v])
+    with pytest.raises(ValueError, match=conditional):
+        update(p, g, [m, v], hyper=EXAMPLE.hyper(keeps_it))
     with pytest.raises(ValueError, match="missing"):
-        functional.update("adam", p, g, [m, v, None], None, table, hyper={"beta1": 0.9}, lr=1e-3, backend="cpu")
+        first = next(iter(hyper))
+        update(p, g, [m, v], hyper={first: hyper[first]})
     with pytest.raises(ValueError, match="share memory"):
-        adam(p, g, [m, m, None])
+        update(p, g, [m, m])
     with pytest.raises(ValueError, match="algorithm"):
         functional.update("bogus", p, g, [m, v, None], None, table, hyper=hyper, lr=1e-3, backend="cpu")
     assert table.steps.tolist() == [0.0]
@@ -542,19 +494,21 @@ def test_tensor_hyperparameters_and_empty_buffers():
     table, ref_table = Segments.packed([50]), Segments.packed([50])
     n = table.total
     gen = torch.Generator().manual_seed(5)
-    p, g, m, v = (_sym(n, gen) for _ in range(4))
-    v = v.abs()
-    P, M, V = p.clone(), m.clone(), v.clone()
-    hyper = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled=False)
-    functional.update("adam", p, g, [m, v, None], None, table, hyper=hyper, lr=torch.tensor(1e-2),
+    p, g = _sym(n, gen), _sym(n, gen)
+    names = EXAMPLE.state_names({})
+    states = [warm_state(name, n, gen) if name in names else None for name in
+              (s.name for s in EXAMPLE.cls.spec.states)]
+    P, ref_states = p.clone(), [None if t is None else t.clone() for t in states]
+    hyper = EXAMPLE.hyper({})
+    functional.update(EXAMPLE.kernel, p, g, states, None, table, hyper=hyper, lr=torch.tensor(1e-2),
                       grad_scale=torch.tensor(0.5), backend="cpu")
-    functional.update("adam", P, g, [M, V, None], None, ref_table, hyper=hyper, lr=1e-2, grad_scale=0.5,
+    functional.update(EXAMPLE.kernel, P, g, ref_states, None, ref_table, hyper=hyper, lr=1e-2, grad_scale=0.5,
                       backend="reference")
     assert_close(p, P, F32)
     e = torch.empty(0)
     empty = Segments.packed([0])
-    functional.update("adam", e, e.clone(), [e.clone(), e.clone(), None], None, empty, hyper=hyper, lr=1e-2,
-                      backend="cpu")
+    functional.update(EXAMPLE.kernel, e, e.clone(), [None if t is None else e.clone() for t in states], None, empty,
+                      hyper=hyper, lr=1e-2, backend="cpu")
     assert empty.steps.tolist() == [1.0]
     assert _kernels.sum_of_squares(e) == (0.0, False)
 

@@ -15,6 +15,7 @@ from typing import Any
 import fusedopt
 import pytest
 import torch
+from cases import EXAMPLE, ROWS
 from tolerances import assert_close
 
 COMPILED = "cpu" in fusedopt.build_info()["backends"]
@@ -29,16 +30,28 @@ SCALE = 2.0**10
 AMP_SKIPS = {0, 5, 12}  # GradScaler found inf on these steps (a first step too: AMP often skips those)
 INF_GRADS = {8, 15}  # a gradient holds inf on these steps (only with skip_nonfinite)
 
-CASES: dict[str, tuple[type, dict[str, Any]]] = {
-    "AdamW-clip-skip": (fusedopt.AdamW, dict(lr=1e-2, weight_decay=0.1, max_grad_norm=1.0, skip_nonfinite=True)),
-    "Adam-amsgrad": (fusedopt.Adam, dict(lr=1e-2, amsgrad=True, weight_decay=0.01)),
-    "SGD-nesterov-clip": (fusedopt.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True, max_grad_norm=0.5)),
-    "SGD-dampening": (fusedopt.SGD, dict(lr=1e-2, momentum=0.9, dampening=0.3, skip_nonfinite=True)),
-    "RMSprop-centered": (fusedopt.RMSprop, dict(lr=1e-3, momentum=0.5, centered=True, max_grad_norm=1.0)),
-    "Adagrad": (fusedopt.Adagrad, dict(lr=1e-2, lr_decay=0.01, skip_nonfinite=True)),
-    "Lion": (fusedopt.Lion, dict(lr=1e-3, weight_decay=0.1, max_grad_norm=1.0)),
-    "LAMB": (fusedopt.LAMB, dict(lr=1e-2, weight_decay=0.01, max_grad_norm=1.0, skip_nonfinite=True)),
+# fusedopt's step-deciding options: AMP alone, clipping, skip_nonfinite (which also feeds inf gradients), both.
+OPTIONS: dict[str, dict[str, Any]] = {
+    "amp": {},
+    "clip": dict(max_grad_norm=0.5),
+    "skip": dict(skip_nonfinite=True),
+    "clip-skip": dict(max_grad_norm=1.0, skip_nonfinite=True),
 }
+
+
+def _cases() -> dict[str, tuple[type, dict[str, Any]]]:
+    """Two configurations per class: the case of its table that keeps the most states and its first case, the option
+    sets rotating through the rows so that every class meets two of them and every option set several classes."""
+    names = list(OPTIONS)
+    out: dict[str, tuple[type, dict[str, Any]]] = {}
+    for i, row in enumerate(ROWS):
+        for j, case in enumerate((row.richest_case(), row.cases[0])):
+            option = names[(i + 2 * j) % len(names)]
+            out[f"{row.name}-{case.id}-{option}"] = (row.cls, {**case.kwargs, **OPTIONS[option]})
+    return out
+
+
+CASES = _cases()
 
 SHAPES = [(7, 5), (33,), (4, 4, 3), (1,), (65,), (16, 9)]
 
@@ -132,11 +145,12 @@ def test_device_decisions_match_host_decisions(case: str, backend: str) -> None:
 def test_parameters_with_different_skipped_steps_get_their_own_step_counts() -> None:
     """p0 takes part in a step the device skips and p1 does not; p1 then takes a step alone. Both have tried two
     steps but only p1 has taken two, so the next step must not hand them to one kernel call with one step count
-    (Adam's bias correction would be wrong for one of them)."""
+    (a bias correction would be wrong for one of them)."""
+    tracking = next(row for row in ROWS if row.cls.spec.tracks_step and row.torch_cls is not None)
     results = []
     for on_device in (False, True):
         params = [torch.randn(9, generator=torch.Generator().manual_seed(k)).requires_grad_() for k in range(2)]
-        opt = fusedopt.Adam(params, lr=0.1, backend=BACKENDS[0])
+        opt = tracking.cls(params, lr=0.1, backend=BACKENDS[0])
         opt._device_decisions = on_device
         for grads, found_inf in [((1, 1), 0.0), ((1, 0), 1.0), ((0, 1), 0.0), ((1, 1), 0.0)]:
             for p, given in zip(params, grads):
@@ -152,7 +166,7 @@ def test_parameters_with_different_skipped_steps_get_their_own_step_counts() -> 
 def test_loaded_step_counts_key_the_device_step() -> None:
     """A checkpoint's step counts (taken on the host) are what the next device-decided step continues from."""
     params = make_params()
-    saved = fusedopt.AdamW(params, lr=1e-2, backend=BACKENDS[0])
+    saved = EXAMPLE.cls(params, lr=1e-2, backend=BACKENDS[0])
     for step in range(3):
         feed(params, saved, step, inf_grads=False)
         saved.step()
@@ -161,8 +175,8 @@ def test_loaded_step_counts_key_the_device_step() -> None:
         with torch.no_grad():
             for p, q in zip(twin, params):
                 p.copy_(q)
-    host = fusedopt.AdamW(twin_host, lr=1e-2, backend=BACKENDS[0])
-    device = fusedopt.AdamW(twin_device, lr=1e-2, backend=BACKENDS[0])
+    host = EXAMPLE.cls(twin_host, lr=1e-2, backend=BACKENDS[0])
+    device = EXAMPLE.cls(twin_device, lr=1e-2, backend=BACKENDS[0])
     device._device_decisions = True
     for opt, twin in ((host, twin_host), (device, twin_device)):
         opt.load_state_dict(saved.state_dict())

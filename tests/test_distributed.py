@@ -1,6 +1,6 @@
 """fusedopt inside torch.distributed's engines: DDP, FSDP2 (DTensor shards), ZeroRedundancyOptimizer and
 torch.distributed.checkpoint, each run on 2 CPU ranks (gloo) and compared with a single-process run of
-torch.optim on the same model and data (fusedopt's reference backend for Lion and LAMB, which torch lacks)."""
+torch.optim on the same model and data (fusedopt's reference backend for the algorithms torch lacks)."""
 from __future__ import annotations
 
 import os
@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from distributed_workers import OPTIMIZERS, single_process_run, worker
+from cases import EXAMPLE
+from distributed_workers import CLIP, OPTIMIZERS, single_process_run, worker
 from tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -58,30 +59,30 @@ def test_ddp_matches_single_process(distributed_results: dict[str, Any], oracles
 
 
 def test_ddp_gradient_as_bucket_view(distributed_results: dict[str, Any], oracles: dict[str, Any]) -> None:
-    assert_same_model(distributed_results["ddp_bucket_view/adamw"], oracles["adamw"], "fp32_trajectory")
+    assert_same_model(distributed_results["ddp_bucket_view/example"], oracles[EXAMPLE.name], "fp32_trajectory")
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_fsdp2_matches_single_process(distributed_results: dict[str, Any], oracles: dict[str, Any], name: str) -> None:
-    # LAMB: the trust ratio of each parameter comes from the norms of the whole parameter (all-reduced between the
-    # kernel's two passes); norms of the uneven shards (17 and 16 rows) would give a different trajectory.
+    # Trust ratios: each parameter's comes from the norms of the whole parameter (all-reduced between the kernel's two
+    # passes); norms of the uneven shards (17 and 16 rows) would give a different trajectory.
     assert_same_model(distributed_results[f"fsdp/{name}"], oracles[name], "fp32_trajectory")
 
 
 def test_fsdp2_states_are_dtensors(distributed_results: dict[str, Any]) -> None:
-    assert distributed_results["fsdp/state_types"] == ["DTensor", "Tensor"]  # exp_avg(_sq) sharded, step plain
-    assert torch.isfinite(distributed_results["fsdp/exp_avg"]).all()
-    assert distributed_results["fsdp/exp_avg"].abs().sum() > 0
+    assert distributed_results["fsdp/state_types"] == ["DTensor", "Tensor"]  # states sharded, step plain
+    assert torch.isfinite(distributed_results["fsdp/first_state"]).all()
+    assert distributed_results["fsdp/first_state"].abs().sum() > 0
 
 
 def test_fsdp2_max_grad_norm_is_global(distributed_results: dict[str, Any]) -> None:
-    # The clipping case only matches the single-process clip_grad_norm_ + AdamW run if the norm is global; check
-    # that clipping was active at the end of training (norm above max_grad_norm=0.5).
-    assert distributed_results["fsdp/adamw_clip/last_grad_norm"] > OPTIMIZERS["adamw_clip"][1]["max_grad_norm"]
+    # The clipping case only matches the single-process clip_grad_norm_ + torch.optim run if the norm is global;
+    # check that clipping was active at the end of training (norm above max_grad_norm=0.5).
+    assert distributed_results["fsdp/clip/last_grad_norm"] > OPTIMIZERS[CLIP][1]["max_grad_norm"]
 
 
 def test_fsdp2_mixed_precision(distributed_results: dict[str, Any]) -> None:
-    """bf16 parameters for compute, fp32 reduction: fusedopt.AdamW(max_grad_norm) follows torch.optim.AdamW +
+    """bf16 parameters for compute, fp32 reduction: the example optimizer with max_grad_norm follows torch.optim's +
     clip_grad_norm_ under the same FSDP2 policy (fp32 shards, fp32 gradients)."""
     assert_same_model(distributed_results["fsdp_bf16/fusedopt"], distributed_results["fsdp_bf16/torch"],
                       "fp32_trajectory")
@@ -96,7 +97,7 @@ def test_clip_grad_norm_on_dtensors(distributed_results: dict[str, Any]) -> None
 
 
 def test_zero_redundancy_optimizer(distributed_results: dict[str, Any], oracles: dict[str, Any]) -> None:
-    assert_same_model(distributed_results["zero/adamw"], oracles["adamw"], "fp32_trajectory")
+    assert_same_model(distributed_results["zero/example"], oracles[EXAMPLE.name], "fp32_trajectory")
     assert distributed_results["zero/state_steps"] == [20.0]
 
 
@@ -108,7 +109,7 @@ def test_checkpoint_reshards_between_rank_counts(oracles: dict[str, Any]) -> Non
         loaded1 = spawn(["checkpoint:load1"], 1, out_dir)[0]
         loaded2 = spawn(["checkpoint:load2"], 2, out_dir)[0]
     assert loaded1["load1/step"] == 10.0
-    expected = oracles["adamw_clip"]
+    expected = oracles[CLIP]
     assert_same_model(saved2["checkpoint/save2"], expected, "fp32_trajectory")
     assert_same_model(loaded1["checkpoint/load1"], saved2["checkpoint/save2"], "fp32_trajectory")
     assert_same_model(loaded2["checkpoint/load2"], saved2["checkpoint/save2"], "fp32_trajectory")

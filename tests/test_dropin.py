@@ -10,12 +10,14 @@ import fusedopt
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import EXAMPLE
 from tolerances import assert_close
 from torch import nn
 
 # Schedulers, groups, hooks and checkpoints live in the Python layer that every backend shares, so these loops run
 # on the default backend (the compiled CPU kernels when built); the kernels themselves are compared with torch.optim
-# per algorithm and per backend in test_vs_torch.py and test_cpu_kernels.py.
+# per algorithm and per backend in test_vs_torch.py and test_cpu_kernels.py. The example optimizer of tests/cases.py
+# stands for all of them here.
 COMPILED = "cpu" in fusedopt.build_info()["backends"]
 BACKENDS = ["cpu" if COMPILED else "reference"]
 STEPS = 30
@@ -26,8 +28,9 @@ class TinyTransformer(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        # bias=False: an attention key bias has a gradient of pure rounding noise (softmax ignores it), which Adam
-        # normalises into +-lr steps of random sign, so no two correct implementations could agree on it.
+        # bias=False: an attention key bias has a gradient of pure rounding noise (softmax ignores it), which a
+        # normalising optimizer turns into +-lr steps of random sign, so no two correct implementations could agree
+        # on it.
         layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, bias=False)
         self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
         self.head = nn.Linear(32, 1)
@@ -91,11 +94,11 @@ def flatten_all(ours_model: nn.Module, ours: torch.optim.Optimizer, torch_model:
     return torch.cat(mine), torch.cat(reference)
 
 
-def adamw(backend: str, **kwargs: Any) -> Callable[[Any, bool], torch.optim.Optimizer]:
+def example(backend: str, **kwargs: Any) -> Callable[[Any, bool], torch.optim.Optimizer]:
     def make(params: Any, ours: bool) -> torch.optim.Optimizer:
         if ours:
-            return fusedopt.AdamW(params, backend=backend, **kwargs)
-        return torch.optim.AdamW(params, foreach=False, **kwargs)
+            return EXAMPLE.cls(params, backend=backend, **kwargs)
+        return EXAMPLE.torch_optimizer(params, kwargs)
     return make
 
 
@@ -112,30 +115,30 @@ SCHEDULERS = {
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_lr_schedulers(backend: str, name: str) -> None:
-    run_pair(adamw(backend, lr=1e-3, weight_decay=0.05), make_sched=SCHEDULERS[name])
+    run_pair(example(backend, lr=1e-3, weight_decay=0.05), make_sched=SCHEDULERS[name])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reduce_lr_on_plateau(backend: str) -> None:
-    run_pair(adamw(backend, lr=1e-3), plateau=True,
+    run_pair(example(backend, lr=1e-3), plateau=True,
              make_sched=lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=1, factor=0.5))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_decay_param_groups(backend: str) -> None:
-    run_pair(adamw(backend, lr=1e-3), split=True)
+    run_pair(example(backend, lr=1e-3), split=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unused_parameter_with_none_grad_is_left_untouched(backend: str) -> None:
     # set_to_none=True gives `aux` no gradient on odd steps: torch.optim skips it and so must we.
-    run_pair(adamw(backend, lr=1e-3, weight_decay=0.1), aux_every_other=True, set_to_none=True)
+    run_pair(example(backend, lr=1e-3, weight_decay=0.1), aux_every_other=True, set_to_none=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tensor_lr(backend: str) -> None:
-    run_pair(lambda params, ours: (fusedopt.AdamW(params, lr=torch.tensor(2e-3), backend=backend) if ours
-                                   else torch.optim.AdamW(params, lr=torch.tensor(2e-3), foreach=False)))
+    run_pair(lambda params, ours: (EXAMPLE.cls(params, lr=torch.tensor(2e-3), backend=backend) if ours
+                                   else EXAMPLE.torch_optimizer(params, dict(lr=torch.tensor(2e-3)))))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -145,10 +148,10 @@ def test_frozen_parameters_add_param_group_and_empty_group(backend: str) -> None
     for model in (ours_model, torch_model):
         model.encoder.layers[0].requires_grad_(False)
     frozen_before = [p.detach().clone() for p in ours_model.encoder.layers[0].parameters()]
-    ours = fusedopt.AdamW([{"params": list(ours_model.encoder.parameters())}, {"params": []}], lr=1e-3,
-                          backend=backend)
-    theirs = torch.optim.AdamW([{"params": list(torch_model.encoder.parameters())}, {"params": []}], lr=1e-3,
-                               foreach=False)
+    ours = EXAMPLE.cls([{"params": list(ours_model.encoder.parameters())}, {"params": []}], lr=1e-3,
+                       backend=backend)
+    theirs = EXAMPLE.torch_optimizer([{"params": list(torch_model.encoder.parameters())}, {"params": []}],
+                                     dict(lr=1e-3))
     for step, (x, y) in enumerate(make_data()):
         if step == 10:  # the head joins mid-training with its own hyperparameters
             ours.add_param_group({"params": list(ours_model.head.parameters()), "lr": 5e-3})
@@ -165,7 +168,7 @@ def test_frozen_parameters_add_param_group_and_empty_group(backend: str) -> None
 
 def test_per_group_backend() -> None:
     a, b = torch.nn.Parameter(torch.randn(8)), torch.nn.Parameter(torch.randn(8))
-    opt = fusedopt.AdamW([{"params": [a], "backend": "reference"}, {"params": [b]}])
+    opt = EXAMPLE.cls([{"params": [a], "backend": "reference"}, {"params": [b]}])
     assert opt._backends[0] == ["reference"]
     assert opt._backends[1] == ["cpu" if COMPILED else "reference"]
 
@@ -173,7 +176,7 @@ def test_per_group_backend() -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_closure_hooks_and_repr(backend: str) -> None:
     model = TinyTransformer()
-    opt = fusedopt.AdamW(model.parameters(), lr=1e-3, backend=backend)
+    opt = EXAMPLE.cls(model.parameters(), lr=1e-3, backend=backend)
     calls: list[str] = []
     opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
     opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
@@ -192,4 +195,4 @@ def test_closure_hooks_and_repr(backend: str) -> None:
     opt.load_state_dict(opt.state_dict())
     assert calls == ["pre", "post", "sd-pre", "load-post"]
     text = repr(opt)
-    assert text.startswith("AdamW (") and "lr: 0.001" in text and "max_grad_norm" in text
+    assert text.startswith(f"{EXAMPLE.name} (") and "lr: 0.001" in text and "max_grad_norm" in text

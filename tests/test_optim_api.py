@@ -10,6 +10,7 @@ import textwrap
 import fusedopt
 import pytest
 import torch
+from cases import EXAMPLE, ROWS, TORCH_ROWS, Algorithm, params
 from tolerances import assert_close
 
 COMPILED = "cpu" in fusedopt.build_info()["backends"]
@@ -18,31 +19,22 @@ BACKENDS = [
     pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(not COMPILED, reason="compiled CPU backend not built")),
 ]
 
-# (class, kwargs, exception, message): torch.optim's messages where torch has the check.
+# (class, kwargs, exception, message): torch.optim's messages where torch has the check. Every class checks its
+# learning rate and the bad values its table row lists; fusedopt's own keywords are checked by the base class.
 INVALID = [
-    (fusedopt.AdamW, dict(lr=-1.0), ValueError, "Invalid learning rate: -1.0"),
-    (fusedopt.AdamW, dict(lr=float("nan")), ValueError, "Invalid learning rate: nan"),
-    (fusedopt.Adam, dict(eps=-1e-8), ValueError, "Invalid epsilon value: -1e-08"),
-    (fusedopt.Adam, dict(betas=(1.0, 0.999)), ValueError, "Invalid beta parameter at index 0: 1.0"),
-    (fusedopt.AdamW, dict(betas=(0.9, 1.5)), ValueError, "Invalid beta parameter at index 1: 1.5"),
-    (fusedopt.AdamW, dict(weight_decay=-0.1), ValueError, "Invalid weight_decay value: -0.1"),
-    (fusedopt.SGD, dict(lr=0.1, momentum=-0.5), ValueError, "Invalid momentum value: -0.5"),
-    (fusedopt.SGD, dict(lr=0.1, nesterov=True), ValueError, "Nesterov momentum requires a momentum"),
-    (fusedopt.RMSprop, dict(alpha=-0.1), ValueError, "Invalid alpha value: -0.1"),
-    (fusedopt.Adagrad, dict(lr_decay=-1.0), ValueError, "Invalid lr_decay value: -1.0"),
-    (fusedopt.Adagrad, dict(initial_accumulator_value=-1.0), ValueError,
-     "Invalid initial_accumulator_value value: -1.0"),
-    (fusedopt.Lion, dict(betas=(0.9, -0.1)), ValueError, "Invalid beta parameter at index 1: -0.1"),
-    (fusedopt.LAMB, dict(max_trust_ratio=0.0), ValueError, "Invalid max_trust_ratio value: 0.0"),
-    (fusedopt.AdamW, dict(backend="gpu"), ValueError, "Invalid backend: 'gpu'"),
-    (fusedopt.AdamW, dict(max_grad_norm=-1.0), ValueError, "Invalid max_grad_norm value: -1.0"),
-    (fusedopt.AdamW, dict(state_dtype=torch.float16), ValueError, "Invalid state_dtype: torch.float16"),
-    (fusedopt.AdamW, dict(differentiable=True), ValueError, "Invalid differentiable: True"),
+    *[(row.cls, kwargs, ValueError, message) for row in ROWS
+      for kwargs, message in [(dict(lr=-1.0), "Invalid learning rate: -1.0"),
+                              (dict(lr=float("nan")), "Invalid learning rate: nan"), *row.invalid]],
+    (EXAMPLE.cls, dict(backend="gpu"), ValueError, "Invalid backend: 'gpu'"),
+    (EXAMPLE.cls, dict(max_grad_norm=-1.0), ValueError, "Invalid max_grad_norm value: -1.0"),
+    (EXAMPLE.cls, dict(state_dtype=torch.float16), ValueError, "Invalid state_dtype: torch.float16"),
+    *[(row.cls, dict(differentiable=True), ValueError, "Invalid differentiable: True") for row in ROWS
+      if "differentiable" in row.cls.torch_defaults],
 ]
 
 
 @pytest.mark.parametrize("cls,kwargs,error,message", INVALID,
-                         ids=[f"{c.__name__}-{'-'.join(k)}-{m.split(':')[0]}" for c, k, _, m in INVALID])
+                         ids=[f"{c.__name__}-" + "-".join(f"{k}={v}" for k, v in kw.items()) for c, kw, *_ in INVALID])
 def test_invalid_hyperparameters_are_rejected_and_change_nothing(cls, kwargs, error, message) -> None:
     params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))]
     pointers = [p.data_ptr() for p in params]
@@ -55,7 +47,7 @@ def test_a_bad_second_group_changes_nothing() -> None:
     first, second = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))
     pointer = first.data_ptr()
     with pytest.raises(ValueError, match="Invalid learning rate: -2"):
-        fusedopt.AdamW([{"params": [first]}, {"params": [second], "lr": -2}])
+        EXAMPLE.cls([{"params": [first]}, {"params": [second], "lr": -2}])
     assert first.data_ptr() == pointer
 
 
@@ -71,8 +63,10 @@ def test_build_info_reports_what_was_built() -> None:
 
 
 def test_missing_extension_falls_back_to_reference_with_one_warning() -> None:
-    # A meta-path finder that refuses fusedopt._C reproduces a wheel whose extension cannot load.
-    code = textwrap.dedent("""
+    # A meta-path finder that refuses fusedopt._C reproduces a wheel whose extension cannot load. Two optimizers of
+    # different classes are built: still one warning.
+    other = next(row for row in ROWS if row is not EXAMPLE)
+    code = textwrap.dedent(f"""
         import sys, warnings
         class Refuse:
             def find_spec(self, name, path=None, target=None):
@@ -86,12 +80,12 @@ def test_missing_extension_falls_back_to_reference_with_one_warning() -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             p = torch.nn.Parameter(torch.randn(10))
-            opt = fusedopt.AdamW([p], lr=0.1)
-            fusedopt.SGD([torch.nn.Parameter(torch.randn(3))], lr=0.1)
+            opt = fusedopt.{EXAMPLE.name}([p], lr=0.1)
+            fusedopt.{other.name}([torch.nn.Parameter(torch.randn(3))], lr=0.1)
         messages = [str(w.message) for w in caught if "fusedopt" in str(w.message)]
         assert len(messages) == 1 and "simulated" in messages[0], messages
         q = torch.nn.Parameter(p.detach().clone())
-        ref = torch.optim.AdamW([q], lr=0.1)
+        ref = torch.optim.{EXAMPLE.name}([q], lr=0.1)
         for _ in range(5):
             g = torch.randn(10)
             p.grad = g.clone(); q.grad = g.clone()
@@ -107,16 +101,16 @@ def test_missing_extension_falls_back_to_reference_with_one_warning() -> None:
 
 def test_environment_variable_overrides_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FUSEDOPT_BACKEND", "reference")
-    opt = fusedopt.AdamW([torch.nn.Parameter(torch.randn(4))], backend="auto")
+    opt = EXAMPLE.cls([torch.nn.Parameter(torch.randn(4))], backend="auto")
     assert opt._backends == [["reference"]]
     monkeypatch.setenv("FUSEDOPT_BACKEND", "tpu")
     with pytest.raises(ValueError, match="Invalid FUSEDOPT_BACKEND: 'tpu'"):
-        fusedopt.AdamW([torch.nn.Parameter(torch.randn(4))])
+        EXAMPLE.cls([torch.nn.Parameter(torch.randn(4))])
 
 
 def test_auto_picks_the_compiled_cpu_backend_when_built(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FUSEDOPT_BACKEND", raising=False)
-    opt = fusedopt.AdamW([torch.nn.Parameter(torch.randn(4))])
+    opt = EXAMPLE.cls([torch.nn.Parameter(torch.randn(4))])
     assert opt._backends == [["cpu" if COMPILED else "reference"]]
 
 
@@ -131,8 +125,8 @@ def test_max_grad_norm_equals_clip_grad_norm_then_step(backend: str, max_norm: f
     init = _random_params()
     ours = [torch.nn.Parameter(t.clone()) for t in init]
     theirs = [torch.nn.Parameter(t.clone()) for t in init]
-    opt = fusedopt.AdamW(ours, lr=1e-2, weight_decay=0.1, max_grad_norm=max_norm, backend=backend)
-    ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, foreach=False)
+    opt = EXAMPLE.cls(ours, lr=1e-2, weight_decay=0.1, max_grad_norm=max_norm, backend=backend)
+    ref = EXAMPLE.torch_optimizer(theirs, dict(lr=1e-2, weight_decay=0.1))
     for _ in range(30):
         grads = [torch.randn_like(t) * 3 for t in init]
         for p, q, g in zip(ours, theirs, grads):
@@ -153,8 +147,8 @@ def test_master_weights_follow_the_fp32_trajectory(backend: str, dtype: torch.dt
     init = [t.to(dtype) for t in _random_params()]
     ours = [torch.nn.Parameter(t.clone()) for t in init]
     fp32 = [torch.nn.Parameter(t.float()) for t in init]
-    opt = fusedopt.AdamW(ours, lr=1e-2, weight_decay=0.1, master_weights=True, backend=backend)
-    ref = torch.optim.AdamW(fp32, lr=1e-2, weight_decay=0.1, foreach=False)
+    opt = EXAMPLE.cls(ours, lr=1e-2, weight_decay=0.1, master_weights=True, backend=backend)
+    ref = EXAMPLE.torch_optimizer(fp32, dict(lr=1e-2, weight_decay=0.1))
     for _ in range(20):
         for p, q in zip(ours, fp32):
             g = torch.randn(p.shape).to(dtype)
@@ -174,8 +168,8 @@ def test_bf16_states_stay_close_to_fp32_states(backend: str) -> None:
     init = _random_params()
     ours = [torch.nn.Parameter(t.clone()) for t in init]
     theirs = [torch.nn.Parameter(t.clone()) for t in init]
-    opt = fusedopt.AdamW(ours, lr=1e-3, state_dtype=torch.bfloat16, backend=backend)
-    ref = torch.optim.AdamW(theirs, lr=1e-3, foreach=False)
+    opt = EXAMPLE.cls(ours, lr=1e-3, state_dtype=torch.bfloat16, backend=backend)
+    ref = EXAMPLE.torch_optimizer(theirs, dict(lr=1e-3))
     for _ in range(20):
         for p, q in zip(ours, theirs):
             g = torch.randn_like(p)
@@ -184,18 +178,12 @@ def test_bf16_states_stay_close_to_fp32_states(backend: str) -> None:
         opt.step()
         ref.step()
     for p, q in zip(ours, theirs):
-        assert opt.state[p]["exp_avg"].dtype == torch.bfloat16
-        assert_close(opt.state[p]["exp_avg"].float(), ref.state[q]["exp_avg"], torch.bfloat16)
+        for name in EXAMPLE.state_names(dict(lr=1e-3)):
+            assert opt.state[p][name].dtype == torch.bfloat16
+            assert_close(opt.state[p][name].float(), ref.state[q][name], torch.bfloat16, msg=name)
         assert_close(p.detach(), q.detach(), torch.bfloat16)
 
 
-CHECKPOINT_PAIRS = [
-    (fusedopt.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
-    (fusedopt.Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1)),
-    (fusedopt.SGD, torch.optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True)),
-    (fusedopt.RMSprop, torch.optim.RMSprop, dict(lr=1e-2, momentum=0.5, centered=True)),
-    (fusedopt.Adagrad, torch.optim.Adagrad, dict(lr=1e-1, lr_decay=0.01, initial_accumulator_value=0.1)),
-]
 
 
 def _train(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[list[torch.Tensor]]) -> None:
@@ -209,17 +197,18 @@ def _train(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[l
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("ours_cls,torch_cls,kwargs", CHECKPOINT_PAIRS, ids=[c[0].__name__ for c in CHECKPOINT_PAIRS])
+@pytest.mark.parametrize("row,case", params(TORCH_ROWS, lambda row: [row.descent_cases()[-1]]))
 @pytest.mark.parametrize("direction", ["torch-to-fusedopt", "fusedopt-to-torch"])
-def test_checkpoint_switch_continues_the_same_trajectory(backend, ours_cls, torch_cls, kwargs, direction, tmp_path):
+def test_checkpoint_switch_continues_the_same_trajectory(backend, row: Algorithm, case, direction, tmp_path):
+    """Each class with a torch.optim counterpart, in the minimising case of its table that combines most modes."""
     init = _random_params()
     grads = [[torch.randn_like(t) for t in init] for _ in range(20)]
     straight = [torch.nn.Parameter(t.clone()) for t in init]
-    _train(torch_cls(straight, foreach=False, **kwargs), straight, grads)
+    _train(row.torch_optimizer(straight, case.kwargs), straight, grads)
 
     switched = [torch.nn.Parameter(t.clone()) for t in init]
-    make_ours = lambda: ours_cls(switched, backend=backend, **kwargs)  # noqa: E731
-    make_torch = lambda: torch_cls(switched, foreach=False, **kwargs)  # noqa: E731
+    make_ours = lambda: row.cls(switched, backend=backend, **case.kwargs)  # noqa: E731
+    make_torch = lambda: row.torch_optimizer(switched, case.kwargs)  # noqa: E731
     first, second = (make_torch, make_ours) if direction == "torch-to-fusedopt" else (make_ours, make_torch)
     opt = first()
     _train(opt, switched, grads[:10])
@@ -232,9 +221,11 @@ def test_checkpoint_switch_continues_the_same_trajectory(backend, ours_cls, torc
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cls,kwargs", [(fusedopt.Lion, dict(lr=1e-3, weight_decay=0.1)),
-                                        (fusedopt.LAMB, dict(lr=1e-2, weight_decay=0.01))], ids=["Lion", "LAMB"])
-def test_own_layouts_round_trip_exactly(backend, cls, kwargs, tmp_path) -> None:
+@pytest.mark.parametrize("row,case", params(ROWS, lambda row: [row.descent_cases()[-1]]))
+def test_own_layouts_round_trip_exactly(backend, row: Algorithm, case, tmp_path) -> None:
+    """fusedopt's own state_dict (torch.optim's layout, or the documented one where torch.optim lacks the class)
+    saved mid-training and loaded into a fresh optimizer continues bitwise."""
+    cls, kwargs = row.cls, case.kwargs
     init = _random_params()
     grads = [[torch.randn_like(t) for t in init] for _ in range(12)]
     straight = [torch.nn.Parameter(t.clone()) for t in init]
@@ -255,8 +246,8 @@ def test_grad_scaler_fused_contract_unscales_and_skips_nonfinite(backend: str) -
     init = _random_params()
     ours = [torch.nn.Parameter(t.clone()) for t in init]
     theirs = [torch.nn.Parameter(t.clone()) for t in init]
-    opt = fusedopt.AdamW(ours, lr=1e-2, backend=backend)
-    ref = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
+    opt = EXAMPLE.cls(ours, lr=1e-2, backend=backend)
+    ref = EXAMPLE.torch_optimizer(theirs, dict(lr=1e-2))
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
     for step in range(8):
         grads = [torch.randn_like(t) for t in init]
@@ -281,21 +272,14 @@ def test_grad_scaler_fused_contract_unscales_and_skips_nonfinite(backend: str) -
     assert scaler.get_scale() < 1024.0 * 2**8  # the inf step halved the scale
 
 
-BITWISE = [(fusedopt.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
-           (fusedopt.Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1, maximize=True)),
-           (fusedopt.SGD, torch.optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1)),
-           (fusedopt.RMSprop, torch.optim.RMSprop, dict(lr=1e-2, momentum=0.5, centered=True, weight_decay=0.1)),
-           (fusedopt.Adagrad, torch.optim.Adagrad, dict(lr=1e-1, lr_decay=0.01, weight_decay=0.1))]
-
-
-@pytest.mark.parametrize("ours_cls,torch_cls,kwargs", BITWISE, ids=[c[0].__name__ for c in BITWISE])
-def test_reference_backend_is_bitwise_torch_single_tensor(ours_cls, torch_cls, kwargs) -> None:
+@pytest.mark.parametrize("row,case", params(TORCH_ROWS))
+def test_reference_backend_is_bitwise_torch_single_tensor(row: Algorithm, case) -> None:
     # The reference backend applies torch.optim's per-element operations in the same order to the flat buffer.
     init = _random_params()
     ours = [torch.nn.Parameter(t.clone()) for t in init]
     theirs = [torch.nn.Parameter(t.clone()) for t in init]
-    opt = ours_cls(ours, backend="reference", **kwargs)
-    ref = torch_cls(theirs, foreach=False, **kwargs)
+    opt = row.cls(ours, backend="reference", **case.kwargs)
+    ref = row.torch_optimizer(theirs, case.kwargs)
     for _ in range(20):
         for p, q in zip(ours, theirs):
             g = torch.randn_like(p)

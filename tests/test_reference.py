@@ -1,23 +1,16 @@
-"""fusedopt.reference, the oracle of every other test, checked against torch.optim's single-tensor code paths (Adam,
-AdamW, SGD, RMSprop, Adagrad), against float64 implementations of the papers written here (Lion, LAMB), in 16-bit,
-and its gradient clipping against torch.nn.utils. Parameters and every state tensor are compared after every step.
+"""fusedopt.reference, the oracle of every other test, checked against torch.optim's single-tensor code paths (every
+algorithm torch.optim has), against the float64 paper formulas of tests/cases.py (the others), in 16-bit, and its
+gradient clipping against torch.nn.utils. Parameters and every state tensor are compared after every step.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
 import pytest
 import torch
-from cases import (
-    ALGORITHMS,
-    BIG_SIZE,
-    ORACLE_ALGORITHMS,
-    SMALL_SIZES,
-    TORCH_ALGORITHMS,
-    hyperparameters,
-    state_names,
-)
+from cases import BIG_SIZE, ORACLE_ROWS, ROWS, SMALL_SIZES, TORCH_ROWS, Algorithm, params, row_params
 from fusedopt import reference
 from tolerances import assert_close
 from torch import Tensor
@@ -29,131 +22,66 @@ F64 = torch.float64
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-def init_state(algorithm: str, kwargs: dict[str, Any], param: Tensor, state_dtype: torch.dtype = torch.float32
+def init_state(row: Algorithm, kwargs: dict[str, Any], param: Tensor, state_dtype: torch.dtype = torch.float32
                ) -> dict[str, Any]:
-    """Fresh state as torch.optim creates it (zeros; Adagrad's sum = initial_accumulator_value), plus step = 0."""
-    hp = hyperparameters(algorithm, kwargs)
-    fill = hp["initial_accumulator_value"] if algorithm == "adagrad" else 0.0
-    state: dict[str, Any] = {name: torch.full_like(param, fill, dtype=state_dtype)
-                             for name in state_names(algorithm, kwargs)}
+    """Fresh state as torch.optim creates it (each state's first value from the spec), plus step = 0."""
+    group = row.group(kwargs)
+    state: dict[str, Any] = {s.name: torch.full_like(param, s.fill(group), dtype=state_dtype)
+                             for s in row.kept_states(kwargs)}
     state["step"] = 0
     return state
 
 
-def reference_step(algorithm: str, kwargs: dict[str, Any], param: Tensor, grad: Tensor, state: dict[str, Any],
+def reference_function(row: Algorithm, kwargs: dict[str, Any]) -> Any:
+    """fusedopt.reference's function of the row's kernel, with the case's kernel fields bound."""
+    function = getattr(reference, row.kernel)
+    hyper = row.hyper(kwargs)
+
+    def step(param: Tensor, grad: Tensor, state: dict[str, Any], *, lr: float, grad_scale: float = 1.0) -> None:
+        function(param, grad, *(state.get(s.name) for s in row.cls.spec.states), step=state["step"], lr=lr,
+                 grad_scale=grad_scale, **hyper)
+
+    return step
+
+
+def reference_step(row: Algorithm, kwargs: dict[str, Any], param: Tensor, grad: Tensor, state: dict[str, Any],
                    grad_scale: float = 1.0) -> None:
     """One fusedopt.reference step on (param, state) with the case's hyperparameters; increments state["step"]."""
-    hp = hyperparameters(algorithm, kwargs)
     state["step"] += 1
-    step = state["step"]
-    s = state.get
-    if algorithm in ("adam", "adamw"):
-        fn = reference.adam if algorithm == "adam" else reference.adamw
-        fn(param, grad, s("exp_avg"), s("exp_avg_sq"), s("max_exp_avg_sq"), step=step, lr=hp["lr"],
-           beta1=hp["betas"][0], beta2=hp["betas"][1], eps=hp["eps"], weight_decay=hp["weight_decay"],
-           amsgrad=hp["amsgrad"], maximize=hp["maximize"], grad_scale=grad_scale)
-    elif algorithm == "sgd":
-        reference.sgd(param, grad, s("momentum_buffer"), lr=hp["lr"], momentum=hp["momentum"],
-                      dampening=hp["dampening"], weight_decay=hp["weight_decay"], nesterov=hp["nesterov"],
-                      maximize=hp["maximize"], step=step, grad_scale=grad_scale)
-    elif algorithm == "rmsprop":
-        reference.rmsprop(param, grad, s("square_avg"), s("momentum_buffer"), s("grad_avg"), lr=hp["lr"],
-                          alpha=hp["alpha"], eps=hp["eps"], weight_decay=hp["weight_decay"],
-                          momentum=hp["momentum"], centered=hp["centered"], maximize=hp["maximize"],
-                          step=step, grad_scale=grad_scale)
-    elif algorithm == "adagrad":
-        reference.adagrad(param, grad, s("sum"), step=step, lr=hp["lr"], lr_decay=hp["lr_decay"], eps=hp["eps"],
-                          weight_decay=hp["weight_decay"], maximize=hp["maximize"], grad_scale=grad_scale)
-    elif algorithm == "lion":
-        reference.lion(param, grad, s("exp_avg"), step=step, lr=hp["lr"], beta1=hp["betas"][0], beta2=hp["betas"][1],
-                       weight_decay=hp["weight_decay"], maximize=hp["maximize"], grad_scale=grad_scale)
-    elif algorithm == "lamb":
-        reference.lamb(param, grad, s("exp_avg"), s("exp_avg_sq"), step=step, lr=hp["lr"], beta1=hp["betas"][0],
-                       beta2=hp["betas"][1], eps=hp["eps"], weight_decay=hp["weight_decay"],
-                       bias_correction=hp["bias_correction"], max_trust_ratio=hp["max_trust_ratio"],
-                       maximize=hp["maximize"], grad_scale=grad_scale)
-    else:
-        raise KeyError(algorithm)
+    reference_function(row, kwargs)(param, grad, state, lr=row.group(kwargs)["lr"], grad_scale=grad_scale)
 
 
-_TORCH_CLASSES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
-                  "rmsprop": torch.optim.RMSprop, "adagrad": torch.optim.Adagrad}
-
-
-def make_torch_optimizer(algorithm: str, params: Any, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
-    """torch.optim's single-tensor implementation (foreach=False) of `algorithm` with the case's kwargs."""
-    return _TORCH_CLASSES[algorithm](params, **kwargs, foreach=False)
-
-
-def torch_one_step(algorithm: str, kwargs: dict[str, Any], param: Tensor, grad: Tensor, state: dict[str, Any]
+def torch_one_step(row: Algorithm, kwargs: dict[str, Any], param: Tensor, grad: Tensor, state: dict[str, Any]
                    ) -> tuple[Tensor, dict[str, Tensor]]:
     """One fp32 torch.optim step re-anchored at (param, state) before the step (16-bit inputs upcast).
     `state["step"]` is the count before the step. Returns the new fp32 parameter and state tensors."""
     p = torch.nn.Parameter(param.detach().to(torch.float32).clone())
     p.grad = grad.detach().to(torch.float32).clone()
-    opt = make_torch_optimizer(algorithm, [p], kwargs)
+    opt = row.torch_optimizer([p], kwargs)
     before = state["step"]
     tensors = {k: v.detach().to(torch.float32).clone() for k, v in state.items() if isinstance(v, Tensor)}
-    if algorithm == "adagrad":  # torch creates Adagrad's state in the constructor
-        opt.state[p]["sum"].copy_(tensors["sum"])
+    if row.cls.spec.state_at_init:  # torch creates this algorithm's state in the constructor
+        for name, value in tensors.items():
+            opt.state[p][name].copy_(value)
         opt.state[p]["step"].fill_(float(before))
     elif before > 0:
-        if algorithm != "sgd":
+        if row.cls.spec.tracks_step:
             tensors["step"] = torch.tensor(float(before))
         opt.state[p].update(tensors)
     opt.step()
     return p.detach(), {k: v for k, v in opt.state[p].items() if k != "step"}
 
 
-def lion64(p: Tensor, g: Tensor, m: Tensor, hp: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
-    """Lion, Chen et al. 2023 Alg. 2, in float64 straight from the paper:
-    c = b1*m + (1-b1)*g;  p = p - lr*(sign(c) + wd*p);  m = b2*m + (1-b2)*g.
-    Also returns |c| (to find elements whose sign fp32 rounding may legitimately flip)."""
-    p, g, m = p.to(F64), g.to(F64), m.to(F64)
-    if hp["maximize"]:
-        g = -g
-    b1, b2 = hp["betas"]
-    c = b1 * m + (1 - b1) * g
-    p_new = p - hp["lr"] * (torch.sign(c) + hp["weight_decay"] * p)
-    m_new = b2 * m + (1 - b2) * g
-    # fp32 lerp is accurate to a few ulp of max(|m|, |g|); inside that band the sign is not determined.
-    ambiguous = c.abs() <= 1e-6 * (m.abs() + g.abs())
-    return p_new, m_new, ambiguous
-
-
-def lamb64(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: int, hp: dict[str, Any]
-           ) -> tuple[Tensor, Tensor, Tensor]:
-    """LAMB, You et al. 2019 Alg. 2, in float64 straight from the paper (phi = identity):
-    m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2; mh = m/(1-b1^t), vh = v/(1-b2^t) (if bias_correction);
-    u = mh/(sqrt(vh)+eps) + wd*p; r = ||p||/||u|| (1 if either is 0; min(r, max_trust_ratio)); p = p - lr*r*u."""
-    p, g, m, v = p.to(F64), g.to(F64), m.to(F64), v.to(F64)
-    if hp["maximize"]:
-        g = -g
-    b1, b2 = hp["betas"]
-    m = b1 * m + (1 - b1) * g
-    v = b2 * v + (1 - b2) * g * g
-    mh, vh = (m / (1 - b1**step), v / (1 - b2**step)) if hp["bias_correction"] else (m, v)
-    u = mh / (torch.sqrt(vh) + hp["eps"]) + hp["weight_decay"] * p
-    w_norm, u_norm = torch.linalg.vector_norm(p).item(), torch.linalg.vector_norm(u).item()
-    ratio = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
-    if hp["max_trust_ratio"] is not None:
-        ratio = min(ratio, hp["max_trust_ratio"])
-    return p - hp["lr"] * ratio * u, m, v
-
-
-def oracle_step(algorithm: str, kwargs: dict[str, Any], param: Tensor, grad: Tensor, state: dict[str, Any]
+def oracle_step(row: Algorithm, kwargs: dict[str, Any], param: Tensor, grad: Tensor, state: dict[str, Any]
                 ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
-    """Expected result of one step from (param, state) before it: torch.optim in fp32 for the torch algorithms,
-    the float64 paper formulas for Lion and LAMB. Returns (param, states, mask of elements not to compare)."""
-    if algorithm in TORCH_ALGORITHMS:
-        p, st = torch_one_step(algorithm, kwargs, param, grad, state)
+    """Expected result of one step from (param, state) before it: torch.optim in fp32 where it has the algorithm,
+    the row's float64 paper formulas otherwise. Returns (param, states, mask of elements not to compare)."""
+    if row.torch_cls is not None:
+        p, st = torch_one_step(row, kwargs, param, grad, state)
         return p, st, None
-    hp = hyperparameters(algorithm, kwargs)
-    if algorithm == "lion":
-        p, m, ambiguous = lion64(param, grad, state["exp_avg"], hp)
-        return p, {"exp_avg": m}, ambiguous
-    p, m, v = lamb64(param, grad, state["exp_avg"], state["exp_avg_sq"], state["step"] + 1, hp)
-    return p, {"exp_avg": m, "exp_avg_sq": v}, None
+    assert row.oracle64 is not None
+    states = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+    return row.oracle64(param, grad, states, state["step"] + 1, row.group(kwargs))
 
 
 def compare_step(actual_p: Tensor, actual_state: dict[str, Any], expected_p: Tensor,
@@ -169,175 +97,208 @@ def compare_step(actual_p: Tensor, actual_state: dict[str, Any], expected_p: Ten
                      msg=f"{where}: state {name}")
 
 
-def cases_and_sizes(algorithms: tuple[str, ...]) -> list:
+def cases_and_sizes(rows: list[Algorithm]) -> list:
     """Every case at every small size; at the biggest size only the first case and the case combining most modes
     (the table's last), to keep the runtime reasonable."""
     out = []
-    for name in algorithms:
-        table = ALGORITHMS[name]
-        for case in table:
+    for row in rows:
+        for case in row.cases:
             for n in SMALL_SIZES:
-                out.append(pytest.param(name, case, n, id=f"{name}-{case.id}-n{n}"))
-        for case in (table[0], table[-1]):
-            out.append(pytest.param(name, case, BIG_SIZE, id=f"{name}-{case.id}-n{BIG_SIZE}"))
+                out.append(pytest.param(row, case, n, id=f"{row.name}-{case.id}-n{n}"))
+        for case in (row.cases[0], row.cases[-1]):
+            out.append(pytest.param(row, case, BIG_SIZE, id=f"{row.name}-{case.id}-n{BIG_SIZE}"))
     return out
 
 
 # --------------------------------------------------------------------------------------------------- vs torch.optim
-@pytest.mark.parametrize("algorithm,case,n", cases_and_sizes(TORCH_ALGORITHMS))
-def test_reference_matches_torch_optim(algorithm: str, case, n: int) -> None:
+@pytest.mark.parametrize("row,case,n", cases_and_sizes(TORCH_ROWS))
+def test_reference_matches_torch_optim(row: Algorithm, case, n: int) -> None:
     """50 steps of the reference and of torch.optim (foreach=False) from the same random parameter with fresh random
     gradients: parameter and every state equal at every step (fp32 per-step tolerance; both follow one trajectory)."""
     p0 = torch.randn(n)
     torch_p = torch.nn.Parameter(p0.clone())
-    opt = make_torch_optimizer(algorithm, [torch_p], case.kwargs)
+    opt = row.torch_optimizer([torch_p], case.kwargs)
     ref_p = p0.clone()
-    state = init_state(algorithm, case.kwargs, ref_p)
-    names = state_names(algorithm, case.kwargs)
+    state = init_state(row, case.kwargs, ref_p)
+    names = row.state_names(case.kwargs)
     for step in range(1, STEPS + 1):
         grad = torch.randn(n)
         grad_before = grad.clone()
         torch_p.grad = grad.clone()
         opt.step()
-        reference_step(algorithm, case.kwargs, ref_p, grad, state)
+        reference_step(row, case.kwargs, ref_p, grad, state)
         assert torch.equal(grad, grad_before), "reference modified the gradient"
         torch_state = {k: v for k, v in opt.state[torch_p].items() if k != "step"}
         compare_step(ref_p, state, torch_p.detach(), torch_state, names, where=f"step {step}")
 
 
-# --------------------------------------------------------------------------------------------------- Lion, LAMB
-@pytest.mark.parametrize("algorithm,case,n", cases_and_sizes(ORACLE_ALGORITHMS))
-def test_reference_matches_float64_paper(algorithm: str, case, n: int) -> None:
-    """50 steps; before each step the float64 paper formulas start from the reference's current fp32 values, so each
-    step is checked at the fp32 per-step tolerance (for Lion, elements whose sign(c) lies within fp32 rounding of 0
-    are not compared, and there must be almost none)."""
+def class_named_functions() -> list:
+    """(row, function) for every public reference function named after an optimizer class but not its kernel (a
+    convenience form, e.g. a variant with a mode fixed)."""
+    out = []
+    for row in ROWS:
+        function = getattr(reference, row.name.lower(), None)
+        if function is not None and row.name.lower() != row.kernel and row.name.lower() in reference.__all__:
+            out.extend(pytest.param(row, case, function, id=f"{row.name}-{case.id}") for case in row.cases)
+    return out
+
+
+@pytest.mark.parametrize("row,case,function", class_named_functions())
+def test_class_named_reference_function_is_the_kernel_function(row: Algorithm, case, function) -> None:
+    """The class-named function gives bitwise what the kernel's reference function (tested above) gives with the
+    class's kernel fields, from the same random state."""
+    n = 4097
     param = torch.randn(n)
-    state = init_state(algorithm, case.kwargs, param)
-    names = state_names(algorithm, case.kwargs)
+    ours, theirs = param.clone(), param.clone()
+    state = init_state(row, case.kwargs, param)
+    for s in row.kept_states(case.kwargs):
+        state[s.name] = torch.rand(n) + 0.1
+    other = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in state.items()}
+    accepted = set(inspect.signature(function).parameters)
+    hyper = {k: v for k, v in row.hyper(case.kwargs).items() if k in accepted}
+    lr = row.group(case.kwargs)["lr"]
+    for step in range(1, 6):
+        grad = torch.randn(n)
+        state["step"] = other["step"] = step
+        function(ours, grad, *(state.get(s.name) for s in row.cls.spec.states), step=step, lr=lr, **hyper)
+        reference_function(row, case.kwargs)(theirs, grad, other, lr=lr)
+        assert torch.equal(ours, theirs), f"step {step}"
+        for name in row.state_names(case.kwargs):
+            assert torch.equal(state[name], other[name]), f"step {step}: {name}"
+
+
+# --------------------------------------------------------------------------------------------------- float64 oracles
+@pytest.mark.parametrize("row,case,n", cases_and_sizes(ORACLE_ROWS))
+def test_reference_matches_float64_paper(row: Algorithm, case, n: int) -> None:
+    """50 steps; before each step the float64 paper formulas start from the reference's current fp32 values, so each
+    step is checked at the fp32 per-step tolerance (for a sign update, elements whose sign(c) lies within fp32
+    rounding of 0 are not compared, and there must be almost none)."""
+    param = torch.randn(n)
+    state = init_state(row, case.kwargs, param)
+    names = row.state_names(case.kwargs)
     skipped = 0
     for step in range(1, STEPS + 1):
         grad = torch.randn(n)
-        exp_p, exp_state, skip = oracle_step(algorithm, case.kwargs, param, grad, state)
-        reference_step(algorithm, case.kwargs, param, grad, state)
+        exp_p, exp_state, skip = oracle_step(row, case.kwargs, param, grad, state)
+        reference_step(row, case.kwargs, param, grad, state)
         compare_step(param, state, exp_p, exp_state, names, skip=skip, where=f"step {step}")
         skipped += 0 if skip is None else int(skip.sum())
-    assert skipped <= max(2, 1e-5 * n * STEPS), f"{skipped} ambiguous Lion signs"
+    assert skipped <= max(2, 1e-5 * n * STEPS), f"{skipped} ambiguous signs"
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in ALGORITHMS["lamb"]])
-def test_lamb_trajectory_float64(case) -> None:
-    """LAMB is smooth, so a whole 50-step float64 trajectory (never re-anchored) stays within the fp32 trajectory
-    tolerance of the reference; several tensors of different sizes, each with its own trust ratio."""
-    hp = hyperparameters("lamb", case.kwargs)
+@pytest.mark.parametrize("row,case", params([r for r in ORACLE_ROWS if r.smooth_trajectory]))
+def test_whole_trajectory_float64(row: Algorithm, case) -> None:
+    """A smooth update's whole 50-step float64 trajectory (never re-anchored) stays within the fp32 trajectory
+    tolerance of the reference; several tensors of different sizes, each with its own per-tensor quantities."""
+    assert row.oracle64 is not None
+    hp = row.group(case.kwargs)
+    names = row.state_names(case.kwargs)
     for n in (7, 4097):
         p32 = torch.randn(n)
         p64 = p32.to(F64)
-        st32 = init_state("lamb", case.kwargs, p32)
-        m64, v64 = torch.zeros(n, dtype=F64), torch.zeros(n, dtype=F64)
+        st32 = init_state(row, case.kwargs, p32)
+        st64 = {k: v.to(F64) for k, v in st32.items() if isinstance(v, Tensor)}
         for step in range(1, STEPS + 1):
             g = torch.randn(n)
-            reference_step("lamb", case.kwargs, p32, g, st32)
-            p64, m64, v64 = lamb64(p64, g, m64, v64, step, hp)
-            compare_step(p32, st32, p64, {"exp_avg": m64, "exp_avg_sq": v64}, ("exp_avg", "exp_avg_sq"),
-                         param_tol="fp32_trajectory", state_tol="fp32_trajectory", where=f"n {n} step {step}")
+            reference_step(row, case.kwargs, p32, g, st32)
+            p64, st64, _ = row.oracle64(p64, g, st64, step, hp)
+            compare_step(p32, st32, p64, st64, names, param_tol="fp32_trajectory", state_tol="fp32_trajectory",
+                         where=f"n {n} step {step}")
 
 
-def test_lamb_trust_ratio_is_one_for_zero_norm() -> None:
-    """||p|| = 0 (a freshly zero-initialised bias) -> ratio 1, so the step is the plain lr*u, not 0 or nan."""
-    kwargs = {"lr": 1e-2, "betas": (0.8, 0.9)}
+@pytest.mark.parametrize("row", row_params())
+def test_zero_parameter_moves_by_a_finite_step(row: Algorithm) -> None:
+    """p = 0 (a freshly zero-initialised bias) with a random gradient moves, by a finite step equal to the oracle's
+    (for a trust ratio ||p||/||u||: 1 when ||p|| = 0, so the step is the plain lr*u, not 0 or nan)."""
+    kwargs = row.cases[0].kwargs
     p = torch.zeros(5)
     g = torch.randn(5)
-    st = init_state("lamb", kwargs, p)
-    exp_p, exp_st, _ = oracle_step("lamb", kwargs, p, g, st)
-    reference_step("lamb", kwargs, p, g, st)
+    st = init_state(row, kwargs, p)
+    exp_p, exp_st, skip = oracle_step(row, kwargs, p, g, st)
+    reference_step(row, kwargs, p, g, st)
     assert torch.all(p != 0) and torch.all(torch.isfinite(p))
-    compare_step(p, st, exp_p, exp_st, ("exp_avg", "exp_avg_sq"))
+    compare_step(p, st, exp_p, exp_st, row.state_names(kwargs), skip=skip)
 
 
 # --------------------------------------------------------------------------------------------------- 16-bit
-def all_cases() -> list:
-    return [pytest.param(name, c, id=f"{name}-{c.id}") for name, table in ALGORITHMS.items() for c in table]
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("algorithm,case", all_cases())
-def test_reference_16bit_params(algorithm: str, case, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("row,case", params())
+def test_reference_16bit_params(row: Algorithm, case, dtype: torch.dtype) -> None:
     """16-bit parameter and gradient, fp32 states: each step equals the fp32 computation (torch.optim, or the float64
     paper formulas) started from the upcast values, the parameter rounded once (16-bit tolerance), states to fp32."""
     n = 4097
     param = torch.randn(n).to(dtype)
-    state = init_state(algorithm, case.kwargs, param, torch.float32)
-    names = state_names(algorithm, case.kwargs)
+    state = init_state(row, case.kwargs, param, torch.float32)
+    names = row.state_names(case.kwargs)
     for step in range(1, STEPS + 1):
         grad = torch.randn(n).to(dtype)
-        exp_p, exp_state, skip = oracle_step(algorithm, case.kwargs, param, grad, state)
-        reference_step(algorithm, case.kwargs, param, grad, state)
+        exp_p, exp_state, skip = oracle_step(row, case.kwargs, param, grad, state)
+        reference_step(row, case.kwargs, param, grad, state)
         assert param.dtype == dtype
         # Exactly one rounding: the 16-bit result is the fp32 result rounded to nearest.
-        if algorithm in TORCH_ALGORITHMS:
+        if row.torch_cls is not None:
             assert torch.equal(param, exp_p.to(dtype)), f"step {step}: param is not round(fp32 result)"
         compare_step(param, state, exp_p, exp_state, names, skip=skip, state_tol=torch.float32,
                      where=f"step {step}")
 
 
-@pytest.mark.parametrize("algorithm,case", all_cases())
-def test_reference_bf16_states(algorithm: str, case) -> None:
+@pytest.mark.parametrize("row,case", params())
+def test_reference_bf16_states(row: Algorithm, case) -> None:
     """fp32 parameter, bf16 states and an fp32 gradient: each step equals the fp32 computation from the upcast states;
     the parameter to fp32 precision (the states are rounded only when stored), the states to bf16 precision."""
     n = 4097
     param = torch.randn(n)
-    state = init_state(algorithm, case.kwargs, param, torch.bfloat16)
-    names = state_names(algorithm, case.kwargs)
+    state = init_state(row, case.kwargs, param, torch.bfloat16)
+    names = row.state_names(case.kwargs)
     for step in range(1, STEPS + 1):
         grad = torch.randn(n)
-        exp_p, exp_state, skip = oracle_step(algorithm, case.kwargs, param, grad, state)
-        reference_step(algorithm, case.kwargs, param, grad, state)
+        exp_p, exp_state, skip = oracle_step(row, case.kwargs, param, grad, state)
+        reference_step(row, case.kwargs, param, grad, state)
         assert all(state[k].dtype == torch.bfloat16 for k in names)
         compare_step(param, state, exp_p, exp_state, names, skip=skip, param_tol=torch.float32,
                      state_tol=torch.bfloat16, where=f"step {step}")
 
 
 # --------------------------------------------------------------------------------------------------- invariants
-@pytest.mark.parametrize("algorithm,case", all_cases())
-def test_zero_padding_stays_zero(algorithm: str, case) -> None:
+@pytest.mark.parametrize("row,case", params())
+def test_zero_padding_stays_zero(row: Algorithm, case) -> None:
     """Flat buffers hold zero padding between parameters: p = g = 0 with fresh state must stay exactly as it is
-    (0, or Adagrad's initial accumulator) for every algorithm and mode, while the random part moves."""
+    (each state's first value) for every algorithm and mode, while the random part moves."""
     n, pad = 100, slice(40, 60)
     param = torch.randn(n)
     param[pad] = 0
-    state = init_state(algorithm, case.kwargs, param)
+    state = init_state(row, case.kwargs, param)
     fresh = {k: v.clone() for k, v in state.items() if isinstance(v, Tensor)}
     start = param.clone()
     for _ in range(10):
         grad = torch.randn(n)
         grad[pad] = 0
-        reference_step(algorithm, case.kwargs, param, grad, state)
+        reference_step(row, case.kwargs, param, grad, state)
         assert torch.all(param[pad] == 0)
         for k in fresh:
             assert torch.equal(state[k][pad], fresh[k][pad]), k
     assert not torch.equal(param[:40], start[:40])
 
 
-@pytest.mark.parametrize("algorithm,case", all_cases())
-def test_grad_scale_equals_scaled_grad(algorithm: str, case) -> None:
+@pytest.mark.parametrize("row,case", params())
+def test_grad_scale_equals_scaled_grad(row: Algorithm, case) -> None:
     """grad_scale=s is the same as passing grad*s (s a power of two, so both are exact)."""
     n = 4097
     p_a = torch.randn(n)
     p_b = p_a.clone()
-    st_a = init_state(algorithm, case.kwargs, p_a)
-    st_b = init_state(algorithm, case.kwargs, p_b)
+    st_a = init_state(row, case.kwargs, p_a)
+    st_b = init_state(row, case.kwargs, p_b)
     for _ in range(5):
         grad = torch.randn(n) * 64
-        reference_step(algorithm, case.kwargs, p_a, grad, st_a, grad_scale=1 / 64)
-        reference_step(algorithm, case.kwargs, p_b, grad / 64, st_b)
+        reference_step(row, case.kwargs, p_a, grad, st_a, grad_scale=1 / 64)
+        reference_step(row, case.kwargs, p_b, grad / 64, st_b)
         assert torch.equal(p_a, p_b)
-        for k in state_names(algorithm, case.kwargs):
+        for k in row.state_names(case.kwargs):
             assert torch.equal(st_a[k], st_b[k]), k
 
 
 def test_reference_does_not_import_compiled_module() -> None:
     import ast
-    import inspect
 
     tree = ast.parse(inspect.getsource(reference))
     imported = {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}

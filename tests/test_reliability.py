@@ -11,6 +11,7 @@ from typing import Any
 import fusedopt
 import pytest
 import torch
+from cases import EXAMPLE, Algorithm, row_params
 from tolerances import assert_close
 
 COMPILED = "cpu" in fusedopt.build_info()["backends"]
@@ -18,15 +19,8 @@ BACKENDS = [
     pytest.param("reference", id="reference"),
     pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(not COMPILED, reason="compiled CPU backend not built")),
 ]
-ALGORITHMS: dict[str, tuple[type, dict[str, Any]]] = {
-    "AdamW": (fusedopt.AdamW, dict(lr=1e-2, weight_decay=0.1)),
-    "Adam": (fusedopt.Adam, dict(lr=1e-2, amsgrad=True)),
-    "SGD": (fusedopt.SGD, dict(lr=1e-2, momentum=0.9)),
-    "RMSprop": (fusedopt.RMSprop, dict(lr=1e-2, centered=True, momentum=0.5)),
-    "Adagrad": (fusedopt.Adagrad, dict(lr=1e-2)),
-    "Lion": (fusedopt.Lion, dict(lr=1e-3, weight_decay=0.1)),
-    "LAMB": (fusedopt.LAMB, dict(lr=1e-2, weight_decay=0.01)),
-}
+# Checkpoint keys of the example's states (kept with its default configuration, which `trained` uses below).
+STATES = EXAMPLE.state_names({})
 
 
 def trained(cls: type, kwargs: dict[str, Any], backend: str, steps: int = 3) -> tuple[Any, list[torch.Tensor]]:
@@ -65,19 +59,19 @@ def _wrong_group_count(opt: Any, params: list[torch.Tensor]) -> None:
 
 def _wrong_state_size(opt: Any, params: list[torch.Tensor]) -> None:
     state = copy.deepcopy(opt.state_dict())
-    state["state"][1]["exp_avg"] = torch.zeros(10)
+    state["state"][1][STATES[0]] = torch.zeros(10)
     opt.load_state_dict(state)
 
 
 def _wrong_state_dtype(opt: Any, params: list[torch.Tensor]) -> None:
     state = copy.deepcopy(opt.state_dict())
-    state["state"][0]["exp_avg"] = torch.zeros(7, dtype=torch.int64)
+    state["state"][0][STATES[0]] = torch.zeros(7, dtype=torch.int64)
     opt.load_state_dict(state)
 
 
 def _missing_state_key(opt: Any, params: list[torch.Tensor]) -> None:
     state = copy.deepcopy(opt.state_dict())
-    del state["state"][2]["exp_avg_sq"]
+    del state["state"][2][STATES[-1]]
     opt.load_state_dict(state)
 
 
@@ -111,9 +105,9 @@ BAD_CALLS: list[tuple[str, Callable[[Any, list[torch.Tensor]], None], type, str]
     ("gradient-shape", _grad_data_of_other_shape, RuntimeError,
      r"gradient of parameter 1 is \(4096,\) torch.float32 on cpu, the parameter is 4097 elements"),
     ("load-wrong-group-count", _wrong_group_count, ValueError, "parameter groups"),
-    ("load-wrong-state-size", _wrong_state_size, ValueError, "'exp_avg' of parameter 1 has 10 elements"),
+    ("load-wrong-state-size", _wrong_state_size, ValueError, f"'{STATES[0]}' of parameter 1 has 10 elements"),
     ("load-wrong-state-dtype", _wrong_state_dtype, ValueError, "must be a floating-point tensor, got torch.int64"),
-    ("load-missing-key", _missing_state_key, ValueError, r"missing \['exp_avg_sq'\]"),
+    ("load-missing-key", _missing_state_key, ValueError, rf"missing \['{STATES[-1]}'\]"),
     ("load-unknown-key", _unknown_state_key, ValueError, r"unknown \['momentum'\]"),
     ("load-nan-lr", _nan_lr_in_checkpoint, ValueError, "Invalid learning rate: nan"),
 ]
@@ -122,7 +116,7 @@ BAD_CALLS: list[tuple[str, Callable[[Any, list[torch.Tensor]], None], type, str]
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,call,error,message", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
 def test_bad_call_raises_and_changes_nothing(backend: str, name: str, call: Callable, error: type, message: str):
-    opt, params = trained(fusedopt.AdamW, dict(lr=1e-2), backend)
+    opt, params = trained(EXAMPLE.cls, dict(lr=1e-2), backend)
     before = snapshot(opt, params)
     with pytest.raises(error, match=message):
         call(opt, params)
@@ -147,7 +141,7 @@ def test_bad_parameters_are_refused(name: str, make: Callable[[], list[Any]], me
     params = make()
     pointers = [p.data_ptr() for p in params]
     with pytest.raises((ValueError, TypeError), match=message):
-        fusedopt.AdamW(params)
+        EXAMPLE.cls(params)
     assert [p.data_ptr() for p in params] == pointers
 
 
@@ -156,17 +150,18 @@ def test_shared_memory_and_duplicates_across_groups_are_refused() -> None:
     a, b = torch.nn.Parameter(torch.empty(0)), torch.nn.Parameter(torch.empty(0))
     a.data, b.data = storage[:6], storage[4:]
     with pytest.raises(ValueError, match="share memory"):
-        fusedopt.AdamW([a, b])
+        EXAMPLE.cls([a, b])
     c = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(ValueError, match="more than one parameter group"):
-        fusedopt.AdamW([{"params": [c]}, {"params": [c]}])
+        EXAMPLE.cls([{"params": [c]}, {"params": [c]}])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+@pytest.mark.parametrize("row", row_params())
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
-def test_skip_nonfinite_makes_the_step_a_no_op(backend: str, algorithm: str, bad: float) -> None:
-    cls, kwargs = ALGORITHMS[algorithm]
+def test_skip_nonfinite_makes_the_step_a_no_op(backend: str, row: Algorithm, bad: float) -> None:
+    """Every class in the case of its table that keeps the most states."""
+    cls, kwargs = row.cls, row.richest_case().kwargs
     torch.manual_seed(7)
     opt, params = trained(cls, dict(kwargs, skip_nonfinite=True), backend)
     torch.manual_seed(7)
@@ -194,8 +189,9 @@ def test_nonfinite_gradient_without_skip_behaves_like_torch() -> None:
     init = [torch.randn(5), torch.randn(9)]
     ours = [torch.nn.Parameter(t.clone()) for t in init]
     theirs = [torch.nn.Parameter(t.clone()) for t in init]
-    opt = fusedopt.AdamW(ours, lr=1e-2)
-    ref = torch.optim.AdamW(theirs, lr=1e-2)
+    opt = EXAMPLE.cls(ours, lr=1e-2)
+    assert EXAMPLE.torch_cls is not None
+    ref = EXAMPLE.torch_cls(theirs, lr=1e-2)
     grads = [torch.randn(5), torch.randn(9)]
     grads[1][3] = float("inf")
     for p, q, g in zip(ours, theirs, grads):
@@ -227,7 +223,7 @@ def test_steps_allocate_nothing_after_warm_up(backend: str) -> None:
     # The reference backend is plain torch code: a smaller buffer keeps 1,000 steps quick.
     size = 1 << 20 if backend == "cpu" else 1 << 16
     params = [torch.nn.Parameter(torch.randn(n)) for n in (size, 3000, 17)]
-    opt = fusedopt.AdamW(params, lr=1e-3, max_grad_norm=1.0, backend=backend)
+    opt = EXAMPLE.cls(params, lr=1e-3, max_grad_norm=1.0, backend=backend)
     for p in params:
         p.grad = torch.randn_like(p)
     for _ in range(20):
@@ -245,7 +241,7 @@ def test_steps_allocate_nothing_after_warm_up(backend: str) -> None:
 @pytest.mark.cuda
 def test_cuda_steps_allocate_nothing_after_warm_up() -> None:
     params = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in (1 << 20, 3000, 17)]
-    opt = fusedopt.AdamW(params, lr=1e-3, max_grad_norm=1.0)
+    opt = EXAMPLE.cls(params, lr=1e-3, max_grad_norm=1.0)
     for p in params:
         p.grad = torch.randn_like(p)
     for _ in range(3):
@@ -263,8 +259,8 @@ def test_parameters_on_several_devices_in_one_group_match_torch() -> None:
     """One group, a CPU and a CUDA parameter: one flat buffer set per device, each updated on its own backend."""
     ours = [torch.nn.Parameter(torch.randn(4097)), torch.nn.Parameter(torch.randn(33, device="cuda"))]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    opt = fusedopt.AdamW(ours, lr=1e-2, weight_decay=0.1)
-    reference = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, foreach=False)
+    opt = EXAMPLE.cls(ours, lr=1e-2, weight_decay=0.1)
+    reference = EXAMPLE.torch_optimizer(theirs, dict(lr=1e-2, weight_decay=0.1))
     assert [buf.device.type for buf in opt.flat_buffers[0]] == ["cpu", "cuda"]
     for _ in range(20):
         for a, b in zip(ours, theirs):
@@ -284,7 +280,7 @@ def test_two_optimizers_in_two_threads_match_sequential_steps(backend: str) -> N
 
     def run(ts: list[torch.Tensor], gs: list[list[torch.Tensor]], out: list[torch.Tensor]) -> None:
         params = [torch.nn.Parameter(t.clone()) for t in ts]
-        opt = fusedopt.AdamW(params, lr=1e-2, max_grad_norm=0.5, backend=backend)
+        opt = EXAMPLE.cls(params, lr=1e-2, max_grad_norm=0.5, backend=backend)
         for step_grads in gs:
             for p, g in zip(params, step_grads):
                 p.grad = g.clone()

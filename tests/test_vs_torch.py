@@ -1,7 +1,7 @@
-"""The public optimizer classes (fusedopt.Adam, AdamW, SGD, RMSprop, Adagrad) against torch.optim, and Lion/LAMB
-against float64 paper formulas, on random tensors and on a small Transformer trained with real backward passes;
-every parameter and every state tensor is compared after every step, on each available backend. Also checks that
-gradient aliasing, broken by the user in every documented way, never changes the result.
+"""Every public optimizer class against torch.optim's class of the same name, or against its float64 paper formulas
+(tests/cases.py) where torch.optim has none, on random tensors and on a small Transformer trained with real backward
+passes; every parameter and every state tensor is compared after every step, on each available backend. Also checks
+that gradient aliasing, broken by the user in every documented way, never changes the result.
 """
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from typing import Any
 import fusedopt
 import pytest
 import torch
-from cases import ALGORITHMS, BIG_SIZE, TORCH_ALGORITHMS, descent_cases, hyperparameters, state_names
-from test_reference import lamb64, lion64, make_torch_optimizer
+from cases import BIG_SIZE, EXAMPLE, ORACLE_ROWS, TORCH_ROWS, Algorithm, params
 from tolerances import assert_close
 from torch import Tensor
 
@@ -21,10 +20,6 @@ pytestmark = pytest.mark.usefixtures("single_thread_torch")
 STEPS = 50
 MODEL_STEPS = 30
 F64 = torch.float64
-
-_CLASSES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop", "adagrad": "Adagrad",
-            "lion": "Lion", "lamb": "LAMB"}
-
 
 def _available_backends() -> list[str]:
     return list(fusedopt.build_info().get("backends", ["reference"]))
@@ -41,8 +36,8 @@ def backend(request: pytest.FixtureRequest) -> str:
     return name
 
 
-def make_fused(algorithm: str, params: Any, kwargs: dict[str, Any], backend: str) -> torch.optim.Optimizer:
-    return getattr(fusedopt, _CLASSES[algorithm])(params, **kwargs, backend=backend)
+def make_fused(row: Algorithm, params: Any, kwargs: dict[str, Any], backend: str) -> torch.optim.Optimizer:
+    return row.cls(params, **kwargs, backend=backend)
 
 
 def random_shapes(big: bool) -> list[tuple[int, ...]]:
@@ -50,23 +45,22 @@ def random_shapes(big: bool) -> list[tuple[int, ...]]:
     return shapes + [(BIG_SIZE,)] if big else shapes
 
 
-def case_params(algorithms: tuple[str, ...] | list[str]) -> list:
+def case_params(rows: list[Algorithm]) -> list:
     """Every case; the first and the last (most modes combined) case of each table also get a 1,000,003 tensor."""
     out = []
-    for name in algorithms:
-        table = ALGORITHMS[name]
-        for i, case in enumerate(table):
-            big = i in (0, len(table) - 1)
-            out.append(pytest.param(name, case, big, id=f"{name}-{case.id}" + ("-big" if big else "")))
+    for row in rows:
+        for i, case in enumerate(row.cases):
+            big = i in (0, len(row.cases) - 1)
+            out.append(pytest.param(row, case, big, id=f"{row.name}-{case.id}" + ("-big" if big else "")))
     return out
 
 
-def compare_with_torch(algorithm: str, kwargs: dict[str, Any], fused: torch.optim.Optimizer,
+def compare_with_torch(row: Algorithm, kwargs: dict[str, Any], fused: torch.optim.Optimizer,
                        ours: list[Tensor], torch_opt: torch.optim.Optimizer, theirs: list[Tensor], where: str,
                        skip: list[Tensor] | None = None) -> None:
     """Every parameter, every state tensor and the step count equal torch.optim's (fp32 trajectory tolerance),
     except elements marked in `skip` (one mask per parameter, see `IllConditioned`)."""
-    names = state_names(algorithm, kwargs)
+    names = row.state_names(kwargs)
 
     def same(a: Tensor, b: Tensor, i: int, msg: str) -> None:
         if skip is not None:
@@ -88,35 +82,31 @@ def compare_with_torch(algorithm: str, kwargs: dict[str, Any], fused: torch.opti
             assert float(fused_state["step"]) == float(torch_state["step"]), f"{at}: step"
 
 
-# ------------------------------------------------------------------------------------- oracles for Lion and LAMB
-def oracle64_step(algorithm: str, kwargs: dict[str, Any], fused: torch.optim.Optimizer, params: list[Tensor]
+# ------------------------------------------------------------------------------------- float64 oracles
+def oracle64_step(row: Algorithm, kwargs: dict[str, Any], fused: torch.optim.Optimizer, params: list[Tensor]
                   ) -> list[tuple[Tensor, dict[str, Tensor], Tensor | None]]:
-    """Float64 paper formulas for one step, started from the optimizer's current parameters, states and gradients
-    (parameters without a gradient must not move: expected = current). Per parameter: (param, states, skip mask)."""
-    hp = hyperparameters(algorithm, kwargs)
+    """The row's float64 paper formulas for one step, started from the optimizer's current parameters, states and
+    gradients (parameters without a gradient must not move: expected = current). Per parameter: (param, states,
+    skip mask)."""
+    assert row.oracle64 is not None
+    hp = row.group(kwargs)
     out = []
     for p in params:
         state = fused.state.get(p, {})
-        names = state_names(algorithm, kwargs)
-        current = {n: state[n].detach().to(F64).clone() if n in state else torch.zeros(p.shape, dtype=F64)
-                   for n in names}
+        current = {s.name: state[s.name].detach().to(F64).clone() if s.name in state
+                   else torch.full(p.shape, s.fill(hp), dtype=F64) for s in row.kept_states(kwargs)}
         if p.grad is None:
             out.append((p.detach().to(F64).clone(), current, None))
             continue
-        if algorithm == "lion":
-            new_p, m, skip = lion64(p.detach(), p.grad, current["exp_avg"], hp)
-            out.append((new_p, {"exp_avg": m}, skip))
-        else:
-            step = int(state["step"]) + 1 if "step" in state else 1
-            new_p, m, v = lamb64(p.detach(), p.grad, current["exp_avg"], current["exp_avg_sq"], step, hp)
-            out.append((new_p, {"exp_avg": m, "exp_avg_sq": v}, None))
+        step = int(state["step"]) + 1 if "step" in state else 1
+        out.append(row.oracle64(p.detach(), p.grad, current, step, hp))
     return out
 
 
-def compare_with_oracle(algorithm: str, kwargs: dict[str, Any], fused: torch.optim.Optimizer,
+def compare_with_oracle(row: Algorithm, kwargs: dict[str, Any], fused: torch.optim.Optimizer,
                         params: list[Tensor], expected: list[tuple[Tensor, dict[str, Tensor], Tensor | None]],
                         where: str, tol: str = "fp32") -> int:
-    """Parameters and states equal the oracle's; returns how many (sign-ambiguous Lion) elements were skipped."""
+    """Parameters and states equal the oracle's; returns how many (sign-ambiguous) elements were skipped."""
     skipped = 0
     for i, (p, (exp_p, exp_state, skip)) in enumerate(zip(params, expected)):
         at = f"{where}, parameter {i} {tuple(p.shape)}"
@@ -129,21 +119,22 @@ def compare_with_oracle(algorithm: str, kwargs: dict[str, Any], fused: torch.opt
             if name in state:
                 assert_close(state[name], value, tol, msg=f"{at}: state {name}")
             else:
-                assert torch.count_nonzero(value) == 0, f"{at}: state {name} missing"
+                fill = next(s.fill(row.group(kwargs)) for s in row.kept_states(kwargs) if s.name == name)
+                assert torch.all(value == fill), f"{at}: state {name} missing"
     return skipped
 
 
 # ------------------------------------------------------------------------------------- (a) random tensors
-@pytest.mark.parametrize("algorithm,case,big", case_params(TORCH_ALGORITHMS))
-def test_random_tensors_match_torch_optim(algorithm: str, case, big: bool, backend: str) -> None:
+@pytest.mark.parametrize("row,case,big", case_params(TORCH_ROWS))
+def test_random_tensors_match_torch_optim(row: Algorithm, case, big: bool, backend: str) -> None:
     """Several parameters (sizes 1, 7, 4097, a 13x17 matrix, 1,000,003 for some cases), 50 steps of fresh random
     gradients accumulated into .grad after opt.zero_grad() (the flat-buffer fast path)."""
     shapes = random_shapes(big)
     init = [torch.randn(s) for s in shapes]
     ours = [torch.nn.Parameter(t.clone()) for t in init]
     theirs = [torch.nn.Parameter(t.clone()) for t in init]
-    fused = make_fused(algorithm, ours, case.kwargs, backend)
-    reference = make_torch_optimizer(algorithm, theirs, case.kwargs)
+    fused = make_fused(row, ours, case.kwargs, backend)
+    reference = row.torch_optimizer(theirs, case.kwargs)
     for step in range(1, STEPS + 1):
         fused.zero_grad()
         reference.zero_grad()
@@ -156,16 +147,16 @@ def test_random_tensors_match_torch_optim(algorithm: str, case, big: bool, backe
                 p.grad.add_(g)  # what backward does with an existing gradient
         fused.step()
         reference.step()
-        compare_with_torch(algorithm, case.kwargs, fused, ours, reference, theirs, f"step {step}")
+        compare_with_torch(row, case.kwargs, fused, ours, reference, theirs, f"step {step}")
 
 
-@pytest.mark.parametrize("algorithm,case,big", case_params(("lion", "lamb")))
-def test_random_tensors_match_float64_paper(algorithm: str, case, big: bool, backend: str) -> None:
-    """Lion and LAMB (no torch.optim counterpart): each of 50 steps equals the float64 paper formulas started from
-    the optimizer's own parameters and states (fp32 per-step tolerance; per-tensor LAMB trust ratios)."""
+@pytest.mark.parametrize("row,case,big", case_params(ORACLE_ROWS))
+def test_random_tensors_match_float64_paper(row: Algorithm, case, big: bool, backend: str) -> None:
+    """Algorithms torch.optim lacks: each of 50 steps equals the float64 paper formulas started from the optimizer's
+    own parameters and states (fp32 per-step tolerance; per-tensor quantities such as trust ratios per tensor)."""
     shapes = random_shapes(big)
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-    fused = make_fused(algorithm, params, case.kwargs, backend)
+    fused = make_fused(row, params, case.kwargs, backend)
     skipped = 0
     for step in range(1, STEPS + 1):
         fused.zero_grad()
@@ -175,32 +166,34 @@ def test_random_tensors_match_float64_paper(algorithm: str, case, big: bool, bac
                 p.grad = g
             else:
                 p.grad.add_(g)
-        expected = oracle64_step(algorithm, case.kwargs, fused, params)
+        expected = oracle64_step(row, case.kwargs, fused, params)
         fused.step()
-        skipped += compare_with_oracle(algorithm, case.kwargs, fused, params, expected, f"step {step}")
+        skipped += compare_with_oracle(row, case.kwargs, fused, params, expected, f"step {step}")
     total = sum(p.numel() for p in params) * STEPS
-    assert skipped <= max(2, 1e-5 * total), f"{skipped} sign-ambiguous Lion elements"
+    assert skipped <= max(2, 1e-5 * total), f"{skipped} sign-ambiguous elements"
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in ALGORITHMS["lamb"]])
-def test_lamb_whole_trajectory_float64(case, backend: str) -> None:
-    """LAMB over 50 steps against a float64 trajectory that is never re-anchored (fp32 trajectory tolerance)."""
-    hp = hyperparameters("lamb", case.kwargs)
+@pytest.mark.parametrize("row,case", params([r for r in ORACLE_ROWS if r.smooth_trajectory]))
+def test_whole_trajectory_float64(row: Algorithm, case, backend: str) -> None:
+    """A smooth update over 50 steps against a float64 trajectory that is never re-anchored (fp32 trajectory
+    tolerance)."""
+    assert row.oracle64 is not None
+    hp = row.group(case.kwargs)
     shapes = random_shapes(False)
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     p64 = [p.detach().to(F64).clone() for p in params]
-    m64 = [torch.zeros(s, dtype=F64) for s in shapes]
-    v64 = [torch.zeros(s, dtype=F64) for s in shapes]
-    fused = make_fused("lamb", params, case.kwargs, backend)
+    s64 = [{s.name: torch.full(shape, s.fill(hp), dtype=F64) for s in row.kept_states(case.kwargs)}
+           for shape in shapes]
+    fused = make_fused(row, params, case.kwargs, backend)
     for step in range(1, STEPS + 1):
         fused.zero_grad()
         for i, p in enumerate(params):
             g = torch.randn(p.shape)
             p.grad = g if p.grad is None else p.grad.add_(g)
-            p64[i], m64[i], v64[i] = lamb64(p64[i], p.grad, m64[i], v64[i], step, hp)
+            p64[i], s64[i], _ = row.oracle64(p64[i], p.grad, s64[i], step, hp)
         fused.step()
-        expected = [(p64[i], {"exp_avg": m64[i], "exp_avg_sq": v64[i]}, None) for i in range(len(params))]
-        compare_with_oracle("lamb", case.kwargs, fused, params, expected, f"step {step}", tol="fp32_trajectory")
+        expected = [(p64[i], s64[i], None) for i in range(len(params))]
+        compare_with_oracle(row, case.kwargs, fused, params, expected, f"step {step}", tol="fp32_trajectory")
 
 
 # ------------------------------------------------------------------------------------- (b) small model
@@ -208,7 +201,7 @@ class TinyTransformer(torch.nn.Module):
     """2-layer TransformerEncoder (d_model 32, 4 heads, feed-forward 64, no dropout) and a linear head (with bias).
 
     The encoder layers have bias=False because attention is invariant to the key bias: its exact gradient is 0, so
-    the computed one is pure rounding noise, and Adam-type optimizers normalise that noise into lr-sized steps whose
+    the computed one is pure rounding noise, and normalising optimizers turn that noise into lr-sized steps whose
     sign any 1-ulp difference elsewhere (a clip coefficient, an FMA) flips. Such a parameter cannot be compared.
     """
 
@@ -242,9 +235,9 @@ class IllConditioned:
     later step. Real gradients hit this (weights whose gradient balances their decay: ~1% of this model's
     elements over 30 steps); such elements are excluded from then on, and there must be few of them (< 3%)."""
 
-    def __init__(self, algorithm: str, kwargs: dict[str, Any], params: list[Tensor]) -> None:
-        hp = hyperparameters(algorithm, kwargs)
-        self.wd = float(hp.get("weight_decay", 0.0)) if algorithm in ("adam", "sgd", "rmsprop", "adagrad") else 0.0
+    def __init__(self, row: Algorithm, kwargs: dict[str, Any], params: list[Tensor]) -> None:
+        hp = row.group(kwargs)
+        self.wd = float(hp["weight_decay"]) if row.decay_enters_gradient(kwargs) else 0.0
         self.eps = float(hp.get("eps", 0.0))
         self.masks = [torch.zeros(p.shape, dtype=torch.bool) for p in params]
 
@@ -258,7 +251,8 @@ class IllConditioned:
                 mask |= (g + decay).abs() < 1e-3 * (g.abs() + decay.abs())
 
     def update_centered(self, torch_opt: torch.optim.Optimizer, theirs: list[Tensor]) -> None:
-        """Centered RMSprop: sqrt(square_avg - grad_avg^2) cancels when a gradient barely varies (same argument)."""
+        """A centered second moment: sqrt(square_avg - grad_avg^2) cancels when a gradient barely varies (same
+        argument)."""
         for mask, q in zip(self.masks, theirs):
             st = torch_opt.state.get(q, {})
             if "grad_avg" in st:
@@ -280,29 +274,29 @@ def share_grads(ours: list[Tensor], theirs: list[Tensor]) -> None:
     """Give torch's twin model exactly our gradients (None stays None).
 
     Both sides must see the same gradients: backward through a Transformer amplifies a 1-ulp parameter difference
-    into a relative gradient difference of up to ~1e-3 in small components, and normalising optimizers (Adam,
-    RMSprop, Adagrad) pass that straight into their update, so recomputing gradients on the twin would test the
-    model's conditioning instead of the optimizer. Our gradients still come from real backward passes into the
-    optimizer's gradient views."""
+    into a relative gradient difference of up to ~1e-3 in small components, and normalising optimizers (those that
+    divide by a root of a second moment) pass that straight into their update, so recomputing gradients on the twin
+    would test the model's conditioning instead of the optimizer. Our gradients still come from real backward passes
+    into the optimizer's gradient views."""
     for p, q in zip(ours, theirs):
         q.grad = None if p.grad is None else p.grad.detach().clone()
 
 
-def model_case_params(algorithms: tuple[str, ...]) -> list:
+def model_case_params(rows: list[Algorithm]) -> list:
     """First case and the minimising case that combines most modes, per table (maximize is gradient ascent on the
     loss: the model diverges, so it is covered on random tensors, where updates do not feed back into gradients)."""
-    return [pytest.param(name, case, id=f"{name}-{case.id}") for name in algorithms for case in descent_cases(name)]
+    return params(rows, Algorithm.descent_cases)
 
 
-@pytest.mark.parametrize("algorithm,case", model_case_params(TORCH_ALGORITHMS))
-def test_transformer_matches_torch_optim(algorithm: str, case, backend: str) -> None:
+@pytest.mark.parametrize("row,case", model_case_params(TORCH_ROWS))
+def test_transformer_matches_torch_optim(row: Algorithm, case, backend: str) -> None:
     """30 training steps with real backward passes (opt.zero_grad(); loss.backward(); opt.step()), torch.optim fed
     the same gradients: every parameter and state equal torch.optim's after every step."""
     model, twin, data = model_pair()
-    fused = make_fused(algorithm, model.parameters(), case.kwargs, backend)
-    reference = make_torch_optimizer(algorithm, twin.parameters(), case.kwargs)
+    fused = make_fused(row, model.parameters(), case.kwargs, backend)
+    reference = row.torch_optimizer(twin.parameters(), case.kwargs)
     ours, theirs = list(model.parameters()), list(twin.parameters())
-    ill = IllConditioned(algorithm, case.kwargs, ours)
+    ill = IllConditioned(row, case.kwargs, ours)
     for step, (x, y) in enumerate(data, start=1):
         fused.zero_grad()
         reference.zero_grad()
@@ -312,33 +306,33 @@ def test_transformer_matches_torch_optim(algorithm: str, case, backend: str) -> 
         fused.step()
         reference.step()
         ill.update_centered(reference, theirs)
-        compare_with_torch(algorithm, case.kwargs, fused, ours, reference, theirs, f"step {step}", ill.masks)
+        compare_with_torch(row, case.kwargs, fused, ours, reference, theirs, f"step {step}", ill.masks)
     ill.check_few()
 
 
-@pytest.mark.parametrize("algorithm,case", model_case_params(("lion", "lamb")))
-def test_transformer_matches_float64_paper(algorithm: str, case, backend: str) -> None:
-    """Lion and LAMB on the Transformer: each of 30 steps equals the float64 paper formulas applied to the model's
-    own gradients, parameters and states before the step."""
+@pytest.mark.parametrize("row,case", model_case_params(ORACLE_ROWS))
+def test_transformer_matches_float64_paper(row: Algorithm, case, backend: str) -> None:
+    """Algorithms torch.optim lacks, on the Transformer: each of 30 steps equals the float64 paper formulas applied
+    to the model's own gradients, parameters and states before the step."""
     model, _, data = model_pair()
     params = list(model.parameters())
-    fused = make_fused(algorithm, params, case.kwargs, backend)
+    fused = make_fused(row, params, case.kwargs, backend)
     for step, (x, y) in enumerate(data, start=1):
         fused.zero_grad()
         loss_fn(model, x, y).backward()
-        expected = oracle64_step(algorithm, case.kwargs, fused, params)
+        expected = oracle64_step(row, case.kwargs, fused, params)
         fused.step()
-        compare_with_oracle(algorithm, case.kwargs, fused, params, expected, f"step {step}")
+        compare_with_oracle(row, case.kwargs, fused, params, expected, f"step {step}")
 
 
 @pytest.mark.parametrize("max_grad_norm", [0.05, 1e3], ids=["clips", "no-clip"])
 def test_transformer_max_grad_norm_matches_torch_clip(max_grad_norm: float, backend: str) -> None:
-    """fusedopt.AdamW(max_grad_norm=c) equals torch.nn.utils.clip_grad_norm_(c) followed by torch.optim.AdamW;
-    opt.last_grad_norm is the norm before clipping."""
+    """The example optimizer with max_grad_norm=c equals torch.nn.utils.clip_grad_norm_(c) followed by torch.optim's
+    step; opt.last_grad_norm is the norm before clipping."""
     kwargs = {"lr": 1e-2, "weight_decay": 0.1}
     model, twin, data = model_pair()
-    fused = fusedopt.AdamW(model.parameters(), **kwargs, max_grad_norm=max_grad_norm, backend=backend)
-    reference = torch.optim.AdamW(twin.parameters(), **kwargs, foreach=False)
+    fused = EXAMPLE.cls(model.parameters(), **kwargs, max_grad_norm=max_grad_norm, backend=backend)
+    reference = EXAMPLE.torch_optimizer(twin.parameters(), kwargs)
     ours, theirs = list(model.parameters()), list(twin.parameters())
     for step, (x, y) in enumerate(data[:10], start=1):
         fused.zero_grad()
@@ -350,7 +344,7 @@ def test_transformer_max_grad_norm_matches_torch_clip(max_grad_norm: float, back
         reference.step()
         assert fused.last_grad_norm is not None
         assert_close(torch.tensor(fused.last_grad_norm), norm, "fp32_trajectory", msg=f"step {step}: grad norm")
-        compare_with_torch("adamw", kwargs, fused, ours, reference, theirs, f"step {step}")
+        compare_with_torch(EXAMPLE, kwargs, fused, ours, reference, theirs, f"step {step}")
 
 
 # ------------------------------------------------------------------------------------- aliasing
@@ -371,16 +365,25 @@ def _inside(t: Tensor, flat: Tensor) -> bool:
     return start <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= end
 
 
-ALIASING_ALGORITHMS = [pytest.param(name, descent_cases(name)[-1], id=name) for name in ("adamw", "sgd", "adagrad")]
+def one_per_state_keeping() -> list[Algorithm]:
+    """The first torch.optim-backed row for each way of keeping state that flat storage handles: a step count or
+    none, states created at construction or at the first step."""
+    kinds: dict[tuple[bool, bool], Algorithm] = {}
+    for row in TORCH_ROWS:
+        kinds.setdefault((row.cls.spec.tracks_step, row.cls.spec.state_at_init), row)
+    return list(kinds.values())
 
 
-@pytest.mark.parametrize("algorithm,case", ALIASING_ALGORITHMS)
-def test_gradients_are_views_of_the_flat_buffer(algorithm: str, case, backend: str) -> None:
+ALIASING_ROWS = [pytest.param(row, row.descent_cases()[-1], id=row.name) for row in one_per_state_keeping()]
+
+
+@pytest.mark.parametrize("row,case", ALIASING_ROWS)
+def test_gradients_are_views_of_the_flat_buffer(row: Algorithm, case, backend: str) -> None:
     """After the first step, opt.zero_grad(); loss.backward() accumulates into views of the flat gradient buffer
     (checked when the buffers are exposed), and zero_grad() zeroes them in place; results equal torch.optim."""
     model, twin, data = model_pair()
-    fused = make_fused(algorithm, model.parameters(), case.kwargs, backend)
-    reference = make_torch_optimizer(algorithm, twin.parameters(), case.kwargs)
+    fused = make_fused(row, model.parameters(), case.kwargs, backend)
+    reference = row.torch_optimizer(twin.parameters(), case.kwargs)
     ours, theirs = list(model.parameters()), list(twin.parameters())
     for step, (x, y) in enumerate(data[:8], start=1):
         fused.zero_grad()
@@ -395,7 +398,7 @@ def test_gradients_are_views_of_the_flat_buffer(algorithm: str, case, backend: s
         if flats:
             for p in ours:
                 assert any(_inside(p.grad, f) for f in flats), f"step {step}: p.grad is not a flat-buffer view"
-        compare_with_torch(algorithm, case.kwargs, fused, ours, reference, theirs, f"step {step}")
+        compare_with_torch(row, case.kwargs, fused, ours, reference, theirs, f"step {step}")
 
 
 BREAKERS = ["model.zero_grad(set_to_none=True)", "opt.zero_grad(set_to_none=True)", "assign p.grad",
@@ -403,13 +406,13 @@ BREAKERS = ["model.zero_grad(set_to_none=True)", "opt.zero_grad(set_to_none=True
 
 
 @pytest.mark.parametrize("breaker", BREAKERS)
-@pytest.mark.parametrize("algorithm,case", ALIASING_ALGORITHMS)
-def test_broken_aliasing_still_matches_torch(algorithm: str, case, breaker: str, backend: str) -> None:
+@pytest.mark.parametrize("row,case", ALIASING_ROWS)
+def test_broken_aliasing_still_matches_torch(row: Algorithm, case, breaker: str, backend: str) -> None:
     """Users that drop or replace gradients (set_to_none, assigning a fresh p.grad, or alternating with the fast
     path) get exactly torch.optim's results."""
     model, twin, data = model_pair()
-    fused = make_fused(algorithm, model.parameters(), case.kwargs, backend)
-    reference = make_torch_optimizer(algorithm, twin.parameters(), case.kwargs)
+    fused = make_fused(row, model.parameters(), case.kwargs, backend)
+    reference = row.torch_optimizer(twin.parameters(), case.kwargs)
     ours, theirs = list(model.parameters()), list(twin.parameters())
     for step, (x, y) in enumerate(data[:10], start=1):
         mode = breaker if breaker != "alternate" else BREAKERS[step % 3]
@@ -426,20 +429,19 @@ def test_broken_aliasing_still_matches_torch(algorithm: str, case, breaker: str,
         share_grads(ours, theirs)
         fused.step()
         reference.step()
-        compare_with_torch(algorithm, case.kwargs, fused, ours, reference, theirs, f"step {step} ({mode})")
+        compare_with_torch(row, case.kwargs, fused, ours, reference, theirs, f"step {step} ({mode})")
 
 
-@pytest.mark.parametrize("algorithm,case", ALIASING_ALGORITHMS + model_case_params(("lion", "lamb")))
-def test_parameter_without_grad_is_untouched(algorithm: str, case, backend: str) -> None:
+@pytest.mark.parametrize("row,case", ALIASING_ROWS + model_case_params(ORACLE_ROWS))
+def test_parameter_without_grad_is_untouched(row: Algorithm, case, backend: str) -> None:
     """A parameter whose grad is None for a step (here: the head's bias on odd steps, the first layer's weights on
     step 4) keeps its value, its state and its step count; the others move exactly as in torch.optim (or as the
-    float64 formulas say, for Lion and LAMB)."""
+    float64 formulas say, where torch.optim lacks the algorithm)."""
     model, twin, data = model_pair()
-    fused = make_fused(algorithm, model.parameters(), case.kwargs, backend)
+    fused = make_fused(row, model.parameters(), case.kwargs, backend)
     ours, theirs = list(model.parameters()), list(twin.parameters())
     names = dict(model.named_parameters())
-    reference = make_torch_optimizer(algorithm, twin.parameters(), case.kwargs) \
-        if algorithm in TORCH_ALGORITHMS else None
+    reference = row.torch_optimizer(twin.parameters(), case.kwargs) if row.torch_cls is not None else None
     for step, (x, y) in enumerate(data[:8], start=1):
         fused.zero_grad()
         loss_fn(model, x, y).backward()
@@ -456,11 +458,11 @@ def test_parameter_without_grad_is_untouched(algorithm: str, case, backend: str)
             share_grads(ours, theirs)  # including the dropped (None) gradients
             fused.step()
             reference.step()
-            compare_with_torch(algorithm, case.kwargs, fused, ours, reference, theirs, f"step {step}")
+            compare_with_torch(row, case.kwargs, fused, ours, reference, theirs, f"step {step}")
         else:
-            expected = oracle64_step(algorithm, case.kwargs, fused, ours)
+            expected = oracle64_step(row, case.kwargs, fused, ours)
             fused.step()
-            compare_with_oracle(algorithm, case.kwargs, fused, ours, expected, f"step {step}")
+            compare_with_oracle(row, case.kwargs, fused, ours, expected, f"step {step}")
         for name, (value, state) in before.items():
             p = names[name]
             assert torch.equal(p.detach(), value), f"step {step}: {name} moved without a gradient"

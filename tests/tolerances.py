@@ -13,8 +13,8 @@ FP32 = {"rtol": 1e-5, "atol": 1e-6}
 
 # Multi-step trajectories vs torch.optim (or vs a float64 oracle): a one-ulp difference in step k (e.g. an FMA
 # contraction in a compiled kernel, or a different but equally valid order of `sqrt(v)/bc2_sqrt`) feeds back through
-# Adam's m/sqrt(v) ratio, which amplifies relative differences where v is tiny. Over 50 steps with lr ~1e-2 the
-# parameters drift by at most a few 1e-6 absolute, so atol is raised to 1e-5; rtol stays tight.
+# the m/sqrt(v) ratio of normalising optimizers, which amplifies relative differences where v is tiny. Over 50 steps
+# with lr ~1e-2 the parameters drift by at most a few 1e-6 absolute, so atol is raised to 1e-5; rtol stays tight.
 FP32_TRAJECTORY = {"rtol": 1e-5, "atol": 1e-5}
 
 # 16-bit storage: one rounding of the fp32 result (bf16 has 8 significand bits -> relative spacing 2**-8 = 3.9e-3;
