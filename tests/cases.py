@@ -248,7 +248,7 @@ _ROWS = [
             # agree.
             Case("centered-momentum-weight_decay", {"lr": 5e-3, "alpha": 0.8, "eps": 1e-3, "centered": True,
                                                     "momentum": 0.6, "weight_decay": 0.1}),
-            Case("centered-momentum-weight_decay-maximize", {"lr": 5e-3, "alpha": 0.8, "eps": 1e-5, "centered": True,
+            Case("centered-momentum-weight_decay-maximize", {"lr": 5e-3, "alpha": 0.8, "eps": 1e-3, "centered": True,
                                                              "momentum": 0.6, "weight_decay": 0.1, "maximize": True}),
         ),
         invalid=(({"alpha": -0.1}, "Invalid alpha value: -0.1"),),
@@ -316,6 +316,37 @@ _ROWS = [
         smooth_trajectory=True,
         ranges=dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=SMALL, bias_correction=BOTH,
                     max_trust_ratio=[None, Range(0.1, 10.0)], maximize=BOTH),
+    ),
+
+    Algorithm(
+        fusedopt.Adamax,
+        cases=(
+            Case("default", {"lr": 1e-2}),
+            Case("betas-eps", {"lr": 2e-2, "betas": (0.8, 0.95), "eps": 1e-6}),
+            Case("weight_decay", {"lr": 1e-2, "betas": (0.85, 0.98), "weight_decay": 0.1}),
+            Case("weight_decay-maximize", {"lr": 1e-2, "betas": (0.7, 0.9), "weight_decay": 0.05, "maximize": True}),
+        ),
+        invalid=(({"eps": -1.0}, "Invalid epsilon value: -1.0"),),
+        coupled_weight_decay=True,
+        ranges=dict(lr=Range(1e-4, 5e-2), betas=(UNIT, UNIT), eps=Range(1e-8, 1e-3), weight_decay=SMALL,
+                    maximize=BOTH),
+    ),
+    Algorithm(
+        fusedopt.RAdam,
+        cases=(
+            Case("default", {"lr": 1e-2}),
+            # beta2 0.9: rho_t passes 5 at step 6, so the un-rectified and the rectified steps are both taken.
+            Case("betas-eps", {"lr": 1e-2, "betas": (0.8, 0.9), "eps": 1e-6}),
+            Case("weight_decay", {"lr": 1e-2, "betas": (0.85, 0.9), "weight_decay": 0.1}),
+            Case("decoupled_weight_decay", {"lr": 1e-2, "betas": (0.8, 0.9), "weight_decay": 0.1,
+                                            "decoupled_weight_decay": True}),
+            Case("decoupled_weight_decay-maximize", {"lr": 1e-2, "betas": (0.8, 0.9), "weight_decay": 0.05,
+                                                     "decoupled_weight_decay": True, "maximize": True}),
+        ),
+        invalid=(({"betas": (0.9, 1.0)}, "Invalid beta parameter at index 1: 1.0"),),
+        coupled_weight_decay=True,
+        ranges=dict(lr=Range(1e-4, 5e-2), betas=(UNIT, UNIT), eps=Range(1e-8, 1e-3), weight_decay=SMALL,
+                    decoupled_weight_decay=BOTH, maximize=BOTH),
     ),
 ]
 

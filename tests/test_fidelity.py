@@ -6,6 +6,7 @@ from __future__ import annotations
 import fusedopt
 import pytest
 import torch
+from cases import EXAMPLE, TORCH_ROWS, Algorithm
 
 pytestmark = pytest.mark.skipif("cpu" not in fusedopt.build_info()["backends"], reason="compiled CPU backend not built")
 
@@ -23,17 +24,16 @@ class Experts(torch.nn.Module):
         return sum(e(x) for e in chosen).square().mean()
 
 
-@pytest.mark.parametrize("name", ["AdamW", "SGD", "RMSprop", "Adagrad"])
-def test_default_zero_grad_loop_follows_torch(name: str) -> None:
+@pytest.mark.parametrize("row", TORCH_ROWS, ids=lambda row: row.name)
+def test_default_zero_grad_loop_follows_torch(row: Algorithm) -> None:
     torch.manual_seed(0)
     model = Experts()
     twin = Experts()
     twin.load_state_dict(model.state_dict())
     unused = model.unused.weight.detach().clone()
-    kwargs = {"lr": 1e-2, "weight_decay": 0.1} if name != "SGD" else {"lr": 1e-2, "momentum": 0.9,
-                                                                     "weight_decay": 0.1}
-    opt = getattr(fusedopt, name)(model.parameters(), backend="cpu", **kwargs)
-    ref = getattr(torch.optim, name)(twin.parameters(), **kwargs)
+    kwargs = row.descent_cases()[-1].kwargs  # the richest case that minimises (with weight decay where it has one)
+    opt = row.cls(model.parameters(), backend="cpu", **kwargs)
+    ref = row.torch_optimizer(twin.parameters(), kwargs)
     for step in range(8):
         x = torch.randn(4, 8)
         model(x, step).backward()
@@ -53,7 +53,7 @@ def test_default_zero_grad_loop_follows_torch(name: str) -> None:
 def test_gradients_written_in_place_after_zero_grad_count() -> None:
     p = torch.nn.Parameter(torch.randn(10))
     t = torch.nn.Parameter(p.detach().clone())
-    opt, ref = fusedopt.SGD([p], lr=0.1), torch.optim.SGD([t], lr=0.1)
+    opt, ref = EXAMPLE.cls([p], lr=0.1), EXAMPLE.torch_cls([t], lr=0.1)
     p.grad, t.grad = torch.ones(10), torch.ones(10)
     opt.step(), ref.step()
     opt.zero_grad(), ref.zero_grad(set_to_none=False)
@@ -77,4 +77,4 @@ def test_loading_a_torch_checkpoint_keeps_fusedopt_settings() -> None:
 
 def test_a_bare_tensor_is_not_an_iterable_of_parameters() -> None:
     with pytest.raises(TypeError, match="iterable of Tensors or dicts"):
-        fusedopt.AdamW(torch.nn.Parameter(torch.randn(3)))
+        EXAMPLE.cls(torch.nn.Parameter(torch.randn(3)))

@@ -10,16 +10,21 @@ import multiprocessing as mp
 import fusedopt
 import pytest
 import torch
+from cases import EXAMPLE
+
+# Every scenario runs the example optimizer of tests/cases.py (any algorithm would do: what is tested is the shadow
+# state around the kernels) against its torch.optim counterpart.
+OURS, THEIRS = EXAMPLE.cls, EXAMPLE.torch_cls
 
 pytestmark = pytest.mark.skipif("cpu" not in fusedopt.build_info()["backends"], reason="compiled CPU backend not built")
 
 
 def twins(shapes=((5, 4), (7,), (3, 3)), **kwargs):
-    """Parameters and copies for torch.optim, a fusedopt AdamW and a torch AdamW over them."""
+    """Parameters and copies for torch.optim, the example optimizer and its torch.optim counterpart over them."""
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    return (params, copies, fusedopt.AdamW(params, lr=1e-2, weight_decay=0.1, **kwargs),
-            torch.optim.AdamW(copies, lr=1e-2, weight_decay=0.1))
+    return (params, copies, OURS(params, lr=1e-2, weight_decay=0.1, **kwargs),
+            THEIRS(copies, lr=1e-2, weight_decay=0.1))
 
 
 def run(params, copies, opt, ref, steps=3) -> None:
@@ -107,7 +112,7 @@ def test_in_place_parameter_writes_reach_master_weights(write: str) -> None:
     """A bf16 model with fp32 master weights: a write to the parameters after the optimizer was created is the new
     truth (torch.optim has no second copy to lose it); the next step starts from it."""
     model = torch.nn.Linear(16, 8).bfloat16()
-    opt = fusedopt.AdamW(model.parameters(), lr=1e-3, master_weights=True)
+    opt = OURS(model.parameters(), lr=1e-3, master_weights=True)
     model(torch.randn(4, 16).bfloat16()).sum().backward()
     opt.step()
     with torch.no_grad():
@@ -123,13 +128,13 @@ def test_in_place_parameter_writes_reach_master_weights(write: str) -> None:
     model(torch.randn(4, 16).bfloat16()).sum().backward()
     opt.step()
     for p, before in zip(model.parameters(), written):
-        # One AdamW step moves each element by about lr (1e-3), never back to the old values.
+        # One step moves each element by about lr (1e-3) at most, never back to the old values.
         assert (p.detach().float() - before).abs().max() < 5e-3
         assert torch.equal(opt.state[p]["master_param"].bfloat16(), p.detach())
 
 
 def _hogwild_worker(model: torch.nn.Module, x: torch.Tensor) -> None:
-    opt = fusedopt.SGD(model.parameters(), lr=0.1)
+    opt = OURS(model.parameters(), lr=0.1)
     model(x).square().sum().backward()
     opt.step()
 
@@ -144,7 +149,7 @@ def test_shared_memory_model_is_updated_by_a_worker_process() -> None:
     worker.start()
     worker.join(60)
     assert worker.exitcode == 0
-    ref = torch.optim.SGD(expected.parameters(), lr=0.1)
+    ref = THEIRS(expected.parameters(), lr=0.1)
     expected(x).square().sum().backward()
     ref.step()
     for p, q in zip(model.parameters(), expected.parameters()):
@@ -155,7 +160,7 @@ def test_parameters_that_are_views_of_a_user_tensor_stay_views() -> None:
     base = torch.randn(30)
     params = [torch.nn.Parameter(base[0:10]), torch.nn.Parameter(base[10:30].view(4, 5))]
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt, ref = fusedopt.Adam(params, lr=1e-2), torch.optim.Adam(copies, lr=1e-2)
+    opt, ref = OURS(params, lr=1e-2), THEIRS(copies, lr=1e-2)
     run(params, copies, opt, ref)
     assert_same(params, copies, opt, ref)
     torch.testing.assert_close(base, torch.cat([c.detach().reshape(-1) for c in copies]), rtol=1e-6, atol=1e-7)
@@ -237,7 +242,7 @@ def test_huge_finite_gradients_clip_as_torch() -> None:
 def test_a_rejected_gradient_then_none_or_a_good_one_recovers() -> None:
     p = torch.nn.Parameter(torch.randn(3))
     t = torch.nn.Parameter(p.detach().clone())
-    opt, ref = fusedopt.SGD([p], lr=0.1), torch.optim.SGD([t], lr=0.1)
+    opt, ref = OURS([p], lr=0.1), THEIRS([t], lr=0.1)
     p.grad, t.grad = torch.ones(3), torch.ones(3)
     opt.step(), ref.step()
     p.grad.data = torch.randn(4)  # torch lets .data change the size
@@ -256,7 +261,7 @@ def test_an_expanded_view_of_the_gradient_assigned_back_keeps_training() -> None
     torch.manual_seed(2)
     model, twin = torch.nn.Linear(4, 1, bias=False), torch.nn.Linear(4, 1, bias=False)
     twin.load_state_dict(model.state_dict())
-    opt, ref = fusedopt.SGD(model.parameters(), lr=0.1), torch.optim.SGD(twin.parameters(), lr=0.1)
+    opt, ref = OURS(model.parameters(), lr=0.1), THEIRS(twin.parameters(), lr=0.1)
     for step in range(4):
         x = torch.randn(2, 4)
         model(x).sum().backward()
@@ -271,10 +276,10 @@ def test_an_expanded_view_of_the_gradient_assigned_back_keeps_training() -> None
 
 def test_minor_edits_are_refused_or_followed() -> None:
     p = torch.nn.Parameter(torch.randn(3, 4))
-    opt = fusedopt.SGD([p], lr=0.1)
+    opt = OURS([p], lr=0.1)
     p.data = p.data.t().contiguous()
     p.grad = torch.randn(4, 3)
     with pytest.raises(RuntimeError, match="changed shape"):
         opt.step()
     with pytest.raises(ValueError, match="master_weights"):
-        fusedopt.AdamW([torch.nn.Parameter(torch.randn(3).bfloat16())], master_weights="kahan")
+        OURS([torch.nn.Parameter(torch.randn(3).bfloat16())], master_weights="kahan")

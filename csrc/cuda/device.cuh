@@ -222,7 +222,7 @@ __device__ __forceinline__ void store_either(void* base, bool fp32, int64_t i, f
   else
     static_cast<T16*>(base)[i] = store<T16>(x);
 }
-// The value a state holds once stored: what a later read of it (the LAMB update pass) sees.
+// The value a state holds once stored: what a later read of it (a trust-ratio update pass) sees.
 __device__ __forceinline__ float stored_state(bool fp32, float x) { return fp32 ? x : load(store<bf16_t>(x)); }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -307,7 +307,7 @@ __device__ __forceinline__ void for_each_element(int64_t begin, int64_t end, boo
 // Thread t of the block visits the runs of kPack elements starting at begin + (t + k * kThreads) * kPack, k = 0, 1, ...
 // in order: a whole run as one pack access when `vec` (every array 16-byte aligned and begin a multiple of kPack), else
 // element by element (the masked tail of an item, or a misaligned buffer). Each thread sees the same elements in the
-// same order on both paths, so a reduction (sum of squares, LAMB's norms) does not depend on alignment.
+// same order on both paths, so a reduction (sum of squares, per-segment norms) does not depend on alignment.
 template <typename PackFn, typename ElementFn>
 __device__ __forceinline__ void for_each_run(int64_t begin, int64_t end, bool vec, PackFn&& on_pack,
                                              ElementFn&& on_element) {

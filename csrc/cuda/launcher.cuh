@@ -96,7 +96,7 @@ __global__ void count_steps_kernel(float* steps, const uint8_t* active, int64_t 
 
 // At least this many resident blocks (768 threads) per multiprocessor: enough 16-byte requests in flight to keep HBM
 // busy. Every op fits in 80 registers without spilling (check with -Xptxas -v); left to itself ptxas takes up to 88 for
-// Adam, which leaves room for only 2 blocks.
+// the widest op, which leaves room for only 2 blocks.
 constexpr int kMinBlocks = 3;
 
 template <typename A, typename Op, typename TP>
@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) elementwise_kernel(const
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Trust-ratio kind (LAMB), the CPU driver's two passes (csrc/cpu/driver.h run_trust_ratio) with the same pieces:
+// Trust-ratio kind, the CPU driver's two passes (csrc/cpu/driver.h run_trust_ratio) with the same pieces:
 //   pass 1, per item: moments updated in place (states 0 and 1); each thread adds ||p||^2 and ||u||^2 of its elements
 //     in registers (u from the stored moments, what pass 2 applies), then one fixed block tree and one store per item;
 //   sums, per segment: A::segment_sums over its items' partials in item order (deterministic);

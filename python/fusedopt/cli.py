@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     b.add_argument("--optimizer", type=_optimizer_arg, default=["adamw"],
-                   help="comma list of optimizer names (e.g. adamw,sgd) or all")
+                   help="comma list of optimizer names, or all")
     b.add_argument("--params", type=_size_arg, default=None,
                    help=f"parameter count, e.g. 1M, 10M, 124M, 350M, 1B "
                         f"(default {kDefaultParams}, {kQuickParams} with --quick)")

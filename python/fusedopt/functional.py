@@ -46,8 +46,8 @@ def update(
     """One step of `algorithm` (a name of the compiled core's list, `fusedopt._C.algorithms()`) over a flat buffer set.
 
     `states` are the state buffers in the algorithm's slot order (None for a state this configuration does not
-    keep), `hyper` its hyperparameters by name (the math header's kFields, e.g. beta1, beta2, eps, weight_decay,
-    amsgrad, maximize, decoupled for adam). `norm_reduce` (trust-ratio algorithms on sharded parameters) reduces in
+    keep), `hyper` its hyperparameters by name (the math header's kFields, as `fusedopt._C.algorithms()` lists
+    them). `norm_reduce` (trust-ratio algorithms on sharded parameters) reduces in
     place the (2, segments) float64 sums of squares of the parameter and of the update between the two passes, so
     that trust ratios use the norms of whole parameters.
     """
