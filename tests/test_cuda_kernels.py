@@ -18,7 +18,7 @@ from typing import Any
 import fusedopt
 import pytest
 import torch
-from cases import ALGORITHMS, all_params
+from cases import ALGORITHMS, ROWS
 from fusedopt import functional
 from fusedopt.flat import CHUNK, Segments
 from tolerances import assert_close, tolerance
@@ -50,8 +50,12 @@ DTYPES = [
 ]
 MIXED = (BF16, F32, F32, True)
 
-OPTIMIZERS = {"adam": fusedopt.Adam, "adamw": fusedopt.AdamW, "sgd": fusedopt.SGD, "rmsprop": fusedopt.RMSprop,
-              "adagrad": fusedopt.Adagrad, "lion": fusedopt.Lion, "lamb": fusedopt.LAMB}
+OPTIMIZERS = {row.name.lower(): row.cls for row in ROWS}
+
+
+def all_params() -> list:
+    """pytest.param(algorithm, case) for every row and case of tests/cases.py (algorithm: the lower-case class name)."""
+    return [pytest.param(row.name.lower(), case, id=f"{row.name}-{case.id}") for row in ROWS for case in row.cases]
 
 
 @dataclass
