@@ -39,7 +39,8 @@ _BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16}
 def _grid() -> list:
     rows = []
     for row in ROWS:
-        cases = list(dict.fromkeys([row.cases[0], row.cases[len(row.cases) // 2], row.richest_case()]))
+        picks = [row.cases[0], row.cases[len(row.cases) // 2], row.richest_case()]
+        cases = [c for k, c in enumerate(picks) if c.id not in {p.id for p in picks[:k]}]
         for k, case in enumerate(cases):
             kwargs = dict(case.kwargs)
             if k == 0:
@@ -115,7 +116,7 @@ def _one_thread_and_isa_restored():
 def test_same_bits_on_every_isa(row, kwargs, dtype, master, state_dtype):
     results = {isa: run_steps(isa, row, kwargs, dtype, master, state_dtype) for isa in ISAS}
     expected = results[ISAS[0]]
-    if row.state_names(kwargs):
+    if row.state_names({k: v for k, v in kwargs.items() if k != "max_grad_norm"}):
         assert any(k.startswith("state[") for k in expected), "no state tensor was compared"
     if master:
         assert "state[0]['master_param']" in expected
