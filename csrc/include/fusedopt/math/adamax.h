@@ -1,5 +1,5 @@
 // Adamax: hyperparameters, per-segment coefficients and the per-element update, shared by the CPU driver and the CUDA
-// launcher. Kingma & Ba 2015, Algorithm 2 (the infinity-norm variant of Adam); torch.optim.adamax._single_tensor_adamax.
+// launcher. Kingma & Ba 2015, Algorithm 2 (the infinity-norm second moment); torch.optim.adamax._single_tensor_adamax.
 #pragma once
 
 #include <math.h>

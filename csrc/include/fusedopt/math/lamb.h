@@ -1,6 +1,6 @@
 // LAMB: hyperparameters, per-segment coefficients and the per-element pieces (moment update, update direction,
 // trust-ratio step), shared by the CPU driver and the CUDA kernels. You et al. 2020, "Large Batch Optimization for Deep
-// Learning", Algorithm 2 (no torch.optim counterpart; moments as torch.optim.adam, norms per parameter tensor).
+// Learning", Algorithm 2 (no torch.optim counterpart; first/second moment EMAs, norms per parameter tensor).
 // A trust-ratio algorithm: the drivers run pass 1 (moments, per-segment sums of squares of p and u), combine the sums
 // per segment, then pass 2 (the update); see csrc/cpu/driver.h.
 #pragma once

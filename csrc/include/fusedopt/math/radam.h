@@ -1,6 +1,6 @@
-// RAdam (rectified Adam): hyperparameters, per-segment coefficients and the per-element update, shared by the CPU
+// RAdam (rectified adaptive moments): hyperparameters, per-segment coefficients and the per-element update, shared by the CPU
 // driver and the CUDA launcher. Liu et al. 2020, "On the Variance of the Adaptive Learning Rate and Beyond",
-// Algorithm 2; torch.optim.radam._single_tensor_radam (decoupled weight decay as in AdamW).
+// Algorithm 2; torch.optim.radam._single_tensor_radam (decoupled weight decay: p *= 1 - lr * wd first).
 #pragma once
 
 #include <math.h>
@@ -61,7 +61,7 @@ struct radam {
     return c;
   }
 
-  // m, v as Adam; u = m/bc1 * lr, times sqrt(bc2)/(sqrt(v)+eps) * r_t when rectified; p -= u (torch's op order)
+  // m = lerp(m, g, 1-beta1), v = beta2 v + (1-beta2) g^2; u = m/bc1 * lr, times sqrt(bc2)/(sqrt(v)+eps) * r_t when rectified; p -= u (torch's op order)
   struct Op {
     FUSEDOPT_HD static constexpr bool uses(int k) { return k < 2; }
     FUSEDOPT_HD void operator()(const Coeffs& c, float& p, float g, float& exp_avg, float& exp_avg_sq, float&) const {
