@@ -509,7 +509,8 @@ def radam(
 ) -> None:
     """RAdam (Liu et al. 2020, Algorithm 2), as torch.optim.RAdam.
 
-    m = lerp(m, g, 1-beta1), v = beta2*v + (1-beta2)*g*g (decoupled: p = p*(1 - lr*wd) first, else g = g + wd*p); rho_inf = 2/(1-beta2) - 1,
+    m = lerp(m, g, 1-beta1), v = beta2*v + (1-beta2)*g*g (decoupled: p = p*(1 - lr*wd) first, else g = g + wd*p);
+    rho_inf = 2/(1-beta2) - 1,
     rho_t = rho_inf - 2t beta2^t/(1 - beta2^t); when rho_t > 5:
     p = p - lr * m/(1-beta1^t) * sqrt(1-beta2^t)/(sqrt(v)+eps) * r_t with
     r_t = sqrt((rho_t-4)(rho_t-2)rho_inf / ((rho_inf-4)(rho_inf-2)rho_t)); else p = p - lr * m/(1-beta1^t).

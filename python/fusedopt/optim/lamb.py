@@ -33,7 +33,8 @@ LAMB_SPEC = Spec(
 
 
 class LAMB(FusedOptimizer):
-    """LAMB: first and second moment EMAs, u = m_hat/(sqrt(v_hat)+eps) + wd*p, p <- p - lr * (||p||/||u||) * u per parameter.
+    """LAMB: first and second moment EMAs, u = m_hat/(sqrt(v_hat)+eps) + wd*p, then per parameter
+    p <- p - lr * (||p||/||u||) * u.
 
     The trust ratio is 1 when either norm is 0 and is clamped to `max_trust_ratio` when given. State layout
     (documented, round-trips exactly): step, exp_avg, exp_avg_sq, master_param. fusedopt's own keywords are those of

@@ -28,9 +28,9 @@ RADAM_SPEC = Spec(
 
 
 class RAdam(FusedOptimizer):
-    """RAdam (Liu et al., 2020) with torch.optim.RAdam's arguments and defaults: moment estimates whose adaptive step is switched
-    on, and rectified, once the variance of its estimate is tractable (rho_t > 5). fusedopt's own keywords are those
-    of `FusedOptions`. State per parameter: step, exp_avg, exp_avg_sq, master_param."""
+    """RAdam (Liu et al., 2020) with torch.optim.RAdam's arguments and defaults: moment estimates whose adaptive
+    step is switched on, and rectified, once the variance of its estimate is tractable (rho_t > 5). fusedopt's own
+    keywords are those of `FusedOptions`. State per parameter: step, exp_avg, exp_avg_sq, master_param."""
 
     spec = RADAM_SPEC
 
