@@ -250,7 +250,7 @@ def test_graph_writes_before_step_reach_the_op(backend: str) -> None:
     must see the written values even when functionalization defers the writes to the end of the graph."""
     model = nn.Linear(16, 8)
     twin = copy.deepcopy(model)
-    opt, eager = (EXAMPLE.cls(m.parameters(), lr=torch.tensor(1e-2), betas=(0.9, torch.tensor(0.99)),
+    opt, eager = (EXAMPLE.cls(m.parameters(), lr=torch.tensor(1e-2), betas=(torch.tensor(0.9), torch.tensor(0.99)),
                               backend=BACKEND) for m in (model, twin))
 
     def rescale_and_step(o: torch.optim.Optimizer, lr: torch.Tensor) -> None:

@@ -275,7 +275,7 @@ def test_zero_padding_stays_zero(row: Algorithm, case) -> None:
         grad[pad] = 0
         reference_step(row, case.kwargs, param, grad, state)
         assert torch.all(param[pad] == 0)
-        for k in fresh:
+        for k in fresh if row.zero_fixed_states else ():
             assert torch.equal(state[k][pad], fresh[k][pad]), k
     assert not torch.equal(param[:40], start[:40])
 
