@@ -62,17 +62,25 @@ def test_gradients_written_in_place_after_zero_grad_count() -> None:
     torch.testing.assert_close(p.detach(), t.detach())
 
 
-def test_loading_a_torch_checkpoint_keeps_fusedopt_settings() -> None:
+@pytest.mark.parametrize("row", TORCH_ROWS, ids=lambda row: row.name)
+def test_loading_a_torch_checkpoint_keeps_fusedopt_settings(row: Algorithm) -> None:
+    """A torch.optim checkpoint carries none of fusedopt's own settings: the optimizer keeps them. A class whose spec
+    forces a group key (a decoupled variant) keeps it after loading its parent class's torch checkpoint."""
+    parent = row.cls.__mro__[1]
+    source = getattr(torch.optim, parent.__name__, None) if row.cls.spec.forced else row.torch_cls
+    if source is None:
+        pytest.skip(f"{parent.__name__} has no torch.optim counterpart")
     params = [torch.nn.Parameter(torch.randn(6)) for _ in range(2)]
-    torch_opt = torch.optim.Adam(params, lr=1e-3)
+    torch_opt = source(params, lr=1e-3)
     for p in params:
         p.grad = torch.randn(6)
     torch_opt.step()
-    opt = fusedopt.AdamW(params, lr=1e-3, max_grad_norm=1.0, skip_nonfinite=True)
+    opt = row.cls(params, lr=1e-3, max_grad_norm=1.0, skip_nonfinite=True)
     opt.load_state_dict(torch_opt.state_dict())
     group = opt.param_groups[0]
     assert group["max_grad_norm"] == 1.0 and group["skip_nonfinite"] is True
-    assert group["decoupled_weight_decay"] is True  # AdamW stays AdamW after loading an Adam checkpoint
+    for key, value in row.cls.spec.forced.items():
+        assert group[key] == value, key
 
 
 def test_a_bare_tensor_is_not_an_iterable_of_parameters() -> None:
