@@ -520,21 +520,19 @@ def radam(
     _check_same_numel(param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
     p, m, v = _fp32(param), _fp32(exp_avg), _fp32(exp_avg_sq)
     g = _effective_grad(grad, grad_scale, maximize)
-    if weight_decay != 0:
-        if decoupled:
-            p.mul_(1 - lr * weight_decay)
-        else:
-            g = g.add(p, alpha=weight_decay)
+    if weight_decay != 0 and decoupled:
+        p.mul_(1 - lr * weight_decay)
+    elif weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
+    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
     rho_inf = 2 / (1 - beta2) - 1
-    rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
-    update = m / bias_correction1 * lr
+    rho_t = rho_inf - 2 * step * (beta2**step) / bc2
+    update = m / bc1 * lr
     if rho_t > 5.0:
         rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
-        update = update * ((bias_correction2**0.5) / v.sqrt().add_(eps)) * rect
+        update = update * ((bc2**0.5) / v.sqrt().add_(eps)) * rect
     p.add_(update, alpha=-1.0)
     _write_back(param, p)
     _write_back(exp_avg, m)
