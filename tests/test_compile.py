@@ -87,14 +87,14 @@ def own_buffers(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Records, for every run of fusedopt::optimizer_step, whether it was handed the optimizer's own flat parameter
     buffers (True: updated in place) or functionalization's copies of them (False)."""
     calls: list[bool] = []
-    step_from_op = fusedopt.optim._base.FusedOptimizer._step_from_op
+    step_from_op = fusedopt._torch_ops.step_from_op
 
-    def spy(self: Any, flat_params: list[torch.Tensor], *args: Any) -> None:
-        own = [buf.param for buffers in self.flat_buffers for buf in buffers]
+    def spy(optimizer: Any, flat_params: list[torch.Tensor], *args: Any) -> None:
+        own = [buf.param for buffers in optimizer.flat_buffers for buf in buffers]
         calls.append(all(a.data_ptr() == b.data_ptr() for a, b in zip(flat_params, own)))
-        step_from_op(self, flat_params, *args)
+        step_from_op(optimizer, flat_params, *args)
 
-    monkeypatch.setattr(fusedopt.optim._base.FusedOptimizer, "_step_from_op", spy)
+    monkeypatch.setattr(fusedopt._torch_ops, "step_from_op", spy)
     return calls
 
 

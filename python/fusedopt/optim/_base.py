@@ -1,7 +1,8 @@
 """The optimizer base class: param groups over flat storage, state views in torch.optim's layout, and the step that
 hands each flat buffer set to one `fusedopt.functional.update` call. No arithmetic: the algorithm is the class's
 `spec` (optim/_spec.py) and its math header; gradient scaling lives in fusedopt._scaling, checkpoint loading in
-optim/_checkpoint.py.
+optim/_checkpoint.py, the edits of torch's visible objects in optim/_shadow.py, torch.compile glue in
+fusedopt._torch_ops.
 """
 from __future__ import annotations
 
@@ -76,21 +77,6 @@ def check_flattenable(params: list[Tensor]) -> None:
         if storage_a == storage_b and start_b < end_a:
             raise ValueError(f"fusedopt cannot optimize parameters {a} and {b}: they share memory; "
                              "flat storage would give each its own copy")
-
-
-def _tensor_hyperparameters(groups: list[dict[str, Any]]) -> list[tuple[int, str, int | None, Tensor]]:
-    """(group index, key, index in a tuple value or None, tensor) for every tensor hyperparameter, e.g. a tensor
-    lr or betas: a compiled step passes them to the op so that it sees values the same graph just wrote."""
-    found: list[tuple[int, str, int | None, Tensor]] = []
-    for g, group in enumerate(groups):
-        for key, value in group.items():
-            if key == "params":
-                continue
-            if isinstance(value, Tensor):
-                found.append((g, key, None, value))
-            elif isinstance(value, (tuple, list)):
-                found.extend((g, key, j, v) for j, v in enumerate(value) if isinstance(v, Tensor))
-    return found
 
 
 Prepared = tuple[dict[str, Any], FlatBuffer, str]  # (group, buffer set with a gradient this step, backend)
@@ -291,7 +277,7 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if torch.compiler.is_compiling():
-            self._compiled_step(grad_scale, found_inf)
+            _torch_ops.compiled_step(self, grad_scale, found_inf)
         else:
             self._eager_step(self.param_groups, grad_scale, found_inf)
         return loss
@@ -402,115 +388,6 @@ class FusedOptimizer(Optimizer):
             functional.sum_of_squares_into(buf.grad, buf.segments, sums[k:k + 1], flags[k:k + 1], backend=backend)
         return _scaling.global_norm(sums, flags, [buf.reduce_groups for _, buf, _ in prepared], unscale)
 
-    # torch.compile -----------------------------------------------------------------------------------------
-
-    def _compiled_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        """What dynamo traces for `step()`: the aliasing repair of `prepare_step` for gradients (a `.grad` that is
-        not the flat buffer's view is copied into it and replaced by it), then one `fusedopt::optimizer_step` call.
-
-        Doing that repair in the graph rather than in the op keeps every write to a tensor the graph can see
-        declared: the op writes only the flat parameter buffers (one storage each, so inductor lets it update them
-        in place) and reads the gradients. It never gets the flat gradient buffers: a graph holding a buffer and
-        views into it that some op writes (gradient clipping, zero_grad) needs AOTAutograd's synthetic bases,
-        which fail on recompiled graphs.
-        """
-        buffers = [buf for group_buffers in self._flat_groups for buf in group_buffers]
-        for buf in buffers:
-            if not buf.external:  # an external buffer's gradients are not ours (FSDP's); the op copies them in
-                for i, p in enumerate(buf.params):
-                    if p.grad is not None and p.grad is not buf.grad_view(i):
-                        buf.grad_view(i).copy_(p.grad)
-                        p.grad = buf.grad_view(i)
-        grads = [p.grad for buf in buffers for p in buf.params]
-        hyperparameters = [value for _, _, _, value in _tensor_hyperparameters(self.param_groups)]
-        torch.ops.fusedopt.optimizer_step(self._handle, [buf.param for buf in buffers], grads, grad_scale,
-                                          found_inf, hyperparameters)
-
-    @torch.no_grad()
-    def _step_from_op(self, flat_params: list[Tensor], grads: list[Tensor | None], grad_scale: Tensor | None,
-                      found_inf: Tensor | None, hyperparameters: list[Tensor]) -> None:
-        """The real implementation of `fusedopt::optimizer_step`: an eager step on the values the op was given.
-
-        With inductor the op normally receives the optimizer's own flat parameter buffers and gradient views, and
-        this is a plain eager step. Otherwise (functionalization under backend="aot_eager", a graph that also reads
-        the parameters, or inductor handing over a gradient it knows equals the view) it gets other tensors holding
-        the graph's values: parameters that differ are loaded into flat storage first and the passed copies receive
-        the updated values afterwards, and gradients other than the views are read through a scratch copy of the
-        flat gradient buffer, because the graph may already have written the real one (zeroed it, say) without
-        this op's knowledge. Every `p.grad` is left as the op found it: no Python state changes behind dynamo.
-        """
-        buffers = [buf for group_buffers in self._flat_groups for buf in group_buffers]
-        slots = [(buf, i) for buf in buffers for i in range(len(buf.params))]
-        if len(flat_params) != len(buffers) or len(grads) != len(slots):
-            raise RuntimeError(f"fusedopt::optimizer_step: got {len(flat_params)} flat parameter buffers and "
-                               f"{len(grads)} gradients, the optimizer has {len(buffers)} and {len(slots)}")
-        copies = [(given, buf) for given, buf in zip(flat_params, buffers) if given.data_ptr() != buf.param.data_ptr()]
-        for given, buf in copies:
-            for i in range(len(buf.params)):
-                if not torch.equal(buf.region(given, i), buf.region(buf.param, i)):
-                    buf.region(buf.param, i).copy_(buf.region(given, i))
-                    if buf.master is not None:
-                        buf.region(buf.master, i).copy_(buf.region(buf.param, i))
-        found = [buf.params[i].grad for buf, i in slots]
-        real_grads: dict[int, Tensor] = {}  # id(buf) -> its flat gradient buffer, while a scratch copy stands in
-        try:
-            for (buf, i), grad in zip(slots, grads):
-                p = buf.params[i]
-                if grad is None or buf.external:
-                    p.grad = grad  # None skips the parameter; FSDP's gradient shards are copied in by prepare_step
-                    continue
-                if grad.data_ptr() != buf.region(buf.grad, i).data_ptr():
-                    if id(buf) not in real_grads:
-                        real_grads[id(buf)] = buf.grad
-                        buf.grad = buf.grad.clone()
-                    buf.region(buf.grad, i).copy_(grad.reshape(-1))
-                p.grad = buf.grad_view(i)  # what prepare_step recognises as already in place
-            self._eager_step(self._groups_with(hyperparameters), grad_scale, found_inf)
-        finally:
-            for buf in buffers:
-                buf.grad = real_grads.get(id(buf), buf.grad)
-            for (buf, i), grad in zip(slots, found):
-                buf.params[i].grad = grad
-        for given, buf in copies:
-            given.copy_(buf.param)
-
-    def _groups_with(self, hyperparameters: list[Tensor]) -> list[dict[str, Any]]:
-        """The param groups, with copies where the op was handed tensor hyperparameters other than the groups' own
-        (a graph that wrote to `group["lr"]` before the step passes the written value)."""
-        groups = self.param_groups
-        entries = _tensor_hyperparameters(groups)
-        if len(entries) != len(hyperparameters):
-            raise RuntimeError(f"fusedopt::optimizer_step: got {len(hyperparameters)} tensor hyperparameters, "
-                               f"the param groups hold {len(entries)}")
-        replaced = [(g, key, index, given) for (g, key, index, own), given in zip(entries, hyperparameters)
-                    if given.data_ptr() != own.data_ptr()]
-        if not replaced:
-            return groups
-        groups = [dict(group) for group in groups]
-        for g, key, index, given in replaced:
-            if index is None:
-                groups[g][key] = given
-            else:
-                values = list(groups[g][key])
-                values[index] = given
-                groups[g][key] = type(groups[g][key])(values)
-        return groups
-
-    def _compiled_zero_grad(self) -> None:
-        """What dynamo traces for `zero_grad(set_to_none=False)`: every gradient that is not None zeroed in place,
-        after re-pointing any that is not the flat buffer's view at that view, as the eager zero_grad does. (One
-        `zero_()` per gradient: inductor writes those straight into the buffer, while `_foreach_zero_` has no
-        lowering and would allocate fresh zeros and copy them over.)"""
-        for buffers in self._flat_groups:
-            for buf in buffers:
-                buf.received.zero_()
-                for i, p in enumerate(buf.params):
-                    if p.grad is None:
-                        continue
-                    if not buf.external and p.grad is not buf.grad_view(i):
-                        p.grad = buf.grad_view(i)
-                    p.grad.zero_()
-
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zero every gradient with one fill per flat buffer, keeping `.grad` views (the fast path).
@@ -520,7 +397,7 @@ class FusedOptimizer(Optimizer):
         Under `torch.compile` it is traced as an in-place zero of each gradient.
         """
         if torch.compiler.is_compiling() and not set_to_none:
-            self._compiled_zero_grad()
+            _torch_ops.compiled_zero_grad(self)
             return
         for buffers in self._flat_groups:
             for buf in buffers:
