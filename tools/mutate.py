@@ -69,8 +69,8 @@ _REF_ADAM_MOMENTS = """\
 # The mutants, grouped by file. Each is a bug a plausible edit could introduce: a dropped term (weight decay, eps, a
 # bias correction), a flipped sign, beta1 and beta2 swapped, an off-by-one step, a halved step size, a wrong lerp
 # weight, two updates in the wrong order, an ignored option (maximize, grad_scale, dampening, a clamp). Every C++
-# mutant costs one rebuild (~20 s), so a pattern repeated in several headers (the weight-decay term, the maximize
-# sign) is mutated in a few of them, not in all, to keep the whole run near 15 minutes.
+# mutant costs one rebuild (16-30 s), so a pattern repeated in several headers (the weight-decay term, the maximize
+# sign) is mutated in a few of them, not in all, to keep the whole run within 15-25 minutes on 2 cores.
 # Left out because nothing observable changes (equivalent mutants):
 #   lion's c.decay = h.weight_decay != 0.0 ? 1 - lr * weight_decay : 1 -> always 1 - lr * weight_decay: with
 #     weight_decay 0 that is exactly 1 in double and in float;
