@@ -46,6 +46,8 @@ FUSED_DEFAULTS: dict[str, Any] = {
     "skip_nonfinite": False,
 }
 
+FUSED_DEVICES = ("cpu", "cuda")
+
 # Group keys that describe where and how state is stored, or fusedopt's own policy: a loaded torch.optim checkpoint
 # does not carry them, so the optimizer keeps its own values.
 _KEPT_ON_LOAD = tuple(FUSED_DEFAULTS)
@@ -295,6 +297,11 @@ class FusedOptimizer(Optimizer):
         if not on_device and found_inf is not None and bool(found_inf.sum() != 0):
             return  # GradScaler saw inf/nan: parameters, states and step counts stay as they are
         prepared_with_grads = [entry for entry in prepared if entry[1].segments.any_active()]
+        for group, buf, _ in prepared_with_grads:
+            # torch.optim's check, with its message: fused=True asks for fused kernels, which exist on cpu and cuda.
+            if group.get("fused") and buf.device.type not in FUSED_DEVICES:
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported "
+                                   f"devices: {list(FUSED_DEVICES)} but {buf.param.dtype} and {buf.device.type}")
         if not prepared_with_grads and not any(buf.reduce_groups for _, buf, _ in prepared):
             return
         decided = self._scales(prepared, grad_scale, found_inf, on_device)
