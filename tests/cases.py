@@ -165,7 +165,9 @@ def lamb64(p: Tensor, g: Tensor, states: Mapping[str, Tensor], step: int, hp: Ma
     b1, b2 = hp["betas"]
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
-    mh, vh = (m / (1 - b1**step), v / (1 - b2**step)) if hp["bias_correction"] else (m, v)
+    # u from the moments as stored (fusedopt's choice: the update is a function of the saved state).
+    ms, vs = (x.to(states[k].dtype).to(F64) for x, k in ((m, "exp_avg"), (v, "exp_avg_sq")))
+    mh, vh = (ms / (1 - b1**step), vs / (1 - b2**step)) if hp["bias_correction"] else (ms, vs)
     u = mh / (torch.sqrt(vh) + hp["eps"]) + hp["weight_decay"] * p
     w_norm, u_norm = torch.linalg.vector_norm(p).item(), torch.linalg.vector_norm(u).item()
     ratio = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import zlib
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,7 +28,7 @@ from fusedopt.flat import Segments  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from cases import EXAMPLE, ROWS, Algorithm, row_params, warm_state  # noqa: E402
-from tolerances import assert_close, tolerance  # noqa: E402
+from tolerances import assert_close, assert_update_close, tolerance  # noqa: E402
 
 CHUNK = int(_C.build_info()["chunk_elements"])
 SIZES = [1, 15, 16, 17, 4097, CHUNK - 1, CHUNK, CHUNK + 1]
@@ -137,12 +138,10 @@ def run_and_compare(row, kw, n, pdtype, gdtype, master, sdtype, seed, segments=N
 
     ref_param = (master_t if master else param).clone()
     ref_states = {k: (v.clone() if v is not None else None) for k, v in states.items()}
-    # Two-pass kernels with bf16 states: the kernel's update direction uses the stored (rounded) moments, the
-    # reference the unrounded ones, so parameters agree to bf16 precision only.
-    param_tol = BF16 if (row.two_pass and sdtype == BF16) else None
 
     for step in range(1, steps + 1):
         grad = (_sym(n, gen) * 0.5).to(gdtype)
+        before = ref_param.clone()
         _call("cpu", row, param, grad, states, master_t, kw, table)
         ref_master = ref_param if master else None
         ref_target = param.clone() if master else ref_param
@@ -150,16 +149,23 @@ def run_and_compare(row, kw, n, pdtype, gdtype, master, sdtype, seed, segments=N
         assert torch.equal(table.steps, ref_table.steps) and bool((table.steps == step).all()), "step counts"
 
         where = f"{msg} step {step}"
+        # LAMB's direction reads the stored moments: bf16 rounding boundaries show in the update (see tolerances).
+        rounded_direction = row.two_pass and sdtype == BF16
         if row.sign_update:
             assert_sign_update_close(master_t if master else param, ref_param, F32 if master else pdtype,
                                      kw["lr"], msg=f"param {where}")
             ref_param.copy_(master_t if master else param)
+        fp32_param = master_t if master else (param if pdtype == F32 else None)
+        if fp32_param is not None and rounded_direction:
+            assert_update_close(fp32_param, ref_param, before, BF16, msg=f"fp32 param {where}")
+        elif fp32_param is not None:
+            assert_close(fp32_param, ref_param, F32, msg=f"fp32 param {where}")
+        if pdtype != F32 and rounded_direction:
+            assert_update_close(param, ref_param, before, BF16, msg=f"param {where}", stored=pdtype)
+        elif pdtype != F32:
+            assert_close(param, ref_param.to(pdtype), pdtype, msg=f"param {where}")
         if master:
-            assert_close(master_t, ref_param, param_tol or F32, msg=f"master {where}")
-            assert_close(param, ref_param.to(pdtype), param_tol or pdtype, msg=f"param {where}")
             assert torch.equal(param, master_t.to(pdtype)), f"param != round(master) {where}"
-        else:
-            assert_close(param, ref_param, param_tol or pdtype, msg=f"param {where}")
         for name, t in states.items():
             if t is not None:
                 assert_close(t, ref_states[name], sdtype, msg=f"{name} {where}")
@@ -194,7 +200,8 @@ def _grid():
 def test_kernel_matches_reference(row, case, grad_scale, size, pdtype, gdtype, master, sdtype, isa):
     with cpu_isa(isa):
         run_and_compare(row, kernel_args(row, case.kwargs, grad_scale), size, pdtype, gdtype, master, sdtype,
-                        seed=hash((row.name, size)) % 1000, msg=f"{row.name} {case.id} x{grad_scale} {isa}",
+                        seed=zlib.crc32(f"{row.name} {size}".encode()) % 1000,
+                        msg=f"{row.name} {case.id} x{grad_scale} {isa}",
                         kwargs=case.kwargs)
 
 

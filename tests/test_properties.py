@@ -14,7 +14,7 @@ from fusedopt import functional
 from fusedopt.flat import Segments
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tolerances import assert_close
+from tolerances import assert_close, assert_update_close
 
 COMPILED = "cpu" in fusedopt.build_info()["backends"]
 pytestmark = pytest.mark.skipif(not COMPILED, reason="compiled CPU backend not built")
@@ -42,6 +42,10 @@ def layouts() -> st.SearchStrategy:
     """Segment sizes: one or two long segments (several OpenMP chunks each) or up to 40 short ones, some empty."""
     return st.one_of(st.lists(st.integers(1, 70_000), min_size=1, max_size=2),
                      st.lists(st.integers(0, 5000), min_size=1, max_size=40))
+
+
+# Both sides run three steps independently: 16-bit states at trajectory tolerance.
+STATE_TRAJECTORY = {torch.bfloat16: "bf16_trajectory", torch.float16: "fp16_trajectory"}
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -78,6 +82,7 @@ def test_compiled_kernels_match_the_reference(row: Algorithm, data, sizes, param
     tables = [Segments(offsets, sizes, torch.device("cpu")) for _ in sides]
     for step in range(1, 4):
         grad = torch.randn(total, generator=gen).to(pdt)
+        before = (sides[1][1] if use_master else sides[1][0]).float().clone()
         for (param, master, states), backend, table in zip(sides, ("cpu", "reference"), tables):
             for k in range(len(sizes)):  # a different subset of parameters has a gradient at every step
                 table.flags[k] = int((k + step) % 4 != 0)
@@ -86,14 +91,11 @@ def test_compiled_kernels_match_the_reference(row: Algorithm, data, sizes, param
         expected_steps = [float(sum((k + t) % 4 != 0 for t in range(1, step + 1))) for k in range(len(sizes))]
         assert tables[0].steps.tolist() == tables[1].steps.tolist() == expected_steps
         (p_cpu, m_cpu, s_cpu), (p_ref, m_ref, s_ref) = sides
-        if pdt == torch.float32 and sdt == torch.float32:
-            # Two-pass kernels sum squares per segment in another order than the reference's norms: the trust ratio
-            # differs in its last bits, which the update carries.
-            tol = "fp32_trajectory" if row.two_pass else "fp32"
-        else:
-            tol = sdt if pdt == torch.float32 else pdt
-        if row.two_pass and sdt == torch.bfloat16:
-            tol = torch.bfloat16  # the kernel's second pass reads the stored (rounded) moments
+        # Three steps run independently on each side: a one-ulp difference (the reference's torch ops fuse some
+        # multiply-adds; two-pass kernels sum squares in another order) is amplified where a ratio such as
+        # g / (sqrt(v) + eps) has a small denominator, as in any trajectory.
+        fp32_tol = "fp32_trajectory"
+        tol = fp32_tol if pdt == torch.float32 else pdt
         p_cpu, p_ref, m_cpu, m_ref = p_cpu.float(), p_ref.float(), m_cpu, m_ref
         if row.sign_update:  # sign(c) flips where c is within rounding of 0: compare the rest
             keep = (p_cpu - p_ref).abs() <= 3 * lr
@@ -101,9 +103,22 @@ def test_compiled_kernels_match_the_reference(row: Algorithm, data, sizes, param
             p_cpu, p_ref = p_cpu[keep], p_ref[keep]
             if use_master:
                 m_cpu, m_ref = m_cpu[keep], m_ref[keep]
-        assert_close(p_cpu, p_ref, tol, msg=f"{row.name} param, step {step}")
-        if use_master:
-            assert_close(m_cpu, m_ref, tol, msg=f"{row.name} master, step {step}")
+        # LAMB's direction reads the stored moments: with bf16 states their rounding boundaries show in the update
+        # (see tolerances.assert_update_close); the sides are then synchronised so that each step starts equal.
+        rounded_direction = row.two_pass and sdt == torch.bfloat16
+        if rounded_direction and pdt == torch.float32:
+            assert_update_close(p_cpu, p_ref, before, torch.bfloat16, msg=f"{row.name} param, step {step}")
+        else:
+            assert_close(p_cpu, p_ref, tol, msg=f"{row.name} param, step {step}")
+        if use_master and rounded_direction:
+            assert_update_close(m_cpu, m_ref, before, torch.bfloat16, msg=f"{row.name} master, step {step}")
+        elif use_master:
+            assert_close(m_cpu, m_ref, fp32_tol, msg=f"{row.name} master, step {step}")
         for name in s_cpu:
-            assert_close(s_cpu[name].float(), s_ref[name].float(), sdt if sdt != torch.float32 else tol,
-                         msg=f"{row.name} {name}, step {step}")
+            state_tol = STATE_TRAJECTORY[sdt] if sdt != torch.float32 else fp32_tol
+            assert_close(s_cpu[name].float(), s_ref[name].float(), state_tol, msg=f"{row.name} {name}, step {step}")
+        if rounded_direction:
+            for ours, theirs in zip(sides[0], sides[1]):
+                for a, b in (zip(ours.values(), theirs.values()) if isinstance(ours, dict) else [(ours, theirs)]):
+                    if a is not None:
+                        b.copy_(a)

@@ -44,7 +44,10 @@ def lookup(handle: int) -> Any:
 # copies. Gradients, grad_scale, found_inf and the tensor hyperparameters are only read. Python-number
 # hyperparameters are not passed (a graph would then be specialised on, and recompiled for, every value): the op
 # reads them from the param groups when it runs.
-@torch.library.custom_op("fusedopt::optimizer_step", mutates_args=("flat_params",))
+# The schema is spelled out: torch < 2.6 cannot infer one from postponed (string) annotations.
+@torch.library.custom_op("fusedopt::optimizer_step", mutates_args=("flat_params",), schema=(
+    "(int handle, Tensor(a!)[] flat_params, Tensor?[] grads, Tensor? grad_scale, Tensor? found_inf, "
+    "Tensor[] hyperparameters) -> ()"))
 def optimizer_step(handle: int, flat_params: list[Tensor], grads: list[Optional[Tensor]],  # noqa: UP045
                    grad_scale: Optional[Tensor], found_inf: Optional[Tensor],  # noqa: UP045
                    hyperparameters: list[Tensor]) -> None:

@@ -344,7 +344,7 @@ def lamb(
     """LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning", Alg. 2) on one whole tensor (one layer).
 
     g = grad*grad_scale (negated if maximize); m = lerp(m, g, 1-beta1); v = beta2*v + (1-beta2)*g*g;
-    mh, vh = (m/(1-beta1**t), v/(1-beta2**t)) if bias_correction else (m, v);
+    mh, vh = (m/(1-beta1**t), v/(1-beta2**t)) if bias_correction else (m, v), from m and v as stored;
     u = mh / (sqrt(vh) + eps) + wd*p   (decoupled weight decay inside the update);
     ratio = ||p|| / ||u|| when both norms are > 0, else 1; ratio = min(ratio, max_trust_ratio) when given;
     p = p - lr*ratio*u.   Norms are accumulated in float64 from the fp32 values.
@@ -371,6 +371,11 @@ def lamb_moments(
 
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    _write_back(exp_avg, m)
+    _write_back(exp_avg_sq, v)
+    # u from the moments as stored (rounded when states are bf16): the update is a function of the saved state,
+    # the same in the step's two halves and after a checkpoint resume.
+    m, v = _fp32(exp_avg), _fp32(exp_avg_sq)
     if bias_correction:
         mh = m / (1 - beta1**step)
         vh = v / (1 - beta2**step)
@@ -379,8 +384,6 @@ def lamb_moments(
     u = mh / vh.sqrt().add_(eps)
     if weight_decay != 0:
         u.add_(p, alpha=weight_decay)
-    _write_back(exp_avg, m)
-    _write_back(exp_avg_sq, v)
     return u, p.double().square().sum().item(), u.double().square().sum().item()
 
 
