@@ -447,7 +447,7 @@ def test_c_boundary_rejects_bad_arguments(row):
 def test_c_boundary_rejects_bad_global_arguments():
     p = torch.randn(64)
     with pytest.raises(ValueError, match="dtype code"):
-        _C.sum_of_squares(p.data_ptr(), p.numel(), 3)
+        _C.sum_of_squares(p.data_ptr(), p.numel(), 4)
     with pytest.raises(ValueError, match="threads"):
         _C.set_num_threads(0)
 

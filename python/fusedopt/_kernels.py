@@ -182,10 +182,10 @@ def step(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[Tensor | 
     kernel(*buffers, *table, values, lr_value, scale, PASS_APPLY, w2, u2)
 
 
-def _device_scalar(name: str, t: Tensor, device: torch.device) -> int:
-    """Pointer of a 1-element float32 tensor on `device` (the kernels read it from device memory)."""
-    if t.device != device or t.dtype != torch.float32 or t.numel() != 1:
-        raise ValueError(f"Invalid {name}: expected a 1-element torch.float32 tensor on {device}, got {t.dtype} with "
+def _device_scalar(name: str, t: Tensor, device: torch.device, dtype: torch.dtype = torch.float32) -> int:
+    """Pointer of a 1-element `dtype` tensor on `device` (the kernels read it from device memory)."""
+    if t.device != device or t.dtype != dtype or t.numel() != 1:
+        raise ValueError(f"Invalid {name}: expected a 1-element {dtype} tensor on {device}, got {t.dtype} with "
                          f"{t.numel()} elements on {t.device}")
     return t.data_ptr()
 
@@ -266,7 +266,7 @@ def sum_of_squares_into(tensor: Tensor, segments: Segments | None, out_sum: Tens
     scratch = torch.empty(int(_C.cuda_sum_of_squares_scratch(items)), dtype=torch.float64, device=device)
     index, stream = _launch(device)
     _C.cuda_sum_of_squares(tensor.data_ptr(), tensor.numel(), DTYPE_CODES[tensor.dtype], work, items, active, count,
-                           scratch.data_ptr(), _device_scalar("out_sum", out_sum, device),
+                           scratch.data_ptr(), _device_scalar("out_sum", out_sum, device), 0,
                            _device_scalar("out_nonfinite", out_nonfinite, device), index, stream)
 
 
