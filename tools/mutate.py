@@ -148,6 +148,15 @@ MUTANTS: list[Mutant] = [
            "? wn / un : 1.0;", "? wn / un : 0.0;"),
     Mutant("lamb-ignore-max-trust-ratio", "lamb", LAMB,
            "if (c.max_trust_ratio >= 0.0 && ratio > c.max_trust_ratio) ratio = c.max_trust_ratio;", ""),
+    # --- float64 parameters: a coefficient rounded to float32 on its way to the double compute type (only the float64
+    # cases can see it: for float32 parameters the mutant changes nothing)
+    Mutant("adam-fp64-step-size-rounded-to-float", "adam", ADAM,
+           "c.step_size = static_cast<T>(lr / (1.0 - pow(h.beta1, step)));",
+           "c.step_size = static_cast<T>(static_cast<float>(lr / (1.0 - pow(h.beta1, step))));"),
+    Mutant("sgd-fp64-lr-rounded-to-float", "sgd", SGD,
+           "c.lr = static_cast<T>(lr);", "c.lr = static_cast<T>(static_cast<float>(lr));"),
+    Mutant("lamb-fp64-scaled-lr-rounded-to-float", "lamb", LAMB,
+           "return static_cast<T>(c.lr * ratio);", "return static_cast<T>(static_cast<float>(c.lr * ratio));"),
     # --- reference.py: the oracle of the kernel tests, itself checked against torch.optim and float64 formulas
     Mutant("ref-adam-decoupled-decay-without-lr", "adam", REF,
            "        if decoupled:\n            p.mul_(1 - lr * weight_decay)",
