@@ -382,28 +382,30 @@ assert len(EXAMPLE.state_names({})) >= 2 and len(EXAMPLE.state_names({})) < len(
 
 # Random values of states, for tests that start a kernel from a warm state (never zeros), by torch.optim's state name:
 # second moments and sums of squares are positive, a centered first moment stays well below the root of its second
-# moment; any other state is symmetric around 0.
-def _symmetric(n: int, gen: torch.Generator) -> Tensor:
-    return torch.randn(n, generator=gen, dtype=F64).float()
+# moment; any other state is symmetric around 0. Drawn in float64 and rounded to fp32 unless float64 is asked for (the
+# same draws either way).
+def _symmetric(n: int, gen: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
+    return torch.randn(n, generator=gen, dtype=F64).to(dtype)
 
 
-def _positive(n: int, gen: torch.Generator) -> Tensor:
-    return torch.rand(n, generator=gen, dtype=F64).float() + 0.1
+def _positive(n: int, gen: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
+    return torch.rand(n, generator=gen, dtype=F64).to(dtype) + 0.1
 
 
-WARM_STATES: dict[str, Callable[[int, torch.Generator], Tensor]] = {
+WARM_STATES: dict[str, Callable[[int, torch.Generator, torch.dtype], Tensor]] = {
     "exp_avg_sq": _positive,
     "max_exp_avg_sq": _positive,
     "exp_inf": _positive,
     "sum": _positive,
-    "square_avg": lambda n, gen: _positive(n, gen) + 1.0,
-    "grad_avg": lambda n, gen: 0.1 * _symmetric(n, gen),
+    "square_avg": lambda n, gen, dtype: _positive(n, gen, dtype) + 1.0,
+    "grad_avg": lambda n, gen, dtype: 0.1 * _symmetric(n, gen, dtype),
 }
 
 
-def warm_state(name: str, n: int, gen: torch.Generator) -> Tensor:
-    """A random fp32 value of the state called `name`, n elements, from `gen`."""
-    return WARM_STATES.get(name, _symmetric)(n, gen)
+def warm_state(name: str, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A random value of the state called `name`, n elements, from `gen`: fp32, or float64 (full float64 values, not
+    rounded to fp32) when `dtype` is float64."""
+    return WARM_STATES.get(name, _symmetric)(n, gen, dtype if dtype == F64 else torch.float32)
 
 
 # 1 (scalar-like), 7 (shorter than any SIMD vector), 4097 (one past a power of two: vector body + tail),

@@ -36,14 +36,16 @@ ISAS = list(_C.supported_isas())
 STEPS = 10
 GRAD_SCALES = [1.0, 0.5, 2.0, 0.25, 3.0]  # case k of a table runs with GRAD_SCALES[k % 5] (AMP's unscale factor)
 
-F32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
-# (param dtype, grad dtype, master weights): grad = param dtype or fp32; master weights only for 16-bit params.
+F32, BF16, FP16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+# (param dtype, grad dtype, master weights): grad = param dtype or fp32; master weights only for 16-bit params; float64
+# params with float64 grads (and float64 states) only.
 DTYPE_COMBOS = [
     (F32, F32, False),
     (BF16, BF16, False), (BF16, F32, False), (BF16, BF16, True), (BF16, F32, True),
     (FP16, FP16, False), (FP16, F32, False), (FP16, FP16, True), (FP16, F32, True),
+    (F64, F64, False),
 ]
-STATE_DTYPES = [F32, BF16]
+STATE_DTYPES = [F32, BF16]  # of 32- and 16-bit params; float64 params keep float64 states
 
 
 @contextmanager
@@ -92,8 +94,10 @@ def assert_sign_update_close(actual, expected, dtype, lr, msg):
 
 # --- kernel cases --------------------------------------------------------------------------------------------------
 
-def _sym(n, gen):
-    return torch.randn(n, generator=gen, dtype=torch.float64).float()
+def _sym(n, gen, dtype=F32):
+    """n random values from `gen`: rounded to fp32, or full float64 values for float64 (the same draws)."""
+    x = torch.randn(n, generator=gen, dtype=torch.float64)
+    return x if dtype == F64 else x.float()
 
 
 def kernel_args(row: Algorithm, kwargs: dict[str, Any], grad_scale: float = 1.0) -> dict[str, Any]:
@@ -104,7 +108,8 @@ def kernel_args(row: Algorithm, kwargs: dict[str, Any], grad_scale: float = 1.0)
 def _init_states(row, kwargs, n, dtype, gen):
     """Every state slot of the kernel: a random warm state where the configuration keeps one, else None."""
     kept = set(row.state_names(kwargs))
-    return {s.name: warm_state(s.name, n, gen).to(dtype) if s.name in kept else None for s in row.cls.spec.states}
+    return {s.name: warm_state(s.name, n, gen, dtype).to(dtype) if s.name in kept else None
+            for s in row.cls.spec.states}
 
 
 def _call(backend, row, param, grad, states, master, kw, segments):
@@ -128,7 +133,7 @@ def run_and_compare(row, kw, n, pdtype, gdtype, master, sdtype, seed, segments=N
                     kwargs=None):
     """`kw`: kernel_args of the case whose constructor kwargs are `kwargs` (which decide the states kept)."""
     gen = torch.Generator().manual_seed(seed)
-    p32 = _sym(n, gen)
+    p32 = _sym(n, gen, pdtype)
     param = p32.to(pdtype)
     master_t = p32.clone() if master else None
     states = _init_states(row, kwargs, n, sdtype, gen)
@@ -140,7 +145,7 @@ def run_and_compare(row, kw, n, pdtype, gdtype, master, sdtype, seed, segments=N
     ref_states = {k: (v.clone() if v is not None else None) for k, v in states.items()}
 
     for step in range(1, steps + 1):
-        grad = (_sym(n, gen) * 0.5).to(gdtype)
+        grad = (_sym(n, gen, gdtype) * 0.5).to(gdtype)
         before = ref_param.clone()
         _call("cpu", row, param, grad, states, master_t, kw, table)
         ref_master = ref_param if master else None
@@ -186,7 +191,7 @@ def _grid():
         for k, case in enumerate(row.cases):
             grad_scale = GRAD_SCALES[k % len(GRAD_SCALES)]
             for pd, gd, master in DTYPE_COMBOS:
-                sd = STATE_DTYPES[(i + i // len(DTYPE_COMBOS)) % len(STATE_DTYPES)]
+                sd = F64 if pd == F64 else STATE_DTYPES[(i + i // len(DTYPE_COMBOS)) % len(STATE_DTYPES)]
                 size = SIZES[i % len(SIZES)]
                 isa = ISAS[i % len(ISAS)]
                 i += 1
@@ -208,10 +213,10 @@ def test_kernel_matches_reference(row, case, grad_scale, size, pdtype, gdtype, m
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("size", SIZES + [3 * CHUNK + 5])
 @pytest.mark.parametrize("row", row_params())
-def test_every_size_and_isa_fp32_and_bf16_master(row, size, isa):
+def test_every_size_and_isa_fp32_bf16_master_and_fp64(row, size, isa):
     """Every size x every ISA for each class's richest case.
 
-    fp32, and bf16 params with fp32 master weights and bf16 grads.
+    fp32, bf16 params with fp32 master weights and bf16 grads, and float64 params, grads and states.
     """
     kwargs = row.richest_case().kwargs
     kw = kernel_args(row, kwargs)
@@ -220,6 +225,8 @@ def test_every_size_and_isa_fp32_and_bf16_master(row, size, isa):
                         kwargs=kwargs)
         run_and_compare(row, kw, size, BF16, BF16, True, F32, seed=size + 1, steps=3,
                         msg=f"{row.name} bf16+master {isa}", kwargs=kwargs)
+        run_and_compare(row, kw, size, F64, F64, False, F64, seed=size + 2, steps=3, msg=f"{row.name} fp64 {isa}",
+                        kwargs=kwargs)
 
 
 # --- segments ------------------------------------------------------------------------------------------------------
@@ -233,7 +240,8 @@ def _segments(sizes, gap=16):
     return torch.tensor(offsets, dtype=torch.int64), torch.tensor(numels, dtype=torch.int64), off
 
 
-SEGMENT_DTYPES = [(F32, F32, False, F32), (BF16, F32, True, F32), (FP16, FP16, False, BF16), (F32, F32, False, BF16)]
+SEGMENT_DTYPES = [(F32, F32, False, F32), (BF16, F32, True, F32), (FP16, FP16, False, BF16), (F32, F32, False, BF16),
+                  (F64, F64, False, F64)]
 
 
 def _segment_grid():
@@ -262,7 +270,7 @@ def test_segments_and_gaps(row, isa, pdtype, gdtype, master, sdtype):
                                                   msg=f"{row.name} segments {isa}", kwargs=kwargs)
     # Elements in the gaps were never touched (re-create the initial parameter values to check).
     gen = torch.Generator().manual_seed(7)
-    p0 = _sym(n, gen).to(pdtype)
+    p0 = _sym(n, gen, pdtype).to(pdtype)
     covered = torch.zeros(n, dtype=torch.bool)
     for o, k in zip(offsets.tolist(), numels.tolist()):
         covered[o:o + k] = True
@@ -286,10 +294,12 @@ def test_rejects_bad_segments():
 
 # --- per-segment steps and active flags ------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("row", row_params())
-def test_segments_with_different_steps_in_one_call(row):
+def test_segments_with_different_steps_in_one_call(row, dtype):
     """Parameters whose step counts differ (frozen then unfrozen, added later, experts without tokens) are updated in
-    one call, each with its own bias corrections; inactive ones are neither read nor written and keep their step."""
+    one call, each with its own bias corrections (float64 ones for float64 parameters); inactive ones are neither read
+    nor written and keep their step."""
     sizes = [5, CHUNK + 3, 40, 7, 2 * CHUNK, 33]
     table = Segments.packed(sizes)
     ref_table = Segments.packed(sizes)
@@ -297,8 +307,8 @@ def test_segments_with_different_steps_in_one_call(row):
     kwargs = row.richest_case().kwargs
     kw = kernel_args(row, kwargs)
     gen = torch.Generator().manual_seed(17)
-    param = _sym(n, gen)
-    states = _init_states(row, kwargs, n, F32, gen)
+    param = _sym(n, gen, dtype)
+    states = _init_states(row, kwargs, n, dtype, gen)
     ref_param = param.clone()
     ref_states = {k: (v.clone() if v is not None else None) for k, v in states.items()}
     # Different histories: segment k has taken k steps before this test's steps start.
@@ -309,7 +319,7 @@ def test_segments_with_different_steps_in_one_call(row):
         for t in (table, ref_table):
             for k, a in enumerate(active):
                 t.flags[k] = int(a)
-        grad = _sym(n, gen) * 0.5
+        grad = _sym(n, gen, dtype) * 0.5
         before = param.clone()
         before_states = {k: (v.clone() if v is not None else None) for k, v in states.items()}
         _call("cpu", row, param, grad, states, None, kw, table)
@@ -333,31 +343,41 @@ def test_segments_with_different_steps_in_one_call(row):
                     if v is not None:
                         assert torch.equal(v[r], before_states[name][r]), f"inactive {name} {k} was written"
             elif row.sign_update:
-                assert_sign_update_close(param[r], ref_param[r], F32, kw["lr"],
+                assert_sign_update_close(param[r], ref_param[r], dtype, kw["lr"],
                                          msg=f"{row.name} segment {k} step {step}")
             else:
-                assert_close(param[r], ref_param[r], F32, msg=f"{row.name} segment {k} step {step}")
+                assert_close(param[r], ref_param[r], dtype, msg=f"{row.name} segment {k} step {step}")
         ref_param.copy_(param)
         for name, v in states.items():
             if v is not None:
                 ref_states[name].copy_(v)
 
 
-def test_master_weights_are_for_16_bit_parameters():
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["fp32", "fp64"])
+def test_master_weights_are_for_16_bit_parameters(dtype):
     table = Segments.packed([8])
-    p, g = torch.randn(table.total), torch.randn(table.total)
-    states = [torch.rand(table.total) + 0.1 for _ in EXAMPLE.state_names({})]
-    with pytest.raises(ValueError, match="master"):
-        functional.update(EXAMPLE.kernel, p, g, states, p.clone(), table, hyper=EXAMPLE.hyper({}), lr=1e-3,
+    p, g = torch.randn(table.total, dtype=dtype), torch.randn(table.total, dtype=dtype)
+    states = [torch.rand(table.total, dtype=dtype) + 0.1 for _ in EXAMPLE.state_names({})]
+    before = p.clone()
+    with pytest.raises(ValueError, match=f"master weights are for bfloat16/float16 parameters, param is "
+                                         f"{str(dtype)[6:]}"):
+        functional.update(EXAMPLE.kernel, p, g, states, p.clone().float(), table, hyper=EXAMPLE.hyper({}), lr=1e-3,
                           backend="cpu")
     assert table.steps.tolist() == [0.0]
+    assert torch.equal(p, before)
 
 
 # --- determinism ---------------------------------------------------------------------------------------------------
 
+# (param, grad, master, states) of the determinism test: the mixed-precision path and the float64 one.
+THREAD_DTYPES = {"bf16-master": (BF16, F32, True, F32), "fp64": (F64, F64, False, F64)}
+
+
+@pytest.mark.parametrize("dtypes", list(THREAD_DTYPES))
 @pytest.mark.parametrize("layout", ["one-segment", "segments"])
 @pytest.mark.parametrize("row", row_params())
-def test_bitwise_identical_for_1_and_2_threads(row, layout):
+def test_bitwise_identical_for_1_and_2_threads(row, layout, dtypes):
+    pdtype, gdtype, master, sdtype = THREAD_DTYPES[dtypes]
     n = 3 * CHUNK + 7
     kwargs = row.richest_case().kwargs
     segments = None
@@ -367,25 +387,29 @@ def test_bitwise_identical_for_1_and_2_threads(row, layout):
     results = []
     for threads in (1, 2, 1):
         with num_threads(threads):
-            results.append(run_and_compare(row, kernel_args(row, kwargs), n, BF16, F32, True, F32, seed=3,
+            results.append(run_and_compare(row, kernel_args(row, kwargs), n, pdtype, gdtype, master, sdtype, seed=3,
                                            segments=segments, steps=3, msg=f"{row.name} threads={threads}",
                                            kwargs=kwargs))
     for other in results[1:]:
         for a, b in zip(results[0][:2], other[:2]):
-            assert torch.equal(a, b)
+            assert (a is None and b is None) or torch.equal(a, b)
         for name, t in results[0][2].items():
             if t is not None:
                 assert torch.equal(t, other[2][name]), name
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16, FP16])
+@pytest.mark.parametrize("dtype", [F32, BF16, FP16, F64])
 @pytest.mark.parametrize("isa", ISAS)
 def test_sum_of_squares(dtype, isa):
+    """Thread-count independent sums of squares: fp32 squares of fp32/bf16/fp16 elements, float64 squares of float64
+    ones (to 1e-13: fp32 squares of float64 values would be off by ~1e-8), all summed in double."""
     gen = torch.Generator().manual_seed(11)
+    rel = 1e-13 if dtype == F64 else 1e-6
     with cpu_isa(isa):
         for n in [0, 1, 17, CHUNK + 1, 5 * CHUNK + 3]:
-            t = _sym(n, gen).to(dtype)
-            expected = float((t.float() * t.float()).double().sum())
+            t = _sym(n, gen, dtype).to(dtype)
+            w = t if dtype == F64 else t.float()
+            expected = float((w * w).double().sum())
             outs = []
             for threads in (1, 2):
                 with num_threads(threads):
@@ -393,8 +417,8 @@ def test_sum_of_squares(dtype, isa):
             assert outs[0] == outs[1], "not bitwise identical across thread counts"
             total, bad = outs[0]
             assert not bad
-            assert math.isclose(total, expected, rel_tol=1e-6, abs_tol=1e-9), (n, total, expected)
-        t = _sym(2 * CHUNK, gen).to(dtype)
+            assert math.isclose(total, expected, rel_tol=rel, abs_tol=1e-9), (n, total, expected)
+        t = _sym(2 * CHUNK, gen, dtype).to(dtype)
         for value in (float("inf"), float("nan"), float("-inf")):
             u = t.clone()
             u[CHUNK + 5] = value
@@ -406,7 +430,8 @@ def test_sum_of_squares(dtype, isa):
         u[CHUNK + 40] = float("nan")
         total, bad = _kernels.sum_of_squares_segments(u, table)
         assert not bad
-        assert math.isclose(total, float((t[:CHUNK].float() ** 2).double().sum()), rel_tol=1e-6)
+        w = t if dtype == F64 else t.float()
+        assert math.isclose(total, float((w[:CHUNK] ** 2).double().sum()), rel_tol=rel)
 
 
 # --- boundary checks -----------------------------------------------------------------------------------------------
@@ -423,11 +448,11 @@ def test_c_boundary_rejects_bad_arguments(row):
     values = _kernels.hyper_values(row.kernel, row.hyper(kwargs))
     kernel = getattr(_C, row.kernel)
 
-    def raw(n=n, codes=(0, 0, 0), values=values, null=None):
+    def raw(n=n, codes=(0, 0, 0), values=values, null=None, master=0):
         slots = [states[s.name].data_ptr() if s.name in states and s.name != null else 0
                  for s in row.cls.spec.states]
         slots += [0] * (3 - len(slots))
-        return kernel(p.data_ptr(), g.data_ptr(), *slots, 0, n, *codes, table.offsets.data_ptr(),
+        return kernel(p.data_ptr(), g.data_ptr(), *slots, master, n, *codes, table.offsets.data_ptr(),
                       table.numels.data_ptr(), table.steps.data_ptr(), table.active.data_ptr(), len(table), values,
                       1e-3, 1.0, 3, 0, 0)
 
@@ -438,6 +463,17 @@ def test_c_boundary_rejects_bad_arguments(row):
         raw(codes=(1, 2, 0))
     with pytest.raises(ValueError, match="state dtype"):
         raw(codes=(0, 0, 2))
+    # float64 parameters: float64 gradients and states, no master weights; float64 states and gradients for them only.
+    with pytest.raises(ValueError, match=r"grad dtype code 0 must be 3 \(float64\) with float64 parameters"):
+        raw(codes=(3, 0, 3))
+    with pytest.raises(ValueError, match=r"state dtype code 1 must be 3 \(float64\) with float64 parameters"):
+        raw(codes=(3, 3, 1))
+    with pytest.raises(ValueError, match=r"master weights are for 16-bit parameters \(param dtype code 3 is float64"):
+        raw(codes=(3, 3, 3), master=g.data_ptr())
+    with pytest.raises(ValueError, match="float64 states are for float64 parameters"):
+        raw(codes=(0, 0, 3))
+    with pytest.raises(ValueError, match="grad dtype code 3 must equal the param dtype code 1"):
+        raw(codes=(1, 3, 0))
     with pytest.raises(ValueError, match="element count"):
         raw(n=-1)
     for name in states:
@@ -454,7 +490,7 @@ def test_c_boundary_rejects_bad_arguments(row):
 def test_c_boundary_rejects_bad_global_arguments():
     p = torch.randn(64)
     with pytest.raises(ValueError, match="dtype code"):
-        _C.sum_of_squares(p.data_ptr(), p.numel(), 3)
+        _C.sum_of_squares(p.data_ptr(), p.numel(), 4)
     with pytest.raises(ValueError, match="threads"):
         _C.set_num_threads(0)
 
@@ -494,6 +530,16 @@ def test_python_validation_names_the_argument():
         update(p, g, [m, m])
     with pytest.raises(ValueError, match="algorithm"):
         functional.update("bogus", p, g, [m, v, None], None, table, hyper=hyper, lr=1e-3, backend="cpu")
+    # float64 parameters take float64 gradients and states only, and float64 states belong to float64 parameters.
+    d, dm, dv = p.double(), m.double(), v.double()
+    with pytest.raises(TypeError, match="Invalid grad dtype: torch.float32 \\(expected torch.float64 like param\\)"):
+        update(d, g, [dm, dv])
+    with pytest.raises(TypeError, match=f"Invalid {names[0]} dtype: torch.float32 \\(expected torch.float64"):
+        update(d, g.double(), [m, v])
+    with pytest.raises(TypeError, match=f"Invalid {names[0]} dtype: torch.float64 \\(expected torch.float32 or "):
+        update(p, g, [dm, dv])
+    with pytest.raises(TypeError, match="Invalid grad dtype: torch.float64"):
+        update(p, g.double(), [m, v])
     assert table.steps.tolist() == [0.0]
 
 

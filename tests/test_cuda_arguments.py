@@ -43,6 +43,15 @@ REJECTED = [
                  id="grad-dtype-mismatch"),
     pytest.param(dict(state_dtype=2), "Invalid state dtype code 2", id="fp16-states"),
     pytest.param(dict(master=11 * MIB), "master weights are for 16-bit parameters", id="fp32-master"),
+    # float64 parameters: float64 gradients and states, no master weights; float64 states for them only.
+    pytest.param(dict(param_dtype=3), r"grad dtype code 0 must be 3 \(float64\) with float64 parameters",
+                 id="fp64-fp32-grad"),
+    pytest.param(dict(param_dtype=3, grad_dtype=3), r"state dtype code 0 must be 3 \(float64\)",
+                 id="fp64-fp32-states"),
+    pytest.param(dict(param_dtype=3, grad_dtype=3, state_dtype=3, master=11 * MIB),
+                 r"master weights are for 16-bit parameters \(param dtype code 3 is float64\)", id="fp64-master"),
+    pytest.param(dict(state_dtype=3), "float64 states are for float64 parameters", id="fp32-fp64-states"),
+    pytest.param(dict(grad_dtype=3), "grad dtype code 3 must equal the param dtype code 0", id="fp32-fp64-grad"),
     pytest.param(dict(n=-1), "Invalid element count n: -1", id="negative-n"),
     pytest.param(dict(param=0), "param pointer is null", id="null-param"),
     pytest.param(dict(grad=0), "grad pointer is null", id="null-grad"),
@@ -52,6 +61,10 @@ REJECTED = [
                  id="grad-alignment"),
     pytest.param(dict(param_dtype=1, master=11 * MIB + 2), "master pointer 11534338 is not 4-byte aligned",
                  id="master-alignment"),
+    pytest.param(dict(param_dtype=3, grad_dtype=3, state_dtype=3, param=MIB + 4),
+                 "param pointer 1048580 is not 8-byte aligned", id="fp64-param-alignment"),
+    pytest.param(dict(param_dtype=3, grad_dtype=3, state_dtype=3, s0=3 * MIB + 4),
+                 "pointer 3145732 is not 8-byte aligned", id="fp64-state-alignment"),
     pytest.param(dict(seg_count=-1), "Invalid segment count: -1", id="segment-count"),
     pytest.param(dict(items=-1), "Invalid items: -1", id="negative-items"),
     pytest.param(dict(items=4097), "Invalid items: 4097 for a buffer of 4096 elements", id="too-many-items"),
@@ -63,6 +76,11 @@ REJECTED = [
     pytest.param(dict(seg_steps=8 * MIB + 2), "seg_steps pointer 8388610 is not 4-byte aligned",
                  id="steps-alignment"),
     pytest.param(dict(lr_ptr=3), "lr_ptr pointer 3 is not 4-byte aligned", id="lr-alignment"),
+    # With float64 parameters the device lr and grad_scale are float64 scalars.
+    pytest.param(dict(param_dtype=3, grad_dtype=3, state_dtype=3, lr_ptr=12 * MIB + 4),
+                 "lr_ptr pointer 12582916 is not 8-byte aligned", id="fp64-lr-alignment"),
+    pytest.param(dict(param_dtype=3, grad_dtype=3, state_dtype=3, grad_scale_ptr=12 * MIB + 4),
+                 "grad_scale_ptr pointer 12582916 is not 8-byte aligned", id="fp64-grad-scale-alignment"),
     pytest.param(dict(found_inf_ptr=12 * MIB + 1), "found_inf_ptr pointer 12582913 is not 4-byte aligned",
                  id="found-inf-alignment"),
     pytest.param(dict(device=-1), "Invalid device: -1", id="negative-device"),
@@ -118,14 +136,19 @@ def test_an_unknown_device_is_rejected_before_any_launch(algorithm: str) -> None
         call(algorithm, device=1_000_000)
 
 
-# cuda_sum_of_squares(data, n, dtype, work, items, active, seg_count, scratch, out_sum, out_nonfinite, device, stream)
+# cuda_sum_of_squares(data, n, dtype, work, items, active, seg_count, scratch, out_sum, out_sum_dtype, out_nonfinite,
+#                     device, stream)
 SUM = dict(data=1 * MIB, n=100_000, dtype=0, work=2 * MIB, items=7, active=3 * MIB, seg_count=3, scratch=4 * MIB,
-           out_sum=5 * MIB, out_nonfinite=5 * MIB + 4, device=0, stream=0)
+           out_sum=5 * MIB, out_sum_dtype=0, out_nonfinite=5 * MIB + 8, device=0, stream=0)
 
 
 @pytest.mark.parametrize("changes,message", [
     pytest.param(dict(n=-1), "Invalid element count n: -1", id="negative-n"),
-    pytest.param(dict(dtype=3), "Invalid dtype code for data: 3", id="dtype"),
+    pytest.param(dict(dtype=4), "Invalid dtype code for data: 4", id="dtype"),
+    pytest.param(dict(out_sum_dtype=1), "Invalid dtype code for out_sum: 1", id="out-sum-dtype"),
+    pytest.param(dict(dtype=3, data=MIB + 4), "data pointer is not element-aligned", id="fp64-data-alignment"),
+    pytest.param(dict(out_sum_dtype=3, out_sum=5 * MIB + 4), "out_sum must be a 8-byte aligned float64 scalar",
+                 id="fp64-out-alignment"),
     pytest.param(dict(items=-2), "Invalid items: -2", id="negative-items"),
     pytest.param(dict(seg_count=-1), "Invalid segment count: -1", id="segment-count"),
     pytest.param(dict(items=100_001), "Invalid items: 100001 for a buffer of 100000", id="too-many-items"),
@@ -137,7 +160,8 @@ SUM = dict(data=1 * MIB, n=100_000, dtype=0, work=2 * MIB, items=7, active=3 * M
     pytest.param(dict(data=MIB + 2), "data pointer is not element-aligned", id="data-alignment"),
     pytest.param(dict(scratch=0), "scratch pointer is null", id="null-scratch"),
     pytest.param(dict(out_sum=0), "out_sum and out_nonfinite must not be null", id="null-out"),
-    pytest.param(dict(out_nonfinite=5 * MIB + 2), "must be 4-byte aligned", id="out-alignment"),
+    pytest.param(dict(out_nonfinite=5 * MIB + 2), "out_nonfinite must be a 4-byte aligned float32 scalar",
+                 id="out-alignment"),
     pytest.param(dict(device=-1), "Invalid device: -1", id="negative-device"),
 ])
 def test_sum_of_squares_rejects_before_any_launch(changes: dict[str, Any], message: str) -> None:

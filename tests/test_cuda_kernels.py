@@ -27,7 +27,7 @@ pytestmark = pytest.mark.cuda
 if not torch.cuda.is_available() or not fusedopt.build_info()["cuda_built"]:
     pytest.skip("needs a CUDA device and fusedopt built with its CUDA kernels", allow_module_level=True)
 
-F32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
+F32, BF16, FP16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 STEPS = 4
 
 # One buffer set: single elements, a vector body with a tail, a segment of one item short of a chunk, segments of two
@@ -47,8 +47,15 @@ DTYPES = [
     pytest.param((FP16, FP16, F32, False), id="fp16"),
     pytest.param((FP16, F32, F32, True), id="fp16-fp32grad-master"),
     pytest.param((FP16, FP16, BF16, True), id="fp16-bf16state-master"),
+    pytest.param((F64, F64, F64, False), id="fp64"),
 ]
 MIXED = (BF16, F32, F32, True)
+FP64 = (F64, F64, F64, False)
+
+
+def compute_dtype(dtypes: tuple) -> torch.dtype:
+    """The kernels' compute dtype, which device lr and grad_scale scalars have: float64 for float64 parameters."""
+    return F64 if dtypes[0] == F64 else F32
 
 OPTIMIZERS = {row.name.lower(): row.cls for row in ROWS}
 
@@ -84,15 +91,17 @@ def last_case(algorithm: str) -> dict[str, Any]:
     return ALGORITHMS[algorithm][-1].kwargs
 
 
-def state_init(name: str, n: int) -> torch.Tensor:
-    """Warm, valid state: second moments and sums positive, centered RMSprop keeps square_avg >= grad_avg**2."""
+def state_init(name: str, n: int, dtype: torch.dtype = F32) -> torch.Tensor:
+    """Warm, valid state: second moments and sums positive, centered RMSprop keeps square_avg >= grad_avg**2. Full
+    float64 values for float64, else fp32 ones."""
+    dtype = F64 if dtype == F64 else F32
     if name in ("exp_avg_sq", "max_exp_avg_sq", "sum"):
-        return torch.rand(n) * 0.5 + 0.01
+        return torch.rand(n, dtype=dtype) * 0.5 + 0.01
     if name == "square_avg":
-        return torch.rand(n) * 0.5 + 0.05
+        return torch.rand(n, dtype=dtype) * 0.5 + 0.05
     if name == "grad_avg":
-        return (torch.rand(n) - 0.5) * 0.2
-    return torch.randn(n) * 0.1
+        return (torch.rand(n, dtype=dtype) - 0.5) * 0.2
+    return torch.randn(n, dtype=dtype) * 0.1
 
 
 def assert_lion_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, lr: float, msg: str) -> None:
@@ -140,12 +149,13 @@ class Problem:
         for region in self.regions:
             self.mask[region] = True
         self.n, self.shift = n, shift
-        keep = self.mask.float()
-        values = torch.randn(n) * keep
+        self.draw = F64 if self.pdtype == F64 else F32  # float64 parameters get full float64 values
+        keep = self.mask.to(self.draw)
+        values = torch.randn(n, dtype=self.draw) * keep
         self.param = device_buffer(values.to(self.pdtype), shift)
-        self.master = device_buffer(values, shift) if use_master and self.pdtype != F32 else None
-        self.states = [device_buffer((state_init(name, n) * keep).to(self.sdtype), shift) if kept else None
-                       for name, kept in zip(self.call.names, self.call.kept)]
+        self.master = device_buffer(values, shift) if use_master and self.pdtype not in (F32, F64) else None
+        self.states = [device_buffer((state_init(name, n, self.sdtype) * keep).to(self.sdtype), shift) if kept
+                       else None for name, kept in zip(self.call.names, self.call.kept)]
         self.grad = device_buffer(torch.zeros(n, dtype=self.gdtype), shift)
         self.ref: dict[str, torch.Tensor | None] = {}
         self.sync()
@@ -161,7 +171,7 @@ class Problem:
         self.ref_seg.steps.copy_(self.cuda_seg.steps.cpu())
 
     def new_grad(self) -> None:
-        self.grad.copy_((torch.randn(self.n) * 0.5 * self.mask.float()).to(self.gdtype))
+        self.grad.copy_((torch.randn(self.n, dtype=self.draw) * 0.5 * self.mask.to(self.draw)).to(self.gdtype))
         self.ref["grad"] = self.grad.cpu().clone()
 
     def set_active(self, step: int) -> None:
@@ -251,7 +261,8 @@ def test_matches_reference_every_step(algorithm: str, case: Any, dtypes: tuple) 
     Problem(algorithm, case.kwargs, dtypes).run(STEPS, f"{algorithm}/{case.id}")
 
 
-@pytest.mark.parametrize("dtypes", [pytest.param((F32, F32, F32, False), id="fp32"), pytest.param(MIXED, id="mixed")])
+@pytest.mark.parametrize("dtypes", [pytest.param((F32, F32, F32, False), id="fp32"), pytest.param(MIXED, id="mixed"),
+                                    pytest.param(FP64, id="fp64")])
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 def test_misaligned_buffers_take_the_scalar_path(algorithm: str, dtypes: tuple) -> None:
     """Every buffer one element past a 16-byte boundary: the scalar path matches the reference, and the aligned path
@@ -276,7 +287,8 @@ def test_misaligned_buffers_take_the_scalar_path(algorithm: str, dtypes: tuple) 
 
 
 @pytest.mark.parametrize("dtypes", [pytest.param((F32, F32, F32, False), id="fp32"), pytest.param(MIXED, id="mixed"),
-                                    pytest.param((FP16, FP16, BF16, False), id="fp16-bf16state")])
+                                    pytest.param((FP16, FP16, BF16, False), id="fp16-bf16state"),
+                                    pytest.param(FP64, id="fp64")])
 def test_lamb_multi_item_segments_at_unaligned_offsets(dtypes: tuple) -> None:
     """Segments of several work items whose items start at offsets that are not multiples of 8 (no pack access):
     the reference's trust ratios, and bit for bit the result of the same segments laid out aligned."""
@@ -310,7 +322,8 @@ def test_lamb_multi_item_segments_at_unaligned_offsets(dtypes: tuple) -> None:
 
 
 @pytest.mark.parametrize("dtypes", [pytest.param((F32, F32, F32, False), id="fp32"),
-                                    pytest.param((BF16, BF16, BF16, True), id="bf16-bf16state-master")])
+                                    pytest.param((BF16, BF16, BF16, True), id="bf16-bf16state-master"),
+                                    pytest.param(FP64, id="fp64")])
 def test_lamb_norm_reduce_between_the_passes(dtypes: tuple) -> None:
     """Sharded LAMB: the (2, segments) sums handed to norm_reduce between a kPassMoments and a kPassApply call set the
     trust ratios. A reduce that leaves them alone gives the one-call result bit for bit, with the step counted once; one
@@ -377,16 +390,18 @@ def test_runs_on_the_current_non_default_stream(algorithm: str) -> None:
         prob.sync()
 
 
+@pytest.mark.parametrize("dtypes", [pytest.param(MIXED, id="mixed"), pytest.param(FP64, id="fp64")])
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
-def test_cuda_graph_capture_without_warm_up(algorithm: str) -> None:
+def test_cuda_graph_capture_without_warm_up(algorithm: str, dtypes: tuple) -> None:
     """The first step ever taken on the buffers is captured in a CUDA graph (only the segment table's device copy
     exists beforehand: it is data, not a launch). Replays with new gradients, a device lr changed in place, a device
-    grad_scale and a device found_inf that skips one replay match the reference each time, step counts included."""
-    prob = Problem(algorithm, last_case(algorithm), MIXED)
+    grad_scale and a device found_inf that skips one replay match the reference each time, step counts included
+    (float64 parameters: float64 device lr and grad_scale)."""
+    prob = Problem(algorithm, last_case(algorithm), dtypes)
     prob.set_active(2)  # fixed for the graph: captured as written
     prob.cuda_seg.on_device(prob.param.device)
-    lr = torch.full((1,), prob.call.lr, device="cuda")
-    scale = torch.full((1,), 0.5, device="cuda")
+    lr = torch.full((1,), prob.call.lr, device="cuda", dtype=compute_dtype(dtypes))
+    scale = torch.full((1,), 0.5, device="cuda", dtype=compute_dtype(dtypes))
     found_inf = torch.zeros(1, device="cuda")
     before_capture = prob.snapshot()
     graph = torch.cuda.CUDAGraph()
@@ -431,21 +446,29 @@ def test_found_inf_writes_nothing_and_counts_no_step(algorithm: str) -> None:
     prob.compare(f"{algorithm} after a skipped step")
 
 
+# fp32: lr and grad_scale exact in fp32; float64: values float32 cannot hold, read as float64 from device memory.
+DEVICE_SCALARS = [pytest.param((F32, F32, F32, False), 2.0**-7, 0.25, id="fp32"),
+                  pytest.param(FP64, 0.01, 1.0 / 3.0, id="fp64")]
+
+
+@pytest.mark.parametrize("dtypes,lr,scale", DEVICE_SCALARS)
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
-def test_device_lr_and_grad_scale_equal_host_values(algorithm: str) -> None:
-    """lr and grad_scale read from device memory give the bits of the same host values (both exact in fp32)."""
-    kwargs = {**last_case(algorithm), "lr": 2.0**-7}
+def test_device_lr_and_grad_scale_equal_host_values(algorithm: str, dtypes: tuple, lr: float, scale: float) -> None:
+    """lr and grad_scale read from device memory give the bits of the same host values."""
+    kwargs = {**last_case(algorithm), "lr": lr}
     torch.manual_seed(9)
-    host = Problem(algorithm, kwargs, (F32, F32, F32, False))
+    host = Problem(algorithm, kwargs, dtypes)
     torch.manual_seed(9)
-    device = Problem(algorithm, kwargs, (F32, F32, F32, False))
+    device = Problem(algorithm, kwargs, dtypes)
+    scalar = compute_dtype(dtypes)
     for step in range(1, 4):
         host.new_grad()
         device.grad.copy_(host.grad)
         host.set_active(step)
         device.set_active(step)
-        host.step(lr=2.0**-7, grad_scale=0.25)
-        device.step(lr=torch.full((1,), 2.0**-7, device="cuda"), grad_scale=torch.full((1,), 0.25, device="cuda"))
+        host.step(lr=lr, grad_scale=scale)
+        device.step(lr=torch.full((1,), lr, device="cuda", dtype=scalar),
+                    grad_scale=torch.full((1,), scale, device="cuda", dtype=scalar))
         for name, t in host.tensors().items():
             assert torch.equal(device.tensors()[name], t), f"step {step}: {name}"
         assert torch.equal(device.cuda_seg.steps, host.cuda_seg.steps)
@@ -476,27 +499,30 @@ def test_step_never_synchronises(algorithm: str) -> None:
 TORCH_FUSED = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("algorithm,case", [p for p in all_params() if p.values[0] in TORCH_FUSED])
-def test_matches_torch_fused(algorithm: str, case: Any) -> None:
-    """From zero states, as torch.optim starts (SGD's momentum buffer is the first gradient in both)."""
+def test_matches_torch_fused(algorithm: str, case: Any, dtype: torch.dtype) -> None:
+    """From zero states, as torch.optim starts (SGD's momentum buffer is the first gradient in both); float64
+    parameters against torch's fused float64 kernels."""
     call = call_of(algorithm, case.kwargs)
     n = 4097
     segments = Segments.packed([n], "cuda")
-    param = torch.randn(segments.total, device="cuda")
+    param = torch.randn(segments.total, device="cuda", dtype=dtype)
     grad = torch.zeros_like(param)
     states = [torch.zeros_like(param) if kept else None for kept in call.kept]
     p = torch.nn.Parameter(param[:n].clone())
     opt = TORCH_FUSED[algorithm]([p], fused=True, **case.kwargs)
+    tol = F64 if dtype == F64 else "fp32_trajectory"
     for step in range(1, 11):
-        grad[:n] = torch.randn(n, device="cuda")
+        grad[:n] = torch.randn(n, device="cuda", dtype=dtype)
         p.grad = grad[:n].clone()
         opt.step()
         functional.update(call.kernel, param, grad, states, None, segments, hyper=call.hyper, lr=call.lr,
                           backend="cuda")
-        assert_close(param[:n], p.detach(), "fp32_trajectory", msg=f"step {step}: param")
+        assert_close(param[:n], p.detach(), tol, msg=f"step {step}: param")
         for name, t in zip(call.names, states):
             if t is not None:
-                assert_close(t[:n], opt.state[p][name], "fp32_trajectory", msg=f"step {step}: {name}")
+                assert_close(t[:n], opt.state[p][name], tol, msg=f"step {step}: {name}")
         assert float(segments.steps[0]) == step
 
 
@@ -505,18 +531,25 @@ def test_matches_torch_fused(algorithm: str, case: Any) -> None:
 
 
 def device_sum_of_squares(t: torch.Tensor, segments: Segments | None = None) -> tuple[float, float]:
-    out_sum, out_flag = torch.full((1,), -1.0, device="cuda"), torch.full((1,), -1.0, device="cuda")
+    """(sum, flag) of a device tensor: the sum of a float64 tensor into a float64 scalar (kept unrounded)."""
+    out_dtype = F64 if t.dtype == F64 else F32
+    out_sum, out_flag = torch.full((1,), -1.0, device="cuda", dtype=out_dtype), torch.full((1,), -1.0, device="cuda")
     functional.sum_of_squares_into(t, segments, out_sum, out_flag, backend="cuda")
     return float(out_sum), float(out_flag)
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16, FP16])
+@pytest.mark.parametrize("dtype", [F32, BF16, FP16, F64])
 @pytest.mark.parametrize("n", [0, 1, 15, 4097, 3 * CHUNK + 7, 40_000_003])
 def test_sum_of_squares_of_a_whole_tensor(dtype: torch.dtype, n: int) -> None:
-    t = torch.randn(n, device="cuda").to(dtype)
+    """fp32 squares of fp32/bf16/fp16 data, float64 squares of float64 data (to 1e-12: fp32 squares or a float32
+    result would be off by ~1e-8), summed in double."""
+    t = torch.randn(n, device="cuda", dtype=F64 if dtype == F64 else F32).to(dtype)
     total, flag = device_sum_of_squares(t)
-    expected = float(t.float().square().double().sum()) if n else 0.0
-    assert math.isclose(total, expected, rel_tol=1e-6, abs_tol=0.0)
+    if dtype == F64:
+        expected = float(t.square().sum()) if n else 0.0
+    else:
+        expected = float(t.float().square().double().sum()) if n else 0.0
+    assert math.isclose(total, expected, rel_tol=1e-12 if dtype == F64 else 1e-6, abs_tol=0.0)
     assert flag == 0.0
     assert device_sum_of_squares(t) == (total, flag)  # deterministic, bit for bit
     if n > 1:
@@ -529,17 +562,17 @@ def test_sum_of_squares_of_a_whole_tensor(dtype: torch.dtype, n: int) -> None:
         assert device_sum_of_squares(bad)[1] == 1.0
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("dtype", [F32, BF16, F64])
 def test_sum_of_squares_over_the_active_segments(dtype: torch.dtype) -> None:
     """Only segments with a gradient count: a NaN in an inactive one is neither summed nor flagged."""
     cuda_seg, ref_seg = Segments.packed(NUMELS, "cuda"), Segments.packed(NUMELS, "cpu")
-    t = torch.randn(cuda_seg.total, device="cuda").to(dtype)
+    t = torch.randn(cuda_seg.total, device="cuda", dtype=F64 if dtype == F64 else F32).to(dtype)
     for k in range(len(NUMELS)):
         cuda_seg.flags[k] = ref_seg.flags[k] = int(k % 3 != 1)
     t[int(cuda_seg.offsets[1])] = float("nan")
     total, flag = device_sum_of_squares(t, cuda_seg)
     expected, nonfinite = functional.sum_of_squares(t.cpu(), ref_seg, backend="reference")
-    assert math.isclose(total, expected, rel_tol=1e-6) and not nonfinite and flag == 0.0
+    assert math.isclose(total, expected, rel_tol=1e-12 if dtype == F64 else 1e-6) and not nonfinite and flag == 0.0
     assert device_sum_of_squares(t, cuda_seg) == (total, flag)
     cuda_seg.flags[1] = 1
     assert device_sum_of_squares(t, cuda_seg)[1] == 1.0

@@ -10,6 +10,7 @@ import copy
 import fusedopt
 import pytest
 import torch
+from cases import TORCH_ROWS, Algorithm, row_params
 from test_device_decisions import CASES, make_params
 from tolerances import assert_close
 from torch import nn
@@ -80,6 +81,37 @@ def test_clipped_adamw_matches_torch_clip_then_fused_step() -> None:
         assert_close(p, q, "fp32_trajectory")
         assert_close(ours.state[p]["exp_avg_sq"], theirs.state[q]["exp_avg_sq"], "fp32_trajectory")
         assert torch.equal(ours.state[p]["step"], theirs.state[q]["step"])
+
+
+@pytest.mark.parametrize("row", row_params(TORCH_ROWS))
+def test_float64_clipped_step_decided_on_the_device_matches_torch(row: Algorithm) -> None:
+    """A float64 model on one GPU (the step decided on the device: norm, clip coefficient and a tensor lr stay there,
+    as float64 device scalars): each class's first case with max_grad_norm equals torch's clip_grad_norm_ followed by
+    torch.optim's float64 for-loop step, to float64 rounding, over 20 steps; the norm is a float64 one."""
+    model = mlp().double()
+    twin = copy.deepcopy(model)
+    kwargs = row.cases[0].kwargs
+    lr = float(kwargs["lr"])
+    ours = row.cls(model.parameters(), **{**kwargs, "lr": torch.tensor(lr, device="cuda", dtype=torch.float64)},
+                   max_grad_norm=0.5)
+    theirs = row.torch_optimizer(twin.parameters(), kwargs)
+    assert ours._decides_on_device()
+    for x, y in batches(STEPS):
+        ours.zero_grad()
+        theirs.zero_grad()
+        nn.functional.mse_loss(model(x.double()), y.double()).backward()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            q.grad = p.grad.detach().clone()  # the same gradients on both sides
+        ours.step()
+        norm = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
+        theirs.step()
+        assert ours.last_grad_norm.dtype == torch.float64 and norm.dtype == torch.float64
+        assert_close(ours.last_grad_norm, norm, torch.float64, msg="grad norm")
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert p.dtype == torch.float64
+            assert_close(p, q, torch.float64)
+            for key, value in theirs.state[q].items():
+                assert_close(ours.state[p][key], value, torch.float64, msg=key)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -165,8 +197,14 @@ def test_captured_training_step_replays_like_eager_steps(name: str) -> None:
 
 
 def test_clip_grad_norm_stays_on_the_gpu_and_matches_torch() -> None:
-    """fusedopt.clip_grad_norm_ on GPU gradients: torch's norm and clipped gradients, and no synchronisation."""
-    grads = [torch.randn(shape, device="cuda") * 3 for shape in [(300, 7), (1,), (4097,), (64, 64)]]
+    """fusedopt.clip_grad_norm_ on GPU gradients: torch's norm and clipped gradients, and no synchronisation; float64
+    gradients give torch's float64 norm and clipped gradients to float64 rounding."""
+    for dtype in (torch.float32, torch.float64):
+        _clip_on_the_gpu(dtype)
+
+
+def _clip_on_the_gpu(dtype: torch.dtype) -> None:
+    grads = [torch.randn(shape, device="cuda", dtype=dtype) * 3 for shape in [(300, 7), (1,), (4097,), (64, 64)]]
     ours = [torch.zeros_like(g, requires_grad=True) for g in grads]
     theirs = [torch.zeros_like(g, requires_grad=True) for g in grads]
     for p, q, g in zip(ours, theirs, grads):
@@ -179,6 +217,7 @@ def test_clip_grad_norm_stays_on_the_gpu_and_matches_torch() -> None:
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
-    assert norm.device == expected.device and norm.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert norm.device == expected.device and norm.dtype == expected.dtype
+    assert norm.item() == pytest.approx(expected.item(), rel=1e-6 if dtype == torch.float32 else 1e-13)
     for p, q in zip(ours, theirs):
-        assert_close(p.grad, q.grad, "fp32")
+        assert_close(p.grad, q.grad, "fp32" if dtype == torch.float32 else dtype)

@@ -56,9 +56,9 @@ CASES = _cases()
 SHAPES = [(7, 5), (33,), (4, 4, 3), (1,), (65,), (16, 9)]
 
 
-def make_params(device: str = "cpu") -> list[torch.Tensor]:
+def make_params(device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    return [torch.randn(shape, generator=generator).to(device).requires_grad_() for shape in SHAPES]
+    return [torch.randn(shape, generator=generator, dtype=dtype).to(device).requires_grad_() for shape in SHAPES]
 
 
 def has_grad(step: int, k: int) -> bool:
@@ -71,7 +71,7 @@ def feed(params: list[torch.Tensor], opt: torch.optim.Optimizer, step: int, inf_
     GradScaler.step does for an optimizer with `_step_supports_amp_scaling`."""
     generator = torch.Generator().manual_seed(1000 + step)
     for k, p in enumerate(params):
-        grad = torch.randn(p.shape, generator=generator) * SCALE
+        grad = torch.randn(p.shape, generator=generator, dtype=p.dtype) * SCALE
         if inf_grads and step in INF_GRADS and k == 0:  # k = 0 always has a gradient
             grad.view(-1)[0] = math.inf
         grad = grad.to(p.device)
@@ -91,7 +91,8 @@ def state_values(params: list[torch.Tensor], opt: torch.optim.Optimizer) -> list
     for k, p in enumerate(params):
         values.append((f"param {k}", p.detach().reshape(-1)))
         for key, value in sorted(opt.state.get(p, {}).items()):
-            values.append((f"param {k} {key}", value.reshape(-1).float()))
+            values.append((f"param {k} {key}", value.reshape(-1) if value.dtype == torch.float64 else
+                           value.reshape(-1).float()))
     return values
 
 
@@ -99,7 +100,8 @@ def assert_same_as_host(device_params: list[torch.Tensor], device: torch.optim.O
                         host_params: list[torch.Tensor], host: torch.optim.Optimizer, msg: str) -> None:
     """The device-decided optimizer holds what the host-decided one holds: step counts exactly, parameters and
     states to fp32 trajectory tolerance (the clip coefficient comes from fp32 sums of squares in tensors, a few
-    ulps from the host's float64), and the same skipped-step count."""
+    ulps from the host's float64), float64 ones to the float64 tolerance (their sums, norm, coefficient and device
+    scalars are all float64), and the same skipped-step count."""
     expected, actual = dict(state_values(host_params, host)), dict(state_values(device_params, device))
     assert set(expected) <= set(actual)
     for name, mine in actual.items():
@@ -111,16 +113,18 @@ def assert_same_as_host(device_params: list[torch.Tensor], device: torch.optim.O
         elif name.endswith(" step"):
             assert mine.device == device_params[0].device and torch.equal(mine, reference), f"{msg}, {name}"
         else:
-            assert_close(mine, reference, "fp32_trajectory", msg=f"{msg}, {name}")
+            tol = torch.float64 if mine.dtype == torch.float64 else "fp32_trajectory"
+            assert_close(mine, reference, tol, msg=f"{msg}, {name}")
     assert device.skipped_steps == host.skipped_steps
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("backend", [*BACKENDS, CUDA])
 @pytest.mark.parametrize("case", list(CASES))
-def test_device_decisions_match_host_decisions(case: str, backend: str) -> None:
+def test_device_decisions_match_host_decisions(case: str, backend: str, dtype: torch.dtype) -> None:
     cls, kwargs = CASES[case]
     device_name = "cuda" if backend == "cuda" else "cpu"
-    host_params, device_params = make_params(device_name), make_params(device_name)
+    host_params, device_params = make_params(device_name, dtype), make_params(device_name, dtype)
     host = cls(host_params, backend=backend, **kwargs)
     device = cls(device_params, backend=backend, **kwargs)
     if backend == "cuda":  # on one GPU the step decides on the device by itself
@@ -138,7 +142,8 @@ def test_device_decisions_match_host_decisions(case: str, backend: str) -> None:
         if kwargs.get("max_grad_norm") is not None and host.last_grad_norm is not None:
             assert isinstance(device.last_grad_norm, torch.Tensor)
             if step not in AMP_SKIPS and not (inf_grads and step in INF_GRADS):
-                assert device.last_grad_norm.item() == pytest.approx(host.last_grad_norm, rel=1e-6)
+                rel = 1e-13 if dtype == torch.float64 else 1e-6
+                assert device.last_grad_norm.item() == pytest.approx(host.last_grad_norm, rel=rel)
     assert host.skipped_steps == (len(INF_GRADS - AMP_SKIPS) if inf_grads else 0)
 
 

@@ -17,7 +17,7 @@ ISAS = list(_C.supported_isas())
 if len(ISAS) < 2:
     pytest.skip(f"only one CPU ISA runs here ({', '.join(ISAS)}): nothing to compare", allow_module_level=True)
 
-F32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
+F32, BF16, FP16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 
 # Per class, three cases of its row in tests/cases.py: the first (which also clips the global gradient norm:
 # MAX_GRAD_NORM is far below the norm of the random gradients, so the sum-of-squares kernel decides the step), one
@@ -25,8 +25,8 @@ F32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
 MAX_GRAD_NORM = 10.0
 
 # (param dtype, master_weights); gradients have the parameter's dtype.
-PARAM_DTYPES = [(F32, False), (BF16, False), (BF16, True), (FP16, False), (FP16, True)]
-STATE_DTYPES = [F32, BF16]
+PARAM_DTYPES = [(F32, False), (BF16, False), (BF16, True), (FP16, False), (FP16, True), (F64, False)]
+STATE_DTYPES = [F32, BF16]  # float64 parameters keep float64 states (state_dtype None)
 
 # 1 and 7: shorter than any vector (scalar code only); 33: two AVX2 vectors and a tail; 4097: vector body and a
 # one-element tail; 20011 (prime): longer than one 16384-element chunk, so a chunk boundary and an uneven last chunk.
@@ -46,9 +46,9 @@ def _grid() -> list:
             if k == 0:
                 kwargs["max_grad_norm"] = MAX_GRAD_NORM
             for dtype, master in PARAM_DTYPES:
-                for state_dtype in STATE_DTYPES:
+                for state_dtype in [None] if dtype == F64 else STATE_DTYPES:
                     name = (f"{row.name}-{case.id}{'-clip' if k == 0 else ''}-{str(dtype)[6:]}"
-                            f"{'-master' if master else ''}-state_{str(state_dtype)[6:]}")
+                            f"{'-master' if master else ''}-state_{str(state_dtype or dtype)[6:]}")
                     rows.append(pytest.param(row, kwargs, dtype, master, state_dtype, id=name))
     return rows
 
@@ -72,15 +72,16 @@ def bit_differences(name: str, expected: torch.Tensor, actual: torch.Tensor) -> 
 
 
 def run_steps(isa: str, row: Algorithm, kwargs: dict, dtype: torch.dtype, master: bool,
-              state_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+              state_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """STEPS optimizer steps under `isa` from a fixed seed; returns every parameter and state tensor by name."""
     _C.set_cpu_isa(isa)
     torch.manual_seed(SEED)
-    params = [torch.randn(n).to(dtype).requires_grad_() for n in SIZES]
+    draw = F64 if dtype == F64 else F32  # float64 parameters and gradients get full float64 values
+    params = [torch.randn(n, dtype=draw).to(dtype).requires_grad_() for n in SIZES]
     opt = row.cls(params, backend="cpu", state_dtype=state_dtype, master_weights=master, **kwargs)
     for _ in range(STEPS):
         for p in params:
-            grad = torch.randn(p.shape).to(dtype)
+            grad = torch.randn(p.shape, dtype=draw).to(dtype)
             if p.grad is None:
                 p.grad = grad
             else:

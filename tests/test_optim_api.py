@@ -14,6 +14,10 @@ from cases import EXAMPLE, ROWS, TORCH_ROWS, Algorithm, params
 from tolerances import assert_close
 
 COMPILED = "cpu" in fusedopt.build_info()["backends"]
+F32, F64 = torch.float32, torch.float64
+# Parameter dtypes of the comparisons with torch.optim, and the multi-step tolerance of each.
+DTYPES = [pytest.param(F32, id="fp32"), pytest.param(F64, id="fp64")]
+TRAJECTORY_TOL = {F32: "fp32_trajectory", F64: F64}
 BACKENDS = [
     pytest.param("reference", id="reference"),
     pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(not COMPILED, reason="compiled CPU backend not built")),
@@ -119,10 +123,13 @@ def _random_params(count: int = 5, dtype: torch.dtype = torch.float32) -> list[t
     return [torch.randn(n, dtype=dtype) for n in sizes]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("max_norm", [0.5, 1e6], ids=["clipped", "unclipped"])
-def test_max_grad_norm_equals_clip_grad_norm_then_step(backend: str, max_norm: float) -> None:
-    init = _random_params()
+def test_max_grad_norm_equals_clip_grad_norm_then_step(backend: str, max_norm: float, dtype: torch.dtype) -> None:
+    """max_grad_norm inside the step is torch's clip_grad_norm_ then torch.optim's step: float64 gradients give a
+    float64 norm and clip coefficient (as torch's), and the float64 step follows torch's to float64 rounding."""
+    init = _random_params(dtype=dtype)
     ours = [torch.nn.Parameter(t.clone()) for t in init]
     theirs = [torch.nn.Parameter(t.clone()) for t in init]
     opt = EXAMPLE.cls(ours, lr=1e-2, weight_decay=0.1, max_grad_norm=max_norm, backend=backend)
@@ -135,9 +142,9 @@ def test_max_grad_norm_equals_clip_grad_norm_then_step(backend: str, max_norm: f
         expected_norm = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
         opt.step()
         ref.step()
-        assert opt.last_grad_norm == pytest.approx(expected_norm.item(), rel=1e-6)
+        assert opt.last_grad_norm == pytest.approx(expected_norm.item(), rel=1e-6 if dtype == F32 else 1e-13)
         for p, q in zip(ours, theirs):
-            assert_close(p.detach(), q.detach(), "fp32_trajectory")
+            assert_close(p.detach(), q.detach(), TRAJECTORY_TOL[dtype])
             assert torch.equal(p.grad, q.grad) or max_norm < 1e6  # gradients are never rewritten by clipping
 
 
@@ -204,12 +211,14 @@ def _train(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[l
         opt.step()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("row,case", params(TORCH_ROWS, lambda row: [row.descent_cases()[-1]]))
 @pytest.mark.parametrize("direction", ["torch-to-fusedopt", "fusedopt-to-torch"])
-def test_checkpoint_switch_continues_the_same_trajectory(backend, row: Algorithm, case, direction, tmp_path):
-    """Each class with a torch.optim counterpart, in the minimising case of its table that combines most modes."""
-    init = _random_params()
+def test_checkpoint_switch_continues_the_same_trajectory(backend, row: Algorithm, case, direction, dtype, tmp_path):
+    """Each class with a torch.optim counterpart, in the minimising case of its table that combines most modes;
+    float64 checkpoints keep their float64 states both ways."""
+    init = _random_params(dtype=dtype)
     grads = [[torch.randn_like(t) for t in init] for _ in range(20)]
     straight = [torch.nn.Parameter(t.clone()) for t in init]
     _train(row.torch_optimizer(straight, case.kwargs), straight, grads)
@@ -225,7 +234,8 @@ def test_checkpoint_switch_continues_the_same_trajectory(backend, row: Algorithm
     opt.load_state_dict(torch.load(tmp_path / "optim.pt", map_location="cpu"))
     _train(opt, switched, grads[10:])
     for p, q in zip(switched, straight):
-        assert_close(p.detach(), q.detach(), "fp32_trajectory")
+        assert_close(p.detach(), q.detach(), TRAJECTORY_TOL[dtype])
+    assert all(v.dtype == dtype for p in switched for k, v in opt.state[p].items() if k != "step")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -280,10 +290,12 @@ def test_grad_scaler_fused_contract_unscales_and_skips_nonfinite(backend: str) -
     assert scaler.get_scale() < 1024.0 * 2**8  # the inf step halved the scale
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("row,case", params(TORCH_ROWS))
-def test_reference_backend_is_bitwise_torch_single_tensor(row: Algorithm, case) -> None:
-    # The reference backend applies torch.optim's per-element operations in the same order to the flat buffer.
-    init = _random_params()
+def test_reference_backend_is_bitwise_torch_single_tensor(row: Algorithm, case, dtype: torch.dtype) -> None:
+    # The reference backend applies torch.optim's per-element operations in the same order to the flat buffer, in
+    # float32, and in float64 for float64 parameters.
+    init = _random_params(dtype=dtype)
     ours = [torch.nn.Parameter(t.clone()) for t in init]
     theirs = [torch.nn.Parameter(t.clone()) for t in init]
     opt = row.cls(ours, backend="reference", **case.kwargs)
@@ -297,4 +309,31 @@ def test_reference_backend_is_bitwise_torch_single_tensor(row: Algorithm, case) 
     for p, q in zip(ours, theirs):
         assert torch.equal(p, q)
         for key, value in ref.state[q].items():
+            assert opt.state[p][key].dtype == value.dtype, key
             assert torch.equal(opt.state[p][key], value), key
+
+
+@pytest.mark.parametrize("dtypes", [(F32,), (F64,), (F32, F64)], ids=["fp32", "fp64", "mixed"])
+@pytest.mark.parametrize("max_norm", [0.5, 1e6], ids=["clips", "no-clip"])
+def test_fusedopt_clip_grad_norm_matches_torch(max_norm: float, dtypes: tuple[torch.dtype, ...]) -> None:
+    """fusedopt.clip_grad_norm_ (the deterministic sum of squares on the CPU): torch's norm (float64 when float64
+    gradients take part: float64 squares, a float64 norm and coefficient) and clipped gradients, at the tolerance of
+    each gradient's dtype. Mixed: torch rounds each float32 gradient's norm to float32 before combining it with the
+    float64 ones, fusedopt sums their squares in double, so the shared norm and coefficient agree to float32 rounding
+    only (README, differences from torch.optim)."""
+    sizes = [1, 7, 4097, 300, 20011]
+    ours, theirs = [], []
+    for k, n in enumerate(sizes):
+        dtype = dtypes[k % len(dtypes)]
+        g = torch.randn(n, dtype=dtype) * 3
+        for group in (ours, theirs):
+            p = torch.nn.Parameter(torch.zeros(n, dtype=dtype))
+            p.grad = g.clone()
+            group.append(p)
+    norm = fusedopt.clip_grad_norm_(ours, max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    assert norm.dtype == expected.dtype
+    tol = F64 if dtypes == (F64,) else F32
+    assert_close(norm, expected, tol, msg="norm")
+    for p, q in zip(ours, theirs):
+        assert_close(p.grad, q.grad, tol, msg="clipped gradient")

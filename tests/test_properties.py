@@ -19,8 +19,9 @@ from tolerances import assert_close, assert_update_close
 COMPILED = "cpu" in fusedopt.build_info()["backends"]
 pytestmark = pytest.mark.skipif(not COMPILED, reason="compiled CPU backend not built")
 
-PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+F64 = torch.float64
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": F64}
+STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # float64 parameters: float64 states, no master
 # The rows drawn: two-pass kernels (per-segment reductions, what random segment layouts exercise most) four times as
 # often as the others.
 DRAWN = ROWS + [row for row in ROWS if COMPILED and row.two_pass] * 3
@@ -62,14 +63,16 @@ def test_compiled_kernels_match_the_reference(row: Algorithm, data, sizes, param
     hyper, lr = row.hyper(kwargs), group["lr"]
     kept = row.kept_states(kwargs)
     pdt, sdt = PARAM_DTYPES[param_dtype], STATE_DTYPES[state_dtype]
-    use_master = use_master and pdt != torch.float32
+    if pdt == F64:
+        sdt = F64
+    use_master = use_master and pdt not in (torch.float32, F64)
     offsets, total = [], 0
     for size in sizes:
         offsets.append(total)
         total = (total + size + 31) // 32 * 32
     total = max(total, 1)
     gen = torch.Generator().manual_seed(seed)
-    init = torch.randn(total, generator=gen)
+    init = torch.randn(total, generator=gen, dtype=F64 if pdt == F64 else torch.float32)
     sides = []
     for _ in range(2):
         master = init.clone() if use_master else None
@@ -77,8 +80,8 @@ def test_compiled_kernels_match_the_reference(row: Algorithm, data, sizes, param
         sides.append((init.to(pdt).clone(), master, states))  # .to() of the same dtype returns init itself
     tables = [Segments(offsets, sizes, torch.device("cpu")) for _ in sides]
     for step in range(1, 4):
-        grad = torch.randn(total, generator=gen).to(pdt)
-        param_before = sides[1][0].float().clone()
+        grad = torch.randn(total, generator=gen, dtype=F64 if pdt == F64 else torch.float32).to(pdt)
+        param_before = sides[1][0].to(F64 if pdt == F64 else torch.float32).clone()
         master_before = sides[1][1].clone() if use_master else None
         for (param, master, states), backend, table in zip(sides, ("cpu", "reference"), tables):
             for k in range(len(sizes)):  # a different subset of parameters has a gradient at every step
@@ -92,8 +95,9 @@ def test_compiled_kernels_match_the_reference(row: Algorithm, data, sizes, param
         # reference's torch ops fuse some multiply-adds; two-pass kernels sum squares in another order) is amplified
         # where a ratio such as g / (sqrt(v) + eps) has a small denominator.
         fp32_tol = "fp32_trajectory"
-        tol = fp32_tol if pdt == torch.float32 else pdt
-        p_cpu, p_ref, m_cpu, m_ref = p_cpu.float(), p_ref.float(), m_cpu, m_ref
+        tol = fp32_tol if pdt == torch.float32 else pdt  # float64 all through: to float64 rounding
+        if pdt != F64:
+            p_cpu, p_ref = p_cpu.float(), p_ref.float()
         if row.sign_update:  # sign(c) flips where c is within rounding of 0: compare the rest
             keep = (p_cpu - p_ref).abs() <= 3 * lr
             assert keep.float().mean() > 0.99
@@ -114,7 +118,7 @@ def test_compiled_kernels_match_the_reference(row: Algorithm, data, sizes, param
             assert_close(m_cpu, m_ref, fp32_tol, msg=f"{row.name} master, step {step}")
         for name in s_cpu:
             state_tol = sdt if sdt != torch.float32 else fp32_tol
-            assert_close(s_cpu[name].float(), s_ref[name].float(), state_tol, msg=f"{row.name} {name}, step {step}")
+            assert_close(s_cpu[name], s_ref[name], state_tol, msg=f"{row.name} {name}, step {step}")
         # The next step starts from equal sides: a 16-bit value one ulp apart would otherwise carry into every
         # later step, and only one step's rounding is under test.
         (param, master, states), (ref_param, ref_master, ref_states) = sides

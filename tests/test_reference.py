@@ -1,6 +1,7 @@
 """fusedopt.reference, the oracle of every other test, checked against torch.optim's single-tensor code paths (every
-algorithm torch.optim has), against the float64 paper formulas of tests/cases.py (the others), in 16-bit, and its
-gradient clipping against torch.nn.utils. Parameters and every state tensor are compared after every step.
+algorithm torch.optim has), against the float64 paper formulas of tests/cases.py (the others), in 16-bit and in
+float64 (computed in float64, as torch.optim computes float64 parameters), and its gradient clipping against
+torch.nn.utils. Parameters and every state tensor are compared after every step.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from torch import Tensor
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 STEPS = 50
-F64 = torch.float64
+F32, F64 = torch.float32, torch.float64
+_ID = {F32: "fp32", F64: "fp64"}
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -98,37 +100,41 @@ def compare_step(actual_p: Tensor, actual_state: dict[str, Any], expected_p: Ten
 
 
 def cases_and_sizes(rows: list[Algorithm]) -> list:
-    """Every case at every small size; at the biggest size only the first case and the case combining most modes
-    (the table's last), to keep the runtime reasonable."""
+    """Every case at every small size, in fp32 and float64; at the biggest size only the first case and the case
+    combining most modes (the table's last), in fp32 (the reference is plain torch: the size changes nothing float64
+    would add), to keep the runtime reasonable."""
     out = []
     for row in rows:
         for case in row.cases:
             for n in SMALL_SIZES:
-                out.append(pytest.param(row, case, n, id=f"{row.name}-{case.id}-n{n}"))
+                for dtype in (F32, F64):
+                    out.append(pytest.param(row, case, n, dtype, id=f"{row.name}-{case.id}-n{n}-{_ID[dtype]}"))
         for case in (row.cases[0], row.cases[-1]):
-            out.append(pytest.param(row, case, BIG_SIZE, id=f"{row.name}-{case.id}-n{BIG_SIZE}"))
+            out.append(pytest.param(row, case, BIG_SIZE, F32, id=f"{row.name}-{case.id}-n{BIG_SIZE}-fp32"))
     return out
 
 
 # --------------------------------------------------------------------------------------------------- vs torch.optim
-@pytest.mark.parametrize("row,case,n", cases_and_sizes(TORCH_ROWS))
-def test_reference_matches_torch_optim(row: Algorithm, case, n: int) -> None:
+@pytest.mark.parametrize("row,case,n,dtype", cases_and_sizes(TORCH_ROWS))
+def test_reference_matches_torch_optim(row: Algorithm, case, n: int, dtype: torch.dtype) -> None:
     """50 steps of the reference and of torch.optim (foreach=False) from the same random parameter with fresh random
-    gradients: parameter and every state equal at every step (fp32 per-step tolerance; both follow one trajectory)."""
-    p0 = torch.randn(n)
+    gradients: parameter and every state equal at every step (per-step tolerance of the dtype; both follow one
+    trajectory). float64 parameters, gradients and states stay float64 on both sides."""
+    p0 = torch.randn(n, dtype=dtype)
     torch_p = torch.nn.Parameter(p0.clone())
     opt = row.torch_optimizer([torch_p], case.kwargs)
     ref_p = p0.clone()
-    state = init_state(row, case.kwargs, ref_p)
+    state = init_state(row, case.kwargs, ref_p, dtype)
     names = row.state_names(case.kwargs)
     for step in range(1, STEPS + 1):
-        grad = torch.randn(n)
+        grad = torch.randn(n, dtype=dtype)
         grad_before = grad.clone()
         torch_p.grad = grad.clone()
         opt.step()
         reference_step(row, case.kwargs, ref_p, grad, state)
         assert torch.equal(grad, grad_before), "reference modified the gradient"
         torch_state = {k: v for k, v in opt.state[torch_p].items() if k != "step"}
+        assert ref_p.dtype == dtype and all(state[k].dtype == dtype for k in names)
         compare_step(ref_p, state, torch_p.detach(), torch_state, names, where=f"step {step}")
 
 
@@ -168,17 +174,17 @@ def test_class_named_reference_function_is_the_kernel_function(row: Algorithm, c
 
 
 # --------------------------------------------------------------------------------------------------- float64 oracles
-@pytest.mark.parametrize("row,case,n", cases_and_sizes(ORACLE_ROWS))
-def test_reference_matches_float64_paper(row: Algorithm, case, n: int) -> None:
-    """50 steps; before each step the float64 paper formulas start from the reference's current fp32 values, so each
-    step is checked at the fp32 per-step tolerance (for a sign update, elements whose sign(c) lies within fp32
-    rounding of 0 are not compared, and there must be almost none)."""
-    param = torch.randn(n)
-    state = init_state(row, case.kwargs, param)
+@pytest.mark.parametrize("row,case,n,dtype", cases_and_sizes(ORACLE_ROWS))
+def test_reference_matches_float64_paper(row: Algorithm, case, n: int, dtype: torch.dtype) -> None:
+    """50 steps; before each step the float64 paper formulas start from the reference's current values, so each
+    step is checked at the per-step tolerance of the dtype (for a sign update, elements whose sign(c) lies within fp32
+    rounding of 0 are not compared, and there must be almost none). float64 parameters are computed in float64."""
+    param = torch.randn(n, dtype=dtype)
+    state = init_state(row, case.kwargs, param, dtype)
     names = row.state_names(case.kwargs)
     skipped = 0
     for step in range(1, STEPS + 1):
-        grad = torch.randn(n)
+        grad = torch.randn(n, dtype=dtype)
         exp_p, exp_state, skip = oracle_step(row, case.kwargs, param, grad, state)
         reference_step(row, case.kwargs, param, grad, state)
         compare_step(param, state, exp_p, exp_state, names, skip=skip, where=f"step {step}")
@@ -312,11 +318,12 @@ def test_reference_does_not_import_compiled_module() -> None:
 
 # --------------------------------------------------------------------------------------------------- clipping
 def make_params(dtype: torch.dtype = torch.float32, with_none: bool = True) -> list[torch.nn.Parameter]:
+    draw = F64 if dtype == F64 else F32  # float64 gets full float64 values
     params = []
     for i, n in enumerate((1, 7, 4097, 300)):
-        p = torch.nn.Parameter(torch.randn(n).to(dtype))
+        p = torch.nn.Parameter(torch.randn(n, dtype=draw).to(dtype))
         if not (with_none and i == 3):
-            p.grad = (torch.randn(n) * 3).to(dtype)
+            p.grad = (torch.randn(n, dtype=draw) * 3).to(dtype)
         params.append(p)
     return params
 
@@ -335,15 +342,16 @@ NORM_TYPES = [pytest.param(2.0, id="l2"), pytest.param(1.0, id="l1"), pytest.par
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e6], ids=["clips", "no-clip"])
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64], ids=["fp32", "bf16", "fp64"])
 def test_clip_grad_norm_matches_torch(norm_type: float, max_norm: float, dtype: torch.dtype) -> None:
     """Returned total norm and clipped gradients equal torch.nn.utils.clip_grad_norm_ (a grad-None parameter is
-    skipped and keeps grad None)."""
+    skipped and keeps grad None); float64 gradients give a float64 norm, computed in float64."""
     ours = make_params(dtype)
     theirs = clone_params(ours)
     total = reference.clip_grad_norm_(ours, max_norm, norm_type)
     expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type)
     assert isinstance(total, Tensor) and total.dim() == 0
+    assert total.dtype == F64 or dtype != F64
     assert_close(total, expected, dtype, msg="total norm")
     for a, b in zip(ours, theirs):
         if b.grad is None:

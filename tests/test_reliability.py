@@ -127,22 +127,47 @@ def test_bad_call_raises_and_changes_nothing(backend: str, name: str, call: Call
         assert_unchanged(before, snapshot(opt, params))
 
 
-BAD_PARAMETERS: list[tuple[str, Callable[[], list[Any]], str]] = [
-    ("empty-list", lambda: [], "empty parameter list"),
-    ("complex", lambda: [torch.nn.Parameter(torch.randn(4, dtype=torch.complex64))], "complex parameters"),
-    ("expanded", lambda: [torch.randn(1).expand(5).requires_grad_()], "overlap in memory"),
-    ("duplicate-in-group", lambda: [torch.nn.Parameter(torch.randn(3))] * 2, "appears twice"),
-    ("float64", lambda: [torch.nn.Parameter(torch.randn(3, dtype=torch.float64))], "float32, bfloat16 and float16"),
+def _float64() -> list[Any]:
+    return [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(5, dtype=torch.float64))]
+
+
+# (name, parameters, fusedopt options, message). float64 parameters keep float64 states and take no master weights
+# (both would round them to float32); float64 states are for float64 parameters only.
+BAD_PARAMETERS: list[tuple[str, Callable[[], list[Any]], dict[str, Any], str]] = [
+    ("empty-list", lambda: [], {}, "empty parameter list"),
+    ("complex", lambda: [torch.nn.Parameter(torch.randn(4, dtype=torch.complex64))], {}, "complex parameters"),
+    ("expanded", lambda: [torch.randn(1).expand(5).requires_grad_()], {}, "overlap in memory"),
+    ("duplicate-in-group", lambda: [torch.nn.Parameter(torch.randn(3))] * 2, {}, "appears twice"),
+    ("integer", lambda: [torch.arange(3)], {}, "float32, bfloat16, float16 and float64 parameters, got torch.int64"),
+    ("float64-master-weights", _float64, dict(master_weights=True),
+     "Invalid master_weights: True for float64 parameters"),
+    ("float64-bf16-states", _float64, dict(state_dtype=torch.bfloat16),
+     "Invalid state_dtype: torch.bfloat16 for float64 parameters"),
+    ("float64-fp32-states", _float64, dict(state_dtype=torch.float32),
+     "Invalid state_dtype: torch.float32 for float64 parameters"),
+    ("float32-fp64-states", lambda: [torch.nn.Parameter(torch.randn(3))], dict(state_dtype=torch.float64),
+     "Invalid state_dtype: torch.float64 for torch.float32 parameters"),
 ]
 
 
-@pytest.mark.parametrize("name,make,message", BAD_PARAMETERS, ids=[c[0] for c in BAD_PARAMETERS])
-def test_bad_parameters_are_refused(name: str, make: Callable[[], list[Any]], message: str) -> None:
+@pytest.mark.parametrize("name,make,options,message", BAD_PARAMETERS, ids=[c[0] for c in BAD_PARAMETERS])
+def test_bad_parameters_are_refused(name: str, make: Callable[[], list[Any]], options: dict[str, Any],
+                                    message: str) -> None:
     params = make()
     pointers = [p.data_ptr() for p in params]
     with pytest.raises((ValueError, TypeError), match=message):
-        EXAMPLE.cls(params)
+        EXAMPLE.cls(params, **options)
     assert [p.data_ptr() for p in params] == pointers
+    if params and name.startswith("float"):  # a group added later is refused the same way, and changes nothing
+        opt = EXAMPLE.cls([torch.nn.Parameter(torch.randn(2))])
+        with pytest.raises(ValueError, match=message):
+            opt.add_param_group({"params": params, **options})
+        assert len(opt.param_groups) == 1 and [p.data_ptr() for p in params] == pointers
+        first = torch.nn.Parameter(torch.randn(4))
+        first_pointer = first.data_ptr()
+        with pytest.raises(ValueError, match=message):  # so is a second group of the constructor, before the first
+            EXAMPLE.cls([{"params": [first]}, {"params": params, **options}])  # moves into flat storage
+        assert first.data_ptr() == first_pointer and [p.data_ptr() for p in params] == pointers
 
 
 def test_shared_memory_and_duplicates_across_groups_are_refused() -> None:

@@ -1,7 +1,8 @@
 """torch's own optimizer test matrix (torch.testing._internal.common_optimizers.optim_db, from the installed torch)
 run on fusedopt: every input config of each algorithm fusedopt implements against torch.optim's for-loop
-implementation (parameters and every state tensor at every step), and every error input with the same exception
-type and message. Where fusedopt differs on purpose, the reason is given once, in DIFFERENT_ON_PURPOSE."""
+implementation (parameters and every state tensor at every step), in float32 and in float64 (the dtypes torch's
+matrix runs on the CPU), and every error input with the same exception type and message. Where fusedopt differs on
+purpose, the reason is given once, in DIFFERENT_ON_PURPOSE."""
 from __future__ import annotations
 
 import warnings
@@ -27,8 +28,13 @@ DIFFERENT_ON_PURPOSE = {
 }
 
 
+# Per-step tolerance of each parameter dtype.
+DTYPES = {torch.float32: "fp32", torch.float64: torch.float64}
+
+
 def _inputs(name: str) -> list:
-    return [pytest.param(name, oi, id=f"{name}-{oi.desc}") for oi in OPTIM_DB[name].optim_inputs_func(device="cpu")]
+    return [pytest.param(name, oi, dtype, id=f"{name}-{oi.desc}-{str(dtype)[6:]}") for dtype in DTYPES
+            for oi in OPTIM_DB[name].optim_inputs_func(device="cpu", dtype=dtype)]
 
 
 def _errors(name: str) -> list:
@@ -37,14 +43,14 @@ def _errors(name: str) -> list:
     return [pytest.param(name, e, id=f"{name}-{k}-{e.error_type.__name__}") for k, e in enumerate(cases)]
 
 
-@pytest.mark.parametrize("name,optim_input", [p for name in OURS for p in _inputs(name)])
-def test_input_configs_match_torch_for_loop(name: str, optim_input) -> None:
+@pytest.mark.parametrize("name,optim_input,dtype", [p for name in OURS for p in _inputs(name)])
+def test_input_configs_match_torch_for_loop(name: str, optim_input, dtype: torch.dtype) -> None:
     kwargs = dict(optim_input.kwargs)
     if kwargs.get("differentiable"):
         pytest.skip("differentiable=True is refused: fusedopt's fused kernels are not differentiable")
     torch.manual_seed(0)
     shapes = [(5, 7), (1,), (33,), (4, 3, 2)]
-    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    params = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
     ours = getattr(fusedopt, name)(params, **kwargs)
     theirs = getattr(torch.optim, name)(copies, **{**kwargs, "foreach": False})
@@ -53,18 +59,21 @@ def test_input_configs_match_torch_for_loop(name: str, optim_input) -> None:
             if (k + step) % 4 == 3:  # a parameter without a gradient this step
                 p.grad, t.grad = None, None
                 continue
-            g = torch.randn(p.shape)
+            g = torch.randn(p.shape, dtype=dtype)
             p.grad, t.grad = g.clone(), g.clone()
         ours.step()
         theirs.step()
         for p, t in zip(params, copies):
-            # Per step, fp32: torch's CPU add with alpha fuses a multiply-add that fusedopt's kernels round twice.
-            assert_close(p, t, "fp32", msg=f"param, step {step}")
+            # Per step, fp32: torch's CPU add with alpha fuses a multiply-add that fusedopt's kernels round twice;
+            # float64 to float64 rounding.
+            assert p.dtype == t.dtype == dtype
+            assert_close(p, t, DTYPES[dtype], msg=f"param, step {step}")
             expected = theirs.state.get(t, {})
             state = ours.state.get(p, {})
             assert set(state) == set(expected), (set(state), set(expected))
             for key, value in expected.items():
-                assert_close(torch.as_tensor(state[key]), torch.as_tensor(value), "fp32", msg=f"{key}, step {step}")
+                assert_close(torch.as_tensor(state[key]), torch.as_tensor(value), DTYPES[dtype],
+                             msg=f"{key}, step {step}")
 
 
 @pytest.mark.parametrize("name,error_input", [p for name in OURS for p in _errors(name)])

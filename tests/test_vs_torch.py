@@ -1,7 +1,9 @@
 """Every public optimizer class against torch.optim's class of the same name, or against its float64 paper formulas
 (tests/cases.py) where torch.optim has none, on random tensors and on a small Transformer trained with real backward
-passes; every parameter and every state tensor is compared after every step, on each available backend. Also checks
-that gradient aliasing, broken by the user in every documented way, never changes the result.
+passes; every parameter and every state tensor is compared after every step, on each available backend. float32
+parameters follow torch to the fp32 trajectory tolerance, float64 parameters torch's float64 computation to the
+float64 tolerance (also with clipping, in groups mixing both, and with values where any float32 rounding shows). Also
+checks that gradient aliasing, broken by the user in every documented way, never changes the result.
 """
 from __future__ import annotations
 
@@ -12,14 +14,19 @@ import fusedopt
 import pytest
 import torch
 from cases import BIG_SIZE, EXAMPLE, ORACLE_ROWS, TORCH_ROWS, Algorithm, params
-from tolerances import assert_close
+from tolerances import assert_close, tolerance
 from torch import Tensor
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 STEPS = 50
 MODEL_STEPS = 30
-F64 = torch.float64
+F32, F64 = torch.float32, torch.float64
+# Parameter dtypes of the random-tensor comparisons, and the tolerance of each: float32 trajectories drift by
+# float32 roundings, float64 ones agree with torch's float64 computation to float64 rounding.
+DTYPES = [pytest.param(F32, id="fp32"), pytest.param(F64, id="fp64")]
+TRAJECTORY_TOL = {F32: "fp32_trajectory", F64: F64}
+STEP_TOL = {F32: "fp32", F64: F64}
 
 def _available_backends() -> list[str]:
     return list(fusedopt.build_info().get("backends", ["reference"]))
@@ -46,26 +53,31 @@ def random_shapes(big: bool) -> list[tuple[int, ...]]:
 
 
 def case_params(rows: list[Algorithm]) -> list:
-    """Every case; the first and the last (most modes combined) case of each table also get a 1,000,003 tensor."""
+    """Every case, with float32 and with float64 parameters; the first and the last (most modes combined) case of each
+    table also get a 1,000,003 tensor in float32 (sizes, chunks and threads are the compiled kernels' business, and
+    tests/test_cpu_kernels.py covers them in float64)."""
     out = []
     for row in rows:
         for i, case in enumerate(row.cases):
             big = i in (0, len(row.cases) - 1)
-            out.append(pytest.param(row, case, big, id=f"{row.name}-{case.id}" + ("-big" if big else "")))
+            name = f"{row.name}-{case.id}" + ("-big" if big else "")
+            out.append(pytest.param(row, case, big, F32, id=f"{name}-fp32"))
+            out.append(pytest.param(row, case, False, F64, id=f"{row.name}-{case.id}-fp64"))
     return out
 
 
 def compare_with_torch(row: Algorithm, kwargs: dict[str, Any], fused: torch.optim.Optimizer,
                        ours: list[Tensor], torch_opt: torch.optim.Optimizer, theirs: list[Tensor], where: str,
                        skip: list[Tensor] | None = None) -> None:
-    """Every parameter, every state tensor and the step count equal torch.optim's (fp32 trajectory tolerance),
-    except elements marked in `skip` (one mask per parameter, see `IllConditioned`)."""
+    """Every parameter, every state tensor and the step count equal torch.optim's (the trajectory tolerance of the
+    parameter's dtype), except elements marked in `skip` (one mask per parameter, see `IllConditioned`)."""
     names = row.state_names(kwargs)
 
     def same(a: Tensor, b: Tensor, i: int, msg: str) -> None:
         if skip is not None:
             b = torch.where(skip[i], a.detach(), b.detach())
-        assert_close(a, b, "fp32_trajectory", msg=msg)
+        assert a.dtype == b.dtype, f"{msg}: {a.dtype} vs torch's {b.dtype}"
+        assert_close(a, b, TRAJECTORY_TOL[ours[i].dtype], msg=msg)
 
     for i, (p, q) in enumerate(zip(ours, theirs)):
         at = f"{where}, parameter {i} {tuple(p.shape)}"
@@ -105,7 +117,7 @@ def oracle64_step(row: Algorithm, kwargs: dict[str, Any], fused: torch.optim.Opt
 
 def compare_with_oracle(row: Algorithm, kwargs: dict[str, Any], fused: torch.optim.Optimizer,
                         params: list[Tensor], expected: list[tuple[Tensor, dict[str, Tensor], Tensor | None]],
-                        where: str, tol: str = "fp32") -> int:
+                        where: str, tol: object = "fp32") -> int:
     """Parameters and states equal the oracle's; returns how many (sign-ambiguous) elements were skipped."""
     skipped = 0
     for i, (p, (exp_p, exp_state, skip)) in enumerate(zip(params, expected)):
@@ -125,12 +137,13 @@ def compare_with_oracle(row: Algorithm, kwargs: dict[str, Any], fused: torch.opt
 
 
 # ------------------------------------------------------------------------------------- (a) random tensors
-@pytest.mark.parametrize("row,case,big", case_params(TORCH_ROWS))
-def test_random_tensors_match_torch_optim(row: Algorithm, case, big: bool, backend: str) -> None:
+@pytest.mark.parametrize("row,case,big,dtype", case_params(TORCH_ROWS))
+def test_random_tensors_match_torch_optim(row: Algorithm, case, big: bool, backend: str, dtype: torch.dtype) -> None:
     """Several parameters (sizes 1, 7, 4097, a 13x17 matrix, 1,000,003 for some cases), 50 steps of fresh random
-    gradients accumulated into .grad after opt.zero_grad() (the flat-buffer fast path)."""
+    gradients accumulated into .grad after opt.zero_grad() (the flat-buffer fast path); float32 parameters, and
+    float64 ones against torch's float64 computation (states float64 like torch's)."""
     shapes = random_shapes(big)
-    init = [torch.randn(s) for s in shapes]
+    init = [torch.randn(s, dtype=dtype) for s in shapes]
     ours = [torch.nn.Parameter(t.clone()) for t in init]
     theirs = [torch.nn.Parameter(t.clone()) for t in init]
     fused = make_fused(row, ours, case.kwargs, backend)
@@ -139,7 +152,7 @@ def test_random_tensors_match_torch_optim(row: Algorithm, case, big: bool, backe
         fused.zero_grad()
         reference.zero_grad()
         for p, q in zip(ours, theirs):
-            g = torch.randn(p.shape)
+            g = torch.randn(p.shape, dtype=dtype)
             q.grad = g.clone()
             if p.grad is None:
                 p.grad = g.clone()
@@ -150,37 +163,39 @@ def test_random_tensors_match_torch_optim(row: Algorithm, case, big: bool, backe
         compare_with_torch(row, case.kwargs, fused, ours, reference, theirs, f"step {step}")
 
 
-@pytest.mark.parametrize("row,case,big", case_params(ORACLE_ROWS))
-def test_random_tensors_match_float64_paper(row: Algorithm, case, big: bool, backend: str) -> None:
+@pytest.mark.parametrize("row,case,big,dtype", case_params(ORACLE_ROWS))
+def test_random_tensors_match_float64_paper(row: Algorithm, case, big: bool, backend: str, dtype: torch.dtype) -> None:
     """Algorithms torch.optim lacks: each of 50 steps equals the float64 paper formulas started from the optimizer's
-    own parameters and states (fp32 per-step tolerance; per-tensor quantities such as trust ratios per tensor)."""
+    own parameters and states (per-step tolerance of the parameters' dtype; per-tensor quantities such as trust ratios
+    per tensor)."""
     shapes = random_shapes(big)
-    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    params = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
     fused = make_fused(row, params, case.kwargs, backend)
     skipped = 0
     for step in range(1, STEPS + 1):
         fused.zero_grad()
         for p in params:
-            g = torch.randn(p.shape)
+            g = torch.randn(p.shape, dtype=dtype)
             if p.grad is None:
                 p.grad = g
             else:
                 p.grad.add_(g)
         expected = oracle64_step(row, case.kwargs, fused, params)
         fused.step()
-        skipped += compare_with_oracle(row, case.kwargs, fused, params, expected, f"step {step}")
+        skipped += compare_with_oracle(row, case.kwargs, fused, params, expected, f"step {step}", STEP_TOL[dtype])
     total = sum(p.numel() for p in params) * STEPS
     assert skipped <= max(2, 1e-5 * total), f"{skipped} sign-ambiguous elements"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("row,case", params([r for r in ORACLE_ROWS if r.smooth_trajectory]))
-def test_whole_trajectory_float64(row: Algorithm, case, backend: str) -> None:
-    """A smooth update over 50 steps against a float64 trajectory that is never re-anchored (fp32 trajectory
-    tolerance)."""
+def test_whole_trajectory_float64(row: Algorithm, case, backend: str, dtype: torch.dtype) -> None:
+    """A smooth update over 50 steps against a float64 trajectory that is never re-anchored (trajectory tolerance of
+    the parameters' dtype: float64 parameters follow it to float64 rounding)."""
     assert row.oracle64 is not None
     hp = row.group(case.kwargs)
     shapes = random_shapes(False)
-    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    params = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
     p64 = [p.detach().to(F64).clone() for p in params]
     s64 = [{s.name: torch.full(shape, s.fill(hp), dtype=F64) for s in row.kept_states(case.kwargs)}
            for shape in shapes]
@@ -188,12 +203,12 @@ def test_whole_trajectory_float64(row: Algorithm, case, backend: str) -> None:
     for step in range(1, STEPS + 1):
         fused.zero_grad()
         for i, p in enumerate(params):
-            g = torch.randn(p.shape)
+            g = torch.randn(p.shape, dtype=dtype)
             p.grad = g if p.grad is None else p.grad.add_(g)
             p64[i], s64[i], _ = row.oracle64(p64[i], p.grad, s64[i], step, hp)
         fused.step()
         expected = [(p64[i], s64[i], None) for i in range(len(params))]
-        compare_with_oracle(row, case.kwargs, fused, params, expected, f"step {step}", tol="fp32_trajectory")
+        compare_with_oracle(row, case.kwargs, fused, params, expected, f"step {step}", tol=TRAJECTORY_TOL[dtype])
 
 
 # ------------------------------------------------------------------------------------- (b) small model
@@ -216,10 +231,10 @@ class TinyTransformer(torch.nn.Module):
         return self.head(self.encoder(x))
 
 
-def model_pair() -> tuple[torch.nn.Module, torch.nn.Module, list[tuple[Tensor, Tensor]]]:
-    model = TinyTransformer()
+def model_pair(dtype: torch.dtype = F32) -> tuple[torch.nn.Module, torch.nn.Module, list[tuple[Tensor, Tensor]]]:
+    model = TinyTransformer().to(dtype)
     twin = copy.deepcopy(model)
-    data = [(torch.randn(4, 6, 32), torch.randn(4, 6, 3)) for _ in range(MODEL_STEPS)]
+    data = [(torch.randn(4, 6, 32).to(dtype), torch.randn(4, 6, 3).to(dtype)) for _ in range(MODEL_STEPS)]
     return model, twin, data
 
 
@@ -325,12 +340,14 @@ def test_transformer_matches_float64_paper(row: Algorithm, case, backend: str) -
         compare_with_oracle(row, case.kwargs, fused, params, expected, f"step {step}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("max_grad_norm", [0.05, 1e3], ids=["clips", "no-clip"])
-def test_transformer_max_grad_norm_matches_torch_clip(max_grad_norm: float, backend: str) -> None:
+def test_transformer_max_grad_norm_matches_torch_clip(max_grad_norm: float, backend: str, dtype: torch.dtype) -> None:
     """The example optimizer with max_grad_norm=c equals torch.nn.utils.clip_grad_norm_(c) followed by torch.optim's
-    step; opt.last_grad_norm is the norm before clipping."""
+    step; opt.last_grad_norm is the norm before clipping. A float64 model: the norm (of float64 gradients, so a
+    float64 norm), the clip coefficient and the step all follow torch's float64 computation."""
     kwargs = {"lr": 1e-2, "weight_decay": 0.1}
-    model, twin, data = model_pair()
+    model, twin, data = model_pair(dtype)
     fused = EXAMPLE.cls(model.parameters(), **kwargs, max_grad_norm=max_grad_norm, backend=backend)
     reference = EXAMPLE.torch_optimizer(twin.parameters(), kwargs)
     ours, theirs = list(model.parameters()), list(twin.parameters())
@@ -343,8 +360,82 @@ def test_transformer_max_grad_norm_matches_torch_clip(max_grad_norm: float, back
         fused.step()
         reference.step()
         assert fused.last_grad_norm is not None
-        assert_close(torch.tensor(fused.last_grad_norm), norm, "fp32_trajectory", msg=f"step {step}: grad norm")
+        assert norm.dtype == dtype
+        assert_close(torch.tensor(fused.last_grad_norm, dtype=F64), norm, TRAJECTORY_TOL[dtype],
+                     msg=f"step {step}: grad norm")
         compare_with_torch(EXAMPLE, kwargs, fused, ours, reference, theirs, f"step {step}")
+
+
+# ------------------------------------------------------------------------------------- float64
+@pytest.mark.parametrize("row,case", params(TORCH_ROWS, lambda row: [row.cases[0], row.richest_case()]))
+def test_mixed_float32_and_float64_group_matches_torch(row: Algorithm, case, backend: str) -> None:
+    """One param group mixing float32 and float64 parameters, as torch.optim takes it: each dtype gets its own flat
+    buffer set (and kernel call), float32 parameters follow torch to the fp32 trajectory tolerance, float64 ones to
+    the float64 tolerance, over 30 steps."""
+    shapes = [(7,), (4097,), (13, 17), (1,), (300,)]
+    dtypes = [F32, F64, F32, F64, F64]
+    init = [torch.randn(s, dtype=d) for s, d in zip(shapes, dtypes)]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    theirs = [torch.nn.Parameter(t.clone()) for t in init]
+    fused = make_fused(row, ours, case.kwargs, backend)
+    assert sorted(str(buf.dtype) for buf in fused.flat_buffers[0]) == ["torch.float32", "torch.float64"]
+    reference = row.torch_optimizer(theirs, case.kwargs)
+    for step in range(1, 31):
+        for p, q in zip(ours, theirs):
+            g = torch.randn(p.shape, dtype=p.dtype)
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        reference.step()
+        compare_with_torch(row, case.kwargs, fused, ours, reference, theirs, f"step {step}")
+
+
+def _rounded_to_float32(values: list[Tensor]) -> list[Tensor]:
+    return [v.float().double() for v in values]
+
+
+@pytest.mark.parametrize("row,case", params(TORCH_ROWS, lambda row: [row.richest_case()]))
+def test_float64_is_computed_in_float64(row: Algorithm, case, backend: str) -> None:
+    """Values that float32 cannot hold: parameters of 1e-2 with full float64 mantissas, a learning rate of 0.1 (not a
+    float32 number) and so updates of the size of the parameters. Rounding the elements, or only the learning rate,
+    to float32 moves the result by far more than 1e-9 relative (checked first, on torch.optim, so this test cannot
+    quietly stop testing anything); fusedopt's float64 step stays within the float64 tolerance of torch's over 5
+    steps."""
+    kwargs = {**case.kwargs, "lr": 0.1}
+    shapes = [(1,), (7,), (4097,)]
+    init = [1e-2 * torch.randn(s, dtype=F64) for s in shapes]
+    grads = [[torch.randn(s, dtype=F64) for s in shapes] for _ in range(5)]
+
+    def torch_run(values: list[Tensor], lr: float, rounded: bool) -> list[Tensor]:
+        params = [torch.nn.Parameter(v.clone()) for v in values]
+        opt = row.torch_optimizer(params, {**kwargs, "lr": lr})
+        for step_grads in grads:
+            for p, g in zip(params, _rounded_to_float32(step_grads) if rounded else step_grads):
+                p.grad = g.clone()
+            opt.step()
+            if rounded:  # a float32 computation stores float32 elements
+                with torch.no_grad():
+                    for p in params:
+                        p.copy_(p.float())
+        return [p.detach() for p in params]
+
+    expected = torch_run(init, 0.1, rounded=False)
+    tol = tolerance(F64)
+
+    def relative(a: list[Tensor]) -> float:
+        return max(float(((x - e).abs() / (tol["atol"] + tol["rtol"] * e.abs())).max()) for x, e in zip(a, expected))
+
+    float32_lr = float(torch.tensor(0.1, dtype=F32))
+    assert relative(torch_run(init, float32_lr, rounded=False)) > 1e3, "an lr rounded to float32 would pass"
+    assert relative(torch_run(_rounded_to_float32(init), 0.1, rounded=True)) > 1e3, "float32 elements would pass"
+    ours = [torch.nn.Parameter(v.clone()) for v in init]
+    fused = make_fused(row, ours, kwargs, backend)
+    for step_grads in grads:
+        for p, g in zip(ours, step_grads):
+            p.grad = g.clone()
+        fused.step()
+    for i, (p, e) in enumerate(zip(ours, expected)):
+        assert p.dtype == F64
+        assert_close(p, e, F64, msg=f"parameter {i}")
 
 
 # ------------------------------------------------------------------------------------- aliasing

@@ -47,19 +47,19 @@ def _swap(a: str, b: str, text: str) -> str:
 
 
 _MOMENT_BETAS = """\
-    c.beta1_weight = static_cast<float>(1.0 - h.beta1);
-    c.beta2 = static_cast<float>(h.beta2);
-    c.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);"""
+    c.beta1_weight = static_cast<T>(1.0 - h.beta1);
+    c.beta2 = static_cast<T>(h.beta2);
+    c.one_minus_beta2 = static_cast<T>(1.0 - h.beta2);"""
 _LION_BETAS = """\
-    c.beta1_weight = static_cast<float>(1.0 - h.beta1);
-    c.beta2_weight = static_cast<float>(1.0 - h.beta2);"""
+    c.beta1_weight = static_cast<T>(1.0 - h.beta1);
+    c.beta2_weight = static_cast<T>(1.0 - h.beta2);"""
 _LION_ORDER = """\
       p -= c.lr * sign(lerp(exp_avg, g, c.beta1_weight));
       exp_avg = lerp(exp_avg, g, c.beta2_weight);"""
 _ADAGRAD_ORDER = """\
       sum += g * g;
-      p -= c.clr * (g / (sqrtf(sum) + c.eps));"""
-_GRAD_SCALE = "c.grad_scale = static_cast<float>(h.maximize != 0.0 ? -grad_scale : grad_scale);"
+      p -= c.clr * (g / (square_root(sum) + c.eps));"""
+_GRAD_SCALE = "c.grad_scale = static_cast<T>(h.maximize != 0.0 ? -grad_scale : grad_scale);"
 _REF_ADAM_MOMENTS = """\
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -80,9 +80,9 @@ MUTANTS: list[Mutant] = [
     Mutant("adam-no-l2-weight-decay", "adam", ADAM,
            "g + c.weight_decay * p, g);", "g, g);"),
     Mutant("adam-decoupled-decay-without-lr", "adam", ADAM,
-           "static_cast<float>(1.0 - lr * h.weight_decay)", "static_cast<float>(1.0 - h.weight_decay)"),
+           "static_cast<T>(1.0 - lr * h.weight_decay)", "static_cast<T>(1.0 - h.weight_decay)"),
     Mutant("adam-no-eps", "adam", ADAM,
-           "sqrtf(second) / c.bc2_sqrt + c.eps;", "sqrtf(second) / c.bc2_sqrt;"),
+           "square_root(second) / c.bc2_sqrt + c.eps;", "square_root(second) / c.bc2_sqrt;"),
     Mutant("adam-no-bias-correction1", "adam", ADAM,
            "lr / (1.0 - pow(h.beta1, step))", "lr"),
     Mutant("adam-bias-correction2-step-minus-1", "adam", ADAM,
@@ -94,19 +94,19 @@ MUTANTS: list[Mutant] = [
     Mutant("adam-amsgrad-uses-exp-avg-sq", "adam", ADAM,
            "second = max_exp_avg_sq;", "second = exp_avg_sq;"),
     Mutant("adam-ignore-grad-scale", "adam", ADAM,
-           _GRAD_SCALE, "c.grad_scale = h.maximize != 0.0 ? -1.0f : 1.0f;"),
+           _GRAD_SCALE, "c.grad_scale = h.maximize != 0.0 ? T(-1) : T(1);"),
     # --- sgd.h
     Mutant("sgd-first-step-off-by-one", "sgd", SGD,
            "c.first_step = step <= 1.0;", "c.first_step = step <= 0.0;"),
     Mutant("sgd-ignore-dampening", "sgd", SGD,
-           "static_cast<float>(1.0 - h.dampening)", "1.0f"),
+           "static_cast<T>(1.0 - h.dampening)", "T(1)"),
     Mutant("sgd-nesterov-swapped", "sgd", SGD,
            "uniform_select(c.nesterov, g + c.momentum * momentum_buffer, momentum_buffer)",
            "uniform_select(c.nesterov, momentum_buffer, g + c.momentum * momentum_buffer)"),
     Mutant("sgd-ignore-maximize", "sgd", SGD,
-           _GRAD_SCALE, "c.grad_scale = static_cast<float>(grad_scale);"),
+           _GRAD_SCALE, "c.grad_scale = static_cast<T>(grad_scale);"),
     Mutant("rmsprop-no-eps", "rmsprop", RMSPROP,
-           "avg = sqrtf(square_avg) + c.eps;", "avg = sqrtf(square_avg);"),
+           "avg = square_root(square_avg) + c.eps;", "avg = square_root(square_avg);"),
     Mutant("rmsprop-centered-plus", "rmsprop", RMSPROP,
            "square_avg - grad_avg * grad_avg", "square_avg + grad_avg * grad_avg"),
     Mutant("rmsprop-grad-avg-lerp-weight-alpha", "rmsprop", RMSPROP,
@@ -118,36 +118,45 @@ MUTANTS: list[Mutant] = [
     Mutant("adagrad-lr-decay-step-off-by-one", "adagrad", ADAGRAD,
            "(step - 1.0) * h.lr_decay", "step * h.lr_decay"),
     Mutant("adagrad-no-eps", "adagrad", ADAGRAD,
-           "(sqrtf(sum) + c.eps)", "sqrtf(sum)"),
+           "(square_root(sum) + c.eps)", "square_root(sum)"),
     Mutant("adagrad-update-before-sum", "adagrad", ADAGRAD,
            _ADAGRAD_ORDER, "\n".join(reversed(_ADAGRAD_ORDER.split("\n")))),
     Mutant("adagrad-ignore-maximize", "adagrad", ADAGRAD,
-           _GRAD_SCALE, "c.grad_scale = static_cast<float>(grad_scale);"),
+           _GRAD_SCALE, "c.grad_scale = static_cast<T>(grad_scale);"),
     # --- lion.h
     Mutant("lion-swap-betas", "lion", LION,
            _LION_BETAS, _swap("h.beta1", "h.beta2", _LION_BETAS)),
     Mutant("lion-decay-without-lr", "lion", LION,
-           "static_cast<float>(1.0 - lr * h.weight_decay)", "static_cast<float>(1.0 - h.weight_decay)"),
+           "static_cast<T>(1.0 - lr * h.weight_decay)", "static_cast<T>(1.0 - h.weight_decay)"),
     Mutant("lion-flip-update-sign", "lion", LION,
            "p -= c.lr * sign(", "p += c.lr * sign("),
     Mutant("lion-momentum-before-direction", "lion", LION,
            _LION_ORDER, "\n".join(reversed(_LION_ORDER.split("\n")))),
     Mutant("lion-halve-lr", "lion", LION,
-           "c.lr = static_cast<float>(lr);", "c.lr = static_cast<float>(0.5 * lr);"),
+           "c.lr = static_cast<T>(lr);", "c.lr = static_cast<T>(0.5 * lr);"),
     Mutant("lamb-no-bias-correction1", "lamb", LAMB,
-           "c.bc1 = bias_correction ? static_cast<float>(1.0 - pow(h.beta1, step)) : 1.0f;", "c.bc1 = 1.0f;"),
+           "c.bc1 = bias_correction ? static_cast<T>(1.0 - pow(h.beta1, step)) : T(1);", "c.bc1 = T(1);"),
     Mutant("lamb-swap-betas", "lamb", LAMB,
            _MOMENT_BETAS, _swap("h.beta1", "h.beta2", _MOMENT_BETAS)),
     Mutant("lamb-no-weight-decay", "lamb", LAMB,
            "u + c.weight_decay * p, u);", "u, u);"),
     Mutant("lamb-no-eps", "lamb", LAMB,
-           "(sqrtf(exp_avg_sq / c.bc2) + c.eps)", "sqrtf(exp_avg_sq / c.bc2)"),
+           "(square_root(exp_avg_sq / c.bc2) + c.eps)", "square_root(exp_avg_sq / c.bc2)"),
     Mutant("lamb-trust-ratio-inverted", "lamb", LAMB,
            "? wn / un : 1.0;", "? un / wn : 1.0;"),
     Mutant("lamb-zero-norm-ratio-0", "lamb", LAMB,
            "? wn / un : 1.0;", "? wn / un : 0.0;"),
     Mutant("lamb-ignore-max-trust-ratio", "lamb", LAMB,
            "if (c.max_trust_ratio >= 0.0 && ratio > c.max_trust_ratio) ratio = c.max_trust_ratio;", ""),
+    # --- float64 parameters: a coefficient rounded to float32 on its way to the double compute type (only the float64
+    # cases can see it: for float32 parameters the mutant changes nothing)
+    Mutant("adam-fp64-step-size-rounded-to-float", "adam", ADAM,
+           "c.step_size = static_cast<T>(lr / (1.0 - pow(h.beta1, step)));",
+           "c.step_size = static_cast<T>(static_cast<float>(lr / (1.0 - pow(h.beta1, step))));"),
+    Mutant("sgd-fp64-lr-rounded-to-float", "sgd", SGD,
+           "c.lr = static_cast<T>(lr);", "c.lr = static_cast<T>(static_cast<float>(lr));"),
+    Mutant("lamb-fp64-scaled-lr-rounded-to-float", "lamb", LAMB,
+           "return static_cast<T>(c.lr * ratio);", "return static_cast<T>(static_cast<float>(c.lr * ratio));"),
     # --- reference.py: the oracle of the kernel tests, itself checked against torch.optim and float64 formulas
     Mutant("ref-adam-decoupled-decay-without-lr", "adam", REF,
            "        if decoupled:\n            p.mul_(1 - lr * weight_decay)",
@@ -192,7 +201,7 @@ MUTANTS: list[Mutant] = [
     Mutant("ref-lamb-zero-norm-ratio-0", "lamb", REF,
            "if (w_norm > 0 and u_norm > 0) else 1.0", "if (w_norm > 0 and u_norm > 0) else 0.0"),
     Mutant("ref-lamb-ignore-max-trust-ratio", "lamb", REF,
-           "ratio = min(ratio, max_trust_ratio)\n    p = _fp32(param)", "ratio = ratio\n    p = _fp32(param)"),
+           "ratio = min(ratio, max_trust_ratio)\n    p = _work(param)", "ratio = ratio\n    p = _work(param)"),
 ]
 
 

@@ -25,8 +25,9 @@ constexpr const char* kCudaStepDoc =
     "absent buffers): param, grad, three state slots, master, n, param/grad/state dtype codes; the segment table "
     "(int64 offsets and numels, float32 steps counted on the device, uint8 active flags, count); the device work list "
     "(int64 [item_begin | item_end | item_segment | seg_first], items); the algorithm's hyperparameters in "
-    "algorithms()[name]['fields'] order; lr, grad_scale; optional float32 device scalars lr_ptr (replaces lr), "
-    "grad_scale_ptr (multiplies grad_scale) and found_inf_ptr (non-zero: write nothing, count no step); for "
+    "algorithms()[name]['fields'] order; lr, grad_scale; optional device scalars lr_ptr (replaces lr) and "
+    "grad_scale_ptr (multiplies grad_scale), float32 or, with float64 parameters, float64, and the float32 "
+    "found_inf_ptr (non-zero: write nothing, count no step); for "
     "trust-ratio algorithms the passes (1, 2 or 3) and per-segment float64 device sums (0: scratch of the call).";
 
 // The names of the step's positional arguments (python/fusedopt/_kernels.py passes them positionally).
@@ -69,8 +70,8 @@ void register_cuda_bindings(py::module_& m) {
         const Segments s = segments(seg_offsets, seg_numels, seg_steps, seg_active, seg_count);                    \
         const StepArgs args = step_args(hyper, lr, grad_scale, passes, segment_w2, segment_u2);                    \
         cuda::DeviceScalars d;                                                                                     \
-        d.lr = ptr<const float>(lr_ptr);                                                                           \
-        d.grad_scale = ptr<const float>(grad_scale_ptr);                                                           \
+        d.lr = ptr<const void>(lr_ptr);                                                                            \
+        d.grad_scale = ptr<const void>(grad_scale_ptr);                                                            \
         d.found_inf = ptr<const float>(found_inf_ptr);                                                             \
         py::gil_scoped_release release;                                                                            \
         cuda::A(b, s, device_work(work, items), args, d, launch(device, stream));                                  \
@@ -84,16 +85,18 @@ void register_cuda_bindings(py::module_& m) {
   m.def(
       "cuda_sum_of_squares",
       [](uintptr_t data, int64_t n, int dtype, uintptr_t work, int64_t items, uintptr_t active, int64_t seg_count,
-         uintptr_t scratch, uintptr_t out_sum, uintptr_t out_nonfinite, int device, uintptr_t stream) {
+         uintptr_t scratch, uintptr_t out_sum, int out_sum_dtype, uintptr_t out_nonfinite, int device,
+         uintptr_t stream) {
         py::gil_scoped_release release;
         cuda::sum_of_squares(ptr<const void>(data), n, dtype, device_work(work, items), ptr<const uint8_t>(active),
-                             seg_count, ptr<double>(scratch), ptr<float>(out_sum), ptr<float>(out_nonfinite),
-                             launch(device, stream));
+                             seg_count, ptr<double>(scratch), ptr<void>(out_sum), out_sum_dtype,
+                             ptr<float>(out_nonfinite), launch(device, stream));
       },
       py::arg("data"), py::arg("n"), py::arg("dtype"), py::arg("work"), py::arg("items"), py::arg("active"),
-      py::arg("seg_count"), py::arg("scratch"), py::arg("out_sum"), py::arg("out_nonfinite"), py::arg("device"),
-      py::arg("stream"),
-      "Deterministic sum of fp32 squares over the active segments' work items (work 0: the whole buffer in "
-      "ceil(n / chunk) items), written to the float32 device scalars out_sum and out_nonfinite (1.0 for inf/nan); "
-      "asynchronous on `stream` of `device`.");
+      py::arg("seg_count"), py::arg("scratch"), py::arg("out_sum"), py::arg("out_sum_dtype"),
+      py::arg("out_nonfinite"), py::arg("device"), py::arg("stream"),
+      "Deterministic sum of squares (fp32 squares; float64 ones of float64 data) over the active segments' work items "
+      "(work 0: the whole buffer in ceil(n / chunk) items), written to the device scalars out_sum (float32, or "
+      "float64 with out_sum_dtype 3) and out_nonfinite (float32, 1.0 for inf/nan); asynchronous on `stream` of "
+      "`device`.");
 }

@@ -201,8 +201,23 @@ WorkList work_list(const char* algo_name, int64_t n, const Segments& s, bool nee
   return l;
 }
 
+// Counts the step of every active segment (when the call counts steps) and makes its coefficients in compute type T
+// (in double, on the host, rounded once to T).
+template <typename A, typename T>
+std::vector<typename A::template Coeffs<T>> count_and_make_coeffs(const typename A::Hyper& h, const Segments& s,
+                                                                  const StepArgs& args, bool counts_step) {
+  std::vector<typename A::template Coeffs<T>> coeffs(s.count > 0 ? s.count : 0);
+  for (int64_t k = 0; k < s.count; ++k) {
+    if (s.active[k] == 0) continue;
+    if (counts_step) s.steps[k] += 1.0f;
+    coeffs[k] = A::template make_coeffs<T>(h, args.lr, static_cast<double>(s.steps[k]), args.grad_scale);
+  }
+  return coeffs;
+}
+
 // The checked step of algorithm A: validate, count the step of every active segment, make each active segment's
-// coefficients (in double, on the host), then run the kernel of the selected ISA over the work list.
+// coefficients (in double, on the host; float64 parameters keep them in double), then run the kernel of the selected
+// ISA over the work list.
 template <typename A>
 void step(const char* algo_name, const FlatBuffers& b, const Segments& s, const StepArgs& args) {
   const typename A::Hyper h = checks::hyper_from<A>(algo_name, args);
@@ -210,15 +225,18 @@ void step(const char* algo_name, const FlatBuffers& b, const Segments& s, const 
   checks::check_passes<A>(algo_name, s.count, args);
   const bool counts_step = checks::counts_step<A>(args);
   const WorkList list = work_list(algo_name, b.n, s, true);
-  std::vector<typename A::Coeffs> coeffs(s.count > 0 ? s.count : 0);
-  for (int64_t k = 0; k < s.count; ++k) {
-    if (s.active[k] == 0) continue;
-    if (counts_step) s.steps[k] += 1.0f;
-    coeffs[k] = A::make_coeffs(h, args.lr, static_cast<double>(s.steps[k]), args.grad_scale);
+  std::vector<typename A::template Coeffs<float>> coeffs32;
+  std::vector<typename A::template Coeffs<double>> coeffs64;
+  SegmentCoeffs<A> coeffs;
+  if (b.param_dtype == kFloat64) {
+    coeffs64 = count_and_make_coeffs<A, double>(h, s, args, counts_step);
+    coeffs.fp64 = coeffs64.data();
+  } else {
+    coeffs32 = count_and_make_coeffs<A, float>(h, s, args, counts_step);
+    coeffs.fp32 = coeffs32.data();
   }
   Work w = list.work();
-  std::vector<double> pw, pu, w2, u2;
-  std::vector<float> slr;
+  std::vector<double> pw, pu, w2, u2, slr;
   if (A::kKind == algo::Kind::kTrustRatio) {
     pw.resize(w.items);
     pu.resize(w.items);
@@ -242,7 +260,7 @@ void step(const char* algo_name, const FlatBuffers& b, const Segments& s, const 
     }
   }
   if (b.n == 0 || w.items == 0) return;
-  kernel_of<A>(table())(b, h, w, coeffs.data(), threads());
+  kernel_of<A>(table())(b, h, w, coeffs, threads());
 }
 
 SumOfSquares combine(const KernelTable& t, const void* data, int dtype, const Work& w) {

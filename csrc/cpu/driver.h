@@ -47,7 +47,8 @@ struct Bool {
 };
 
 // Calls f(Type<param>, Type<grad>, Type<state>, Bool<master>) for the combinations the dispatcher allows: grad dtype =
-// param dtype or fp32; states fp32 or bf16; master weights only with 16-bit parameters.
+// param dtype or fp32; states fp32 or bf16; master weights only with 16-bit parameters; float64 parameters with
+// float64 gradients and states only.
 template <typename F>
 void dispatch_dtypes(const FlatBuffers& b, F&& f) {
   auto with_state = [&](auto tp, auto tg, auto master) {
@@ -64,6 +65,8 @@ void dispatch_dtypes(const FlatBuffers& b, F&& f) {
   };
   if (b.param_dtype == kFloat32) {
     with_state(Type<float>{}, Type<float>{}, Bool<false>{});
+  } else if (b.param_dtype == kFloat64) {
+    f(Type<double>{}, Type<double>{}, Type<double>{}, Bool<false>{});
   } else if (b.param_dtype == kBFloat16) {
     if (b.grad_dtype == kFloat32)
       with_master(Type<bf16_t>{}, Type<float>{});
@@ -77,19 +80,28 @@ void dispatch_dtypes(const FlatBuffers& b, F&& f) {
   }
 }
 
-// Inner loop over [begin, end) with one segment's coefficients: the compiler vectorises it (unused states are
-// compile-time dead, uniform mode flags are unswitched or if-converted) and emits the scalar remainder from the same
-// source, so the tail runs the same math.
-template <typename Op, typename Coeffs, typename TP, typename TG, typename TS, bool Master>
+// The coefficients of compute type C (float or double) among an algorithm's per-segment coefficients.
+template <typename C, typename A>
+FUSEDOPT_HD const typename A::template Coeffs<C>* coeffs_of(const SegmentCoeffs<A>& segment_coeffs) {
+  if constexpr (std::is_same<C, double>::value)
+    return segment_coeffs.fp64;
+  else
+    return segment_coeffs.fp32;
+}
+
+// Inner loop over [begin, end) with one segment's coefficients, in compute type C (compute_t<TP>): the compiler
+// vectorises it (unused states are compile-time dead, uniform mode flags are unswitched or if-converted) and emits the
+// scalar remainder from the same source, so the tail runs the same math.
+template <typename Op, typename Coeffs, typename C, typename TP, typename TG, typename TS, bool Master>
 inline void elementwise_range(const Op op, const Coeffs c, TP* FUSEDOPT_RESTRICT p, const TG* FUSEDOPT_RESTRICT g,
                               TS* FUSEDOPT_RESTRICT s0, TS* FUSEDOPT_RESTRICT s1, TS* FUSEDOPT_RESTRICT s2,
                               float* FUSEDOPT_RESTRICT master, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
-    float pv = Master ? master[i] : load(p[i]);
-    const float gv = load(g[i]);
-    float a = Op::uses(0) ? load(s0[i]) : 0.0f;
-    float bb = Op::uses(1) ? load(s1[i]) : 0.0f;
-    float cc = Op::uses(2) ? load(s2[i]) : 0.0f;
+    C pv = Master ? master[i] : load(p[i]);
+    const C gv = load(g[i]);
+    C a = Op::uses(0) ? load(s0[i]) : C(0);
+    C bb = Op::uses(1) ? load(s1[i]) : C(0);
+    C cc = Op::uses(2) ? load(s2[i]) : C(0);
     op(c, pv, gv, a, bb, cc);
     if (Master) master[i] = pv;
     p[i] = store<TP>(pv);
@@ -100,13 +112,17 @@ inline void elementwise_range(const Op op, const Coeffs c, TP* FUSEDOPT_RESTRICT
 }
 
 // One parallel region over the work items, static schedule (one pass over memory).
-template <typename Op, typename Coeffs>
-void run_elementwise(const Op& op, const FlatBuffers& b, const Work& w, const Coeffs* coeffs, int threads) {
+template <typename Op, typename A>
+void run_elementwise(const Op& op, const FlatBuffers& b, const Work& w, const SegmentCoeffs<A>& segment_coeffs,
+                     int threads) {
   dispatch_dtypes(b, [&](auto tp, auto tg, auto ts, auto master) {
     using TP = typename decltype(tp)::type;
     using TG = typename decltype(tg)::type;
     using TS = typename decltype(ts)::type;
+    using C = compute_t<TP>;
+    using Coeffs = typename A::template Coeffs<C>;
     constexpr bool kMaster = decltype(master)::value;
+    const Coeffs* coeffs = coeffs_of<C>(segment_coeffs);
     TP* p = static_cast<TP*>(b.param);
     const TG* g = static_cast<const TG*>(b.grad);
     TS* s0 = static_cast<TS*>(b.states[0]);
@@ -117,8 +133,8 @@ void run_elementwise(const Op& op, const FlatBuffers& b, const Work& w, const Co
 #pragma omp parallel for schedule(static) num_threads(threads) if (w.items > 1)
     for (int64_t it = 0; it < w.items; ++it) {
       const Coeffs c = coeffs[w.item_segment[it]];
-      elementwise_range<Op, Coeffs, TP, TG, TS, kMaster>(local, c, p, g, s0, s1, s2, m, w.item_begin[it],
-                                                         w.item_end[it]);
+      elementwise_range<Op, Coeffs, C, TP, TG, TS, kMaster>(local, c, p, g, s0, s1, s2, m, w.item_begin[it],
+                                                            w.item_end[it]);
     }
   });
 }
@@ -175,6 +191,38 @@ inline double sum_squares_range(const T* FUSEDOPT_RESTRICT x, int64_t begin, int
   return total;
 }
 
+// float64 elements: squares and sums in double, element i in lane (i - begin) % kNormLanes, the 16 lanes as four
+// 4-double vectors (packed on every ISA; two halves on the baseline's SSE2).
+typedef double NormVector64 __attribute__((vector_size(4 * sizeof(double))));
+
+template <>
+inline double sum_squares_range<double>(const double* FUSEDOPT_RESTRICT x, int64_t begin, int64_t end, bool* bad) {
+  NormVector64 vlanes[kNormLanes / 4] = {};
+  NormVector64 nonfinite = {};  // v - v: 0 for finite v, NaN for inf/NaN
+  int64_t i = begin;
+  for (; i + kNormLanes <= end; i += kNormLanes) {
+    for (int k = 0; k < kNormLanes / 4; ++k) {
+      NormVector64 v;
+      memcpy(&v, x + i + 4 * k, sizeof(v));
+      vlanes[k] += v * v;
+      nonfinite += v - v;
+    }
+  }
+  double lanes[kNormLanes];
+  for (int k = 0; k < kNormLanes / 4; ++k)
+    for (int l = 0; l < 4; ++l) lanes[4 * k + l] = vlanes[k][l];
+  bool any_nonfinite = false;
+  for (int l = 0; i < end; ++i, ++l) {
+    lanes[l] += square_term(x[i]);
+    any_nonfinite |= is_nonfinite(x[i]);
+  }
+  double total = 0.0;
+  for (int l = 0; l < kNormLanes; ++l) total += lanes[l];
+  for (int l = 0; l < 4; ++l) any_nonfinite |= nonfinite[l] != 0.0;  // NaN compares unequal to 0
+  *bad = any_nonfinite;
+  return total;
+}
+
 inline void sum_of_squares_kernel(const void* data, int dtype, const Work& w, double* partials,
                                   unsigned char* nonfinite, int threads) {
   auto run = [&](auto tag) {
@@ -191,6 +239,8 @@ inline void sum_of_squares_kernel(const void* data, int dtype, const Work& w, do
     run(Type<bf16_t>{});
   else if (dtype == kFloat16)
     run(Type<fp16_t>{});
+  else if (dtype == kFloat64)
+    run(Type<double>{});
   else
     run(Type<float>{});
 }
@@ -202,23 +252,24 @@ inline void sum_of_squares_kernel(const void* data, int dtype, const Work& w, do
 // Storing u instead would cost a write and a read of n values, the same traffic as re-reading m and v in pass 2,
 // and would need a scratch buffer or clobber the gradient.
 template <typename A, typename TP, typename TG, typename TS, bool Master>
-inline void trust_ratio_pass1(const typename A::Coeffs c, const TP* FUSEDOPT_RESTRICT p,
+inline void trust_ratio_pass1(const typename A::template Coeffs<compute_t<TP>> c, const TP* FUSEDOPT_RESTRICT p,
                               const TG* FUSEDOPT_RESTRICT g, TS* FUSEDOPT_RESTRICT m, TS* FUSEDOPT_RESTRICT v,
                               const float* FUSEDOPT_RESTRICT master, int64_t begin, int64_t end, double* w2,
                               double* u2) {
+  using C = compute_t<TP>;
   double lw[kNormLanes] = {};
   double lu[kNormLanes] = {};
   auto element = [&](int64_t i, int l) FUSEDOPT_LAMBDA_INLINE {
-    const float pv = Master ? master[i] : load(p[i]);
-    float mm = load(m[i]);
-    float vv = load(v[i]);
+    const C pv = Master ? master[i] : load(p[i]);
+    C mm = load(m[i]);
+    C vv = load(v[i]);
     A::moments(c, load(g[i]), mm, vv);
     const TS ms = store<TS>(mm);
     const TS vs = store<TS>(vv);
     m[i] = ms;
     v[i] = vs;
     // u from the stored (possibly rounded) moments, exactly what pass 2 applies.
-    const float u = A::direction(c, pv, load(ms), load(vs));
+    const C u = A::direction(c, pv, load(ms), load(vs));
     lw[l] += square_term(pv);
     lu[l] += square_term(u);
   };
@@ -236,11 +287,12 @@ inline void trust_ratio_pass1(const typename A::Coeffs c, const TP* FUSEDOPT_RES
 }
 
 template <typename A, typename TP, typename TS, bool Master>
-inline void trust_ratio_pass2(const typename A::Coeffs c, float scaled_lr, TP* FUSEDOPT_RESTRICT p,
-                              const TS* FUSEDOPT_RESTRICT m, const TS* FUSEDOPT_RESTRICT v,
+inline void trust_ratio_pass2(const typename A::template Coeffs<compute_t<TP>> c, compute_t<TP> scaled_lr,
+                              TP* FUSEDOPT_RESTRICT p, const TS* FUSEDOPT_RESTRICT m, const TS* FUSEDOPT_RESTRICT v,
                               float* FUSEDOPT_RESTRICT master, int64_t begin, int64_t end) {
+  using C = compute_t<TP>;
   for (int64_t i = begin; i < end; ++i) {
-    float pv = Master ? master[i] : load(p[i]);
+    C pv = Master ? master[i] : load(p[i]);
     A::apply(c, scaled_lr, pv, load(m[i]), load(v[i]));
     if (Master) master[i] = pv;
     p[i] = store<TP>(pv);
@@ -248,12 +300,13 @@ inline void trust_ratio_pass2(const typename A::Coeffs c, float scaled_lr, TP* F
 }
 
 template <typename A>
-void run_trust_ratio(const FlatBuffers& b, const Work& w, const typename A::Coeffs* coeffs, int threads) {
+void run_trust_ratio(const FlatBuffers& b, const Work& w, const SegmentCoeffs<A>& segment_coeffs, int threads) {
   dispatch_dtypes(b, [&](auto tp, auto tg, auto ts, auto master) {
     using TP = typename decltype(tp)::type;
     using TG = typename decltype(tg)::type;
     using TS = typename decltype(ts)::type;
     constexpr bool kMaster = decltype(master)::value;
+    const auto* coeffs = coeffs_of<compute_t<TP>>(segment_coeffs);
     TP* p = static_cast<TP*>(b.param);
     const TG* g = static_cast<const TG*>(b.grad);
     TS* m = static_cast<TS*>(b.states[0]);
@@ -287,7 +340,7 @@ void run_trust_ratio(const FlatBuffers& b, const Work& w, const typename A::Coef
 
 // The kernel of algorithm A: its driver, chosen by its kind, with the op its modes select.
 template <typename A>
-void kernel(const FlatBuffers& b, const typename A::Hyper& h, const Work& w, const typename A::Coeffs* coeffs,
+void kernel(const FlatBuffers& b, const typename A::Hyper& h, const Work& w, const SegmentCoeffs<A>& coeffs,
             int threads) {
   if constexpr (A::kKind == algo::Kind::kElementwise) {
     A::with_op(h, [&](auto op) { run_elementwise(op, b, w, coeffs, threads); });

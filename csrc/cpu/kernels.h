@@ -21,17 +21,24 @@ struct Work {
   // Trust-ratio kind: scratch and per-segment sums (see StepArgs).
   double* partial_w = nullptr;  // items
   double* partial_u = nullptr;  // items
-  float* scaled_lr = nullptr;   // segments
+  double* scaled_lr = nullptr;  // segments (the compute type's value, exact in double)
   double* segment_w2 = nullptr;
   double* segment_u2 = nullptr;
   int passes = kPassMoments | kPassApply;
 };
 
+// Algorithm A's coefficients, one per segment (indexed by segment, valid for the active ones), in the compute type of
+// the buffer set: fp32 for float32/bfloat16/float16 parameters, fp64 for float64 ones; the other pointer is null.
+template <typename A>
+struct SegmentCoeffs {
+  const typename A::template Coeffs<float>* fp32 = nullptr;
+  const typename A::template Coeffs<double>* fp64 = nullptr;
+};
+
 struct KernelTable {
   const char* name;
-  // coeffs: one per segment (indexed by segment, valid for the active ones).
 #define FUSEDOPT_KERNEL_ENTRY(A) \
-  void (*A)(const FlatBuffers&, const algo::A::Hyper&, const Work&, const algo::A::Coeffs*, int threads);
+  void (*A)(const FlatBuffers&, const algo::A::Hyper&, const Work&, const SegmentCoeffs<algo::A>&, int threads);
   FUSEDOPT_FOR_EACH_ALGORITHM(FUSEDOPT_KERNEL_ENTRY)
 #undef FUSEDOPT_KERNEL_ENTRY
   // One partial sum and one non-finite flag per work item.

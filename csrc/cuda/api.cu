@@ -38,6 +38,9 @@ void check_alignment(const std::string& fn, const FlatBuffers& b, const typename
   check_aligned(fn, "master", b.master, 4);
 }
 
+// The device lr and grad_scale are of the compute type: float64 with float64 parameters, else float32.
+int scalar_size(const FlatBuffers& b) { return b.param_dtype == kFloat64 ? 8 : 4; }
+
 // The segment table and work list live in device memory, so only their counts and pointers can be checked here
 // (python/fusedopt/_kernels.py checks the table's contents on its host copy).
 void check_segments(const std::string& fn, int64_t n, const Segments& s, const DeviceWork& w) {
@@ -57,9 +60,9 @@ void check_segments(const std::string& fn, int64_t n, const Segments& s, const D
   check_aligned(fn, "work", w.work, 8);
 }
 
-void check_scalars(const std::string& fn, const DeviceScalars& d, const StepArgs& args) {
-  check_aligned(fn, "lr_ptr", d.lr, 4);
-  check_aligned(fn, "grad_scale_ptr", d.grad_scale, 4);
+void check_scalars(const std::string& fn, const FlatBuffers& b, const DeviceScalars& d, const StepArgs& args) {
+  check_aligned(fn, "lr_ptr", d.lr, scalar_size(b));
+  check_aligned(fn, "grad_scale_ptr", d.grad_scale, scalar_size(b));
   check_aligned(fn, "found_inf_ptr", d.found_inf, 4);
   check_aligned(fn, "segment_w2", args.segment_w2, 8);
   check_aligned(fn, "segment_u2", args.segment_u2, 8);
@@ -73,7 +76,7 @@ void step(const std::string& fn, const FlatBuffers& b, const Segments& s, const 
   checks::check_passes<A>(fn, s.count, args);
   check_alignment<A>(fn, b, h);
   check_segments(fn, b.n, s, w);
-  check_scalars(fn, d, args);
+  check_scalars(fn, b, d, args);
   check_device(fn, l.device);
   DeviceGuard guard(l.device);
   launch_step<A>(b, s, w, args, h, d, checks::counts_step<A>(args), reinterpret_cast<cudaStream_t>(l.stream));

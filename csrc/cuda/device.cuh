@@ -10,6 +10,7 @@
 #include <atomic>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "fusedopt/common.h"
 #include "fusedopt/cuda_api.h"
@@ -20,7 +21,7 @@ namespace fusedopt {
 namespace cuda {
 
 constexpr int kThreads = 256;  // threads per block of every step and partial-sum kernel (part of the partition)
-constexpr int kPack = 8;       // elements per pack: 16 bytes of a 16-bit array, 32 of an fp32 array
+constexpr int kPack = 8;       // elements per pack: 16 bytes of a 16-bit array, 32 of an fp32 array, 64 of an fp64 one
 constexpr int kMaxDevices = 64;
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -111,8 +112,9 @@ inline unsigned grid_size(int64_t work) {
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Device side: packs. A pack of 8 fp32 is two 16-byte words, a pack of 8 bf16/fp16 one; element e of a 16-bit pack is
-// the low (e even) or high (e odd) half of 32-bit word e/2 (little endian).
+// Device side: packs. A pack of 8 fp32 is two 16-byte words, a pack of 8 fp64 four, a pack of 8 bf16/fp16 one;
+// element e of a 16-bit pack is the low (e even) or high (e odd) half of 32-bit word e/2 (little endian). Packs are
+// unpacked into and packed from the compute type C of their kernel: float, or double for float64 parameters.
 
 template <typename T>
 struct Storage {
@@ -122,8 +124,13 @@ template <>
 struct Storage<float> {
   static constexpr int kWords = 2;
 };
+template <>
+struct Storage<double> {
+  static constexpr int kWords = 4;
+};
 
-__device__ __forceinline__ void unpack(const uint4* w, float (&out)[kPack], float) {
+template <typename C>
+__device__ __forceinline__ void unpack(const uint4* w, C (&out)[kPack], float) {
   out[0] = __uint_as_float(w[0].x);
   out[1] = __uint_as_float(w[0].y);
   out[2] = __uint_as_float(w[0].z);
@@ -134,8 +141,8 @@ __device__ __forceinline__ void unpack(const uint4* w, float (&out)[kPack], floa
   out[7] = __uint_as_float(w[1].w);
 }
 
-template <typename T>
-__device__ __forceinline__ void unpack(const uint4* w, float (&out)[kPack], T) {
+template <typename C, typename T>
+__device__ __forceinline__ void unpack(const uint4* w, C (&out)[kPack], T) {
   const uint32_t words[4] = {w[0].x, w[0].y, w[0].z, w[0].w};
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -144,13 +151,23 @@ __device__ __forceinline__ void unpack(const uint4* w, float (&out)[kPack], T) {
   }
 }
 
-__device__ __forceinline__ void pack(const float (&in)[kPack], uint4* w, float) {
+template <typename C>
+__device__ __forceinline__ void unpack(const uint4* w, C (&out)[kPack], double) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    out[2 * k] = __hiloint2double(static_cast<int>(w[k].y), static_cast<int>(w[k].x));
+    out[2 * k + 1] = __hiloint2double(static_cast<int>(w[k].w), static_cast<int>(w[k].z));
+  }
+}
+
+template <typename C>
+__device__ __forceinline__ void pack(const C (&in)[kPack], uint4* w, float) {
   w[0] = make_uint4(__float_as_uint(in[0]), __float_as_uint(in[1]), __float_as_uint(in[2]), __float_as_uint(in[3]));
   w[1] = make_uint4(__float_as_uint(in[4]), __float_as_uint(in[5]), __float_as_uint(in[6]), __float_as_uint(in[7]));
 }
 
-template <typename T>
-__device__ __forceinline__ void pack(const float (&in)[kPack], uint4* w, T) {
+template <typename C, typename T>
+__device__ __forceinline__ void pack(const C (&in)[kPack], uint4* w, T) {
   uint32_t words[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j)
@@ -159,9 +176,18 @@ __device__ __forceinline__ void pack(const float (&in)[kPack], uint4* w, T) {
   w[0] = make_uint4(words[0], words[1], words[2], words[3]);
 }
 
+template <typename C>
+__device__ __forceinline__ void pack(const C (&in)[kPack], uint4* w, double) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    w[k] = make_uint4(static_cast<uint32_t>(__double2loint(in[2 * k])), static_cast<uint32_t>(__double2hiint(in[2 * k])),
+                      static_cast<uint32_t>(__double2loint(in[2 * k + 1])),
+                      static_cast<uint32_t>(__double2hiint(in[2 * k + 1])));
+}
+
 // Loads pack q (elements q*kPack ..) of a 16-byte aligned array.
-template <typename T>
-__device__ __forceinline__ void load_pack(const T* base, int64_t q, float (&out)[kPack]) {
+template <typename T, typename C>
+__device__ __forceinline__ void load_pack(const T* base, int64_t q, C (&out)[kPack]) {
   const uint4* src = reinterpret_cast<const uint4*>(base + q * kPack);
   uint4 w[Storage<T>::kWords];
 #pragma unroll
@@ -170,8 +196,8 @@ __device__ __forceinline__ void load_pack(const T* base, int64_t q, float (&out)
 }
 
 // Read-only data (gradients): through the non-coherent path.
-template <typename T>
-__device__ __forceinline__ void load_pack_ro(const T* base, int64_t q, float (&out)[kPack]) {
+template <typename T, typename C>
+__device__ __forceinline__ void load_pack_ro(const T* base, int64_t q, C (&out)[kPack]) {
   const uint4* src = reinterpret_cast<const uint4*>(base + q * kPack);
   uint4 w[Storage<T>::kWords];
 #pragma unroll
@@ -179,8 +205,8 @@ __device__ __forceinline__ void load_pack_ro(const T* base, int64_t q, float (&o
   unpack(w, out, T{});
 }
 
-template <typename T>
-__device__ __forceinline__ void store_pack(T* base, int64_t q, const float (&in)[kPack]) {
+template <typename T, typename C>
+__device__ __forceinline__ void store_pack(T* base, int64_t q, const C (&in)[kPack]) {
   uint4 w[Storage<T>::kWords];
   pack(in, w, T{});
   uint4* dst = reinterpret_cast<uint4*>(base + q * kPack);
@@ -224,6 +250,61 @@ __device__ __forceinline__ void store_either(void* base, bool fp32, int64_t i, f
 }
 // The value a state holds once stored: what a later read of it (a trust-ratio update pass) sees.
 __device__ __forceinline__ float stored_state(bool fp32, float x) { return fp32 ? x : load(store<bf16_t>(x)); }
+
+// Gradients and states of parameters of storage TP, in TP's compute type: float64 parameters have float64 gradients
+// and states; the others TP or fp32 gradients and fp32 or bf16 states, chosen at run time (the `either` helpers).
+template <typename TP>
+constexpr bool kFloat64Params = std::is_same<TP, double>::value;
+
+template <typename TP>
+__device__ __forceinline__ void load_grad_pack(const void* base, bool fp32, int64_t q, compute_t<TP> (&out)[kPack]) {
+  if constexpr (kFloat64Params<TP>)
+    load_pack_ro(static_cast<const double*>(base), q, out);
+  else
+    load_pack_either_ro<TP>(base, fp32, q, out);
+}
+template <typename TP>
+__device__ __forceinline__ compute_t<TP> load_grad(const void* base, bool fp32, int64_t i) {
+  if constexpr (kFloat64Params<TP>)
+    return static_cast<const double*>(base)[i];
+  else
+    return load_either<TP>(base, fp32, i);
+}
+template <typename TP>
+__device__ __forceinline__ void load_state_pack(const void* base, bool fp32, int64_t q, compute_t<TP> (&out)[kPack]) {
+  if constexpr (kFloat64Params<TP>)
+    load_pack(static_cast<const double*>(base), q, out);
+  else
+    load_pack_either<bf16_t>(base, fp32, q, out);
+}
+template <typename TP>
+__device__ __forceinline__ void store_state_pack(void* base, bool fp32, int64_t q, const compute_t<TP> (&in)[kPack]) {
+  if constexpr (kFloat64Params<TP>)
+    store_pack(static_cast<double*>(base), q, in);
+  else
+    store_pack_either<bf16_t>(base, fp32, q, in);
+}
+template <typename TP>
+__device__ __forceinline__ compute_t<TP> load_state(const void* base, bool fp32, int64_t i) {
+  if constexpr (kFloat64Params<TP>)
+    return static_cast<const double*>(base)[i];
+  else
+    return load_either<bf16_t>(base, fp32, i);
+}
+template <typename TP>
+__device__ __forceinline__ void store_state(void* base, bool fp32, int64_t i, compute_t<TP> x) {
+  if constexpr (kFloat64Params<TP>)
+    static_cast<double*>(base)[i] = x;
+  else
+    store_either<bf16_t>(base, fp32, i, x);
+}
+template <typename TP>
+__device__ __forceinline__ compute_t<TP> stored_state_of(bool fp32, compute_t<TP> x) {
+  if constexpr (kFloat64Params<TP>)
+    return x;
+  else
+    return stored_state(fp32, x);
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Device side: deterministic block reduction (fixed shuffle tree, then warp sums in warp order).

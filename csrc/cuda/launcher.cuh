@@ -27,8 +27,8 @@ struct StepParams {
   const void* grad;
   void* states[algo::kMaxStates];  // null for the states this configuration does not use
   float* master;                   // only with 16-bit parameters
-  bool grad_fp32;
-  bool state_fp32;
+  bool grad_fp32;                  // 16-bit parameters: fp32 gradients (float64 parameters: float64 gradients)
+  bool state_fp32;                 // 32/16-bit parameters: fp32 states, else bf16 (float64 parameters: float64)
   bool aligned;  // every array used is 16-byte aligned
   Items items;
   float* steps;
@@ -49,12 +49,15 @@ __device__ __forceinline__ bool step_skipped(const float* found_inf) {
   return found_inf != nullptr && *found_inf != 0.0f;
 }
 
-// Segment s's coefficients, from the math header as the CPU makes them, with the device's lr and gradient scale.
-template <typename A>
-__device__ __forceinline__ typename A::Coeffs segment_coeffs(const StepParams<A>& a, int64_t s) {
-  const double lr = a.d.lr != nullptr ? static_cast<double>(*a.d.lr) : a.lr;
-  const double scale = a.d.grad_scale != nullptr ? a.grad_scale * static_cast<double>(*a.d.grad_scale) : a.grad_scale;
-  return A::make_coeffs(a.hyper, lr, static_cast<double>(a.steps[s]), scale);
+// Segment s's coefficients in compute type C, from the math header as the CPU makes them, with the device's lr and
+// gradient scale (device scalars of type C).
+template <typename C, typename A>
+__device__ __forceinline__ typename A::template Coeffs<C> segment_coeffs(const StepParams<A>& a, int64_t s) {
+  const double lr = a.d.lr != nullptr ? static_cast<double>(*static_cast<const C*>(a.d.lr)) : a.lr;
+  const double scale = a.d.grad_scale != nullptr
+                           ? a.grad_scale * static_cast<double>(*static_cast<const C*>(a.d.grad_scale))
+                           : a.grad_scale;
+  return A::template make_coeffs<C>(a.hyper, lr, static_cast<double>(a.steps[s]), scale);
 }
 
 // The block's items (blockIdx.x, + gridDim.x, ...) of active segments: `make(s)` runs on thread 0 once per run of
@@ -90,58 +93,65 @@ __global__ void count_steps_kernel(float* steps, const uint8_t* active, int64_t 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Element-wise kind: Op (math/<algo>.h) on every element of the active items. TP is the parameter storage; the
-// gradient dtype (TP or fp32) and state dtype (fp32 or bf16) are uniform run-time switches on loads and stores only,
-// so the math is instantiated once per op and param dtype.
+// Element-wise kind: Op (math/<algo>.h) on every element of the active items, in the compute type C of the parameter
+// storage TP (double for float64, else float). For 32/16-bit parameters the gradient dtype (TP or fp32) and state
+// dtype (fp32 or bf16) are uniform run-time switches on loads and stores only, so the math is instantiated once per
+// op and param dtype; float64 parameters have float64 gradients and states.
 
 // At least this many resident blocks (768 threads) per multiprocessor: enough 16-byte requests in flight to keep HBM
-// busy. Every op fits in 80 registers without spilling (check with -Xptxas -v); left to itself ptxas takes up to 88 for
-// the widest op, which leaves room for only 2 blocks.
+// busy. Every fp32 op fits in 80 registers without spilling (check with -Xptxas -v); left to itself ptxas takes up to
+// 88 for the widest op, which leaves room for only 2 blocks. A float64 pack holds twice the registers: 2 blocks
+// (128 registers each), so that the widest float64 op does not spill.
 constexpr int kMinBlocks = 3;
+template <typename TP>
+struct MinBlocks {
+  static constexpr int value = std::is_same<TP, double>::value ? 1 : kMinBlocks;
+};
 
 template <typename A, typename Op, typename TP>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) elementwise_kernel(const StepParams<A> a) {
-  using Coeffs = typename A::Coeffs;
+__global__ void __launch_bounds__(kThreads, MinBlocks<TP>::value) elementwise_kernel(const StepParams<A> a) {
+  using C = compute_t<TP>;
+  using Coeffs = typename A::template Coeffs<C>;
   if (step_skipped(a.d.found_inf)) return;
   TP* p = static_cast<TP*>(a.param);
-  const bool master = !std::is_same<TP, float>::value && a.master != nullptr;
+  const bool master = !std::is_same<TP, C>::value && a.master != nullptr;
   const Op op{};
   for_each_active_item<Coeffs>(
-      a, [&](int64_t s) { return segment_coeffs(a, s); },
+      a, [&](int64_t s) { return segment_coeffs<C>(a, s); },
       [&](int64_t, int64_t begin, int64_t end, const Coeffs& c) {
         for_each_element(
             begin, end, a.aligned && begin % kPack == 0,
             [&](int64_t q) {
-              float pv[kPack], gv[kPack], v0[kPack] = {}, v1[kPack] = {}, v2[kPack] = {};
+              C pv[kPack], gv[kPack], v0[kPack] = {}, v1[kPack] = {}, v2[kPack] = {};
               // Every load of the pack first, so that all 16-byte requests are in flight together.
               if (master)
                 load_pack(a.master, q, pv);
               else
                 load_pack(p, q, pv);
-              load_pack_either_ro<TP>(a.grad, a.grad_fp32, q, gv);
-              if (Op::uses(0)) load_pack_either<bf16_t>(a.states[0], a.state_fp32, q, v0);
-              if (Op::uses(1)) load_pack_either<bf16_t>(a.states[1], a.state_fp32, q, v1);
-              if (Op::uses(2)) load_pack_either<bf16_t>(a.states[2], a.state_fp32, q, v2);
+              load_grad_pack<TP>(a.grad, a.grad_fp32, q, gv);
+              if (Op::uses(0)) load_state_pack<TP>(a.states[0], a.state_fp32, q, v0);
+              if (Op::uses(1)) load_state_pack<TP>(a.states[1], a.state_fp32, q, v1);
+              if (Op::uses(2)) load_state_pack<TP>(a.states[2], a.state_fp32, q, v2);
 #pragma unroll
               for (int e = 0; e < kPack; ++e) op(c, pv[e], gv[e], v0[e], v1[e], v2[e]);
               if (master) store_pack(a.master, q, pv);
               store_pack(p, q, pv);
-              if (Op::uses(0)) store_pack_either<bf16_t>(a.states[0], a.state_fp32, q, v0);
-              if (Op::uses(1)) store_pack_either<bf16_t>(a.states[1], a.state_fp32, q, v1);
-              if (Op::uses(2)) store_pack_either<bf16_t>(a.states[2], a.state_fp32, q, v2);
+              if (Op::uses(0)) store_state_pack<TP>(a.states[0], a.state_fp32, q, v0);
+              if (Op::uses(1)) store_state_pack<TP>(a.states[1], a.state_fp32, q, v1);
+              if (Op::uses(2)) store_state_pack<TP>(a.states[2], a.state_fp32, q, v2);
             },
             [&](int64_t i) {
-              float pv = master ? a.master[i] : load(p[i]);
-              const float gv = load_either<TP>(a.grad, a.grad_fp32, i);
-              float v0 = Op::uses(0) ? load_either<bf16_t>(a.states[0], a.state_fp32, i) : 0.0f;
-              float v1 = Op::uses(1) ? load_either<bf16_t>(a.states[1], a.state_fp32, i) : 0.0f;
-              float v2 = Op::uses(2) ? load_either<bf16_t>(a.states[2], a.state_fp32, i) : 0.0f;
+              C pv = master ? a.master[i] : load(p[i]);
+              const C gv = load_grad<TP>(a.grad, a.grad_fp32, i);
+              C v0 = Op::uses(0) ? load_state<TP>(a.states[0], a.state_fp32, i) : C(0);
+              C v1 = Op::uses(1) ? load_state<TP>(a.states[1], a.state_fp32, i) : C(0);
+              C v2 = Op::uses(2) ? load_state<TP>(a.states[2], a.state_fp32, i) : C(0);
               op(c, pv, gv, v0, v1, v2);
               if (master) a.master[i] = pv;
               p[i] = store<TP>(pv);
-              if (Op::uses(0)) store_either<bf16_t>(a.states[0], a.state_fp32, i, v0);
-              if (Op::uses(1)) store_either<bf16_t>(a.states[1], a.state_fp32, i, v1);
-              if (Op::uses(2)) store_either<bf16_t>(a.states[2], a.state_fp32, i, v2);
+              if (Op::uses(0)) store_state<TP>(a.states[0], a.state_fp32, i, v0);
+              if (Op::uses(1)) store_state<TP>(a.states[1], a.state_fp32, i, v1);
+              if (Op::uses(2)) store_state<TP>(a.states[2], a.state_fp32, i, v2);
             });
       });
 }
@@ -157,46 +167,47 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) elementwise_kernel(const
 
 template <typename A, typename TP>
 __global__ void __launch_bounds__(kThreads) trust_ratio_moments_kernel(const StepParams<A> a) {
-  using Coeffs = typename A::Coeffs;
+  using C = compute_t<TP>;
+  using Coeffs = typename A::template Coeffs<C>;
   __shared__ double scratch[32];
   if (step_skipped(a.d.found_inf)) return;
   const TP* p = static_cast<const TP*>(a.param);
-  const bool master = !std::is_same<TP, float>::value && a.master != nullptr;
+  const bool master = !std::is_same<TP, C>::value && a.master != nullptr;
   for_each_active_item<Coeffs>(
-      a, [&](int64_t s) { return segment_coeffs(a, s); },
+      a, [&](int64_t s) { return segment_coeffs<C>(a, s); },
       [&](int64_t it, int64_t begin, int64_t end, const Coeffs& c) {
         double w2 = 0.0, u2 = 0.0;
-        auto element = [&](float pv, float gv, float& m, float& v) {
+        auto element = [&](C pv, C gv, C& m, C& v) {
           A::moments(c, gv, m, v);
-          m = stored_state(a.state_fp32, m);
-          v = stored_state(a.state_fp32, v);
-          const float u = A::direction(c, pv, m, v);
+          m = stored_state_of<TP>(a.state_fp32, m);
+          v = stored_state_of<TP>(a.state_fp32, v);
+          const C u = A::direction(c, pv, m, v);
           w2 += square_term(pv);
           u2 += square_term(u);
         };
         for_each_run(
             begin, end, a.aligned && begin % kPack == 0,
             [&](int64_t q) {
-              float pv[kPack], gv[kPack], mv[kPack], vv[kPack];
+              C pv[kPack], gv[kPack], mv[kPack], vv[kPack];
               if (master)
                 load_pack(a.master, q, pv);
               else
                 load_pack(p, q, pv);
-              load_pack_either_ro<TP>(a.grad, a.grad_fp32, q, gv);
-              load_pack_either<bf16_t>(a.states[0], a.state_fp32, q, mv);
-              load_pack_either<bf16_t>(a.states[1], a.state_fp32, q, vv);
+              load_grad_pack<TP>(a.grad, a.grad_fp32, q, gv);
+              load_state_pack<TP>(a.states[0], a.state_fp32, q, mv);
+              load_state_pack<TP>(a.states[1], a.state_fp32, q, vv);
 #pragma unroll
               for (int e = 0; e < kPack; ++e) element(pv[e], gv[e], mv[e], vv[e]);
-              store_pack_either<bf16_t>(a.states[0], a.state_fp32, q, mv);
-              store_pack_either<bf16_t>(a.states[1], a.state_fp32, q, vv);
+              store_state_pack<TP>(a.states[0], a.state_fp32, q, mv);
+              store_state_pack<TP>(a.states[1], a.state_fp32, q, vv);
             },
             [&](int64_t i) {
-              const float pv = master ? a.master[i] : load(p[i]);
-              float m = load_either<bf16_t>(a.states[0], a.state_fp32, i);
-              float v = load_either<bf16_t>(a.states[1], a.state_fp32, i);
-              element(pv, load_either<TP>(a.grad, a.grad_fp32, i), m, v);
-              store_either<bf16_t>(a.states[0], a.state_fp32, i, m);
-              store_either<bf16_t>(a.states[1], a.state_fp32, i, v);
+              const C pv = master ? a.master[i] : load(p[i]);
+              C m = load_state<TP>(a.states[0], a.state_fp32, i);
+              C v = load_state<TP>(a.states[1], a.state_fp32, i);
+              element(pv, load_grad<TP>(a.grad, a.grad_fp32, i), m, v);
+              store_state<TP>(a.states[0], a.state_fp32, i, m);
+              store_state<TP>(a.states[1], a.state_fp32, i, v);
             });
         w2 = block_sum(w2, scratch);
         u2 = block_sum(u2, scratch);
@@ -220,47 +231,48 @@ __global__ void trust_ratio_sums_kernel(const StepParams<A> a) {
   }
 }
 
-template <typename A>
+template <typename A, typename C>
 struct ApplySegment {
-  typename A::Coeffs c;
-  float scaled_lr;
+  typename A::template Coeffs<C> c;
+  C scaled_lr;
 };
 
 template <typename A, typename TP>
 __global__ void __launch_bounds__(kThreads) trust_ratio_apply_kernel(const StepParams<A> a) {
+  using C = compute_t<TP>;
   if (step_skipped(a.d.found_inf)) return;
   TP* p = static_cast<TP*>(a.param);
-  const bool master = !std::is_same<TP, float>::value && a.master != nullptr;
-  for_each_active_item<ApplySegment<A>>(
+  const bool master = !std::is_same<TP, C>::value && a.master != nullptr;
+  for_each_active_item<ApplySegment<A, C>>(
       a,
       [&](int64_t s) {
-        ApplySegment<A> made;
-        made.c = segment_coeffs(a, s);
+        ApplySegment<A, C> made;
+        made.c = segment_coeffs<C>(a, s);
         made.scaled_lr = A::scaled_lr(made.c, a.segment_w2[s], a.segment_u2[s]);
         return made;
       },
-      [&](int64_t, int64_t begin, int64_t end, const ApplySegment<A>& made) {
-        const typename A::Coeffs& c = made.c;
-        const float scaled_lr = made.scaled_lr;
+      [&](int64_t, int64_t begin, int64_t end, const ApplySegment<A, C>& made) {
+        const typename A::template Coeffs<C>& c = made.c;
+        const C scaled_lr = made.scaled_lr;
         for_each_element(
             begin, end, a.aligned && begin % kPack == 0,
             [&](int64_t q) {
-              float pv[kPack], mv[kPack], vv[kPack];
+              C pv[kPack], mv[kPack], vv[kPack];
               if (master)
                 load_pack(a.master, q, pv);
               else
                 load_pack(p, q, pv);
-              load_pack_either<bf16_t>(a.states[0], a.state_fp32, q, mv);
-              load_pack_either<bf16_t>(a.states[1], a.state_fp32, q, vv);
+              load_state_pack<TP>(a.states[0], a.state_fp32, q, mv);
+              load_state_pack<TP>(a.states[1], a.state_fp32, q, vv);
 #pragma unroll
               for (int e = 0; e < kPack; ++e) A::apply(c, scaled_lr, pv[e], mv[e], vv[e]);
               if (master) store_pack(a.master, q, pv);
               store_pack(p, q, pv);
             },
             [&](int64_t i) {
-              float pv = master ? a.master[i] : load(p[i]);
-              A::apply(c, scaled_lr, pv, load_either<bf16_t>(a.states[0], a.state_fp32, i),
-                       load_either<bf16_t>(a.states[1], a.state_fp32, i));
+              C pv = master ? a.master[i] : load(p[i]);
+              A::apply(c, scaled_lr, pv, load_state<TP>(a.states[0], a.state_fp32, i),
+                       load_state<TP>(a.states[1], a.state_fp32, i));
               if (master) a.master[i] = pv;
               p[i] = store<TP>(pv);
             });
@@ -349,7 +361,7 @@ void launch_step(const FlatBuffers& b, const Segments& s, const DeviceWork& w, c
     a.states[k] = A::uses_state(h, k) ? b.states[k] : nullptr;
     aligned = aligned && aligned16(a.states[k]);
   }
-  a.master = b.param_dtype == kFloat32 ? nullptr : b.master;
+  a.master = b.param_dtype == kFloat32 || b.param_dtype == kFloat64 ? nullptr : b.master;
   a.grad_fp32 = b.grad_dtype == kFloat32;
   a.state_fp32 = b.state_dtype != kBFloat16;
   a.aligned = aligned && aligned16(a.master);
@@ -370,6 +382,8 @@ void launch_step(const FlatBuffers& b, const Segments& s, const DeviceWork& w, c
     launch_typed<A, bf16_t>(a, args.passes, args.segment_w2, args.segment_u2, stream);
   else if (b.param_dtype == kFloat16)
     launch_typed<A, fp16_t>(a, args.passes, args.segment_w2, args.segment_u2, stream);
+  else if (b.param_dtype == kFloat64)
+    launch_typed<A, double>(a, args.passes, args.segment_w2, args.segment_u2, stream);
   else
     launch_typed<A, float>(a, args.passes, args.segment_w2, args.segment_u2, stream);
 }

@@ -1,5 +1,6 @@
 // Deterministic sum of squares on the device (global gradient norm), in two phases over the work items of a segment
-// table, and its checked entry point. Phase 1: one block per item at a time (grid-stride over items; thread t takes the
+// table, and its checked entry point. Squares are fp32 for fp32/bf16/fp16 data and float64 for float64 data (the norm
+// of float64 gradients is a float64 one, as torch computes it); partial sums are double either way. Phase 1: one block per item at a time (grid-stride over items; thread t takes the
 // runs t, t + kThreads, ... of kPack elements, the same on the vector and the scalar path), a fixed block tree, one
 // partial sum and one non-finite flag per item (zero for the items of inactive segments). Phase 2: one block adds the
 // partials, thread t those of items t, t + 1024, ..., then a fixed tree. The partition depends on the layout alone, so
@@ -35,7 +36,7 @@ __global__ void __launch_bounds__(kThreads) sum_of_squares_partial_kernel(const 
     for_each_run(
         begin, end, aligned && begin % kPack == 0,
         [&](int64_t q) {
-          float v[kPack];
+          compute_t<T> v[kPack];
           load_pack_ro(x, q, v);
 #pragma unroll
           for (int e = 0; e < kPack; ++e) {
@@ -44,7 +45,7 @@ __global__ void __launch_bounds__(kThreads) sum_of_squares_partial_kernel(const 
           }
         },
         [&](int64_t i) {
-          const float v = load(x[i]);
+          const compute_t<T> v = load(x[i]);
           acc += square_term(v);
           bad |= is_nonfinite(v) ? 1 : 0;
         });
@@ -59,7 +60,8 @@ __global__ void __launch_bounds__(kThreads) sum_of_squares_partial_kernel(const 
 
 __global__ void __launch_bounds__(kCombineThreads) sum_of_squares_combine_kernel(const double* partial,
                                                                                 const double* flags, int64_t items,
-                                                                                float* out_sum, float* out_nonfinite) {
+                                                                                void* out_sum, bool out_double,
+                                                                                float* out_nonfinite) {
   __shared__ double scratch[32];
   double v = 0.0;
   int bad = 0;
@@ -70,7 +72,10 @@ __global__ void __launch_bounds__(kCombineThreads) sum_of_squares_combine_kernel
   v = block_sum(v, scratch);
   bad = __syncthreads_or(bad);
   if (threadIdx.x == 0) {
-    *out_sum = static_cast<float>(v);
+    if (out_double)
+      *static_cast<double*>(out_sum) = v;
+    else
+      *static_cast<float*>(out_sum) = static_cast<float>(v);
     *out_nonfinite = bad ? 1.0f : 0.0f;
   }
 }
@@ -96,9 +101,12 @@ int64_t sum_of_squares_scratch(int64_t items) {
 }
 
 void sum_of_squares(const void* data, int64_t n, int dtype, const DeviceWork& w, const uint8_t* active,
-                    int64_t segment_count, double* scratch, float* out_sum, float* out_nonfinite, const Launch& l) {
+                    int64_t segment_count, double* scratch, void* out_sum, int out_sum_dtype, float* out_nonfinite,
+                    const Launch& l) {
   if (n < 0) fail("Invalid element count n: " + std::to_string(n));
   checks::check_dtype("cuda_sum_of_squares", "data", dtype);
+  if (out_sum_dtype != kFloat32 && out_sum_dtype != kFloat64)
+    fail("Invalid dtype code for out_sum: " + std::to_string(out_sum_dtype) + " (expected 0 float32 or 3 float64)");
   if (w.items < 0) fail("Invalid items: " + std::to_string(w.items));
   if (segment_count < 0) fail("Invalid segment count: " + std::to_string(segment_count));
   if (w.work == nullptr) {
@@ -123,8 +131,10 @@ void sum_of_squares(const void* data, int64_t n, int dtype, const DeviceWork& w,
     if (!aligned_to(scratch, 8)) fail("scratch pointer is not 8-byte aligned");
   }
   if (out_sum == nullptr || out_nonfinite == nullptr) fail("out_sum and out_nonfinite must not be null");
-  if (!aligned_to(out_sum, 4) || !aligned_to(out_nonfinite, 4))
-    fail("out_sum and out_nonfinite must be 4-byte aligned float32 scalars");
+  if (!aligned_to(out_sum, dtype_size(out_sum_dtype)))
+    fail("out_sum must be a " + std::to_string(dtype_size(out_sum_dtype)) + "-byte aligned " +
+         (out_sum_dtype == kFloat64 ? "float64" : "float32") + " scalar");
+  if (!aligned_to(out_nonfinite, 4)) fail("out_nonfinite must be a 4-byte aligned float32 scalar");
   check_device("cuda_sum_of_squares", l.device);
 
   DeviceGuard guard(l.device);
@@ -135,11 +145,14 @@ void sum_of_squares(const void* data, int64_t n, int dtype, const DeviceWork& w,
       launch_partial<bf16_t>(data, items, active, scratch, stream);
     else if (dtype == kFloat16)
       launch_partial<fp16_t>(data, items, active, scratch, stream);
+    else if (dtype == kFloat64)
+      launch_partial<double>(data, items, active, scratch, stream);
     else
       launch_partial<float>(data, items, active, scratch, stream);
   }
   sum_of_squares_combine_kernel<<<1, kCombineThreads, 0, stream>>>(scratch, scratch + items.count, items.count,
-                                                                    out_sum, out_nonfinite);
+                                                                    out_sum, out_sum_dtype == kFloat64,
+                                                                    out_nonfinite);
   check_launch("sum_of_squares_combine_kernel");
 }
 

@@ -4,8 +4,8 @@ the algorithm's hyperparameters to fusedopt._C (CPU) or fusedopt._C.cuda_* (CUDA
 Validation happens before any pointer crosses the boundary, and a rejected call changes nothing. Python computes no
 coefficients: each math header's `make_coeffs` does, per segment, from the segment's own step count.
 On CUDA every launch goes to `torch.cuda.current_stream(device)` and nothing synchronises with the host; `lr` and
-`grad_scale` may then be 1-element float32 device tensors and `found_inf` a device flag that makes the kernels write
-nothing (a step decided on the device).
+`grad_scale` may then be 1-element device tensors of the compute dtype (float32, or float64 for float64 parameters)
+and `found_inf` a float32 device flag that makes the kernels write nothing (a step decided on the device).
 """
 from __future__ import annotations
 
@@ -19,9 +19,16 @@ from . import _C
 from .flat import CHUNK, Segments
 
 # Dtype codes of csrc/include/fusedopt/dtype.h.
-DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-STATE_DTYPES = (torch.float32, torch.bfloat16)
+DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# float64 states go with float64 parameters only, and they only with float64 gradients and states (check_buffers).
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+F64 = torch.float64
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute a parameter dtype in: float64 for float64 parameters, else float32."""
+    return F64 if dtype == F64 else torch.float32
 # Trust-ratio passes of csrc/include/fusedopt/api.h (kPassMoments, kPassApply).
 PASS_MOMENTS, PASS_APPLY = 1, 2
 
@@ -107,6 +114,8 @@ def check_buffers(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[
     if param.device.type != device_type:
         raise ValueError(f"Invalid param device: {param.device} (expected a {device_type} tensor)")
     _check_tensor("grad", grad, param, PARAM_DTYPES)
+    if param.dtype == F64 and grad.dtype != F64:
+        raise TypeError(f"Invalid grad dtype: {grad.dtype} (expected torch.float64 like param)")
     if grad.dtype != param.dtype and grad.dtype != torch.float32:
         raise TypeError(f"Invalid grad dtype: {grad.dtype} (expected {param.dtype} like param, or torch.float32)")
     names = list(ALGORITHMS[algorithm]["states"]) + ["state"] * 3
@@ -121,6 +130,9 @@ def check_buffers(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[
             pointers.append(0)
             continue
         _check_tensor(names[k], t, param, STATE_DTYPES)
+        if (t.dtype == F64) != (param.dtype == F64):
+            expected = "torch.float64" if param.dtype == F64 else "torch.float32 or torch.bfloat16"
+            raise TypeError(f"Invalid {names[k]} dtype: {t.dtype} (expected {expected} with {param.dtype} param)")
         if state_dtype is None:
             state_dtype = t.dtype
         elif t.dtype != state_dtype:
@@ -129,8 +141,9 @@ def check_buffers(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[
         used.append(t)
     master_ptr = 0
     if master is not None:
-        if param.dtype == torch.float32:
-            raise ValueError("Invalid master: master weights are for bfloat16/float16 parameters, param is float32")
+        if param.dtype in (torch.float32, F64):
+            raise ValueError(f"Invalid master: master weights are for bfloat16/float16 parameters, param is "
+                             f"{str(param.dtype)[6:]}")
         _check_tensor("master", master, param, (torch.float32,))
         master_ptr = master.data_ptr()
         used.append(master)
@@ -141,7 +154,7 @@ def check_buffers(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[
             if t.data_ptr() in seen:
                 raise ValueError(f"Invalid buffers: arguments {seen[t.data_ptr()]} and {k} share memory")
             seen[t.data_ptr()] = k
-    return pointers, master_ptr, DTYPE_CODES[grad.dtype], DTYPE_CODES[state_dtype or torch.float32]
+    return pointers, master_ptr, DTYPE_CODES[grad.dtype], DTYPE_CODES[state_dtype or compute_dtype(param.dtype)]
 
 
 def step(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[Tensor | None], master: Tensor | None,
@@ -182,10 +195,10 @@ def step(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[Tensor | 
     kernel(*buffers, *table, values, lr_value, scale, PASS_APPLY, w2, u2)
 
 
-def _device_scalar(name: str, t: Tensor, device: torch.device) -> int:
-    """Pointer of a 1-element float32 tensor on `device` (the kernels read it from device memory)."""
-    if t.device != device or t.dtype != torch.float32 or t.numel() != 1:
-        raise ValueError(f"Invalid {name}: expected a 1-element torch.float32 tensor on {device}, got {t.dtype} with "
+def _device_scalar(name: str, t: Tensor, device: torch.device, dtype: torch.dtype = torch.float32) -> int:
+    """Pointer of a 1-element `dtype` tensor on `device` (the kernels read it from device memory)."""
+    if t.device != device or t.dtype != dtype or t.numel() != 1:
+        raise ValueError(f"Invalid {name}: expected a 1-element {dtype} tensor on {device}, got {t.dtype} with "
                          f"{t.numel()} elements on {t.device}")
     return t.data_ptr()
 
@@ -202,8 +215,11 @@ def _cuda_step(algorithm: str, param: Tensor, grad: Tensor, pointers: list[int],
     device = param.device
     _check_segments(segments, param.numel())  # the compiled CPU entry points check the table themselves
     table = segments.on_device(device)
-    lr_ptr = _device_scalar("lr", lr, device) if isinstance(lr, Tensor) and lr.device.type == "cuda" else 0
-    scale_ptr = (_device_scalar("grad_scale", grad_scale, device)
+    # lr and grad_scale on the device are of the compute dtype: a float32 copy would round a float64 step's values.
+    scalar_dtype = compute_dtype(param.dtype)
+    lr_ptr = (_device_scalar("lr", lr, device, scalar_dtype)
+              if isinstance(lr, Tensor) and lr.device.type == "cuda" else 0)
+    scale_ptr = (_device_scalar("grad_scale", grad_scale, device, scalar_dtype)
                  if isinstance(grad_scale, Tensor) and grad_scale.device.type == "cuda" else 0)
     found_ptr = 0 if found_inf is None else _device_scalar("found_inf", found_inf, device)
     lr_value = 0.0 if lr_ptr else _float("lr", lr)
@@ -226,7 +242,7 @@ def _cuda_step(algorithm: str, param: Tensor, grad: Tensor, pointers: list[int],
 
 def sum_of_squares(tensor: Tensor) -> tuple[float, bool]:
     """(sum of fp32 squares as a float, whether any element is inf/nan) of a 1-D CPU tensor; bitwise reproducible for
-    any thread count."""
+    any thread count. A float64 tensor's squares are float64."""
     _check_tensor("tensor", tensor, None, PARAM_DTYPES)
     if tensor.device.type != "cpu":
         raise ValueError(f"Invalid tensor device: {tensor.device} (expected a cpu tensor)")
@@ -247,8 +263,9 @@ def sum_of_squares_segments(tensor: Tensor, segments: Segments) -> tuple[float, 
 
 
 def sum_of_squares_into(tensor: Tensor, segments: Segments | None, out_sum: Tensor, out_nonfinite: Tensor) -> None:
-    """Sum of squares (over the active segments when given) written into 1-element float32 tensors on the tensor's
-    device, 1.0 in `out_nonfinite` for inf/nan; on CUDA without waiting for the GPU."""
+    """Sum of squares (over the active segments when given) written into 1-element tensors on the tensor's device:
+    `out_sum` float32, or float64 (which keeps a float64 tensor's sum unrounded), `out_nonfinite` float32 (1.0 for
+    inf/nan); on CUDA without waiting for the GPU."""
     if tensor.device.type != "cuda":
         total, flag = sum_of_squares(tensor) if segments is None else sum_of_squares_segments(tensor, segments)
         out_sum.fill_(total)
@@ -265,9 +282,12 @@ def sum_of_squares_into(tensor: Tensor, segments: Segments | None, out_sum: Tens
                                       len(segments))
     scratch = torch.empty(int(_C.cuda_sum_of_squares_scratch(items)), dtype=torch.float64, device=device)
     index, stream = _launch(device)
+    if out_sum.dtype not in (torch.float32, F64):
+        raise ValueError(f"Invalid out_sum: expected a torch.float32 or torch.float64 tensor, got {out_sum.dtype}")
     _C.cuda_sum_of_squares(tensor.data_ptr(), tensor.numel(), DTYPE_CODES[tensor.dtype], work, items, active, count,
-                           scratch.data_ptr(), _device_scalar("out_sum", out_sum, device),
-                           _device_scalar("out_nonfinite", out_nonfinite, device), index, stream)
+                           scratch.data_ptr(), _device_scalar("out_sum", out_sum, device, out_sum.dtype),
+                           DTYPE_CODES[out_sum.dtype], _device_scalar("out_nonfinite", out_nonfinite, device),
+                           index, stream)
 
 
 def build_info() -> dict[str, Any]:

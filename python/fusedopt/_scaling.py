@@ -17,11 +17,12 @@ Scale = Union[float, Tensor]
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
-def global_norm(sums: Tensor, flags: Tensor, reduce_groups: Sequence[Sequence[Any]], unscale: Scale = 1.0
-                ) -> tuple[Tensor, Tensor]:
+def global_norm(sums: Tensor, flags: Tensor, reduce_groups: Sequence[Sequence[Any]], unscale: Scale = 1.0, *,
+                float64_grads: bool = False) -> tuple[Tensor, Tensor]:
     """The global norm (1-element float64) and non-finite flag (1-element float32, 1.0 when any element is inf/nan)
-    from per-buffer float32 sums of squares and flags. Buffer k is sharded over `reduce_groups[k]` (empty when not):
-    its sum and flag are all-reduced over those groups, one all-reduce per distinct set of groups, on the sums' device.
+    from per-buffer sums of squares (float32 or float64) and flags. Buffer k is sharded over `reduce_groups[k]` (empty
+    when not): its sum and flag are all-reduced over those groups, one all-reduce per distinct set of groups, on the
+    sums' device. `float64_grads`: some gradients are float64, so the norm is a float64 one, as torch's is then.
     Every rank must call this with the same sharded buffers, gradients or not."""
     sums64 = sums.to(torch.float64)
     plain = [k for k, groups in enumerate(reduce_groups) if not groups]
@@ -37,8 +38,10 @@ def global_norm(sums: Tensor, flags: Tensor, reduce_groups: Sequence[Sequence[An
         total = total + pair[0]
         flag = torch.maximum(flag, (pair[1] > 0).to(flags.dtype))
     # torch's float32 norm overflows to inf when the sum of squares leaves the float32 range (gradients of 1e18, say),
-    # and clipping by it zeroes the gradients: the same here, though the sum itself is exact in float64.
-    total = torch.where(total > _FLOAT32_MAX, torch.full_like(total, float("inf")), total)
+    # and clipping by it zeroes the gradients: the same here, though the sum itself is exact in float64. With float64
+    # gradients among them torch's norm is float64 (its stack of per-tensor norms promotes), which does not overflow.
+    if not float64_grads:
+        total = torch.where(total > _FLOAT32_MAX, torch.full_like(total, float("inf")), total)
     return (total.sqrt() * unscale).reshape(1), flag.reshape(1)
 
 
@@ -66,6 +69,9 @@ def amp_skip(found_inf: Tensor | None, device: torch.device) -> Tensor | None:
     return (found_inf.to(device).reshape(1) != 0).to(torch.float32)
 
 
-def kernel_scale(value: Scale) -> Scale:
-    """A gradient multiplier as the kernels take it: a float, or a 1-element float32 tensor."""
-    return value.to(torch.float32).reshape(1) if isinstance(value, Tensor) else value
+def kernel_scale(value: Scale, param_dtype: torch.dtype = torch.float32) -> Scale:
+    """A gradient multiplier as the kernels of `param_dtype` parameters take it: a float, or a 1-element tensor of
+    their compute dtype (float64 for float64 parameters, else float32)."""
+    if not isinstance(value, Tensor):
+        return value
+    return value.to(torch.float64 if param_dtype == torch.float64 else torch.float32).reshape(1)

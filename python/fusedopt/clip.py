@@ -46,16 +46,19 @@ def clip_grad_norm_(
     if sharded and norm_type != 2.0:
         raise ValueError(f"Invalid norm_type: {norm_type} (fusedopt clips DTensor gradients by their L2 norm only)")
     # One sum of squares per gradient, into tensors on the gradients' device (float64 on the host, float32 from the
-    # CUDA kernels), then the norm and the coefficient there too: on a GPU the host does not wait.
+    # CUDA kernels unless float64 gradients are among them), then the norm and the coefficient there too: on a GPU the
+    # host does not wait. With float64 gradients the norm is float64, as torch's is (its stack of norms promotes).
     locals_ = [local_tensor(g) for g in grads]
-    sums = torch.zeros(len(grads), dtype=torch.float32 if device.type == "cuda" else torch.float64, device=device)
+    float64_grads = any(local.dtype == torch.float64 for local in locals_)
+    sums = torch.zeros(len(grads), dtype=torch.float32 if device.type == "cuda" and not float64_grads
+                       else torch.float64, device=device)
     flags = torch.zeros(len(grads), dtype=torch.float32, device=device)
     for k, local in enumerate(locals_):
         flat = local.detach().reshape(-1)
         functional.sum_of_squares_into(flat, None, sums[k:k + 1], flags[k:k + 1],
                                        backend=backend if flat.dtype in PARAM_DTYPES else "reference")
-    norm, _ = _scaling.global_norm(sums, flags, [shard_groups(g) for g in grads])
-    total_norm = norm.to(torch.float32).reshape(())
+    norm, _ = _scaling.global_norm(sums, flags, [shard_groups(g) for g in grads], float64_grads=float64_grads)
+    total_norm = norm.to(torch.float64 if float64_grads else torch.float32).reshape(())
     if error_if_nonfinite and not bool(torch.isfinite(total_norm)):
         raise _nonfinite_norm_error()
     coefficient = _scaling.clip_coefficient(float(max_norm), total_norm)

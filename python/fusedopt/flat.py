@@ -27,13 +27,38 @@ from ._distributed import all_reduce_sum, is_dtensor, local_tensor, shard_groups
 
 ALIGN_BYTES = 64
 # Offsets are counted in elements and shared by all buffers of the set; aligning them to the smallest element
-# size we store (2 bytes) keeps every region 64-byte aligned in fp32, bf16 and fp16 buffers alike.
+# size we store (2 bytes) keeps every region 64-byte aligned in fp32, bf16, fp16 and fp64 buffers alike.
 ALIGN_ELEMENTS = ALIGN_BYTES // 2
 # fusedopt::kChunk: the kernels' work items never cross a multiple of it within a segment.
 CHUNK = 16384
 
-PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-STATE_DTYPES = (torch.float32, torch.bfloat16)
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# float64 states belong to float64 parameters, whose states are always float64 (see `state_dtype_for`).
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+def state_dtype_for(param_dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    """The dtype of the states of `param_dtype` parameters under the group's `state_dtype` (None: the default).
+
+    float64 parameters keep float64 states, as torch.optim does, and compute in float64: no other state dtype fits
+    them. Other parameters keep float32 states unless bfloat16 is asked for."""
+    if param_dtype == torch.float64:
+        if requested not in (None, torch.float64):
+            raise ValueError(f"Invalid state_dtype: {requested} for float64 parameters (their states are float64; "
+                             "leave state_dtype=None)")
+        return torch.float64
+    if requested == torch.float64:
+        raise ValueError(f"Invalid state_dtype: torch.float64 for {param_dtype} parameters (float64 states are for "
+                         "float64 parameters; expected torch.float32 or torch.bfloat16)")
+    return requested or torch.float32
+
+
+def check_master_weights(param_dtype: torch.dtype, master_weights: bool) -> None:
+    """Master weights are fp32 copies of 16-bit parameters; a float64 parameter cannot have one (it would round the
+    parameter to float32)."""
+    if master_weights and param_dtype == torch.float64:
+        raise ValueError("Invalid master_weights: True for float64 parameters (master weights are float32 copies of "
+                         "bfloat16/float16 parameters; float64 parameters are updated in float64)")
 
 
 class Segments:
@@ -182,7 +207,8 @@ class FlatBuffer:
         self.device: torch.device = first.device
         self.dtype: torch.dtype = first.dtype
         if self.dtype not in PARAM_DTYPES:
-            raise TypeError(f"fusedopt supports float32, bfloat16 and float16 parameters, got {self.dtype}")
+            raise TypeError(f"fusedopt supports float32, bfloat16, float16 and float64 parameters, got {self.dtype}")
+        check_master_weights(self.dtype, master_weights)
         self.params: list[Tensor] = list(params)
         locals_ = [local_tensor(p) for p in self.params]
         self.sharded: bool = is_dtensor(first)
@@ -278,7 +304,8 @@ class FlatBuffer:
         flat = self.state.get(name)
         if flat is None:
             if dtype not in STATE_DTYPES:
-                raise TypeError(f"Invalid state_dtype: {dtype} (expected torch.float32 or torch.bfloat16)")
+                raise TypeError(f"Invalid state_dtype: {dtype} (expected torch.float32, torch.bfloat16 or "
+                                "torch.float64)")
             flat = _allocate(self.total, dtype, self.device)
             if fill != 0.0:
                 for i in range(len(self.params)):

@@ -7,9 +7,13 @@ kernels (`fusedopt._kernels`). With `master` (fp32 master weights of 16-bit para
 `master` and stores its rounded value in `param`. Every backend counts the step of each active segment in
 `segments.steps` before using it.
 
-Device scalars, for a step that never waits for the GPU: `lr` and `grad_scale` may be 1-element float32 tensors and
-`found_inf` a 1-element float32 tensor whose non-zero value means "write nothing". The CUDA kernels read them from
-device memory; the reference and CPU backends read them on the host.
+Device scalars, for a step that never waits for the GPU: `lr` and `grad_scale` may be 1-element tensors of the compute
+dtype (float32, or float64 for float64 parameters) and `found_inf` a 1-element float32 tensor whose non-zero value
+means "write nothing". The CUDA kernels read them from device memory; the reference and CPU backends read them on the
+host.
+
+float64 parameters go with float64 gradients and states and no master weights; they are computed in float64 on every
+backend, with coefficients (bias corrections, step sizes) in float64, as torch.optim computes them.
 """
 from __future__ import annotations
 
@@ -89,8 +93,8 @@ def update(
 
 
 def sum_of_squares(tensor: Tensor, segments: Segments | None = None, *, backend: str) -> tuple[float, bool]:
-    """Sum of squares of a 1-D tensor (fp32 products, float64 sum), over the active segments when given, and whether
-    any of those elements is inf or nan."""
+    """Sum of squares of a 1-D tensor (fp32 products, float64 for a float64 tensor; float64 sum), over the active
+    segments when given, and whether any of those elements is inf or nan."""
     if backend != "reference":
         if segments is None:
             return _kernels().sum_of_squares(tensor)
@@ -99,14 +103,15 @@ def sum_of_squares(tensor: Tensor, segments: Segments | None = None, *, backend:
         parts = [tensor[o:o + n] for k, (o, n) in enumerate(zip(segments.offsets.tolist(), segments.numels.tolist()))
                  if segments.flags[k]]
         tensor = torch.cat(parts) if parts else tensor[:0]
-    values = tensor.detach().float()
+    values = tensor.detach()
+    values = values if values.dtype == torch.float64 else values.float()
     return float(values.square().sum(dtype=torch.float64)), not bool(torch.isfinite(values).all())
 
 
 def sum_of_squares_into(tensor: Tensor, segments: Segments | None, out_sum: Tensor, out_nonfinite: Tensor, *,
                         backend: str) -> None:
-    """`sum_of_squares` written into 1-element float32 tensors on the tensor's device (1.0 in `out_nonfinite` when an
-    element is inf or nan); on CUDA without waiting for the GPU."""
+    """`sum_of_squares` written into 1-element tensors on the tensor's device (`out_sum` float32 or float64,
+    `out_nonfinite` float32, 1.0 when an element is inf or nan); on CUDA without waiting for the GPU."""
     if backend == "cuda":
         _kernels().sum_of_squares_into(tensor, segments, out_sum, out_nonfinite)
         return

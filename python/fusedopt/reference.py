@@ -3,7 +3,8 @@
 Each function updates `param` and its state tensors in place, computing in fp32 and mirroring the operation order of
 torch.optim's single-tensor code paths (lerp / addcmul / addcdiv) so fp32 results agree with torch.optim to float32
 rounding. 16-bit tensors (parameters, gradients, bf16 states) are upcast to fp32, updated, and written back with one
-rounding. Never imports the compiled module.
+rounding. float64 tensors (parameters with their gradients and states) are computed in float64, as torch.optim
+computes them. Never imports the compiled module.
 """
 from __future__ import annotations
 
@@ -32,9 +33,15 @@ __all__ = [
 _TensorOrTensors = Union[Tensor, Iterable[Tensor]]  # runtime alias: no `|` on Python 3.9
 
 
-def _fp32(t: Tensor | None) -> Tensor | None:
-    """The tensor itself when already fp32 (updated in place), else an fp32 working copy."""
-    if t is None or t.dtype == torch.float32:
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 tensors, float32 for every other (fp32, bf16, fp16) tensor."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _work(t: Tensor | None) -> Tensor | None:
+    """The tensor itself when already of its compute dtype (fp32, or float64; updated in place), else an fp32 working
+    copy."""
+    if t is None or t.dtype == _compute_dtype(t.dtype):
         return t
     return t.to(torch.float32)
 
@@ -46,8 +53,9 @@ def _write_back(dst: Tensor | None, work: Tensor | None) -> None:
 
 
 def _effective_grad(grad: Tensor, grad_scale: float, maximize: bool) -> Tensor:
-    """g = grad*grad_scale, negated when maximizing, as a new fp32 tensor (the caller's grad is never modified)."""
-    g = grad.to(torch.float32)
+    """g = grad*grad_scale, negated when maximizing, as a new tensor of the compute dtype (the caller's grad is never
+    modified)."""
+    g = grad.to(_compute_dtype(grad.dtype))
     if grad_scale != 1.0:
         g = g * grad_scale
     if maximize:
@@ -92,8 +100,8 @@ def adam(
         raise ValueError("Invalid max_exp_avg_sq: None with amsgrad=True")
     _check_same_numel(param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
                       max_exp_avg_sq=max_exp_avg_sq if amsgrad else None)
-    p, m, v = _fp32(param), _fp32(exp_avg), _fp32(exp_avg_sq)
-    vmax = _fp32(max_exp_avg_sq) if amsgrad else None
+    p, m, v = _work(param), _work(exp_avg), _work(exp_avg_sq)
+    vmax = _work(max_exp_avg_sq) if amsgrad else None
     g = _effective_grad(grad, grad_scale, maximize)
 
     if weight_decay != 0:
@@ -171,14 +179,14 @@ def sgd(
     if momentum != 0 and momentum_buffer is None:
         raise ValueError(f"Invalid momentum_buffer: None with momentum={momentum}")
     _check_same_numel(param, grad=grad, momentum_buffer=momentum_buffer if momentum != 0 else None)
-    p = _fp32(param)
+    p = _work(param)
     g = _effective_grad(grad, grad_scale, maximize)
     if weight_decay != 0:
         g = g.add(p, alpha=weight_decay)
 
     buf = None
     if momentum != 0:
-        buf = _fp32(momentum_buffer)
+        buf = _work(momentum_buffer)
         if step <= 1:
             buf.copy_(g)
         else:
@@ -223,7 +231,7 @@ def rmsprop(
     _check_same_numel(param, grad=grad, square_avg=square_avg,
                       momentum_buffer=momentum_buffer if momentum > 0 else None,
                       grad_avg=grad_avg if centered else None)
-    p, sq = _fp32(param), _fp32(square_avg)
+    p, sq = _work(param), _work(square_avg)
     g = _effective_grad(grad, grad_scale, maximize)
     if weight_decay != 0:
         g = g.add(p, alpha=weight_decay)
@@ -231,7 +239,7 @@ def rmsprop(
     sq.mul_(alpha).addcmul_(g, g, value=1 - alpha)
     ga = None
     if centered:
-        ga = _fp32(grad_avg)
+        ga = _work(grad_avg)
         ga.lerp_(g, 1 - alpha)
         avg = sq.addcmul(ga, ga, value=-1).sqrt_()
     else:
@@ -240,7 +248,7 @@ def rmsprop(
 
     buf = None
     if momentum > 0:
-        buf = _fp32(momentum_buffer)
+        buf = _work(momentum_buffer)
         buf.mul_(momentum).addcdiv_(g, avg)
         p.add_(buf, alpha=-lr)
     else:
@@ -276,7 +284,7 @@ def adagrad(
     if step < 1:
         raise ValueError(f"Invalid step: {step}")
     _check_same_numel(param, grad=grad, sum=sum)
-    p, s = _fp32(param), _fp32(sum)
+    p, s = _work(param), _work(sum)
     g = _effective_grad(grad, grad_scale, maximize)
     if weight_decay != 0:
         g = g.add(p, alpha=weight_decay)
@@ -311,7 +319,7 @@ def lion(
     """
     del step  # Lion has no step-dependent term
     _check_same_numel(param, grad=grad, exp_avg=exp_avg)
-    p, m = _fp32(param), _fp32(exp_avg)
+    p, m = _work(param), _work(exp_avg)
     g = _effective_grad(grad, grad_scale, maximize)
     if weight_decay != 0:
         p.mul_(1 - lr * weight_decay)
@@ -366,7 +374,7 @@ def lamb_moments(
     if step < 1:
         raise ValueError(f"Invalid step: {step}")
     _check_same_numel(param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-    p, m, v = _fp32(param), _fp32(exp_avg), _fp32(exp_avg_sq)
+    p, m, v = _work(param), _work(exp_avg), _work(exp_avg_sq)
     g = _effective_grad(grad, grad_scale, maximize)
 
     m.lerp_(g, 1 - beta1)
@@ -375,7 +383,7 @@ def lamb_moments(
     _write_back(exp_avg_sq, v)
     # u from the moments as stored (rounded when states are bf16): the update is a function of the saved state,
     # the same in the step's two halves and after a checkpoint resume.
-    m, v = _fp32(exp_avg), _fp32(exp_avg_sq)
+    m, v = _work(exp_avg), _work(exp_avg_sq)
     if bias_correction:
         mh = m / (1 - beta1**step)
         vh = v / (1 - beta2**step)
@@ -393,7 +401,7 @@ def lamb_apply(param: Tensor, u: Tensor, w2: float, u2: float, *, lr: float, max
     ratio = w_norm / u_norm if (w_norm > 0 and u_norm > 0) else 1.0
     if max_trust_ratio is not None and max_trust_ratio >= 0:  # None (or the kernels' -1): no clamp
         ratio = min(ratio, max_trust_ratio)
-    p = _fp32(param)
+    p = _work(param)
     p.add_(u, alpha=-(lr * ratio))
     _write_back(param, p)
 
@@ -401,8 +409,9 @@ def lamb_apply(param: Tensor, u: Tensor, w2: float, u2: float, *, lr: float, max
 @torch.no_grad()
 def global_norm(tensors: _TensorOrTensors, norm_type: float = 2.0) -> Tensor:
     """The norm_type-norm of all `tensors` viewed as one vector (as torch.nn.utils.get_total_norm): the norm of the
-    per-tensor norms. Computed in fp32 (16-bit tensors upcast); returns a 0-dim fp32 tensor on the first tensor's
-    device, tensor(0.) for no tensors. norm_type may be inf."""
+    per-tensor norms. Computed in fp32 (16-bit tensors upcast; float64 tensors in float64, and then the result is
+    float64, as torch's); returns a 0-dim tensor on the first tensor's device, tensor(0.) for no tensors. norm_type
+    may be inf."""
     if isinstance(tensors, Tensor):
         tensors = [tensors]
     tensors = list(tensors)
@@ -410,7 +419,7 @@ def global_norm(tensors: _TensorOrTensors, norm_type: float = 2.0) -> Tensor:
     if not tensors:
         return torch.tensor(0.0)
     device = tensors[0].device
-    norms = [torch.linalg.vector_norm(t.to(torch.float32), norm_type).to(device) for t in tensors]
+    norms = [torch.linalg.vector_norm(t.to(_compute_dtype(t.dtype)), norm_type).to(device) for t in tensors]
     return torch.linalg.vector_norm(torch.stack(norms), norm_type)
 
 
@@ -481,7 +490,7 @@ def adamax(
     if step < 1:
         raise ValueError(f"Invalid step: {step}")
     _check_same_numel(param, grad=grad, exp_avg=exp_avg, exp_inf=exp_inf)
-    p, m, u = _fp32(param), _fp32(exp_avg), _fp32(exp_inf)
+    p, m, u = _work(param), _work(exp_avg), _work(exp_inf)
     g = _effective_grad(grad, grad_scale, maximize)
     if weight_decay != 0:
         g = g.add(p, alpha=weight_decay)
@@ -521,7 +530,7 @@ def radam(
     if step < 1:
         raise ValueError(f"Invalid step: {step}")
     _check_same_numel(param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-    p, m, v = _fp32(param), _fp32(exp_avg), _fp32(exp_avg_sq)
+    p, m, v = _work(param), _work(exp_avg), _work(exp_avg_sq)
     g = _effective_grad(grad, grad_scale, maximize)
     if weight_decay != 0 and decoupled:
         p.mul_(1 - lr * weight_decay)

@@ -19,7 +19,7 @@ namespace checks {
 inline void check_dtype(const std::string& fn, const char* what, int code) {
   if (!is_valid_dtype(code))
     fail(fn + ": Invalid dtype code for " + what + ": " + std::to_string(code) +
-         " (expected 0 float32, 1 bfloat16, 2 float16)");
+         " (expected 0 float32, 1 bfloat16, 2 float16, 3 float64)");
 }
 
 // The algorithm's Hyper from the kFields doubles Python passes.
@@ -36,17 +36,32 @@ typename A::Hyper hyper_from(const std::string& fn, const StepArgs& args) {
 }
 
 // One buffer set for algorithm A under hyperparameters h: counts, dtype codes and their combinations, and a non-null
-// pointer for every buffer the configuration reads or writes (A::uses_state).
+// pointer for every buffer the configuration reads or writes (A::uses_state). float64 parameters go with float64
+// gradients and states only (computed in double, as torch.optim does), never with master weights; float64 gradients
+// and states with float64 parameters only.
 template <typename A>
 void check_buffers(const std::string& fn, const FlatBuffers& b, const typename A::Hyper& h) {
   if (b.n < 0) fail(fn + ": Invalid element count n: " + std::to_string(b.n));
   check_dtype(fn, "param", b.param_dtype);
   check_dtype(fn, "grad", b.grad_dtype);
   check_dtype(fn, "states", b.state_dtype);
+  if (b.param_dtype == kFloat64) {
+    if (b.grad_dtype != kFloat64)
+      fail(fn + ": grad dtype code " + std::to_string(b.grad_dtype) +
+           " must be 3 (float64) with float64 parameters (param dtype code 3)");
+    if (b.state_dtype != kFloat64)
+      fail(fn + ": state dtype code " + std::to_string(b.state_dtype) +
+           " must be 3 (float64) with float64 parameters (param dtype code 3)");
+    if (b.master != nullptr)
+      fail(fn + ": master weights are for 16-bit parameters (param dtype code 3 is float64)");
+  }
   if (b.grad_dtype != b.param_dtype && b.grad_dtype != kFloat32)
     fail(fn + ": grad dtype code " + std::to_string(b.grad_dtype) + " must equal the param dtype code " +
          std::to_string(b.param_dtype) + " or be 0 (float32)");
   if (b.state_dtype == kFloat16) fail(fn + ": Invalid state dtype code 2 (float16); states are float32 or bfloat16");
+  if (b.state_dtype == kFloat64 && b.param_dtype != kFloat64)
+    fail(fn + ": Invalid state dtype code 3 (float64) with param dtype code " + std::to_string(b.param_dtype) +
+         "; float64 states are for float64 parameters");
   if (b.master != nullptr && b.param_dtype == kFloat32)
     fail(fn + ": master weights are for 16-bit parameters (param dtype code 0 is float32)");
   if (b.n == 0) return;

@@ -2,6 +2,7 @@
 // Everything here is header-only, torch-free and safe to include from .cu files.
 #pragma once
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -47,6 +48,26 @@ FUSEDOPT_HD float bits_as_float(uint32_t u) {
 #endif
 }
 
+FUSEDOPT_HD uint64_t double_as_bits(double f) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint64_t>(__double_as_longlong(f));
+#else
+  uint64_t u;
+  memcpy(&u, &f, 8);
+  return u;
+#endif
+}
+
+FUSEDOPT_HD double bits_as_double(uint64_t u) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(u));
+#else
+  double f;
+  memcpy(&f, &u, 8);
+  return f;
+#endif
+}
+
 // `flag ? a : b` for a flag that is uniform over the launch (a mode such as nesterov). On the host it is a bit blend:
 // GCC cannot vectorise a float select whose condition is a scalar, and would otherwise leave the whole loop scalar.
 // Both operands are always evaluated, which is harmless (kernels are built with -fno-trapping-math).
@@ -59,23 +80,44 @@ FUSEDOPT_HD float uniform_select(bool flag, float a, float b) {
 #endif
 }
 
+// The float64 compute type's select (float64 parameters), the same blend on 64-bit patterns.
+FUSEDOPT_HD double uniform_select(bool flag, double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return flag ? a : b;
+#else
+  const uint64_t mask = 0u - static_cast<uint64_t>(flag);
+  return bits_as_double((double_as_bits(a) & mask) | (double_as_bits(b) & ~mask));
+#endif
+}
+
+// The helpers below serve both compute types: T is float (fp32/bf16/fp16 storage) or double (float64 storage).
+
 // torch.lerp as ATen computes it (aten/src/ATen/native/Lerp.h): the two-sided form keeps the result exact at
 // weight 0 and 1. `w` is uniform across a launch, so the branch never diverges.
-FUSEDOPT_HD float lerp(float start, float end, float w) {
-  const float diff = end - start;
-  return uniform_select(w < 0.5f && w > -0.5f, start + w * diff, end - diff * (1.0f - w));
+template <typename T>
+FUSEDOPT_HD T lerp(T start, T end, T w) {
+  const T diff = end - start;
+  return uniform_select(w < T(0.5) && w > T(-0.5), start + w * diff, end - diff * (T(1) - w));
 }
 
 // Branch-free select-friendly sign: sign(0) = 0 (keeps zero padding at zero), NaN propagates as in torch.sign.
-FUSEDOPT_HD float sign(float x) {
-  const float s = x < 0.0f ? -1.0f : x;
-  return x > 0.0f ? 1.0f : s;
+template <typename T>
+FUSEDOPT_HD T sign(T x) {
+  const T s = x < T(0) ? T(-1) : x;
+  return x > T(0) ? T(1) : s;
 }
 
 // torch.maximum: NaN when either operand is NaN (fmaxf would drop it, and does not vectorise without fast-math).
-FUSEDOPT_HD float nan_maximum(float a, float b) {
-  const float m = a > b ? a : b;
+template <typename T>
+FUSEDOPT_HD T nan_maximum(T a, T b) {
+  const T m = a > b ? a : b;
   return a != a ? a : m;
 }
+
+// sqrt and fabs in the compute type (sqrtf/fabsf for float: the single-precision instructions).
+FUSEDOPT_HD float square_root(float x) { return sqrtf(x); }
+FUSEDOPT_HD double square_root(double x) { return sqrt(x); }
+FUSEDOPT_HD float magnitude(float x) { return fabsf(x); }
+FUSEDOPT_HD double magnitude(double x) { return fabs(x); }
 
 }  // namespace fusedopt

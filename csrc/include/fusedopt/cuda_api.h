@@ -28,13 +28,14 @@ struct DeviceWork {
   int64_t items = 0;
 };
 
-// Optional device-memory float32 scalars read by the kernels (null: absent):
+// Optional device-memory scalars read by the kernels (null: absent). lr and grad_scale are of the compute type of the
+// buffer set: float32, or float64 with float64 parameters (a float32 copy would round what torch computes in double).
 //   lr:         replaces StepArgs::lr (a scheduler writes it in place; a CUDA graph replays with the new value);
 //   grad_scale: multiplies StepArgs::grad_scale (AMP 1/scale times the clip coefficient, computed on the device);
-//   found_inf:  when *found_inf != 0 the call writes nothing and counts no step (AMP or skip_nonfinite).
+//   found_inf:  float32; when *found_inf != 0 the call writes nothing and counts no step (AMP or skip_nonfinite).
 struct DeviceScalars {
-  const float* lr = nullptr;
-  const float* grad_scale = nullptr;
+  const void* lr = nullptr;
+  const void* grad_scale = nullptr;
   const float* found_inf = nullptr;
 };
 
@@ -52,11 +53,14 @@ FUSEDOPT_FOR_EACH_ALGORITHM(FUSEDOPT_DECLARE_CUDA_STEP)
 
 // Doubles of scratch space sum_of_squares needs for `items` work items (a partial sum and a flag per item).
 int64_t sum_of_squares_scratch(int64_t items);
-// Deterministic sum of fp32 squares (double accumulation) of the active segments' items, written as float32 to
-// *out_sum, and 1.0f (else 0.0f) to *out_nonfinite when one of those elements is inf/NaN; both stay in device memory.
-// w.work == 0 (with segment_count 0 and active null) means the whole buffer, in w.items = ceil(n / kChunk) chunks.
+// Deterministic sum of squares (fp32 squares of fp32/bf16/fp16 data, float64 squares of float64 data; double
+// accumulation) of the active segments' items, written to *out_sum as float32 (out_sum_dtype 0) or float64
+// (out_sum_dtype 3), and 1.0f (else 0.0f) to the float32 *out_nonfinite when one of those elements is inf/NaN; both
+// stay in device memory. w.work == 0 (with segment_count 0 and active null) means the whole buffer, in
+// w.items = ceil(n / kChunk) chunks.
 void sum_of_squares(const void* data, int64_t n, int dtype, const DeviceWork& w, const uint8_t* active,
-                    int64_t segment_count, double* scratch, float* out_sum, float* out_nonfinite, const Launch& l);
+                    int64_t segment_count, double* scratch, void* out_sum, int out_sum_dtype, float* out_nonfinite,
+                    const Launch& l);
 
 }  // namespace cuda
 }  // namespace fusedopt

@@ -1,4 +1,4 @@
-// Storage dtypes of the compiled core and their conversions to/from the fp32 compute type.
+// Storage dtypes of the compiled core, their compute types (float; double for float64 storage) and the conversions.
 // Host versions are branch-free bit manipulation (the compiler vectorises them); CUDA uses the cuda_fp16/bf16 intrinsics.
 #pragma once
 
@@ -11,11 +11,14 @@
 
 namespace fusedopt {
 
-// Dtype codes shared with Python (fusedopt._compiled): 0 = float32, 1 = bfloat16, 2 = float16.
-enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+// Dtype codes shared with Python (fusedopt._kernels.DTYPE_CODES): 0 = float32, 1 = bfloat16, 2 = float16,
+// 3 = float64.
+enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
 
-FUSEDOPT_HD bool is_valid_dtype(int code) { return code == kFloat32 || code == kBFloat16 || code == kFloat16; }
-FUSEDOPT_HD int dtype_size(int code) { return code == kFloat32 ? 4 : 2; }
+FUSEDOPT_HD bool is_valid_dtype(int code) {
+  return code == kFloat32 || code == kBFloat16 || code == kFloat16 || code == kFloat64;
+}
+FUSEDOPT_HD int dtype_size(int code) { return code == kFloat64 ? 8 : (code == kFloat32 ? 4 : 2); }
 
 // Storage wrappers: distinct types so templates can tell bf16 from fp16 (both are 16-bit patterns).
 struct bf16_t {
@@ -63,8 +66,22 @@ FUSEDOPT_HD uint16_t float_to_fp16_bits(float f) {
   return static_cast<uint16_t>(r | sign);
 }
 
-// Typed load/store used by every kernel: the compute type is always float.
+// The type a storage type is computed in: float for fp32, bf16 and fp16 (one rounding policy for all of them), double
+// for float64, whose parameters, gradients and states are all float64 (as torch.optim computes them).
+template <typename T>
+struct Compute {
+  using type = float;
+};
+template <>
+struct Compute<double> {
+  using type = double;
+};
+template <typename T>
+using compute_t = typename Compute<T>::type;
+
+// Typed load/store used by every kernel, to and from the compute type.
 FUSEDOPT_HD float load(float x) { return x; }
+FUSEDOPT_HD double load(double x) { return x; }
 FUSEDOPT_HD float load(bf16_t x) {
 #if defined(__CUDACC__) && defined(__CUDA_ARCH__)
   return __bfloat162float(__ushort_as_bfloat16(x.bits));
@@ -82,8 +99,14 @@ FUSEDOPT_HD float load(fp16_t x) {
 
 template <typename T>
 FUSEDOPT_HD T store(float x);
+template <typename T>
+FUSEDOPT_HD T store(double x);
 template <>
 FUSEDOPT_HD float store<float>(float x) {
+  return x;
+}
+template <>
+FUSEDOPT_HD double store<double>(double x) {
   return x;
 }
 template <>

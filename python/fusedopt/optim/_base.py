@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from .. import _scaling, _torch_ops, functional
 from .._backend import resolve, validate_backend
 from .._distributed import local_tensor
-from ..flat import STATE_DTYPES, FlatBuffer, build_flat_buffers
+from ..flat import PARAM_DTYPES, STATE_DTYPES, FlatBuffer, build_flat_buffers, check_master_weights, state_dtype_for
 from . import _checkpoint, _shadow
 from ._spec import Spec, check_range, scalar
 
@@ -27,8 +27,9 @@ class FusedOptions(TypedDict, total=False):
 
     backend: "auto", "cpu", "cuda" or "reference" (FUSEDOPT_BACKEND overrides it). max_grad_norm: clip the global
     gradient norm inside the step (kept in `last_grad_norm`). state_dtype: torch.float32 (default) or torch.bfloat16
-    states. master_weights: fp32 copies of 16-bit parameters, updated in the same pass. skip_nonfinite: a step whose
-    gradients hold inf or nan changes nothing (counted in `skipped_steps`).
+    states (float64 parameters always keep float64 states). master_weights: fp32 copies of 16-bit parameters, updated
+    in the same pass. skip_nonfinite: a step whose gradients hold inf or nan changes nothing (counted in
+    `skipped_steps`).
     """
 
     backend: str
@@ -81,6 +82,23 @@ def check_flattenable(params: list[Tensor]) -> None:
                              "flat storage would give each its own copy")
 
 
+def check_dtypes(params: list[Any], group: dict[str, Any], *, other_dtypes_later: bool = False) -> None:
+    """Refuse parameters whose dtype flat storage does not hold, or that the group's storage options do not fit
+    (float64 parameters keep float64 states and no master weights). `other_dtypes_later`: only the options are checked
+    here (before torch's own checks of the group, which come first for a parameter that is no float tensor)."""
+    for i, param in enumerate(params):
+        if not isinstance(param, Tensor):
+            continue  # torch.optim's add_param_group refuses it
+        dtype = local_tensor(param).dtype
+        if dtype not in PARAM_DTYPES:
+            if other_dtypes_later:
+                continue
+            raise TypeError(f"fusedopt supports float32, bfloat16, float16 and float64 parameters, got {dtype} "
+                            f"(index {i} of the group)")
+        state_dtype_for(dtype, group["state_dtype"])
+        check_master_weights(dtype, group["master_weights"])
+
+
 Prepared = tuple[dict[str, Any], FlatBuffer, str]  # (group, buffer set with a gradient this step, backend)
 
 
@@ -120,6 +138,14 @@ class FusedOptimizer(Optimizer):
         # Validate every group before the first one is moved into flat storage: a rejected call changes nothing.
         for merged in [defaults] + [{**defaults, **g} for g in params if isinstance(g, dict)]:
             self._validate(merged)
+        for group in params:  # the parameters' dtypes against their group's storage options (float64: no master)
+            if isinstance(group, dict):
+                if not isinstance(group.get("params"), (Tensor, list, tuple)) and "params" in group:
+                    group["params"] = list(group["params"])  # a generator, read once (torch's add_param_group too)
+                members = group.get("params", [])
+                check_dtypes([members] if isinstance(members, Tensor) else list(members), {**defaults, **group},
+                             other_dtypes_later=True)
+        check_dtypes([p for p in params if isinstance(p, Tensor)], defaults, other_dtypes_later=True)
         super().__init__(params, defaults)
         self.state = _shadow.TrackedState(self.state)
         # GradScaler hands us grad_scale and found_inf; we unscale and skip inside step.
@@ -136,7 +162,8 @@ class FusedOptimizer(Optimizer):
             check_range("max_grad_norm value", group["max_grad_norm"], 0.0)
         state_dtype = group["state_dtype"]
         if state_dtype is not None and state_dtype not in STATE_DTYPES:
-            raise ValueError(f"Invalid state_dtype: {state_dtype} (expected torch.float32 or torch.bfloat16)")
+            raise ValueError(f"Invalid state_dtype: {state_dtype} (expected torch.float32 or torch.bfloat16, or "
+                             "torch.float64 for float64 parameters)")
         if not isinstance(group["master_weights"], bool):
             raise ValueError(f"Invalid master_weights: {group['master_weights']!r} (expected True or False)")
         self.spec.validate(group)
@@ -150,7 +177,8 @@ class FusedOptimizer(Optimizer):
         params = group["params"]
         try:
             check_flattenable(params)
-        except ValueError:
+            check_dtypes(params, group)
+        except (ValueError, TypeError):
             self.param_groups.pop()  # a rejected group leaves the optimizer as it was
             raise
         self._flat_groups.append([])
@@ -191,6 +219,7 @@ class FusedOptimizer(Optimizer):
             if not isinstance(group["params"], list):
                 group["params"] = list(group["params"])
             check_flattenable(group["params"])
+            check_dtypes(group["params"], group)
             kept = {id(p): {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in dict.get(self.state, p).items()}
                     for p in group["params"] if dict.get(self.state, p)}
             self._build_group(index)
@@ -223,7 +252,7 @@ class FusedOptimizer(Optimizer):
         state: dict[str, Any] = {}
         if self.spec.tracks_step:
             state["step"] = buf.steps[i]
-        dtype = group["state_dtype"] or torch.float32
+        dtype = state_dtype_for(buf.dtype, group["state_dtype"])
         for s in self.spec.kept_states(group):
             state[s.name] = buf.state_view(buf.ensure_state(s.name, dtype, s.fill(group)), i)
         if buf.master is not None:
@@ -237,7 +266,7 @@ class FusedOptimizer(Optimizer):
         if buf.complete_state == names:
             return  # the common case after the first step: nothing to create
         complete = True
-        dtype = group["state_dtype"] or torch.float32
+        dtype = state_dtype_for(buf.dtype, group["state_dtype"])
         for i, p in enumerate(buf.params):
             state = dict.get(self.state, p)
             if not state:
@@ -314,7 +343,7 @@ class FusedOptimizer(Optimizer):
             self._ensure_state_views(group, buf)
             functional.update(
                 self.spec.kernel, buf.param, buf.grad, [buf.state.get(s.name) for s in self.spec.states],
-                buf.master, buf.segments, hyper=self.spec.hyper(group), lr=self._lr(group["lr"], on_device),
+                buf.master, buf.segments, hyper=self.spec.hyper(group), lr=self._lr(group["lr"], on_device, buf.dtype),
                 grad_scale=scale, found_inf=skip, backend=backend,
                 norm_reduce=buf.all_reduce_sums if buf.reduce_groups else None)
             buf.finish_step()
@@ -333,11 +362,12 @@ class FusedOptimizer(Optimizer):
             _shadow.follow_state(self)
 
     @staticmethod
-    def _lr(value: float | Tensor, on_device: bool) -> float | Tensor:
+    def _lr(value: float | Tensor, on_device: bool, param_dtype: torch.dtype) -> float | Tensor:
         """The group's lr as the kernel takes it: in a step decided on the GPU a tensor lr there stays there (the
-        kernel reads it, nothing waits); anything else becomes a Python float."""
+        kernel reads it in its compute dtype, float64 for float64 parameters, else float32; nothing waits); anything
+        else becomes a Python float."""
         if on_device and isinstance(value, Tensor) and value.device.type == "cuda":
-            return value.to(torch.float32).reshape(1)
+            return _scaling.kernel_scale(value, param_dtype)
         return scalar(value)
 
     def _decides_on_device(self) -> bool:
@@ -380,20 +410,23 @@ class FusedOptimizer(Optimizer):
                           for group, *_ in prepared]
         if not on_device:
             return [float(s.item()) if isinstance(s, Tensor) else s for s in scales], None
-        return [_scaling.kernel_scale(s) for s in scales], skip
+        return [_scaling.kernel_scale(s, buf.dtype) for s, (_, buf, _) in zip(scales, prepared)], skip
 
     @staticmethod
     def _global_norm(prepared: list[Prepared], unscale: _scaling.Scale, device: torch.device
                      ) -> tuple[Tensor, Tensor]:
         """The norm of every gradient of this step and its non-finite flag, from one deterministic sum of squares
         per buffer set (over its parameters that have a gradient), summed on `device`."""
-        # float64 sums on the host keep the norm as exact as the reduction; the CUDA kernels write float32.
-        sums = torch.zeros(len(prepared), dtype=torch.float32 if device.type == "cuda" else torch.float64,
-                           device=device)
+        # float64 sums on the host keep the norm as exact as the reduction; the CUDA kernels write float32 (float64
+        # when float64 gradients are among them: their norm is computed in float64, as torch computes it).
+        float64_grads = any(buf.dtype == torch.float64 for _, buf, _ in prepared)
+        sums = torch.zeros(len(prepared), dtype=torch.float32 if device.type == "cuda" and not float64_grads
+                           else torch.float64, device=device)
         flags = torch.zeros(len(prepared), dtype=torch.float32, device=device)
         for k, (_, buf, backend) in enumerate(prepared):
             functional.sum_of_squares_into(buf.grad, buf.segments, sums[k:k + 1], flags[k:k + 1], backend=backend)
-        return _scaling.global_norm(sums, flags, [buf.reduce_groups for _, buf, _ in prepared], unscale)
+        return _scaling.global_norm(sums, flags, [buf.reduce_groups for _, buf, _ in prepared], unscale,
+                                    float64_grads=float64_grads)
 
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = False) -> None:

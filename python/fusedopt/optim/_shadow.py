@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .._distributed import local_tensor
+from ..flat import state_dtype_for
 
 
 class StateEntry(dict):
@@ -160,7 +161,7 @@ def follow_state(optimizer: Any) -> None:
                 continue
             flat = buf.master if key == "master_param" else buf.state.get(key)
             if flat is None:
-                flat = buf.ensure_state(key, group["state_dtype"] or torch.float32)
+                flat = buf.ensure_state(key, state_dtype_for(buf.dtype, group["state_dtype"]))
                 own[key] = buf.state_view(flat, i)
             region = buf.region(flat, i)
             if not _is_region(value, region):

@@ -19,20 +19,23 @@ struct adagrad {
 
   FUSEDOPT_HD static bool uses_state(const Hyper&, int k) { return k == 0; }
 
+  // T is the compute type: float, or double for float64 parameters.
+  template <typename T>
   struct Coeffs {
-    float grad_scale;       // negated when maximize
-    float clr;              // lr / (1 + (step - 1) * lr_decay)
-    float eps;              //
-    float weight_decay;     //
+    T grad_scale;           // negated when maximize
+    T clr;                  // lr / (1 + (step - 1) * lr_decay)
+    T eps;                  //
+    T weight_decay;         //
     bool has_weight_decay;  // weight_decay != 0
   };
 
-  FUSEDOPT_HD static Coeffs make_coeffs(const Hyper& h, double lr, double step, double grad_scale) {
-    Coeffs c;
-    c.grad_scale = static_cast<float>(h.maximize != 0.0 ? -grad_scale : grad_scale);
-    c.clr = static_cast<float>(lr / (1.0 + (step - 1.0) * h.lr_decay));
-    c.eps = static_cast<float>(h.eps);
-    c.weight_decay = static_cast<float>(h.weight_decay);
+  template <typename T>
+  FUSEDOPT_HD static Coeffs<T> make_coeffs(const Hyper& h, double lr, double step, double grad_scale) {
+    Coeffs<T> c;
+    c.grad_scale = static_cast<T>(h.maximize != 0.0 ? -grad_scale : grad_scale);
+    c.clr = static_cast<T>(lr / (1.0 + (step - 1.0) * h.lr_decay));
+    c.eps = static_cast<T>(h.eps);
+    c.weight_decay = static_cast<T>(h.weight_decay);
     c.has_weight_decay = h.weight_decay != 0.0;
     return c;
   }
@@ -40,11 +43,12 @@ struct adagrad {
   // sum += g^2; p -= clr * g / (sqrt(sum) + eps)
   struct Op {
     FUSEDOPT_HD static constexpr bool uses(int k) { return k == 0; }
-    FUSEDOPT_HD void operator()(const Coeffs& c, float& p, float g, float& sum, float&, float&) const {
+    template <typename T>
+    FUSEDOPT_HD void operator()(const Coeffs<T>& c, T& p, T g, T& sum, T&, T&) const {
       g *= c.grad_scale;
       g = uniform_select(c.has_weight_decay, g + c.weight_decay * p, g);
       sum += g * g;
-      p -= c.clr * (g / (sqrtf(sum) + c.eps));
+      p -= c.clr * (g / (square_root(sum) + c.eps));
     }
   };
 

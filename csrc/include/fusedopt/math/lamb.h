@@ -24,31 +24,34 @@ struct lamb {
 
   FUSEDOPT_HD static bool uses_state(const Hyper&, int k) { return k < 2; }
 
+  // T is the compute type: float, or double for float64 parameters.
+  template <typename T>
   struct Coeffs {
-    float grad_scale;        // negated when maximize
-    float beta1_weight;      // 1 - beta1
-    float beta2;             //
-    float one_minus_beta2;   //
-    float bc1;               // 1 - beta1^step, or 1 without bias correction (m/1 is exact)
-    float bc2;               // 1 - beta2^step, or 1
-    float eps;               //
-    float weight_decay;      //
+    T grad_scale;            // negated when maximize
+    T beta1_weight;          // 1 - beta1
+    T beta2;                 //
+    T one_minus_beta2;       //
+    T bc1;                   // 1 - beta1^step, or 1 without bias correction (m/1 is exact)
+    T bc2;                   // 1 - beta2^step, or 1
+    T eps;                   //
+    T weight_decay;          //
     bool has_weight_decay;   // weight_decay != 0
     double lr;               // the trust ratio multiplies lr in double
     double max_trust_ratio;  //
   };
 
-  FUSEDOPT_HD static Coeffs make_coeffs(const Hyper& h, double lr, double step, double grad_scale) {
+  template <typename T>
+  FUSEDOPT_HD static Coeffs<T> make_coeffs(const Hyper& h, double lr, double step, double grad_scale) {
     const bool bias_correction = h.bias_correction != 0.0;
-    Coeffs c;
-    c.grad_scale = static_cast<float>(h.maximize != 0.0 ? -grad_scale : grad_scale);
-    c.beta1_weight = static_cast<float>(1.0 - h.beta1);
-    c.beta2 = static_cast<float>(h.beta2);
-    c.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
-    c.bc1 = bias_correction ? static_cast<float>(1.0 - pow(h.beta1, step)) : 1.0f;
-    c.bc2 = bias_correction ? static_cast<float>(1.0 - pow(h.beta2, step)) : 1.0f;
-    c.eps = static_cast<float>(h.eps);
-    c.weight_decay = static_cast<float>(h.weight_decay);
+    Coeffs<T> c;
+    c.grad_scale = static_cast<T>(h.maximize != 0.0 ? -grad_scale : grad_scale);
+    c.beta1_weight = static_cast<T>(1.0 - h.beta1);
+    c.beta2 = static_cast<T>(h.beta2);
+    c.one_minus_beta2 = static_cast<T>(1.0 - h.beta2);
+    c.bc1 = bias_correction ? static_cast<T>(1.0 - pow(h.beta1, step)) : T(1);
+    c.bc2 = bias_correction ? static_cast<T>(1.0 - pow(h.beta2, step)) : T(1);
+    c.eps = static_cast<T>(h.eps);
+    c.weight_decay = static_cast<T>(h.weight_decay);
     c.has_weight_decay = h.weight_decay != 0.0;
     c.lr = lr;
     c.max_trust_ratio = h.max_trust_ratio;
@@ -57,14 +60,16 @@ struct lamb {
 
   // u = m/bc1 / (sqrt(v/bc2) + eps) + wd * p: a pure function of the stored moments, so pass 2 recomputes it bit for
   // bit.
-  FUSEDOPT_HD static float direction(const Coeffs& c, float p, float exp_avg, float exp_avg_sq) {
-    float u = (exp_avg / c.bc1) / (sqrtf(exp_avg_sq / c.bc2) + c.eps);
+  template <typename T>
+  FUSEDOPT_HD static T direction(const Coeffs<T>& c, T p, T exp_avg, T exp_avg_sq) {
+    T u = (exp_avg / c.bc1) / (square_root(exp_avg_sq / c.bc2) + c.eps);
     u = uniform_select(c.has_weight_decay, u + c.weight_decay * p, u);
     return u;
   }
 
   // Pass 1: update the moments in place; p is read, not written.
-  FUSEDOPT_HD static void moments(const Coeffs& c, float g, float& exp_avg, float& exp_avg_sq) {
+  template <typename T>
+  FUSEDOPT_HD static void moments(const Coeffs<T>& c, T g, T& exp_avg, T& exp_avg_sq) {
     g *= c.grad_scale;
     exp_avg = lerp(exp_avg, g, c.beta1_weight);
     exp_avg_sq = exp_avg_sq * c.beta2 + c.one_minus_beta2 * g * g;
@@ -83,16 +88,18 @@ struct lamb {
   }
 
   // lr * ||p|| / ||u||, the ratio 1 when either norm is 0 and clamped to max_trust_ratio unless that is negative or
-  // NaN (None).
-  FUSEDOPT_HD static float scaled_lr(const Coeffs& c, double w2, double u2) {
+  // NaN (None); rounded once to T.
+  template <typename T>
+  FUSEDOPT_HD static T scaled_lr(const Coeffs<T>& c, double w2, double u2) {
     const double wn = sqrt(w2), un = sqrt(u2);
     double ratio = (wn > 0.0 && un > 0.0) ? wn / un : 1.0;
     if (c.max_trust_ratio >= 0.0 && ratio > c.max_trust_ratio) ratio = c.max_trust_ratio;
-    return static_cast<float>(c.lr * ratio);
+    return static_cast<T>(c.lr * ratio);
   }
 
   // Pass 2: p -= (lr * trust_ratio) * u.
-  FUSEDOPT_HD static void apply(const Coeffs& c, float scaled_lr, float& p, float exp_avg, float exp_avg_sq) {
+  template <typename T>
+  FUSEDOPT_HD static void apply(const Coeffs<T>& c, T scaled_lr, T& p, T exp_avg, T exp_avg_sq) {
     p -= scaled_lr * direction(c, p, exp_avg, exp_avg_sq);
   }
 };

@@ -18,28 +18,32 @@ struct lion {
 
   FUSEDOPT_HD static bool uses_state(const Hyper&, int k) { return k == 0; }
 
+  // T is the compute type: float, or double for float64 parameters.
+  template <typename T>
   struct Coeffs {
-    float grad_scale;    // negated when maximize
-    float lr;            //
-    float decay;         // 1 - lr * weight_decay
-    float beta1_weight;  // 1 - beta1: interpolation for the update direction
-    float beta2_weight;  // 1 - beta2: interpolation for the stored momentum
+    T grad_scale;    // negated when maximize
+    T lr;            //
+    T decay;         // 1 - lr * weight_decay
+    T beta1_weight;  // 1 - beta1: interpolation for the update direction
+    T beta2_weight;  // 1 - beta2: interpolation for the stored momentum
   };
 
-  FUSEDOPT_HD static Coeffs make_coeffs(const Hyper& h, double lr, double, double grad_scale) {
-    Coeffs c;
-    c.grad_scale = static_cast<float>(h.maximize != 0.0 ? -grad_scale : grad_scale);
-    c.lr = static_cast<float>(lr);
-    c.decay = h.weight_decay != 0.0 ? static_cast<float>(1.0 - lr * h.weight_decay) : 1.0f;
-    c.beta1_weight = static_cast<float>(1.0 - h.beta1);
-    c.beta2_weight = static_cast<float>(1.0 - h.beta2);
+  template <typename T>
+  FUSEDOPT_HD static Coeffs<T> make_coeffs(const Hyper& h, double lr, double, double grad_scale) {
+    Coeffs<T> c;
+    c.grad_scale = static_cast<T>(h.maximize != 0.0 ? -grad_scale : grad_scale);
+    c.lr = static_cast<T>(lr);
+    c.decay = h.weight_decay != 0.0 ? static_cast<T>(1.0 - lr * h.weight_decay) : T(1);
+    c.beta1_weight = static_cast<T>(1.0 - h.beta1);
+    c.beta2_weight = static_cast<T>(1.0 - h.beta2);
     return c;
   }
 
   // p = p*(1 - lr wd); p -= lr * sign(lerp(m, g, 1-beta1)); m = lerp(m, g, 1-beta2)
   struct Op {
     FUSEDOPT_HD static constexpr bool uses(int k) { return k == 0; }
-    FUSEDOPT_HD void operator()(const Coeffs& c, float& p, float g, float& exp_avg, float&, float&) const {
+    template <typename T>
+    FUSEDOPT_HD void operator()(const Coeffs<T>& c, T& p, T g, T& exp_avg, T&, T&) const {
       g *= c.grad_scale;
       p *= c.decay;
       p -= c.lr * sign(lerp(exp_avg, g, c.beta1_weight));

@@ -22,26 +22,29 @@ struct rmsprop {
     return k == 0 || (k == 1 && h.momentum > 0.0) || (k == 2 && h.centered != 0.0);
   }
 
+  // T is the compute type: float, or double for float64 parameters.
+  template <typename T>
   struct Coeffs {
-    float grad_scale;       // negated when maximize
-    float lr;               //
-    float alpha;            //
-    float one_minus_alpha;  // also the lerp weight of grad_avg
-    float eps;              //
-    float weight_decay;     //
-    float momentum;         //
+    T grad_scale;           // negated when maximize
+    T lr;                   //
+    T alpha;                //
+    T one_minus_alpha;      // also the lerp weight of grad_avg
+    T eps;                  //
+    T weight_decay;         //
+    T momentum;             //
     bool has_weight_decay;  // weight_decay != 0
   };
 
-  FUSEDOPT_HD static Coeffs make_coeffs(const Hyper& h, double lr, double, double grad_scale) {
-    Coeffs c;
-    c.grad_scale = static_cast<float>(h.maximize != 0.0 ? -grad_scale : grad_scale);
-    c.lr = static_cast<float>(lr);
-    c.alpha = static_cast<float>(h.alpha);
-    c.one_minus_alpha = static_cast<float>(1.0 - h.alpha);
-    c.eps = static_cast<float>(h.eps);
-    c.weight_decay = static_cast<float>(h.weight_decay);
-    c.momentum = static_cast<float>(h.momentum);
+  template <typename T>
+  FUSEDOPT_HD static Coeffs<T> make_coeffs(const Hyper& h, double lr, double, double grad_scale) {
+    Coeffs<T> c;
+    c.grad_scale = static_cast<T>(h.maximize != 0.0 ? -grad_scale : grad_scale);
+    c.lr = static_cast<T>(lr);
+    c.alpha = static_cast<T>(h.alpha);
+    c.one_minus_alpha = static_cast<T>(1.0 - h.alpha);
+    c.eps = static_cast<T>(h.eps);
+    c.weight_decay = static_cast<T>(h.weight_decay);
+    c.momentum = static_cast<T>(h.momentum);
     c.has_weight_decay = h.weight_decay != 0.0;
     return c;
   }
@@ -50,17 +53,17 @@ struct rmsprop {
   template <bool Centered, bool Momentum>
   struct Op {
     FUSEDOPT_HD static constexpr bool uses(int k) { return k == 0 || (k == 1 && Momentum) || (k == 2 && Centered); }
-    FUSEDOPT_HD void operator()(const Coeffs& c, float& p, float g, float& square_avg, float& momentum_buffer,
-                                float& grad_avg) const {
+    template <typename T>
+    FUSEDOPT_HD void operator()(const Coeffs<T>& c, T& p, T g, T& square_avg, T& momentum_buffer, T& grad_avg) const {
       g *= c.grad_scale;
       g = uniform_select(c.has_weight_decay, g + c.weight_decay * p, g);
       square_avg = square_avg * c.alpha + c.one_minus_alpha * g * g;
-      float avg;
+      T avg;
       if (Centered) {
         grad_avg = lerp(grad_avg, g, c.one_minus_alpha);
-        avg = sqrtf(square_avg - grad_avg * grad_avg) + c.eps;
+        avg = square_root(square_avg - grad_avg * grad_avg) + c.eps;
       } else {
-        avg = sqrtf(square_avg) + c.eps;
+        avg = square_root(square_avg) + c.eps;
       }
       if (Momentum) {
         momentum_buffer = momentum_buffer * c.momentum + g / avg;

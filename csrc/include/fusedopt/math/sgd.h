@@ -18,24 +18,27 @@ struct sgd {
 
   FUSEDOPT_HD static bool uses_state(const Hyper& h, int k) { return k == 0 && h.momentum != 0.0; }
 
+  // T is the compute type: float, or double for float64 parameters.
+  template <typename T>
   struct Coeffs {
-    float grad_scale;       // negated when maximize
-    float lr;               //
-    float weight_decay;     //
-    float momentum;         //
-    float one_minus_damp;   // 1 - dampening
+    T grad_scale;           // negated when maximize
+    T lr;                   //
+    T weight_decay;         //
+    T momentum;             //
+    T one_minus_damp;       // 1 - dampening
     bool has_weight_decay;  // weight_decay != 0
     bool nesterov;          //
     bool first_step;        // the segment's first step: momentum_buffer starts as the gradient (torch's clone)
   };
 
-  FUSEDOPT_HD static Coeffs make_coeffs(const Hyper& h, double lr, double step, double grad_scale) {
-    Coeffs c;
-    c.grad_scale = static_cast<float>(h.maximize != 0.0 ? -grad_scale : grad_scale);
-    c.lr = static_cast<float>(lr);
-    c.weight_decay = static_cast<float>(h.weight_decay);
-    c.momentum = static_cast<float>(h.momentum);
-    c.one_minus_damp = static_cast<float>(1.0 - h.dampening);
+  template <typename T>
+  FUSEDOPT_HD static Coeffs<T> make_coeffs(const Hyper& h, double lr, double step, double grad_scale) {
+    Coeffs<T> c;
+    c.grad_scale = static_cast<T>(h.maximize != 0.0 ? -grad_scale : grad_scale);
+    c.lr = static_cast<T>(lr);
+    c.weight_decay = static_cast<T>(h.weight_decay);
+    c.momentum = static_cast<T>(h.momentum);
+    c.one_minus_damp = static_cast<T>(1.0 - h.dampening);
     c.has_weight_decay = h.weight_decay != 0.0;
     c.nesterov = h.nesterov != 0.0;
     c.first_step = step <= 1.0;
@@ -46,7 +49,8 @@ struct sgd {
   template <bool Momentum>
   struct Op {
     FUSEDOPT_HD static constexpr bool uses(int k) { return Momentum && k == 0; }
-    FUSEDOPT_HD void operator()(const Coeffs& c, float& p, float g, float& momentum_buffer, float&, float&) const {
+    template <typename T>
+    FUSEDOPT_HD void operator()(const Coeffs<T>& c, T& p, T g, T& momentum_buffer, T&, T&) const {
       g *= c.grad_scale;
       g = uniform_select(c.has_weight_decay, g + c.weight_decay * p, g);
       if (Momentum) {
