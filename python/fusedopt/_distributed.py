@@ -10,10 +10,7 @@ from torch import Tensor
 
 if torch.distributed.is_available():
     import torch.distributed as dist
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch < 2.5 has it under its private name
-        from torch.distributed._tensor import DTensor
+    from torch.distributed.tensor import DTensor
 else:  # a torch build without distributed support has no DTensor parameters
     dist = None  # type: ignore[assignment]
     DTensor = ()  # type: ignore[assignment,misc]
