@@ -36,7 +36,7 @@ def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def _expected_cpu_impls() -> list[str]:
     fo = "fusedopt-cpu" if "cpu" in fusedopt.build_info()["backends"] else "fusedopt-reference"
-    return [fo, "torch-forloop", "torch-foreach", "torch-fused"]
+    return [fo, "torch-foreach", "torch-fused"]  # the slow for-loop only with --forloop
 
 
 @pytest.mark.parametrize(
@@ -73,8 +73,54 @@ def test_help(argv, capsys):
     out = capsys.readouterr().out
     assert "usage: fusedopt" in out
     if argv[0] == "bench":
-        for option in ("--optimizer", "--params", "--tensors", "--clip", "--sweep", "--plot", "--quick", "--json"):
+        for option in ("--optimizer", "--params", "--tensors", "--clip", "--sweep", "--plot", "--quick", "--json",
+                       "--forloop"):
             assert option in out
+    assert "(default: None)" not in out and "default: False" not in out  # each default said once, in words
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fusedopt {fusedopt.__version__}"
+
+
+def test_info_shows_the_backend_override():
+    env = _env()
+    env["FUSEDOPT_BACKEND"] = "reference"
+    proc = subprocess.run([sys.executable, "-m", "fusedopt", "info"], capture_output=True, text=True, env=env,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "FUSEDOPT_BACKEND=reference" in proc.stdout
+    assert "none (FUSEDOPT_BACKEND unset)" in _run("info").stdout
+
+
+def test_plot_without_matplotlib_stops_before_benchmarking(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    assert cli.main(["bench", "--quick", "--plot", os.devnull, "--json", os.devnull]) == cli.kExitUsage
+    out, err = capsys.readouterr()
+    assert err.strip() == 'fusedopt bench: error: --plot needs matplotlib: pip install "fusedopt[bench]"'
+    assert out == ""  # nothing was measured
+
+
+def _row(impl: str, p10: float, med: float, p90: float) -> dict:
+    return {"impl": impl, "impl_name": impl.split("[")[0], "ms_p10": p10, "ms_median": med, "ms_p90": p90}
+
+
+def test_speedup_is_marked_untrusted_when_the_spreads_are_wide():
+    from fusedopt.bench.measure import _add_speedups
+    from fusedopt.bench.report import untrusted_note
+
+    steady = [_row("fusedopt-cpu", 9.5, 10.0, 10.5), _row("torch-fused", 19.0, 20.0, 21.0)]
+    _add_speedups(steady)
+    assert steady[0]["speedup_vs_best_torch"] == pytest.approx(2.0)
+    assert steady[0]["speedup_p10_p90"] == pytest.approx([19 / 10.5, 21 / 9.5])
+    assert all(r["speedup_trusted"] for r in steady) and untrusted_note(steady) is None
+    noisy = [_row("fusedopt-cpu", 5.0, 10.0, 30.0), _row("torch-fused", 19.0, 20.0, 21.0)]
+    _add_speedups(noisy)
+    assert not noisy[0]["speedup_trusted"] and noisy[1]["speedup_trusted"]
+    assert "fusedopt-cpu 0.63-4.20x" in untrusted_note(noisy)
 
 
 def test_parse_size_and_sweep_sizes():
@@ -138,11 +184,47 @@ def test_library_and_info_do_not_import_the_bench_harness(code):
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "out.json"
+    """`bench --quick` without --json, run in an empty folder: the results go to the cache folder, not there."""
+    work, cache = tmp_path_factory.mktemp("cwd"), tmp_path_factory.mktemp("cache")
+    env = _env()
+    env["XDG_CACHE_HOME"] = str(cache)
     # One thread keeps this smoke test's run time steady on small shared CI machines.
-    proc = _run("bench", "--quick", "--device", "cpu", "--threads", "1", "--json", str(out))
+    proc = subprocess.run([sys.executable, "-m", "fusedopt", "bench", "--quick", "--device", "cpu", "--threads", "1"],
+                          capture_output=True, text=True, env=env, cwd=work, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert list(work.iterdir()) == []
+    (out,) = (cache / "fusedopt" / "bench").glob("bench-*.json")
+    assert f"wrote {out} and {out.with_suffix('.csv')}" in proc.stdout
     return proc.stdout, json.loads(out.read_text()), out
+
+
+def test_quick_bench_marks_cache_resident_steps(quick_run):
+    """1M AdamW parameters (28 MB moved) fit in a server CPU's cache: no share of memory bandwidth is claimed."""
+    from fusedopt.bench.measure import llc_bytes
+
+    stdout, payload, _ = quick_run
+    rows = _table_rows(stdout)
+    for r in payload["results"]:
+        expected = bool(llc_bytes()) and r["bytes_per_param"] * r["params"] < 2 * llc_bytes()
+        assert r["fits_in_cache"] == expected
+        assert (r["pct_bandwidth"] is None) == expected
+        assert (rows[r["impl"]][6] == "cache") == expected
+
+
+@pytest.mark.parametrize("sweep", [False, True], ids=["bars", "sweep"])
+def test_plot(sweep, tmp_path):
+    pytest.importorskip("matplotlib")
+    from fusedopt.bench.report import plot_results
+
+    rows = []
+    for params in ([1_000_000, 4_000_000] if sweep else [1_000_000]):
+        for impl, ms in (("fusedopt-cpu", 1.0), ("torch-fused", 2.0)):
+            rows.append({"optimizer": "adamw", "impl": impl, "params": params, "gbs": 28 * params / ms / 1e6,
+                         "ms_median": ms, "ms_p10": 0.9 * ms, "ms_p90": 1.2 * ms, "dtype": "fp32", "clip": None,
+                         "fits_in_cache": params < 2_000_000})
+    path = tmp_path / "plot.png"
+    plot_results(rows, {"gbs": 20.0}, {"fusedopt_version": "x", "cpu_model": "cpu", "torch_threads": 1}, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _table_rows(stdout: str) -> dict[str, list[str]]:
@@ -187,12 +269,14 @@ def test_quick_bench_json(quick_run):
 
 
 def test_quick_bench_speedup_column_matches_ms_column(quick_run):
-    stdout, _, _ = quick_run
+    stdout, payload, _ = quick_run
     rows = _table_rows(stdout)
     ms = {name: float(cells[1]) for name, cells in rows.items()}
     best = min(v for name, v in ms.items() if name.startswith("torch-"))
+    trusted = {r["impl"]: r["speedup_trusted"] for r in payload["results"]}
     for name, cells in rows.items():
-        shown = float(cells[-1].rstrip("x"))
+        assert cells[-1].endswith("x" if trusted[name] else "x?"), (name, cells)
+        shown = float(cells[-1].rstrip("x?"))
         assert shown == pytest.approx(best / ms[name], rel=0.01, abs=0.006), (name, cells)
 
 

@@ -1,4 +1,5 @@
-"""The ``fusedopt`` console script: ``fusedopt bench`` (fusedopt vs torch.optim on this machine) and ``fusedopt info``.
+"""The ``fusedopt`` console script: ``fusedopt bench`` (fusedopt vs torch.optim on this machine), ``fusedopt info``
+and ``fusedopt --version``.
 
 Exit status: 0 success, 2 bad arguments, 3 the requested size does not fit in memory (checked before allocating).
 """
@@ -16,8 +17,19 @@ from typing import Any
 kExitUsage = 2
 kExitMemory = 3
 kSweepStart = 1_000_000
-kDefaultParams = "124M"
+# CPU: 32M parameters keep the default run under a minute and ~2.5 GB of memory with three implementations side by
+# side; a GPU has the memory and speed for GPT-2 small's 124M.
+kDefaultParams = {"cpu": "32M", "cuda": "124M"}
 kQuickParams = "1M"
+
+
+def default_results_path() -> str:
+    """Where results go unless --json names a file: the user's cache folder, never the current directory."""
+    import datetime as dt
+
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join(cache, "fusedopt", "bench", f"bench-{stamp}.json")
 
 
 # The harness (fusedopt.bench) is imported inside the bench command's argument parsers and body only, so that
@@ -89,9 +101,12 @@ def _impls_arg(text: str) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
     parser = argparse.ArgumentParser(
         prog="fusedopt", description="fusedopt: fused optimizer kernels for PyTorch (benchmarks and build info)."
     )
+    parser.add_argument("--version", action="version", version=f"fusedopt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{bench,info}")
     sub.required = True
 
@@ -101,18 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time one optimizer step of fusedopt against every torch.optim implementation "
         "(for-loop, foreach, fused) and DeepSpeed/Apex when importable, interleaved, on fresh random gradients. "
         "Prints a table and writes JSON + CSV.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     b.add_argument("--optimizer", type=_optimizer_arg, default=["adamw"],
-                   help="comma list of optimizer names, or all")
+                   help="comma list of optimizer names, or all (default: adamw)")
     b.add_argument("--params", type=_size_arg, default=None,
-                   help=f"parameter count, e.g. 1M, 10M, 124M, 350M, 1B "
-                        f"(default {kDefaultParams}, {kQuickParams} with --quick)")
+                   help=f"parameter count, e.g. 1M, 10M, 124M, 350M, 1B (default: {kDefaultParams['cpu']} on "
+                        f"CPU, {kDefaultParams['cuda']} on a GPU, {kQuickParams} with --quick)")
     b.add_argument("--tensors", type=_positive_int("tensors"), default=None,
                    help="split the parameters into N equal-ish tensors instead of the GPT-2-shaped set")
-    b.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="parameter and gradient dtype")
+    b.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="parameter and gradient dtype (default: fp32)")
     b.add_argument("--state-dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="fusedopt optimizer-state dtype (auto: fusedopt's default, fp32)")
+                   help="fusedopt optimizer-state dtype (default auto: fusedopt's default, fp32)")
     b.add_argument("--clip", type=_clip_arg, default=None,
                    help="clip gradients to this global L2 norm inside the timed step "
                    "(fusedopt: max_grad_norm; others: clip_grad_norm_ then step)")
@@ -124,9 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--impls", type=_impls_arg, default=None,
                    help="comma list of implementations instead of the defaults, e.g. "
                    "fusedopt-cpu,fusedopt-cpu[bf16-states],fusedopt-reference,torch-fused")
+    b.add_argument("--forloop", action="store_true",
+                   help="also time torch.optim's slow for-loop implementation")
     b.add_argument("--sweep", action="store_true", help="run sizes 1M, 4M, 16M, 64M, ... up to --params")
-    b.add_argument("--plot", metavar="PNG", default=None, help="write a throughput-vs-size plot (GB/s, log x)")
-    b.add_argument("--json", metavar="PATH", default="bench-results.json", help="JSON output; CSV goes next to it")
+    b.add_argument("--plot", metavar="PNG", default=None,
+                   help="write a plot: step time with spread per implementation, or GB/s against size with --sweep "
+                   '(needs matplotlib: pip install "fusedopt[bench]")')
+    b.add_argument("--json", metavar="PATH", default=None,
+                   help="JSON output, CSV next to it (default: $XDG_CACHE_HOME or ~/.cache, then "
+                   "fusedopt/bench/bench-<time>.json)")
     b.add_argument("--quick", action="store_true", help="~1M parameters and few steps: a smoke test under 30 s")
     b.add_argument("--seed", type=int, default=0, help="seed of the parameters and gradients")
     b.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -145,6 +166,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import fusedopt
 
     info: dict[str, Any] = dict(fusedopt.build_info())
+    info["backend_override"] = os.environ.get("FUSEDOPT_BACKEND") or None
     info.setdefault("version", getattr(fusedopt, "__version__", None))
     info["torch"] = torch.__version__
     info["torch_cuda"] = torch.version.cuda
@@ -162,6 +184,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("CUDA available", "yes" if info.get("cuda_available") else "no"),
         ("CUDA devices", ", ".join(info.get("cuda_devices") or []) or "none"),
         ("torch", f"{info['torch']} (CUDA {info['torch_cuda'] or 'none'}, {info['torch_threads']} threads)"),
+        ("backend override", f"FUSEDOPT_BACKEND={info['backend_override']}" if info["backend_override"]
+         else "none (FUSEDOPT_BACKEND unset)"),
     ]
     for key in sorted(compiled):
         if key not in ("cuda_built",):
@@ -200,8 +224,16 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: cuda requested but torch.cuda.is_available() is False")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print('fusedopt bench: error: --plot needs matplotlib: pip install "fusedopt[bench]"', file=sys.stderr)
+            return kExitUsage
     if args.params is None:
-        args.params = _size_arg(kQuickParams if args.quick else kDefaultParams)
+        args.params = _size_arg(kQuickParams if args.quick else kDefaultParams[args.device])
+    if args.json is None:
+        args.json = default_results_path()
     steps = args.steps or (5 if args.quick else 20)
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
     dtype = hb.kDtypes[args.dtype]
@@ -216,7 +248,7 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     # Settle implementations and check memory for every case before allocating anything large.
     plan: list[tuple[str, list, dict[str, str]]] = []
     for opt_name in args.optimizer:
-        specs = list(args.impls) if args.impls else hb.default_impls(opt_name, args.device)
+        specs = list(args.impls) if args.impls else hb.default_impls(opt_name, args.device, forloop=args.forloop)
         if state_dtype is not None:
             specs = [hb.ImplSpec(s.name, s.state_dtype or state_dtype) if s.family == "fusedopt" else s for s in specs]
         ok, skipped = hb.resolve_impls(specs, opt_name, args.device, dtype, args.clip)
@@ -242,8 +274,9 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     where = meta.get("gpu") if args.device == "cuda" else f"{meta['cpu_model']}, {threads} thread(s)"
     print(
         f"fusedopt {meta.get('fusedopt_version')} | torch {meta['torch']} | {args.device}: {where} | "
-        f"ISA {meta.get('cpu_isa') or 'n/a'} | bandwidth {bw['gbs']:.1f} GB/s "
-        f"(copy {bw['copy_gbs']:.1f}, in-place {bw['update_gbs']:.1f})"
+        f"ISA {meta.get('cpu_isa') or 'n/a'} | memory bandwidth {bw['gbs']:.1f} GB/s "
+        f"(best of {bw['repeats']} copies and in-place updates of {bw['buffer_bytes'] >> 20} MiB; the \"% bw\" "
+        "reference)"
     )
     rows: list[dict[str, Any]] = []
     for opt_name, ok, skipped in plan:
@@ -264,6 +297,11 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 f"median of {steps} steps after {warmup} warm-up"
             )
             print(hb.format_table(result))
+            notes = [hb.untrusted_note(result)]
+            if any(r.get("fits_in_cache") for r in result):
+                notes.append("cache: the step's data fits in the CPU cache, so memory bandwidth does not bound it")
+            if any(notes):
+                print("\n" + "\n".join(n for n in notes if n))
             for r in result:
                 if not r["finite"]:
                     print(f"warning: {r['impl']} produced non-finite parameters", file=sys.stderr)

@@ -43,6 +43,7 @@ from .report import (
     machine_info,
     machine_tag,
     plot_results,
+    untrusted_note,
     write_csv,
     write_json,
 )
@@ -98,6 +99,7 @@ __all__ = [
     "state_dtype_of",
     "time_interleaved",
     "transformer_128m_workload",
+    "untrusted_note",
     "workload_for",
     "write_csv",
     "write_json",

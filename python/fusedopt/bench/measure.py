@@ -369,6 +369,9 @@ def _summarise(
     moved = runner.bytes_per_param * workload.numel
     gbs = moved / med / 1e9
     finite = bool(all(torch.isfinite(p).all() for p in runner.params))
+    # A step whose data fits in the CPU's last-level cache is not bounded by memory bandwidth: no "% bw" for it.
+    llc = llc_bytes() if dev.type == "cpu" else 0
+    fits_in_cache = bool(llc) and moved < 2 * llc
     return {
         "optimizer": opt_name,
         "impl": runner.spec.label,
@@ -388,11 +391,17 @@ def _summarise(
         "params_per_s": workload.numel / med,
         "bytes_per_param": runner.bytes_per_param,
         "gbs": gbs,
-        "pct_bandwidth": 100.0 * gbs / bandwidth_gbs if bandwidth_gbs else None,
+        "pct_bandwidth": 100.0 * gbs / bandwidth_gbs if bandwidth_gbs and not fits_in_cache else None,
+        "fits_in_cache": fits_in_cache,
         "speedup_vs_best_torch": None,
         "best_torch": None,
         "finite": finite,
     }
+
+
+# A speed-up is trusted when the p10-p90 spreads of both rows bound it within this factor (high / low), i.e. to
+# about +-20%; wider, and the machine was too noisy for the ratio to mean anything.
+kMaxSpeedupUncertainty = 1.5
 
 
 def _add_speedups(rows: list[dict[str, Any]]) -> None:
@@ -403,6 +412,9 @@ def _add_speedups(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         r["best_torch"] = best["impl"]
         r["speedup_vs_best_torch"] = best["ms_median"] / r["ms_median"]
+        low, high = best["ms_p10"] / r["ms_p90"], best["ms_p90"] / r["ms_p10"]
+        r["speedup_p10_p90"] = [low, high]
+        r["speedup_trusted"] = r is best or high / low <= kMaxSpeedupUncertainty
 
 
 # ------------------------------------------------------------------------------------------- environment

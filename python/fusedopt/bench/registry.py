@@ -156,8 +156,9 @@ def _apex_importable() -> bool:
     return True
 
 
-def default_impls(opt_name: str, device: str) -> list[ImplSpec]:
-    """fusedopt's best backend for ``device``, every torch.optim flavour, and DeepSpeed/Apex when importable.
+def default_impls(opt_name: str, device: str, *, forloop: bool = True) -> list[ImplSpec]:
+    """fusedopt's best backend for ``device``, every torch.optim flavour (the slow for-loop one only with
+    ``forloop``), and DeepSpeed/Apex when importable.
 
     Availability (e.g. torch ``fused=True`` for this optimizer) is settled later by ``resolve_impls``."""
     spec = OPTIMIZERS[opt_name]
@@ -168,7 +169,7 @@ def default_impls(opt_name: str, device: str) -> list[ImplSpec]:
     else:
         names = ["fusedopt-reference"]
     if spec.torch_cls is not None:
-        names += list(kTorchImpls)
+        names += [n for n in kTorchImpls if forloop or n != "torch-forloop"]
     elif names[0] != "fusedopt-reference":  # Lion, LAMB: no torch.optim version, so compare fusedopt's backends
         names.append("fusedopt-reference")
     if dev == "cpu" and spec.deepspeed and _deepspeed_importable():

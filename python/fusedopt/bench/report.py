@@ -25,6 +25,7 @@ __all__ = [
     "Progress",
     "bytes_table",
     "format_table",
+    "untrusted_note",
     "machine_info",
     "machine_tag",
     "plot_results",
@@ -153,6 +154,10 @@ def format_table(rows: Iterable[dict[str, Any]], *, markdown: bool = False) -> s
                 line.append(f"{r['ms_p10']:.3f}-{r['ms_p90']:.3f}")
             elif title == "Mparams/s":
                 line.append(f"{r['params_per_s'] / 1e6:.1f}")
+            elif key == "pct_bandwidth" and r.get("fits_in_cache"):
+                line.append("cache")
+            elif key == "speedup_vs_best_torch" and r.get(key) is not None and not r.get("speedup_trusted", True):
+                line.append(f"{r[key]:.2f}x?")
             else:
                 v = r.get(key)
                 line.append("n/a" if v is None else fmt.format(v))
@@ -168,6 +173,16 @@ def format_table(rows: Iterable[dict[str, Any]], *, markdown: bool = False) -> s
     out = [fmt_line(header), "  ".join("-" * w for w in widths)]
     out += [fmt_line(b) for b in body]
     return "\n".join(out)
+
+
+def untrusted_note(rows: Iterable[dict[str, Any]]) -> str | None:
+    """A line saying which speed-ups (marked "?") the timing spread leaves undetermined, or None."""
+    shaky = [r for r in rows if not r.get("speedup_trusted", True)]
+    if not shaky:
+        return None
+    ranges = ", ".join(f"{r['impl']} {r['speedup_p10_p90'][0]:.2f}-{r['speedup_p10_p90'][1]:.2f}x" for r in shaky)
+    return (f"?: the p10-p90 spreads are too wide to trust this ratio ({ranges}); the machine is noisy: rerun "
+            "with more --steps or on an idle machine")
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
@@ -256,8 +271,10 @@ class Progress:
 
 def plot_results(rows: Sequence[dict[str, Any]], bandwidth: dict[str, Any], meta: dict[str, Any], path: str,
                  *, device: str = "cpu") -> None:
-    """Effective GB/s against parameter count (log x), one line per implementation, one panel per optimizer,
-    with the measured memory bandwidth as a horizontal line."""
+    """One panel per optimizer. One size: a bar per implementation of its median step time, with the p10-p90
+    spread as an error bar. Several sizes (--sweep): effective GB/s against parameter count (log x), one line per
+    implementation, the measured memory bandwidth as a horizontal line, and the sizes whose data fit in the CPU
+    cache (where a step may exceed that bandwidth) shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -272,30 +289,51 @@ def plot_results(rows: Sequence[dict[str, Any]], bandwidth: dict[str, Any], meta
         f"{meta.get('cpu_model')}, {meta.get('torch_threads')} thread(s)")
     for ax, opt_name in zip(axes.flat, optimizers):
         sub = [r for r in rows if r["optimizer"] == opt_name]
+        sizes = sorted({r["params"] for r in sub})
+        dt = sub[0]["dtype"]
+        clip = f", clip {sub[0]['clip']:g}" if sub[0]["clip"] else ""
+        if len(sizes) == 1:
+            _bar_panel(ax, sub)
+            ax.set_title(f"{opt_name}, {format_size(sizes[0])} parameters ({dt}{clip})")
+            continue
         for impl in dict.fromkeys(r["impl"] for r in sub):
             pts = sorted((r["params"], r["gbs"]) for r in sub if r["impl"] == impl)
             style = "-o" if impl.startswith("fusedopt") else "--s"
             width = 2 if impl.startswith("fusedopt") else 1.2
             ax.plot([p for p, _ in pts], [g for _, g in pts], style, label=impl, linewidth=width)
         ax.axhline(bandwidth["gbs"], color="black", linestyle=":",
-                   label=f"measured bandwidth {bandwidth['gbs']:.0f} GB/s")
+                   label=f"measured memory bandwidth {bandwidth['gbs']:.0f} GB/s")
+        cached = [s for s in sizes if all(r.get("fits_in_cache") for r in sub if r["params"] == s)]
+        if cached:
+            ax.axvspan(sizes[0] / 1.3, max(cached) * 1.3, color="0.9", zorder=0, label="fits in CPU cache")
         ax.set_xscale("log")
-        sizes = sorted({r["params"] for r in sub})
         ax.set_xticks(sizes)
         ax.set_xticklabels([format_size(s) for s in sizes])
         ax.minorticks_off()
         ax.set_xlabel("parameters")
         ax.set_ylabel("effective bandwidth (GB/s, algorithmic bytes)")
-        dt = sub[0]["dtype"]
-        clip = f", clip {sub[0]['clip']:g}" if sub[0]["clip"] else ""
         ax.set_title(f"{opt_name} ({dt}{clip})")
         ax.set_ylim(bottom=0)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize="small")
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
-    fig.suptitle(f"fusedopt {meta.get('fusedopt_version')} optimizer step throughput on {machine}")
+    fig.suptitle(f"fusedopt {meta.get('fusedopt_version')} optimizer step on {machine}")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _bar_panel(ax: Any, rows: Sequence[dict[str, Any]]) -> None:
+    """Median step time per implementation, p10-p90 as asymmetric error bars."""
+    names = [r["impl"] for r in rows]
+    med = [r["ms_median"] for r in rows]
+    err = [[m - r["ms_p10"] for m, r in zip(med, rows)], [r["ms_p90"] - m for m, r in zip(med, rows)]]
+    colors = ["tab:blue" if name.startswith("fusedopt") else "tab:gray" for name in names]
+    ax.bar(range(len(rows)), med, yerr=err, capsize=4, color=colors)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(names, rotation=20, ha="right", fontsize="small")
+    ax.set_ylabel("ms per step (median; bars: p10-p90)")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, axis="y", alpha=0.3)
