@@ -74,10 +74,11 @@ def _one_thread_by_default(request):
     below switch between 1 and 2 threads themselves."""
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the reference side too: barriers of two thread pools on 2 busy cores are slow
+    _C.set_num_threads(1)
     try:
-        with num_threads(1):
-            yield
+        yield
     finally:
+        _C.reset_num_threads()  # fusedopt follows torch's count again, as outside these tests
         torch.set_num_threads(torch_threads)
 
 

@@ -2,8 +2,8 @@
 in its parameters and every state tensor under each ISA of `fusedopt._C.supported_isas()` (DESIGN.md: one rounding
 policy for all ISAs, so no FMA contraction anywhere).
 
-Only the public optimizer classes and `_C.set_cpu_isa/supported_isas/set_num_threads` are used, so the test holds
-whatever the functional layer below the classes looks like.
+Only the public optimizer classes and `_C.set_cpu_isa/supported_isas/set_num_threads/reset_num_threads` are used,
+so the test holds whatever the functional layer below the classes looks like.
 """
 from __future__ import annotations
 
@@ -101,15 +101,16 @@ def run_steps(isa: str, row: Algorithm, kwargs: dict, dtype: torch.dtype, master
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread_and_isa_restored():
     """One thread for both thread pools (bits do not depend on it; two pools on 2 shared cores only slow the run);
-    the ISA, thread counts are restored afterwards."""
-    isa, threads, torch_threads = _C.cpu_isa(), _C.get_num_threads(), torch.get_num_threads()
+    the ISA and torch's thread count are restored afterwards, and fusedopt's count follows torch's again (restoring
+    the count read before would fix it, and later tests expect it to follow torch.set_num_threads)."""
+    isa, torch_threads = _C.cpu_isa(), torch.get_num_threads()
     _C.set_num_threads(1)
     torch.set_num_threads(1)
     try:
         yield
     finally:
         _C.set_cpu_isa(isa)
-        _C.set_num_threads(threads)
+        _C.reset_num_threads()
         torch.set_num_threads(torch_threads)
 
 
