@@ -130,7 +130,6 @@ PYBIND11_MODULE(_C, m) {
     d["cpu_isas_compiled"] = cpu::compiled_isas();
     d["cpu_isas_supported"] = cpu::supported_isas();
     d["cpu_isa"] = cpu::cpu_isa();
-    d["openmp"] = cpu::openmp_enabled();
     d["num_threads"] = cpu::get_num_threads();
 #if defined(FUSEDOPT_WITH_CUDA)
     d["cuda_built"] = true;

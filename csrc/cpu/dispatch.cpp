@@ -2,7 +2,6 @@
 // coefficients, run-time ISA selection (cpuid, FUSEDOPT_CPU_ISA), thread count, and the host-side halves of the
 // deterministic reductions. Compiled once, for the baseline ISA.
 #include <math.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -15,10 +14,7 @@
 #include "fusedopt/checks.h"
 #include "fusedopt/dtype.h"
 #include "kernels.h"
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
+#include "thread_pool.h"
 
 FUSEDOPT_DECLARE_ISA_TABLE(baseline)
 #if defined(FUSEDOPT_HAVE_AVX2)
@@ -97,14 +93,6 @@ const KernelTable* find_table(const std::string& name) {
                               join(compiled_isas()) + "; supported by this CPU: " + join(supported_isas()) + ")");
 }
 
-int default_threads() {
-#if defined(_OPENMP)
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
 std::string g_env_error;
 
 // Selected at load: FUSEDOPT_CPU_ISA when set and usable, else the best ISA this CPU runs.
@@ -124,12 +112,9 @@ std::atomic<const KernelTable*> g_table{initial_table()};
 // Threads of the kernels: the count set with set_num_threads when there is one (> 0), else the count Python follows
 // from torch.get_num_threads() (follow_threads), so the kernels use what torch uses.
 std::atomic<int> g_threads_fixed{0};
-std::atomic<int> g_threads_followed{default_threads()};
-// Set in a child process forked after the parent ran a parallel region: libgomp's thread pool does not survive fork()
-// (a child entering a parallel region waits forever for the parent's workers), so the child runs on one thread.
-std::atomic<bool> g_forked_child{false};
-void on_fork_child() { g_forked_child.store(true); }
-const int g_atfork_registered = pthread_atfork(nullptr, nullptr, on_fork_child);
+// Until Python first follows torch's count: the machine's hardware threads. A forked child keeps both counts (its thread
+// pool starts afresh, thread_pool.h).
+std::atomic<int> g_threads_followed{hardware_threads()};
 
 const KernelTable& table() { return *g_table.load(std::memory_order_relaxed); }
 
@@ -148,7 +133,6 @@ auto kernel_of(const KernelTable& t) {
   return KernelOf<A>::get(t);
 }
 int threads() {
-  if (g_forked_child.load(std::memory_order_relaxed)) return 1;
   const int fixed = g_threads_fixed.load(std::memory_order_relaxed);
   return fixed > 0 ? fixed : g_threads_followed.load(std::memory_order_relaxed);
 }
@@ -339,14 +323,6 @@ void follow_threads(int n) {
 }
 
 int get_num_threads() { return threads(); }
-
-bool openmp_enabled() {
-#if defined(_OPENMP)
-  return true;
-#else
-  return false;
-#endif
-}
 
 }  // namespace cpu
 }  // namespace fusedopt

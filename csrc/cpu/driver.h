@@ -1,5 +1,5 @@
-// The one CPU driver: a single OpenMP region over the work items of the active segments (chunks of at most kChunk
-// elements), a vectorisable inner loop over the per-element math of csrc/include/fusedopt/math with each segment's own
+// The one CPU driver: one parallel region (the project's thread pool, thread_pool.h) over the work items of the active
+// segments (chunks of at most kChunk elements), a vectorisable inner loop over the per-element math of csrc/include/fusedopt/math with each segment's own
 // coefficients, and deterministic per-item reductions. Included by csrc/cpu/kernels.cpp, which is compiled once per ISA
 // with FUSEDOPT_ISA_NS naming the namespace (baseline, avx2, avx512).
 //
@@ -18,15 +18,12 @@
 #include "fusedopt/dtype.h"
 #include "fusedopt/math/norm.h"
 #include "kernels.h"
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
+#include "thread_pool.h"
 
 #if defined(__GNUC__) || defined(__clang__)
-#define FUSEDOPT_LAMBDA_INLINE __attribute__((always_inline))
+#define FUSEDOPT_ALWAYS_INLINE __attribute__((always_inline))
 #else
-#define FUSEDOPT_LAMBDA_INLINE
+#define FUSEDOPT_ALWAYS_INLINE
 #endif
 
 #ifndef FUSEDOPT_ISA_NS
@@ -36,6 +33,18 @@
 namespace fusedopt {
 namespace cpu {
 namespace FUSEDOPT_ISA_NS {
+
+// Runs f(begin, end) over static contiguous ranges of [0, n) on the thread pool (thread_pool.h: split as OpenMP's
+// schedule(static), range 0 on the calling thread, returns when all are done). The lambda and the trampoline that calls
+// it stay in this ISA's namespace; only a plain function pointer and a context pointer reach the pool. f must not
+// throw (RangeBody is noexcept).
+template <typename F>
+FUSEDOPT_ALWAYS_INLINE inline void parallel_ranges(int64_t n, int threads, const F& f) {
+  parallel_for(
+      n, threads,
+      [](void* ctx, int64_t begin, int64_t end) noexcept { (*static_cast<const F*>(ctx))(begin, end); },
+      const_cast<F*>(&f));
+}
 
 template <typename T>
 struct Type {
@@ -111,7 +120,7 @@ inline void elementwise_range(const Op op, const Coeffs c, TP* FUSEDOPT_RESTRICT
   }
 }
 
-// One parallel region over the work items, static schedule (one pass over memory).
+// One parallel region over the work items, static contiguous ranges (one pass over memory).
 template <typename Op, typename A>
 void run_elementwise(const Op& op, const FlatBuffers& b, const Work& w, const SegmentCoeffs<A>& segment_coeffs,
                      int threads) {
@@ -130,12 +139,13 @@ void run_elementwise(const Op& op, const FlatBuffers& b, const Work& w, const Se
     TS* s2 = static_cast<TS*>(b.states[2]);
     float* m = b.master;
     const Op local = op;
-#pragma omp parallel for schedule(static) num_threads(threads) if (w.items > 1)
-    for (int64_t it = 0; it < w.items; ++it) {
-      const Coeffs c = coeffs[w.item_segment[it]];
-      elementwise_range<Op, Coeffs, C, TP, TG, TS, kMaster>(local, c, p, g, s0, s1, s2, m, w.item_begin[it],
-                                                            w.item_end[it]);
-    }
+    parallel_ranges(w.items, threads, [&](int64_t first, int64_t last) {
+      for (int64_t it = first; it < last; ++it) {
+        const Coeffs c = coeffs[w.item_segment[it]];
+        elementwise_range<Op, Coeffs, C, TP, TG, TS, kMaster>(local, c, p, g, s0, s1, s2, m, w.item_begin[it],
+                                                              w.item_end[it]);
+      }
+    });
   });
 }
 
@@ -228,12 +238,13 @@ inline void sum_of_squares_kernel(const void* data, int dtype, const Work& w, do
   auto run = [&](auto tag) {
     using T = typename decltype(tag)::type;
     const T* x = static_cast<const T*>(data);
-#pragma omp parallel for schedule(static) num_threads(threads) if (w.items > 1)
-    for (int64_t it = 0; it < w.items; ++it) {
-      bool bad = false;
-      partials[it] = sum_squares_range<T>(x, w.item_begin[it], w.item_end[it], &bad);
-      nonfinite[it] = bad ? 1 : 0;
-    }
+    parallel_ranges(w.items, threads, [&](int64_t first, int64_t last) {
+      for (int64_t it = first; it < last; ++it) {
+        bool bad = false;
+        partials[it] = sum_squares_range<T>(x, w.item_begin[it], w.item_end[it], &bad);
+        nonfinite[it] = bad ? 1 : 0;
+      }
+    });
   };
   if (dtype == kBFloat16)
     run(Type<bf16_t>{});
@@ -245,7 +256,8 @@ inline void sum_of_squares_kernel(const void* data, int dtype, const Work& w, do
     run(Type<float>{});
 }
 
-// Trust-ratio algorithms, two passes inside one parallel region (bytes per parameter: docs/cpu_kernels.md):
+// Trust-ratio algorithms, two passes in three successive parallel regions, each a join (bytes per parameter:
+// docs/cpu_kernels.md):
 //   pass 1 reads p (or master), g, m, v; writes m, v; accumulates per-item ||p||^2 and ||u||^2 (u is not stored);
 //   combine: per segment, its items' partial sums in item order -> trust ratio -> lr * ratio (deterministic);
 //   pass 2 reads p (or master), m, v; recomputes u from the stored moments (bit-identical); writes p (and master).
@@ -259,7 +271,7 @@ inline void trust_ratio_pass1(const typename A::template Coeffs<compute_t<TP>> c
   using C = compute_t<TP>;
   double lw[kNormLanes] = {};
   double lu[kNormLanes] = {};
-  auto element = [&](int64_t i, int l) FUSEDOPT_LAMBDA_INLINE {
+  auto element = [&](int64_t i, int l) FUSEDOPT_ALWAYS_INLINE {
     const C pv = Master ? master[i] : load(p[i]);
     C mm = load(m[i]);
     C vv = load(v[i]);
@@ -312,28 +324,30 @@ void run_trust_ratio(const FlatBuffers& b, const Work& w, const SegmentCoeffs<A>
     TS* m = static_cast<TS*>(b.states[0]);
     TS* v = static_cast<TS*>(b.states[1]);
     float* mw = b.master;
-#pragma omp parallel num_threads(threads) if (w.items > 1)
-    {
-      if (w.passes & kPassMoments) {
-#pragma omp for schedule(static)
-        for (int64_t it = 0; it < w.items; ++it)
+    const bool moments = (w.passes & kPassMoments) != 0, apply = (w.passes & kPassApply) != 0;
+    if (moments) {
+      parallel_ranges(w.items, threads, [&](int64_t first, int64_t last) {
+        for (int64_t it = first; it < last; ++it)
           trust_ratio_pass1<A, TP, TG, TS, kMaster>(coeffs[w.item_segment[it]], p, g, m, v, mw, w.item_begin[it],
                                                     w.item_end[it], &w.partial_w[it], &w.partial_u[it]);
-#pragma omp for schedule(static)
-        for (int64_t s = 0; s < w.segments; ++s)
-          A::segment_sums(w.seg_first, w.partial_w, w.partial_u, s, w.segment_w2[s], w.segment_u2[s]);
+      });
+    }
+    // Per segment: its sums from its items' partials in item order, then lr * trust ratio. A segment reads only its
+    // own sums, so both fit in one region after pass 1's join.
+    parallel_ranges(w.segments, threads, [&](int64_t first, int64_t last) {
+      for (int64_t s = first; s < last; ++s) {
+        if (moments) A::segment_sums(w.seg_first, w.partial_w, w.partial_u, s, w.segment_w2[s], w.segment_u2[s]);
+        if (apply) w.scaled_lr[s] = A::scaled_lr(coeffs[s], w.segment_w2[s], w.segment_u2[s]);
       }
-      if (w.passes & kPassApply) {
-#pragma omp for schedule(static)
-        for (int64_t s = 0; s < w.segments; ++s)
-          w.scaled_lr[s] = A::scaled_lr(coeffs[s], w.segment_w2[s], w.segment_u2[s]);
-#pragma omp for schedule(static)
-        for (int64_t it = 0; it < w.items; ++it) {
+    });
+    if (apply) {
+      parallel_ranges(w.items, threads, [&](int64_t first, int64_t last) {
+        for (int64_t it = first; it < last; ++it) {
           const int64_t s = w.item_segment[it];
           trust_ratio_pass2<A, TP, TS, kMaster>(coeffs[s], w.scaled_lr[s], p, m, v, mw, w.item_begin[it],
                                                 w.item_end[it]);
         }
-      }
+      });
     }
   });
 }

@@ -80,8 +80,7 @@ std::string isa_override_error();           // non-empty when FUSEDOPT_CPU_ISA h
 void set_num_threads(int n);     // fixes the kernels' thread count
 void reset_num_threads();        // back to following the count given by follow_threads
 void follow_threads(int n);      // the caller's (torch's) thread count, used unless one is fixed
-int get_num_threads();           // what the next kernel will use (1 in a forked child)
-bool openmp_enabled();
+int get_num_threads();           // what the next kernel will use
 
 }  // namespace cpu
 }  // namespace fusedopt
