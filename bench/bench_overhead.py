@@ -93,7 +93,7 @@ def main() -> None:
                     "gradients into its flat buffer; later steps find its views in .grad)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch and fusedopt threads (default 1: the overhead is serial Python, and one thread "
-                    "keeps OpenMP barriers from spinning on a shared machine)")
+                    "keeps thread pools from spinning on a shared machine)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON output (default bench/results/overhead-<machine>.json)")
     args = ap.parse_args()

@@ -409,7 +409,7 @@ def warm_state(name: str, n: int, gen: torch.Generator, dtype: torch.dtype = tor
 
 
 # 1 (scalar-like), 7 (shorter than any SIMD vector), 4097 (one past a power of two: vector body + tail),
-# 1_000_003 (prime, larger than a cache and several OpenMP chunks).
+# 1_000_003 (prime, larger than a cache and several work chunks).
 SIZES = [1, 7, 4097, 1_000_003]
 SMALL_SIZES = [s for s in SIZES if s < 1_000_000]
 BIG_SIZE = SIZES[-1]

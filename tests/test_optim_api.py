@@ -75,12 +75,12 @@ def test_missing_extension_falls_back_to_reference_with_one_warning() -> None:
         class Refuse:
             def find_spec(self, name, path=None, target=None):
                 if name == "fusedopt._C":
-                    raise ImportError("simulated: libgomp.so.1 not found")
+                    raise ImportError("simulated: libstdc++.so.6 not found")
         sys.meta_path.insert(0, Refuse())
         import torch, fusedopt
         info = fusedopt.build_info()
         assert info["backends"] == ["reference"], info
-        assert "simulated: libgomp.so.1 not found" in info["load_error"], info
+        assert "simulated: libstdc++.so.6 not found" in info["load_error"], info
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             p = torch.nn.Parameter(torch.randn(10))

@@ -40,7 +40,7 @@ def strategy(spec: Any) -> st.SearchStrategy:
 
 
 def layouts() -> st.SearchStrategy:
-    """Segment sizes: one or two long segments (several OpenMP chunks each) or up to 40 short ones, some empty."""
+    """Segment sizes: one or two long segments (several work chunks each) or up to 40 short ones, some empty."""
     return st.one_of(st.lists(st.integers(1, 70_000), min_size=1, max_size=2),
                      st.lists(st.integers(0, 5000), min_size=1, max_size=40))
 

@@ -117,8 +117,9 @@ def build_info() -> dict[str, Any]:
 
 def set_num_threads(n: int | None) -> None:
     """Fix the number of threads of the CPU kernels, or with None let them follow `torch.get_num_threads()` (the
-    default, so `torch.set_num_threads` applies to fusedopt too). A forked child process always runs them on one
-    thread, since the OpenMP thread pool does not survive fork()."""
+    default, so `torch.set_num_threads` applies to fusedopt too). The kernels run on fusedopt's own thread pool, not
+    on an OpenMP runtime. A process forked while no step runs keeps the count: it starts a pool of its own at its
+    first step."""
     if _compiled is None:
         return
     if n is None:
