@@ -34,6 +34,7 @@ CHUNK = int(_C.build_info()["chunk_elements"])
 SIZES = [1, 15, 16, 17, 4097, CHUNK - 1, CHUNK, CHUNK + 1]
 ISAS = list(_C.supported_isas())
 STEPS = 10
+THREAD_COUNTS = (1, 2, 3, 7)  # the determinism tests' thread counts
 GRAD_SCALES = [1.0, 0.5, 2.0, 0.25, 3.0]  # case k of a table runs with GRAD_SCALES[k % 5] (AMP's unscale factor)
 
 F32, BF16, FP16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
@@ -71,7 +72,7 @@ def num_threads(n: int):
 @pytest.fixture(autouse=True)
 def _one_thread_by_default(request):
     """Comparisons run on one thread (fast and load-independent on a shared 2-core box); the determinism tests
-    below switch between 1 and 2 threads themselves."""
+    below switch between thread counts themselves."""
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the reference side too: barriers of two thread pools on 2 busy cores are slow
     _C.set_num_threads(1)
@@ -377,7 +378,8 @@ THREAD_DTYPES = {"bf16-master": (BF16, F32, True, F32), "fp64": (F64, F64, False
 @pytest.mark.parametrize("dtypes", list(THREAD_DTYPES))
 @pytest.mark.parametrize("layout", ["one-segment", "segments"])
 @pytest.mark.parametrize("row", row_params())
-def test_bitwise_identical_for_1_and_2_threads(row, layout, dtypes):
+def test_bitwise_identical_for_any_thread_count(row, layout, dtypes):
+    # 4 work items (one segment) or 7 (segments): 2, 3 and 7 threads split them unevenly, 7 threads leave some idle.
     pdtype, gdtype, master, sdtype = THREAD_DTYPES[dtypes]
     n = 3 * CHUNK + 7
     kwargs = row.richest_case().kwargs
@@ -386,7 +388,7 @@ def test_bitwise_identical_for_1_and_2_threads(row, layout, dtypes):
         offsets, numels, n = _segments([CHUNK + 3, 5, 2 * CHUNK + 1, 100])
         segments = (offsets, numels)
     results = []
-    for threads in (1, 2, 1):
+    for threads in THREAD_COUNTS + (1,):
         with num_threads(threads):
             results.append(run_and_compare(row, kernel_args(row, kwargs), n, pdtype, gdtype, master, sdtype, seed=3,
                                            segments=segments, steps=3, msg=f"{row.name} threads={threads}",
@@ -412,10 +414,10 @@ def test_sum_of_squares(dtype, isa):
             w = t if dtype == F64 else t.float()
             expected = float((w * w).double().sum())
             outs = []
-            for threads in (1, 2):
+            for threads in THREAD_COUNTS:
                 with num_threads(threads):
                     outs.append(_kernels.sum_of_squares(t))
-            assert outs[0] == outs[1], "not bitwise identical across thread counts"
+            assert all(out == outs[0] for out in outs), f"not bitwise identical across thread counts: {outs}"
             total, bad = outs[0]
             assert not bad
             assert math.isclose(total, expected, rel_tol=rel, abs_tol=1e-9), (n, total, expected)

@@ -1,0 +1,211 @@
+"""The CPU kernels' own thread pool (csrc/cpu/thread_pool.cpp): the compiled core brings no OpenMP runtime beside
+torch's, the pool runs as many ranges as torch.get_num_threads() (or fusedopt.set_num_threads) says, and a child
+forked after the parent stepped steps on its full thread count, with torch.optim's result. The workers are named
+"fusedopt-pool", which is how these tests find them in /proc (Linux only)."""
+from __future__ import annotations
+
+import ast
+import inspect
+import multiprocessing as mp
+import os
+import re
+import struct
+import subprocess
+import sys
+import textwrap
+
+import fusedopt
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and ELF files: Linux only"),
+    pytest.mark.skipif("cpu" not in fusedopt.build_info()["backends"], reason="compiled CPU backend not built"),
+]
+
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(fusedopt.__file__)))
+# libgomp (GNU; torch's wheel bundles a copy), libiomp5 (Intel), libomp (LLVM)
+OPENMP_RUNTIME = re.compile(r"^lib(g|i|)omp")
+CHUNK = int(fusedopt._C.build_info()["chunk_elements"])
+
+
+def _run_python(code: str, timeout: float = 180) -> str:
+    """Runs code in a fresh interpreter that imports the same fusedopt as this one; returns its stdout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = PACKAGE_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("FUSEDOPT_BACKEND", None)
+    code = "import os\n" + inspect.getsource(_pool_workers) + textwrap.dedent(code)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def _needed_libraries(path: str) -> list[str]:
+    """DT_NEEDED entries of a 64-bit little-endian ELF shared object (what `readelf -d` lists as NEEDED)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:4] == b"\x7fELF", path
+    if data[4] != 2 or data[5] != 1:
+        pytest.skip("not a 64-bit little-endian ELF file")
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + k * shentsize) for k in range(shnum)]
+    needed = []
+    for _name, kind, _flags, _addr, offset, size, link, _info, _align, entsize in sections:
+        if kind != 6:  # SHT_DYNAMIC
+            continue
+        strtab = sections[link][4]
+        for pos in range(offset, offset + size, entsize):
+            tag, value = struct.unpack_from("<qQ", data, pos)
+            if tag == 0:  # DT_NULL
+                break
+            if tag == 1:  # DT_NEEDED
+                end = data.index(b"\0", strtab + value)
+                needed.append(data[strtab + value:end].decode())
+    return needed
+
+
+def _pool_workers() -> dict[int, int]:
+    """This process's pool workers: thread id -> times it was scheduled onto a CPU (/proc/<tid>/schedstat)."""
+    workers = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() != "fusedopt-pool":
+                    continue
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                workers[int(tid)] = int(f.read().split()[2])
+        except FileNotFoundError:
+            continue
+    return workers
+
+
+def test_the_extension_needs_and_loads_no_openmp_runtime() -> None:
+    needed = _needed_libraries(fusedopt._C.__file__)
+    assert "libc.so.6" in needed, needed  # the reader works
+    assert not [lib for lib in needed if OPENMP_RUNTIME.match(lib)], needed
+    out = _run_python("""
+        import os, re
+        import torch
+
+        def openmp_runtimes():  # paths, not names: a second copy may have the same name (libgomp.so.1)
+            with open("/proc/self/maps") as f:
+                paths = {line.split(maxsplit=5)[-1].strip() for line in f if len(line.split(maxsplit=5)) == 6}
+            return sorted(p for p in paths if re.match(r"^lib(g|i|)omp", os.path.basename(p)))
+
+        torch.set_num_threads(2)
+        before = openmp_runtimes()
+        import fusedopt
+        model = torch.nn.Linear(512, 256)
+        opt = fusedopt.AdamW(model.parameters(), lr=1e-3)
+        model(torch.randn(8, 512)).square().sum().backward()
+        opt.step()
+        assert fusedopt._C.get_num_threads() == 2
+        assert opt.state[model.weight]["exp_avg"].abs().sum() > 0
+        print("before", before)
+        print("after", openmp_runtimes())
+    """)
+    before, after = (line.split(" ", 1)[1] for line in out.splitlines()[-2:])
+    assert after == before, f"importing fusedopt and stepping mapped another OpenMP runtime: {before} -> {after}"
+
+
+def test_the_pool_runs_as_many_ranges_as_torch_threads() -> None:
+    # A fresh process, so the pool holds only the workers these steps asked for. Each step's one region has 12 work
+    # items; a worker is woken only for its own range, so the workers scheduled during a step are the ranges minus the
+    # caller's. Settings are changed on the main thread before each step, as a user would.
+    out = _run_python(f"""
+        import time
+        import torch, fusedopt
+
+        param = torch.nn.Parameter(torch.randn(12 * {CHUNK}))
+        opt = fusedopt.AdamW([param], lr=1e-3)
+        param.grad = torch.randn_like(param)
+
+        def ranges_of_one_step():
+            time.sleep(0.05)  # spinning workers go to sleep
+            before = _pool_workers()
+            opt.step()
+            after = _pool_workers()
+            return len(after), 1 + sum(after[t] != before.get(t, 0) for t in after)
+
+        torch.set_num_threads(1)
+        steps = [ranges_of_one_step()]
+        for k in (3, 2, 5):
+            torch.set_num_threads(k)
+            steps.append(ranges_of_one_step())
+        fusedopt.set_num_threads(4)  # a fixed count wins over torch's
+        steps.append(ranges_of_one_step())
+        fusedopt.set_num_threads(None)
+        torch.set_num_threads(1)
+        steps.append(ranges_of_one_step())
+        print(steps)
+    """)
+    steps = ast.literal_eval(out.splitlines()[-1])
+    # (workers that exist, ranges run): the pool grows to the largest count asked and never shrinks.
+    assert steps == [(0, 1), (2, 3), (2, 2), (4, 5), (4, 4), (4, 1)], steps
+
+
+def _step_in_forked_child(conn, expected: list[torch.Tensor], seed: int) -> None:
+    torch.set_num_threads(1)  # torch's own OpenMP pool does not survive fork(); fusedopt's count is fixed at 3
+    params, grads = _inputs(seed)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = fusedopt.AdamW(params, lr=1e-2, weight_decay=0.1, max_grad_norm=1.0)
+    ref = torch.optim.AdamW(copies, lr=1e-2, weight_decay=0.1)
+    for p, c, g in zip(params, copies, grads):
+        p.grad, c.grad = g.clone(), g.clone()
+    opt.step()
+    torch.nn.utils.clip_grad_norm_(copies, 1.0)
+    ref.step()
+    try:
+        for p, c in zip(params, copies):
+            torch.testing.assert_close(p.detach(), c.detach(), rtol=1e-6, atol=1e-7)
+        vs_torch = "same"
+    except AssertionError as e:
+        vs_torch = str(e)
+    conn.send({
+        "threads": fusedopt._C.get_num_threads(),
+        "workers": len(_pool_workers()),
+        "same_bits_as_parent": all(torch.equal(p.detach(), e) for p, e in zip(params, expected)),
+        "vs_torch": vs_torch,
+    })
+    conn.close()
+
+
+def _inputs(seed: int) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(3 * CHUNK + 5,), (257, 129), (7,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    return params, [torch.randn(s, generator=gen) for s in shapes]
+
+
+def test_a_child_forked_after_the_parent_stepped_steps_on_its_full_thread_count() -> None:
+    previous = torch.get_num_threads()
+    fusedopt.set_num_threads(3)
+    try:
+        params, grads = _inputs(seed=5)
+        opt = fusedopt.AdamW(params, lr=1e-2, weight_decay=0.1, max_grad_norm=1.0)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()  # the parent's pool now has workers, which a forked child does not inherit
+        assert len(_pool_workers()) >= 2
+        expected = [p.detach().clone() for p in params]
+        receive, send = mp.Pipe(duplex=False)
+        child = mp.get_context("fork").Process(target=_step_in_forked_child, args=(send, expected, 5))
+        child.start()
+        send.close()
+        try:
+            got = receive.recv() if receive.poll(60) else None
+        except EOFError:  # the child died before sending
+            got = None
+        child.join(10)
+        if child.exitcode is None:
+            child.kill()
+        assert got is not None, "the forked child hung in step() or died"
+        assert child.exitcode == 0
+    finally:
+        fusedopt.set_num_threads(None)
+        torch.set_num_threads(previous)
+    # A fresh pool in the child: two workers beside the calling thread, none left over from the parent.
+    assert got["threads"] == 3 and got["workers"] == 2, got
+    assert got["same_bits_as_parent"], got
+    assert got["vs_torch"] == "same", got["vs_torch"]
