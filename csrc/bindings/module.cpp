@@ -131,6 +131,8 @@ PYBIND11_MODULE(_C, m) {
     d["cpu_isas_supported"] = cpu::supported_isas();
     d["cpu_isa"] = cpu::cpu_isa();
     d["num_threads"] = cpu::get_num_threads();
+    d["thread_backend"] = cpu::thread_backend();
+    d["openmp_runtime"] = cpu::openmp_runtime();
 #if defined(FUSEDOPT_WITH_CUDA)
     d["cuda_built"] = true;
 #else
@@ -151,12 +153,20 @@ PYBIND11_MODULE(_C, m) {
         if (e.empty()) return py::none();
         return py::str(e);
       },
-      "Why FUSEDOPT_CPU_ISA was rejected at load (None when unset or valid).");
+      "Why FUSEDOPT_CPU_ISA or FUSEDOPT_THREADS_BACKEND was rejected at load (None when unset or valid).");
   m.def("set_num_threads", &cpu::set_num_threads, py::arg("n"),
         "Fix the threads used by the CPU kernels (>= 1); by default they follow torch.get_num_threads().");
   m.def("reset_num_threads", &cpu::reset_num_threads, "Let the CPU kernels follow torch's thread count again.");
   m.def("follow_threads", &cpu::follow_threads, py::arg("n"), "The thread count to use while none is fixed.");
   m.def("get_num_threads", &cpu::get_num_threads);
+  m.def("thread_backend", &cpu::thread_backend,
+        "Where the next parallel region of the CPU kernels runs: 'openmp' (the OpenMP runtime already loaded in the "
+        "process, torch's) or 'pool' (fusedopt's own threads: no runtime loaded, a forked child, or asked for).");
+  m.def("set_thread_backend", &cpu::set_thread_backend, py::arg("name"),
+        "'openmp' (default; FUSEDOPT_THREADS_BACKEND=openmp): use a loaded OpenMP runtime when there is one; "
+        "'pool' (FUSEDOPT_THREADS_BACKEND=pool): always fusedopt's own pool. For debugging and benchmarks.");
+  m.def("last_region_threads", &cpu::last_region_threads,
+        "Threads that ran the last parallel region of this process (1 when it ran on the calling thread alone).");
 #if defined(FUSEDOPT_WITH_CUDA)
   register_cuda_bindings(m);
 #endif

@@ -109,6 +109,21 @@ const KernelTable* initial_table() {
 }
 
 std::atomic<const KernelTable*> g_table{initial_table()};
+
+// FUSEDOPT_THREADS_BACKEND at load: "pool" keeps the kernels on their own pool, "openmp" (the default) uses the OpenMP
+// runtime loaded in the process when there is one (thread_pool.h).
+bool initial_thread_backend() {
+  const char* env = getenv("FUSEDOPT_THREADS_BACKEND");
+  if (env != nullptr && env[0] != '\0') {
+    try {
+      set_thread_backend(env);
+    } catch (const std::invalid_argument& e) {
+      g_env_error += (g_env_error.empty() ? "" : "; ") + std::string("FUSEDOPT_THREADS_BACKEND: ") + e.what();
+    }
+  }
+  return true;
+}
+const bool g_thread_backend_read = initial_thread_backend();
 // Threads of the kernels: the count set with set_num_threads when there is one (> 0), else the count Python follows
 // from torch.get_num_threads() (follow_threads), so the kernels use what torch uses.
 std::atomic<int> g_threads_fixed{0};
@@ -323,6 +338,21 @@ void follow_threads(int n) {
 }
 
 int get_num_threads() { return threads(); }
+
+std::string thread_backend() { return current_backend(); }
+
+void set_thread_backend(const std::string& name) {
+  if (name == "openmp")
+    set_prefer_openmp(true);
+  else if (name == "pool")
+    set_prefer_openmp(false);
+  else
+    fail("Unknown thread backend '" + name + "'; expected openmp or pool");
+}
+
+std::string openmp_runtime() { return openmp_runtime_path(); }
+
+int last_region_threads() { return last_region_team(); }
 
 }  // namespace cpu
 }  // namespace fusedopt

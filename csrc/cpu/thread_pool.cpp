@@ -1,9 +1,19 @@
-// The thread pool behind parallel_for (thread_pool.h): one lazily created pool per process, worker t always running
-// range t (so a range's data stays in the same core's cache from step to step, as with OpenMP's static schedule).
-// Idle threads spin briefly, then sleep on a condition variable. Compiled once, for the baseline ISA.
+// The two backends behind parallel_for (thread_pool.h):
+//   - the OpenMP runtime already loaded in the process (torch's wheel brings one: libgomp.so.1 or a renamed copy such
+//     as libgomp-<hash>.so.1; libomp and libiomp5 export the same GOMP_ entry points), found with dl_iterate_phdr and
+//     called through dlsym'd pointers, so torch's parallel ops and the kernels share one team of threads instead of
+//     two sets of spinning threads fighting over the cores;
+//   - a lazily created pool per process, worker t always running range t (so a range's data stays in the same core's
+//     cache from step to step, as with OpenMP's static schedule). Idle threads spin briefly, then sleep on a condition
+//     variable. Used when no runtime is loaded, in a forked child, and when asked for.
+// Compiled once, for the baseline ISA.
 #include "thread_pool.h"
 
+#include <dlfcn.h>
+#include <link.h>
 #include <pthread.h>
+#include <string.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -11,6 +21,7 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -82,8 +93,112 @@ inline void static_range(int64_t n, int64_t r, int64_t t, int64_t* begin, int64_
   *end = first + q;
 }
 
-// True on pool workers and on a caller while it runs its ranges: a parallel_for from there runs inline.
+// True on pool workers, on OpenMP team members while they run their range, and on a caller while it runs its ranges:
+// a parallel_for from there runs inline.
 thread_local bool t_in_region = false;
+
+std::atomic<int> g_last_region_team{0};  // last_region_team()
+
+// ---------------------------------------------------------------------------------------------- the OpenMP runtime
+
+// The entry points of a loaded OpenMP runtime (libgomp's ABI), resolved once per process.
+struct OpenMP {
+  void (*parallel)(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags) = nullptr;  // GOMP_parallel
+  int (*thread_num)() = nullptr;                                                                  // omp_get_thread_num
+  int (*num_threads)() = nullptr;                                                                 // omp_get_num_threads
+  int (*in_parallel)() = nullptr;  // omp_in_parallel; optional
+  pid_t pid = 0;                   // the process that resolved them; a forked child must not use them
+  std::string path;
+};
+
+bool is_openmp_runtime(const char* path) {
+  const char* slash = strrchr(path, '/');
+  const char* base = slash != nullptr ? slash + 1 : path;
+  return strncmp(base, "libgomp", 7) == 0 || strncmp(base, "libiomp", 7) == 0 || strncmp(base, "libomp", 6) == 0;
+}
+
+int collect_runtime(dl_phdr_info* info, size_t, void* out) {
+  if (info->dlpi_name != nullptr && info->dlpi_name[0] != '\0' && is_openmp_runtime(info->dlpi_name)) {
+    try {
+      static_cast<std::vector<std::string>*>(out)->emplace_back(info->dlpi_name);
+    } catch (...) {
+      return 1;
+    }
+  }
+  return 0;
+}
+
+// The first runtime, in load order, that is mapped already and exports the entry points; nullptr when there is none.
+// Paths are collected first and opened after dl_iterate_phdr returns: dlopen inside its callback would take the
+// loader's locks in the opposite order of a concurrent dlopen. RTLD_NOLOAD never loads anything; the handle is kept,
+// so the runtime stays mapped while its pointers are in use.
+const OpenMP* resolve_openmp() noexcept {
+  try {
+    std::vector<std::string> paths;
+    dl_iterate_phdr(collect_runtime, &paths);
+    for (const std::string& path : paths) {
+      void* handle = dlopen(path.c_str(), RTLD_NOLOAD | RTLD_LAZY);
+      if (handle == nullptr) continue;
+      std::unique_ptr<OpenMP> rt(new OpenMP);
+      rt->parallel = reinterpret_cast<decltype(rt->parallel)>(dlsym(handle, "GOMP_parallel"));
+      rt->thread_num = reinterpret_cast<decltype(rt->thread_num)>(dlsym(handle, "omp_get_thread_num"));
+      rt->num_threads = reinterpret_cast<decltype(rt->num_threads)>(dlsym(handle, "omp_get_num_threads"));
+      rt->in_parallel = reinterpret_cast<decltype(rt->in_parallel)>(dlsym(handle, "omp_in_parallel"));
+      if (rt->parallel == nullptr || rt->thread_num == nullptr || rt->num_threads == nullptr) {
+        dlclose(handle);
+        continue;
+      }
+      rt->pid = getpid();
+      rt->path = path;
+      return rt.release();  // kept for the life of the process, as the handle
+    }
+  } catch (...) {
+  }
+  return nullptr;
+}
+
+// Resolved once, when the extension is loaded (the Python package imports torch first), so that the pid it records is
+// that of the process that loaded both: a child forked later sees the parent's pid and keeps off the runtime. Found
+// lazily instead, a child forked after torch ran a parallel op but before fusedopt's first region would resolve the
+// runtime as its own and hang in its first region, as torch's own parallel ops do in such a child. A runtime loaded
+// after the extension is not looked for.
+const OpenMP* const g_openmp = resolve_openmp();
+
+const OpenMP* openmp() noexcept { return g_openmp; }
+
+// set_prefer_openmp. Constant-initialised, so dispatch.cpp's load-time setting from the environment cannot come first.
+std::atomic<bool> g_prefer_openmp{true};
+
+// The runtime found, when this is the process that found it: a forked child has only the forking thread, and the
+// parent's team (and libgomp's idea of it) cannot be used there.
+const OpenMP* live_openmp() noexcept {
+  const OpenMP* rt = openmp();
+  return rt != nullptr && rt->pid == getpid() ? rt : nullptr;
+}
+
+struct OpenMPRegion {
+  const OpenMP* rt;
+  int64_t n;
+  RangeBody body;
+  void* ctx;
+  int team;  // written by team member 0, read by the caller after the join
+};
+
+// Each member of the team the runtime gave runs range t of the split of [0, n) into as many ranges as members.
+void openmp_region(void* data) {
+  OpenMPRegion& r = *static_cast<OpenMPRegion*>(data);
+  const int t = r.rt->thread_num();
+  const int team = r.rt->num_threads();
+  if (t == 0) r.team = team;
+  const int64_t ranges = r.n < team ? r.n : team;
+  if (t >= ranges) return;
+  int64_t begin, end;
+  static_range(r.n, ranges, t, &begin, &end);
+  const bool outer = t_in_region;
+  t_in_region = true;
+  r.body(r.ctx, begin, end);
+  t_in_region = outer;
+}
 
 class Pool {
  public:
@@ -106,6 +221,7 @@ class Pool {
     for (int t = helpers + 1; t < ranges; ++t) run_range(t);  // ranges whose worker could not be created
     t_in_region = false;
     done_.wait([this] { return pending_.load() == 0; });  // acquires what the workers wrote
+    g_last_region_team.store(helpers + 1, std::memory_order_relaxed);
   }
 
  private:
@@ -194,13 +310,37 @@ const int g_atfork_registered = pthread_atfork(nullptr, nullptr, forget_pool_in_
 
 void parallel_for(int64_t n, int threads, RangeBody body, void* ctx) noexcept {
   if (n <= 0) return;
-  if (threads <= 1 || n == 1 || t_in_region) {
-    body(ctx, 0, n);
-    return;
+  const OpenMP* rt = nullptr;
+  if (threads > 1 && n > 1 && !t_in_region) {
+    rt = live_openmp();
+    if (rt == nullptr || rt->in_parallel == nullptr || !rt->in_parallel()) {
+      const int ranges = n < threads ? static_cast<int>(n) : threads;
+      if (rt != nullptr && g_prefer_openmp.load(std::memory_order_relaxed)) {
+        OpenMPRegion region{rt, n, body, ctx, 1};
+        rt->parallel(openmp_region, &region, static_cast<unsigned>(ranges), 0);
+        g_last_region_team.store(region.team, std::memory_order_relaxed);
+      } else {
+        pool().run(n, ranges, body, ctx);
+      }
+      return;
+    }
   }
-  const int ranges = n < threads ? static_cast<int>(n) : threads;
-  pool().run(n, ranges, body, ctx);
+  body(ctx, 0, n);  // one thread, one item, or nested in a region (ours or the OpenMP runtime's)
+  g_last_region_team.store(1, std::memory_order_relaxed);
 }
+
+const char* current_backend() noexcept {
+  return live_openmp() != nullptr && g_prefer_openmp.load(std::memory_order_relaxed) ? "openmp" : "pool";
+}
+
+void set_prefer_openmp(bool prefer) noexcept { g_prefer_openmp.store(prefer); }
+
+const char* openmp_runtime_path() noexcept {
+  const OpenMP* rt = openmp();
+  return rt != nullptr ? rt->path.c_str() : "";
+}
+
+int last_region_team() noexcept { return g_last_region_team.load(std::memory_order_relaxed); }
 
 int hardware_threads() noexcept {
   const unsigned n = std::thread::hardware_concurrency();

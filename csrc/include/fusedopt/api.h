@@ -76,11 +76,18 @@ std::vector<std::string> compiled_isas();
 std::vector<std::string> supported_isas();  // compiled and runnable on this CPU, best last
 std::string cpu_isa();
 void set_cpu_isa(const std::string& name);  // throws std::invalid_argument naming the value and the supported ISAs
-std::string isa_override_error();           // non-empty when FUSEDOPT_CPU_ISA held an unusable value at load
+std::string isa_override_error();           // non-empty when FUSEDOPT_CPU_ISA or FUSEDOPT_THREADS_BACKEND held an
+                                            // unusable value at load
 void set_num_threads(int n);     // fixes the kernels' thread count
 void reset_num_threads();        // back to following the count given by follow_threads
 void follow_threads(int n);      // the caller's (torch's) thread count, used unless one is fixed
 int get_num_threads();           // what the next kernel will use
+// Where the kernels' parallel regions run (csrc/cpu/thread_pool.h): "openmp" (the OpenMP runtime torch loaded, found
+// when the extension was loaded) or "pool" (fusedopt's own threads: no runtime, a forked child, or asked for).
+std::string thread_backend();
+void set_thread_backend(const std::string& name);  // "openmp" (default: when one is loaded) or "pool"; else throws
+std::string openmp_runtime();    // path of the runtime found at load ("" when none)
+int last_region_threads();       // threads that ran the last parallel region (1: inline), for tests
 
 }  // namespace cpu
 }  // namespace fusedopt
