@@ -117,9 +117,9 @@ def build_info() -> dict[str, Any]:
 
 def set_num_threads(n: int | None) -> None:
     """Fix the number of threads of the CPU kernels, or with None let them follow `torch.get_num_threads()` (the
-    default, so `torch.set_num_threads` applies to fusedopt too). The kernels run on fusedopt's own thread pool, not
-    on an OpenMP runtime. A process forked while no step runs keeps the count: it starts a pool of its own at its
-    first step."""
+    default, so `torch.set_num_threads` applies to fusedopt too). The kernels run on the OpenMP runtime torch loaded,
+    or on fusedopt's own thread pool where there is none (docs/cpu_kernels.md, Threads). A process forked while no
+    step runs keeps the count: it runs on a pool of its own."""
     if _compiled is None:
         return
     if n is None:
