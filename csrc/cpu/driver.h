@@ -1,7 +1,8 @@
-// The one CPU driver: one parallel region (the project's thread pool, thread_pool.h) over the work items of the active
-// segments (chunks of at most kChunk elements), a vectorisable inner loop over the per-element math of csrc/include/fusedopt/math with each segment's own
-// coefficients, and deterministic per-item reductions. Included by csrc/cpu/kernels.cpp, which is compiled once per ISA
-// with FUSEDOPT_ISA_NS naming the namespace (baseline, avx2, avx512).
+// The one CPU driver: one parallel region (parallel_for, thread_pool.h: torch's OpenMP runtime or the project's own
+// pool) over the work items of the active segments (chunks of at most kChunk elements), a vectorisable inner loop over
+// the per-element math of csrc/include/fusedopt/math with each segment's own coefficients, and deterministic per-item
+// reductions. Included by csrc/cpu/kernels.cpp, which is compiled once per ISA with FUSEDOPT_ISA_NS naming the
+// namespace (baseline, avx2, avx512).
 //
 // Everything defined here lives in that per-ISA namespace (or is always_inline), and only plain C arrays are used, so
 // no inline function compiled with AVX-512 flags can be merged by the linker into the code of another ISA.
@@ -34,10 +35,10 @@ namespace fusedopt {
 namespace cpu {
 namespace FUSEDOPT_ISA_NS {
 
-// Runs f(begin, end) over static contiguous ranges of [0, n) on the thread pool (thread_pool.h: split as OpenMP's
-// schedule(static), range 0 on the calling thread, returns when all are done). The lambda and the trampoline that calls
-// it stay in this ISA's namespace; only a plain function pointer and a context pointer reach the pool. f must not
-// throw (RangeBody is noexcept).
+// Runs f(begin, end) over static contiguous ranges of [0, n) (parallel_for, thread_pool.h: split as OpenMP's
+// schedule(static) by the number of threads that actually run, returns when all are done). The lambda and the
+// trampoline that calls it stay in this ISA's namespace; only a plain function pointer and a context pointer reach
+// parallel_for. f must not throw (RangeBody is noexcept).
 template <typename F>
 FUSEDOPT_ALWAYS_INLINE inline void parallel_ranges(int64_t n, int threads, const F& f) {
   parallel_for(
