@@ -349,7 +349,7 @@ def _adamw_steps(dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
     return [p.detach().clone() for p in params] + [t.clone() for t in states]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
 def test_adamw_with_clipping_gives_the_same_bits_on_both_backends_and_any_thread_count(dtype, thread_backend) -> None:
     previous = torch.get_num_threads()
     results = {}
