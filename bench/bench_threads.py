@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.machinery
 import importlib.util
+import random
 import re
 import statistics
 
@@ -79,8 +80,14 @@ def main() -> None:
         labels = ["torch-fused", "fusedopt openmp", "fusedopt pool"] + [f"build {label}" for label, _ in builds]
         ratios: dict[str, list[float]] = {label: [] for label in labels[1:]}
         for rep in range(args.reps):
-            runners = []
-            for label in labels:
+            # A different order each repetition, for building (where each one's buffers land) and for timing:
+            # time_interleaved rotates the order it is given, which keeps each implementation behind the same one in
+            # every round, and the one before leaves its threads spinning (the pool's for 50 us, OpenMP's longer) and
+            # its data in the caches. At 1M that shifts a step time by several percent, the same way every round.
+            order = list(labels)
+            random.Random(rep).shuffle(order)
+            runners = {}
+            for label in order:
                 params = make_params(workload, seed=rep)
                 impl = "torch-fused" if label == "torch-fused" else "fusedopt-cpu"
                 opt, step, _ = hb.build_optimizer(hb.ImplSpec(impl), "adamw", params, clip=args.clip)
@@ -90,11 +97,10 @@ def main() -> None:
                     step = fusedopt_step(opt, _C, "pool")
                 elif label.startswith("build "):
                     step = fusedopt_step(opt, dict(builds)[label[6:]], None)
-                runners.append(hb.Runner(hb.ImplSpec(impl), params, opt, step, 0))
-            # Rotate the starting implementation between repetitions too.
-            k = rep % len(runners)
-            hb.time_interleaved(runners[k:] + runners[:k], workload, steps=args.steps, warmup=args.warmup, seed=rep)
-            medians = {label: statistics.median(r.samples_s) for label, r in zip(labels, runners)}
+                runners[label] = hb.Runner(hb.ImplSpec(impl), params, opt, step, 0)
+            hb.time_interleaved([runners[label] for label in order], workload, steps=args.steps, warmup=args.warmup,
+                                seed=rep)
+            medians = {label: statistics.median(r.samples_s) for label, r in runners.items()}
             _C.set_thread_backend("openmp")
             line = " | ".join(f"{label} {medians[label] * 1e3:.2f} ms" for label in labels)
             print(f"{workload.name} rep {rep}: {line}", flush=True)
