@@ -357,6 +357,24 @@ _ROWS = [
         ranges=dict(lr=Range(1e-4, 5e-2), betas=(UNIT, UNIT), eps=Range(1e-8, 1e-3), weight_decay=SMALL,
                     decoupled_weight_decay=BOTH, maximize=BOTH),
     ),
+    Algorithm(
+        fusedopt.Adadelta,
+        cases=(
+            Case("default", {"lr": 1.0}),
+            # lr 0.7 and 0.3 are no float32 numbers: a learning rate rounded to float32 shows in the float64 cases.
+            # eps 1e-4 and 1e-3 are a visible part of sqrt(acc_delta + eps) and sqrt(square_avg + eps).
+            Case("rho-eps", {"lr": 0.7, "rho": 0.8, "eps": 1e-4}),
+            Case("weight_decay", {"lr": 1.0, "rho": 0.85, "weight_decay": 0.1}),
+            Case("maximize", {"lr": 1.0, "maximize": True}),
+            Case("rho-eps-weight_decay-maximize", {"lr": 0.3, "rho": 0.7, "eps": 1e-3, "weight_decay": 0.05,
+                                                   "maximize": True}),
+        ),
+        invalid=(({"rho": 1.5}, "Invalid rho value: 1.5"),
+                 ({"eps": -1.0}, "Invalid epsilon value: -1.0"),
+                 ({"weight_decay": -0.1}, "Invalid weight_decay value: -0.1")),
+        coupled_weight_decay=True,
+        ranges=dict(lr=Range(0.1, 2.0), rho=UNIT, eps=Range(1e-8, 1e-3), weight_decay=SMALL, maximize=BOTH),
+    ),
 ]
 
 TABLE: dict[type[FusedOptimizer], Algorithm] = {row.cls: row for row in _ROWS}
@@ -399,6 +417,7 @@ WARM_STATES: dict[str, Callable[[int, torch.Generator, torch.dtype], Tensor]] = 
     "sum": _positive,
     "square_avg": lambda n, gen, dtype: _positive(n, gen, dtype) + 1.0,
     "grad_avg": lambda n, gen, dtype: 0.1 * _symmetric(n, gen, dtype),
+    "acc_delta": _positive,
 }
 
 

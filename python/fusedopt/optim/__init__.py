@@ -1,5 +1,6 @@
 """fusedopt's optimizers: torch.optim.Optimizer subclasses that step over flat buffers with fused kernels."""
 from ._base import FusedOptimizer
+from .adadelta import Adadelta
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
@@ -9,4 +10,5 @@ from .radam import RAdam
 from .rmsprop import RMSprop
 from .sgd import SGD
 
-__all__ = ["FusedOptimizer", "Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Lion", "LAMB", "Adamax", "RAdam"]
+__all__ = ["FusedOptimizer", "Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Lion", "LAMB", "Adamax", "RAdam",
+           "Adadelta"]
