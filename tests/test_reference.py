@@ -66,7 +66,10 @@ def torch_one_step(row: Algorithm, kwargs: dict[str, Any], param: Tensor, grad: 
         for name, value in tensors.items():
             opt.state[p][name].copy_(value)
         opt.state[p]["step"].fill_(float(before))
-    elif before > 0:
+    elif before > 0 or any(not torch.equal(value, torch.full_like(value, s.fill(row.group(kwargs))))
+                           for s in row.kept_states(kwargs) for name, value in tensors.items() if name == s.name):
+        # Also before the first step when a state's first value did not survive its storage (Rprop's step_size = lr
+        # rounded to bf16): torch then starts from the stored value, as the reference does.
         if row.cls.spec.tracks_step:
             tensors["step"] = torch.tensor(float(before))
         opt.state[p].update(tensors)

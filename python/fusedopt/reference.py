@@ -28,6 +28,7 @@ __all__ = [
     "lion",
     "radam",
     "rmsprop",
+    "rprop",
     "sgd",
 ]
 
@@ -587,3 +588,41 @@ def adadelta(
     _write_back(square_avg, sq)
     _write_back(acc_delta, acc)
 
+
+@torch.no_grad()
+def rprop(
+    param: Tensor,
+    grad: Tensor,
+    prev: Tensor,
+    step_size: Tensor,
+    *,
+    step: int,
+    lr: float,
+    etaminus: float,
+    etaplus: float,
+    step_size_min: float,
+    step_size_max: float,
+    maximize: bool,
+    grad_scale: float = 1.0,
+) -> None:
+    """Rprop (Riedmiller & Braun 1993, without weight backtracking), as torch.optim.Rprop.
+
+    g = grad*grad_scale (negated if maximize); s = sign(g*prev); step_size = step_size * (etaplus if s > 0, etaminus
+    if s < 0, 1 if s = 0; NaN stays NaN), clamped to [step_size_min, step_size_max]; g = 0 where s < 0;
+    p = p - sign(g)*step_size; prev = g. `lr` is step_size's first value, written when the state is created.
+    """
+    del step, lr
+    _check_same_numel(param, grad=grad, prev=prev, step_size=step_size)
+    p, pv, size = _work(param), _work(prev), _work(step_size)
+    g = _effective_grad(grad, grad_scale, maximize)
+    sign = g.mul(pv).sign()
+    sign[sign.gt(0)] = etaplus
+    sign[sign.lt(0)] = etaminus
+    sign[sign.eq(0)] = 1
+    size.mul_(sign).clamp_(step_size_min, step_size_max)
+    g = torch.where(sign.eq(etaminus), 0.0, g)  # a new tensor: the caller's gradient is never modified
+    p.addcmul_(g.sign(), size, value=-1)
+    pv.copy_(g)
+    _write_back(param, p)
+    _write_back(prev, pv)
+    _write_back(step_size, size)

@@ -11,7 +11,8 @@
 #include "fusedopt/math/lion.h"
 #include "fusedopt/math/radam.h"
 #include "fusedopt/math/rmsprop.h"
+#include "fusedopt/math/rprop.h"
 #include "fusedopt/math/sgd.h"
 
 #define FUSEDOPT_FOR_EACH_ALGORITHM(X) \
-  X(adam) X(sgd) X(rmsprop) X(adagrad) X(lion) X(lamb) X(adamax) X(radam) X(adadelta)
+  X(adam) X(sgd) X(rmsprop) X(adagrad) X(lion) X(lamb) X(adamax) X(radam) X(adadelta) X(rprop)

@@ -8,7 +8,8 @@ from .lamb import LAMB
 from .lion import Lion
 from .radam import RAdam
 from .rmsprop import RMSprop
+from .rprop import Rprop
 from .sgd import SGD
 
 __all__ = ["FusedOptimizer", "Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Lion", "LAMB", "Adamax", "RAdam",
-           "Adadelta"]
+           "Adadelta", "Rprop"]
