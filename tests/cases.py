@@ -357,6 +357,41 @@ _ROWS = [
         ranges=dict(lr=Range(1e-4, 5e-2), betas=(UNIT, UNIT), eps=Range(1e-8, 1e-3), weight_decay=SMALL,
                     decoupled_weight_decay=BOTH, maximize=BOTH),
     ),
+    Algorithm(
+        fusedopt.Adadelta,
+        cases=(
+            Case("default", {"lr": 1.0}),
+            # lr 0.7 and 0.3 are no float32 numbers: a learning rate rounded to float32 shows in the float64 cases.
+            # eps 1e-4 and 1e-3 are a visible part of sqrt(acc_delta + eps) and sqrt(square_avg + eps).
+            Case("rho-eps", {"lr": 0.7, "rho": 0.8, "eps": 1e-4}),
+            Case("weight_decay", {"lr": 1.0, "rho": 0.85, "weight_decay": 0.1}),
+            Case("maximize", {"lr": 1.0, "maximize": True}),
+            Case("rho-eps-weight_decay-maximize", {"lr": 0.3, "rho": 0.7, "eps": 1e-3, "weight_decay": 0.05,
+                                                   "maximize": True}),
+        ),
+        invalid=(({"rho": 1.5}, "Invalid rho value: 1.5"),
+                 ({"eps": -1.0}, "Invalid epsilon value: -1.0"),
+                 ({"weight_decay": -0.1}, "Invalid weight_decay value: -0.1")),
+        coupled_weight_decay=True,
+        ranges=dict(lr=Range(0.1, 2.0), rho=UNIT, eps=Range(1e-8, 1e-3), weight_decay=SMALL, maximize=BOTH),
+    ),
+    Algorithm(
+        fusedopt.Rprop,
+        cases=(
+            Case("default", {"lr": 1e-2}),
+            Case("etas", {"lr": 1e-2, "etas": (0.3, 1.5)}),
+            # Bounds that both bind within a few steps: 1e-2 * 1.3**3 > 2e-2 and 1e-2 * 0.6**5 < 1e-3.
+            Case("step_sizes", {"lr": 1e-2, "etas": (0.6, 1.3), "step_sizes": (1e-3, 2e-2)}),
+            Case("maximize", {"lr": 1e-2, "maximize": True}),
+            Case("etas-step_sizes-maximize", {"lr": 2e-2, "etas": (0.4, 1.4), "step_sizes": (1e-3, 0.5),
+                                              "maximize": True}),
+        ),
+        invalid=(({"etas": (1.0, 0.5)}, "Invalid eta values: 1.0, 0.5"),
+                 ({"etas": (0.5, 1.0)}, "Invalid eta values: 0.5, 1.0"),
+                 ({"etas": (0.0, 1.2)}, "Invalid eta values: 0.0, 1.2")),
+        ranges=dict(lr=Range(1e-4, 5e-2), etas=(Range(0.1, 0.9), Range(1.1, 2.0)),
+                    step_sizes=[(1e-6, 50.0), (Range(1e-6, 1e-3), Range(1e-2, 1.0))], maximize=BOTH),
+    ),
 ]
 
 TABLE: dict[type[FusedOptimizer], Algorithm] = {row.cls: row for row in _ROWS}
@@ -381,9 +416,9 @@ assert {"lr", "betas", "weight_decay"} <= set(EXAMPLE.cls.torch_defaults)
 assert len(EXAMPLE.state_names({})) >= 2 and len(EXAMPLE.state_names({})) < len(EXAMPLE.cls.spec.states)
 
 # Random values of states, for tests that start a kernel from a warm state (never zeros), by torch.optim's state name:
-# second moments and sums of squares are positive, a centered first moment stays well below the root of its second
-# moment; any other state is symmetric around 0. Drawn in float64 and rounded to fp32 unless float64 is asked for (the
-# same draws either way).
+# second moments, sums of squares and step sizes are positive, a centered first moment stays well below the root of
+# its second moment; any other state is symmetric around 0. Drawn in float64 and rounded to fp32 unless float64 is
+# asked for (the same draws either way).
 def _symmetric(n: int, gen: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
     return torch.randn(n, generator=gen, dtype=F64).to(dtype)
 
@@ -399,6 +434,8 @@ WARM_STATES: dict[str, Callable[[int, torch.Generator, torch.dtype], Tensor]] = 
     "sum": _positive,
     "square_avg": lambda n, gen, dtype: _positive(n, gen, dtype) + 1.0,
     "grad_avg": lambda n, gen, dtype: 0.1 * _symmetric(n, gen, dtype),
+    "acc_delta": _positive,
+    "step_size": lambda n, gen, dtype: 1e-2 * _positive(n, gen, dtype),  # Rprop's per-element steps, ~lr
 }
 
 

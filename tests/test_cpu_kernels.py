@@ -355,6 +355,51 @@ def test_segments_with_different_steps_in_one_call(row, dtype):
                 ref_states[name].copy_(v)
 
 
+# (step, element, value): inf, -inf and nan in the gradients, some elements hit twice, so that a non-finite state is
+# read back by a later step.
+NONFINITE = [(1, 3, math.inf), (1, 7, -math.inf), (1, 11, math.nan), (2, 3, 1.0), (2, 15, math.nan),
+             (2, 19, math.inf), (3, 7, -1.0), (3, 23, -math.inf)]
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("row", row_params())
+def test_nonfinite_gradients_propagate_as_in_the_reference(row, dtype):
+    """Without skip_nonfinite, inf and nan in the gradients reach the parameters and states exactly where the
+    reference (torch.optim's operations) lets them: the same elements nan, the same infinities, and the finite
+    elements equal. Each kernel's comparisons and selects must treat nan as torch's ops do."""
+    kwargs = row.richest_case().kwargs
+    kw = kernel_args(row, kwargs)
+    table, ref_table = Segments.packed([40]), Segments.packed([40])
+    n = table.total
+    gen = torch.Generator().manual_seed(29)
+    param = _sym(n, gen, dtype)
+    states = _init_states(row, kwargs, n, dtype, gen)
+    ref_param = param.clone()
+    ref_states = {k: (v.clone() if v is not None else None) for k, v in states.items()}
+    for step in (1, 2, 3):
+        grad = _sym(n, gen, dtype)
+        for when, i, value in NONFINITE:
+            if when == step:
+                grad[i] = value
+        _call("cpu", row, param, grad, states, None, kw, table)
+        _call("reference", row, ref_param, grad, ref_states, None, kw, ref_table)
+        pairs = [("param", param, ref_param)] + [(k, v, ref_states[k]) for k, v in states.items() if v is not None]
+        for name, actual, expected in pairs:
+            where = f"{row.name} {name} step {step}"
+            assert torch.equal(actual.isnan(), expected.isnan()), f"{where}: nan at {actual.isnan().nonzero()}, " \
+                f"reference {expected.isnan().nonzero()}"
+            finite = ~expected.isnan()
+            assert torch.equal(actual[finite].isinf(), expected[finite].isinf()), f"{where}: infinities"
+            if row.sign_update and name == "param":
+                assert_sign_update_close(actual[finite], expected[finite], dtype, kw["lr"], msg=where)
+            else:
+                assert_close(actual[finite], expected[finite], dtype, msg=where)
+        ref_param.copy_(param)  # each step from identical inputs
+        for k, v in states.items():
+            if v is not None:
+                ref_states[k].copy_(v)
+
+
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["fp32", "fp64"])
 def test_master_weights_are_for_16_bit_parameters(dtype):
     table = Segments.packed([8])

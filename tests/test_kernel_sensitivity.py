@@ -1,5 +1,6 @@
-"""CPU kernels against the reference where one term (LAMB's eps, the trust ratio of a zero parameter) changes the
-result far beyond the fp32 tolerance: each test catches a tools/mutate.py mutant the other kernel tests let through.
+"""CPU kernels against the reference where one term (LAMB's eps, the trust ratio of a zero parameter, which of Rprop's
+step-size bounds wins when they are inverted) changes the result far beyond the fp32 tolerance: each test catches a
+tools/mutate.py mutant the other kernel tests let through.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ SENSITIVITY = 100.0
 
 LAMB = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "weight_decay": 0.0, "bias_correction": True,
         "max_trust_ratio": None, "maximize": False}
+RPROP = {"lr": 1e-2, "etaminus": 0.5, "etaplus": 1.2, "step_size_min": 1e-6, "step_size_max": 50.0, "maximize": False}
 
 
 @dataclass(frozen=True)
@@ -43,15 +45,22 @@ ROWS = [
     # eps is added to sqrt(v_hat): with the default 1e-6 and moments of order 1 it changes u by ~1e-6 relative, below
     # the tolerance. Gradients of 1e-2 and eps 1e-2 make it half of the denominator.
     Row("lamb-eps", "lamb", "eps", dict(LAMB, eps=1e-2), dict(LAMB, eps=0.0), scale=1e-2),
+    # torch does not check step_sizes: with min > max, torch.clamp_(step_size, min, max) gives max everywhere. Which
+    # bound wins shows only then; the neutral row has the same bounds the right way round.
+    Row("rprop-inverted-step-sizes", "rprop", "step_size_max winning over a larger step_size_min",
+        dict(RPROP, step_size_min=1e-2, step_size_max=1e-3), dict(RPROP, step_size_min=1e-3, step_size_max=1e-2)),
 ]
 
 
 def _states(algorithm: str, n: int, scale: float, gen: torch.Generator) -> list[Tensor]:
-    """Random states in the algorithm's slot order: second-moment-like ones (name ending in _sq) positive."""
+    """Random states in the algorithm's slot order: second-moment-like ones (name ending in _sq) positive, step sizes
+    positive (1e-3 to 1.1e-2)."""
     out = []
     for name in _C.algorithms()[algorithm]["states"]:
         if name.endswith("_sq"):
             out.append(scale * scale * (torch.rand(n, generator=gen) + 0.1))
+        elif name == "step_size":
+            out.append(1e-2 * (torch.rand(n, generator=gen) + 0.1))
         else:
             out.append(scale * torch.randn(n, generator=gen))
     return out

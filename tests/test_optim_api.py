@@ -149,6 +149,57 @@ def test_max_grad_norm_equals_clip_grad_norm_then_step(backend: str, max_norm: f
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("row,case", params(TORCH_ROWS, lambda row: [row.richest_case()]))
+def test_every_class_clips_like_clip_grad_norm_then_step(backend: str, row: Algorithm, case) -> None:
+    """Each class's max_grad_norm (the clip coefficient folded into its kernel's gradient scale) is torch's
+    clip_grad_norm_ followed by torch.optim's step of that class, in the case of its table that keeps the most
+    states; one parameter misses its gradient on some steps."""
+    init = _random_params()
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    theirs = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = row.cls(ours, max_grad_norm=0.5, backend=backend, **case.kwargs)
+    ref = row.torch_optimizer(theirs, case.kwargs)
+    for step in range(15):
+        for k, (p, q) in enumerate(zip(ours, theirs)):
+            g = None if k == 3 and step % 3 == 0 else torch.randn_like(p) * 3
+            p.grad, q.grad = (None, None) if g is None else (g.clone(), g.clone())
+        expected_norm = torch.nn.utils.clip_grad_norm_(theirs, 0.5)
+        opt.step()
+        ref.step()
+        assert opt.last_grad_norm == pytest.approx(expected_norm.item(), rel=1e-6)
+        for p, q in zip(ours, theirs):
+            assert_close(p.detach(), q.detach(), "fp32_trajectory", msg=f"step {step}")
+            for key, value in ref.state[q].items():
+                assert_close(torch.as_tensor(opt.state[p][key]), value, "fp32_trajectory", msg=f"step {step}: {key}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("row", [pytest.param(row, id=row.name) for row in TORCH_ROWS])
+def test_state_created_late_starts_from_the_group_of_its_first_step(backend: str, row: Algorithm) -> None:
+    """A parameter whose first gradient comes after the learning rate changed gets its state as torch.optim creates
+    it then: from the group's values at that step (Rprop's step_size starts at the lr of the parameter's first step,
+    not at the lr of the step that allocated the flat state buffer)."""
+    kwargs = row.cases[0].kwargs
+    init = _random_params(3)
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    theirs = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = row.cls(ours, backend=backend, **kwargs)
+    ref = row.torch_optimizer(theirs, kwargs)
+    for step in range(5):
+        for k, (p, q) in enumerate(zip(ours, theirs)):
+            g = None if k == 1 and step < 3 else torch.randn_like(p)
+            p.grad, q.grad = (None, None) if g is None else (g.clone(), g.clone())
+        opt.step()
+        ref.step()
+        for p, q in zip(ours, theirs):
+            assert_close(p.detach(), q.detach(), "fp32_trajectory", msg=f"step {step}")
+            for key, value in ref.state.get(q, {}).items():
+                assert_close(torch.as_tensor(opt.state[p][key]), value, "fp32_trajectory", msg=f"step {step}: {key}")
+        for optimizer in (opt, ref):
+            optimizer.param_groups[0]["lr"] *= 0.5  # a scheduler's decay
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_master_weights_follow_the_fp32_trajectory(backend: str, dtype: torch.dtype) -> None:
     init = [t.to(dtype) for t in _random_params()]

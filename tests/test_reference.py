@@ -66,7 +66,10 @@ def torch_one_step(row: Algorithm, kwargs: dict[str, Any], param: Tensor, grad: 
         for name, value in tensors.items():
             opt.state[p][name].copy_(value)
         opt.state[p]["step"].fill_(float(before))
-    elif before > 0:
+    elif before > 0 or any(not torch.equal(value, torch.full_like(value, s.fill(row.group(kwargs))))
+                           for s in row.kept_states(kwargs) for name, value in tensors.items() if name == s.name):
+        # Also before the first step when a state's first value did not survive its storage (Rprop's step_size = lr
+        # rounded to bf16): torch then starts from the stored value, as the reference does.
         if row.cls.spec.tracks_step:
             tensors["step"] = torch.tensor(float(before))
         opt.state[p].update(tensors)
@@ -136,6 +139,37 @@ def test_reference_matches_torch_optim(row: Algorithm, case, n: int, dtype: torc
         torch_state = {k: v for k, v in opt.state[torch_p].items() if k != "step"}
         assert ref_p.dtype == dtype and all(state[k].dtype == dtype for k in names)
         compare_step(ref_p, state, torch_p.detach(), torch_state, names, where=f"step {step}")
+
+
+@pytest.mark.parametrize("row", row_params(TORCH_ROWS))
+def test_reference_matches_torch_optim_on_nonfinite_gradients(row: Algorithm) -> None:
+    """inf, -inf and nan in the gradients (some elements hit on two steps, so that non-finite states are read back):
+    the reference's parameter and states are nan and inf where torch.optim's are, and equal elsewhere, in the case
+    of the row's table that keeps the most states."""
+    kwargs = row.richest_case().kwargs
+    n = 40
+    p0 = torch.randn(n)
+    torch_p = torch.nn.Parameter(p0.clone())
+    opt = row.torch_optimizer([torch_p], kwargs)
+    ref_p = p0.clone()
+    state = init_state(row, kwargs, ref_p)
+    names = row.state_names(kwargs)
+    bad = {1: {3: math.inf, 7: -math.inf, 11: math.nan}, 2: {3: 1.0, 15: math.nan, 19: math.inf},
+           3: {7: -1.0, 23: -math.inf}}
+    for step in (1, 2, 3, 4):
+        grad = torch.randn(n)
+        for i, value in bad.get(step, {}).items():
+            grad[i] = value
+        torch_p.grad = grad.clone()
+        opt.step()
+        reference_step(row, kwargs, ref_p, grad, state)
+        pairs = [("param", ref_p, torch_p.detach())] + [(k, state[k], opt.state[torch_p][k]) for k in names]
+        for name, actual, expected in pairs:
+            where = f"step {step}: {name}"
+            assert torch.equal(actual.isnan(), expected.isnan()), where
+            assert torch.equal(actual.isinf(), expected.isinf()), where
+            finite = torch.isfinite(expected)
+            assert_close(actual[finite], expected[finite], torch.float32, msg=where)
 
 
 def class_named_functions() -> list:

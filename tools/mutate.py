@@ -26,6 +26,7 @@ DEFAULT_OUT = ROOT / "bench" / "results" / "mutation-score.json"
 
 MATH = "csrc/include/fusedopt/math/"
 ADAM, SGD, RMSPROP, ADAGRAD, LION, LAMB = (f"{MATH}{a}.h" for a in "adam sgd rmsprop adagrad lion lamb".split())
+ADADELTA, RPROP = (f"{MATH}{a}.h" for a in "adadelta rprop".split())
 REF = "python/fusedopt/reference.py"
 
 
@@ -60,6 +61,18 @@ _ADAGRAD_ORDER = """\
       sum += g * g;
       p -= c.clr * (g / (square_root(sum) + c.eps));"""
 _GRAD_SCALE = "c.grad_scale = static_cast<T>(h.maximize != 0.0 ? -grad_scale : grad_scale);"
+_ADADELTA_ORDER = """\
+      square_avg = square_avg * c.rho + c.one_minus_rho * g * g;
+      const T delta = square_root(acc_delta + c.eps) / square_root(square_avg + c.eps) * g;"""
+_RPROP_ETAS = """\
+    c.etaminus = static_cast<T>(h.etaminus);
+    c.etaplus = static_cast<T>(h.etaplus);"""
+_RPROP_CLAMP = """\
+      s = s < c.step_size_min ? c.step_size_min : s;  // torch.clamp_: NaN propagates, max wins when min > max
+      s = s > c.step_size_max ? c.step_size_max : s;"""
+_REF_RPROP_FACTORS = """\
+    sign[sign.gt(0)] = etaplus
+    sign[sign.lt(0)] = etaminus"""
 _REF_ADAM_MOMENTS = """\
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -148,6 +161,53 @@ MUTANTS: list[Mutant] = [
            "? wn / un : 1.0;", "? wn / un : 0.0;"),
     Mutant("lamb-ignore-max-trust-ratio", "lamb", LAMB,
            "if (c.max_trust_ratio >= 0.0 && ratio > c.max_trust_ratio) ratio = c.max_trust_ratio;", ""),
+    # --- adadelta.h
+    Mutant("adadelta-no-weight-decay", "adadelta", ADADELTA,
+           "g + c.weight_decay * p, g);", "g, g);"),
+    Mutant("adadelta-no-eps-in-denominator", "adadelta", ADADELTA,
+           "square_root(square_avg + c.eps)", "square_root(square_avg)"),
+    Mutant("adadelta-no-eps-in-numerator", "adadelta", ADADELTA,
+           "square_root(acc_delta + c.eps)", "square_root(acc_delta)"),
+    Mutant("adadelta-swap-rho-square-avg", "adadelta", ADADELTA,
+           "square_avg * c.rho + c.one_minus_rho * g * g", "square_avg * c.one_minus_rho + c.rho * g * g"),
+    Mutant("adadelta-swap-rho-acc-delta", "adadelta", ADADELTA,
+           "acc_delta * c.rho + c.one_minus_rho * delta * delta",
+           "acc_delta * c.one_minus_rho + c.rho * delta * delta"),
+    Mutant("adadelta-delta-before-square-avg", "adadelta", ADADELTA,
+           _ADADELTA_ORDER, "\n".join(reversed(_ADADELTA_ORDER.split("\n")))),
+    Mutant("adadelta-flip-update-sign", "adadelta", ADADELTA,
+           "p -= c.lr * delta;", "p += c.lr * delta;"),
+    Mutant("adadelta-ignore-maximize", "adadelta", ADADELTA,
+           _GRAD_SCALE, "c.grad_scale = static_cast<T>(grad_scale);"),
+    Mutant("adadelta-ignore-grad-scale", "adadelta", ADADELTA,
+           _GRAD_SCALE, "c.grad_scale = h.maximize != 0.0 ? T(-1) : T(1);"),
+    # --- rprop.h
+    Mutant("rprop-swap-etas", "rprop", RPROP,
+           _RPROP_ETAS, _swap("h.etaminus", "h.etaplus", _RPROP_ETAS)),
+    Mutant("rprop-zero-product-grows", "rprop", RPROP,
+           "product < T(0) ? c.etaminus : T(1);", "product < T(0) ? c.etaminus : c.etaplus;"),
+    Mutant("rprop-no-min-clamp", "rprop", RPROP,
+           "s = s < c.step_size_min ? c.step_size_min : s;", "s = s;"),
+    Mutant("rprop-no-max-clamp", "rprop", RPROP,
+           "s = s > c.step_size_max ? c.step_size_max : s;", "s = s;"),
+    Mutant("rprop-clamp-order-swapped", "rprop", RPROP,
+           _RPROP_CLAMP, "\n".join(reversed(_RPROP_CLAMP.split("\n")))),
+    Mutant("rprop-keep-grad-on-sign-change", "rprop", RPROP,
+           "g = factor == c.etaminus ? T(0) : g;", ""),
+    Mutant("rprop-step-with-old-step-size", "rprop", RPROP,
+           "p -= sign(g) * s;", "p -= sign(g) * step_size / factor;"),
+    Mutant("rprop-flip-update-sign", "rprop", RPROP,
+           "p -= sign(g) * s;", "p += sign(g) * s;"),
+    Mutant("rprop-prev-not-stored", "rprop", RPROP,
+           "      prev = g;\n", ""),
+    Mutant("rprop-prev-stored-before-zeroing", "rprop", RPROP,
+           "      g = factor == c.etaminus ? T(0) : g;\n      p -= sign(g) * s;\n      prev = g;\n",
+           "      prev = g;\n      g = factor == c.etaminus ? T(0) : g;\n      p -= sign(g) * s;\n"),
+    Mutant("rprop-ignore-maximize", "rprop", RPROP,
+           _GRAD_SCALE, "c.grad_scale = static_cast<T>(grad_scale);"),
+    Mutant("rprop-nan-product-propagates", "rprop", RPROP,
+           "product < T(0) ? c.etaminus : T(1);",
+           "product < T(0) ? c.etaminus : (product == product ? T(1) : product);"),
     # --- float64 parameters: a coefficient rounded to float32 on its way to the double compute type (only the float64
     # cases can see it: for float32 parameters the mutant changes nothing)
     Mutant("adam-fp64-step-size-rounded-to-float", "adam", ADAM,
@@ -157,6 +217,10 @@ MUTANTS: list[Mutant] = [
            "c.lr = static_cast<T>(lr);", "c.lr = static_cast<T>(static_cast<float>(lr));"),
     Mutant("lamb-fp64-scaled-lr-rounded-to-float", "lamb", LAMB,
            "return static_cast<T>(c.lr * ratio);", "return static_cast<T>(static_cast<float>(c.lr * ratio));"),
+    Mutant("adadelta-fp64-lr-rounded-to-float", "adadelta", ADADELTA,
+           "c.lr = static_cast<T>(lr);", "c.lr = static_cast<T>(static_cast<float>(lr));"),
+    Mutant("rprop-fp64-etaplus-rounded-to-float", "rprop", RPROP,
+           "c.etaplus = static_cast<T>(h.etaplus);", "c.etaplus = static_cast<T>(static_cast<float>(h.etaplus));"),
     # --- reference.py: the oracle of the kernel tests, itself checked against torch.optim and float64 formulas
     Mutant("ref-adam-decoupled-decay-without-lr", "adam", REF,
            "        if decoupled:\n            p.mul_(1 - lr * weight_decay)",
@@ -192,6 +256,26 @@ MUTANTS: list[Mutant] = [
            "p.mul_(1 - lr * weight_decay)\n    c = torch.lerp", "p.mul_(1 - weight_decay)\n    c = torch.lerp"),
     Mutant("ref-lion-flip-update-sign", "lion", REF,
            "p.add_(torch.sign(c), alpha=-lr)", "p.add_(torch.sign(c), alpha=lr)"),
+    Mutant("ref-adadelta-no-weight-decay", "adadelta", REF,
+           "g = g.add(p, alpha=weight_decay)\n    sq.mul_(rho)", "g = g\n    sq.mul_(rho)"),
+    Mutant("ref-adadelta-swap-rho", "adadelta", REF,
+           "sq.mul_(rho).addcmul_(g, g, value=1 - rho)", "sq.mul_(1 - rho).addcmul_(g, g, value=rho)"),
+    Mutant("ref-adadelta-no-eps-in-numerator", "adadelta", REF,
+           "delta = acc.add(eps).sqrt_()", "delta = acc.sqrt()"),
+    Mutant("ref-adadelta-acc-delta-of-gradient", "adadelta", REF,
+           "acc.mul_(rho).addcmul_(delta, delta, value=1 - rho)", "acc.mul_(rho).addcmul_(g, g, value=1 - rho)"),
+    Mutant("ref-adadelta-flip-update-sign", "adadelta", REF,
+           "p.add_(delta, alpha=-lr)", "p.add_(delta, alpha=lr)"),
+    Mutant("ref-rprop-swap-etas", "rprop", REF,
+           _REF_RPROP_FACTORS, _swap("etaplus", "etaminus", _REF_RPROP_FACTORS)),
+    Mutant("ref-rprop-no-clamp", "rprop", REF,
+           "size.mul_(sign).clamp_(step_size_min, step_size_max)", "size.mul_(sign)"),
+    Mutant("ref-rprop-keep-grad-on-sign-change", "rprop", REF,
+           "g = torch.where(sign.eq(etaminus), 0.0, g)", "g = g"),
+    Mutant("ref-rprop-flip-update-sign", "rprop", REF,
+           "p.addcmul_(g.sign(), size, value=-1)", "p.addcmul_(g.sign(), size, value=1)"),
+    Mutant("ref-rprop-prev-not-stored", "rprop", REF,
+           "pv.copy_(g)", "pv.copy_(pv)"),
     Mutant("ref-lamb-no-bias-correction1", "lamb", REF,
            "mh = m / (1 - beta1**step)", "mh = m"),
     Mutant("ref-lamb-no-weight-decay", "lamb", REF,

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "adadelta",
     "adagrad",
     "adam",
     "adamax",
@@ -27,6 +28,7 @@ __all__ = [
     "lion",
     "radam",
     "rmsprop",
+    "rprop",
     "sgd",
 ]
 
@@ -549,3 +551,78 @@ def radam(
     _write_back(param, p)
     _write_back(exp_avg, m)
     _write_back(exp_avg_sq, v)
+
+
+@torch.no_grad()
+def adadelta(
+    param: Tensor,
+    grad: Tensor,
+    square_avg: Tensor,
+    acc_delta: Tensor,
+    *,
+    step: int,
+    lr: float,
+    rho: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: float = 1.0,
+) -> None:
+    """Adadelta (Zeiler 2012, Algorithm 1, with a learning rate), as torch.optim.Adadelta.
+
+    g = grad*grad_scale (negated if maximize); g = g + wd*p; E[g^2] = rho*E[g^2] + (1-rho)*g*g;
+    dx = sqrt(E[dx^2] + eps) / sqrt(E[g^2] + eps) * g; E[dx^2] = rho*E[dx^2] + (1-rho)*dx*dx; p = p - lr*dx.
+    """
+    del step  # Adadelta has no step-dependent term
+    _check_same_numel(param, grad=grad, square_avg=square_avg, acc_delta=acc_delta)
+    p, sq, acc = _work(param), _work(square_avg), _work(acc_delta)
+    g = _effective_grad(grad, grad_scale, maximize)
+    if weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
+    sq.mul_(rho).addcmul_(g, g, value=1 - rho)
+    std = sq.add(eps).sqrt_()
+    delta = acc.add(eps).sqrt_().div_(std).mul_(g)
+    acc.mul_(rho).addcmul_(delta, delta, value=1 - rho)
+    p.add_(delta, alpha=-lr)
+    _write_back(param, p)
+    _write_back(square_avg, sq)
+    _write_back(acc_delta, acc)
+
+
+@torch.no_grad()
+def rprop(
+    param: Tensor,
+    grad: Tensor,
+    prev: Tensor,
+    step_size: Tensor,
+    *,
+    step: int,
+    lr: float,
+    etaminus: float,
+    etaplus: float,
+    step_size_min: float,
+    step_size_max: float,
+    maximize: bool,
+    grad_scale: float = 1.0,
+) -> None:
+    """Rprop (Riedmiller & Braun 1993, without weight backtracking), as torch.optim.Rprop.
+
+    g = grad*grad_scale (negated if maximize); s = sign(g*prev); step_size = step_size * (etaplus if s > 0, etaminus
+    if s < 0, 1 if s = 0; NaN stays NaN), clamped to [step_size_min, step_size_max]; g = 0 where s < 0;
+    p = p - sign(g)*step_size; prev = g. `lr` is step_size's first value, written when the state is created.
+    """
+    del step, lr
+    _check_same_numel(param, grad=grad, prev=prev, step_size=step_size)
+    p, pv, size = _work(param), _work(prev), _work(step_size)
+    g = _effective_grad(grad, grad_scale, maximize)
+    sign = g.mul(pv).sign()
+    sign[sign.gt(0)] = etaplus
+    sign[sign.lt(0)] = etaminus
+    sign[sign.eq(0)] = 1
+    size.mul_(sign).clamp_(step_size_min, step_size_max)
+    g = torch.where(sign.eq(etaminus), 0.0, g)  # a new tensor: the caller's gradient is never modified
+    p.addcmul_(g.sign(), size, value=-1)
+    pv.copy_(g)
+    _write_back(param, p)
+    _write_back(prev, pv)
+    _write_back(step_size, size)

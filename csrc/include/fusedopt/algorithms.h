@@ -3,6 +3,7 @@
 // in the list.
 #pragma once
 
+#include "fusedopt/math/adadelta.h"
 #include "fusedopt/math/adagrad.h"
 #include "fusedopt/math/adam.h"
 #include "fusedopt/math/adamax.h"
@@ -10,6 +11,8 @@
 #include "fusedopt/math/lion.h"
 #include "fusedopt/math/radam.h"
 #include "fusedopt/math/rmsprop.h"
+#include "fusedopt/math/rprop.h"
 #include "fusedopt/math/sgd.h"
 
-#define FUSEDOPT_FOR_EACH_ALGORITHM(X) X(adam) X(sgd) X(rmsprop) X(adagrad) X(lion) X(lamb) X(adamax) X(radam)
+#define FUSEDOPT_FOR_EACH_ALGORITHM(X) \
+  X(adam) X(sgd) X(rmsprop) X(adagrad) X(lion) X(lamb) X(adamax) X(radam) X(adadelta) X(rprop)

@@ -100,10 +100,11 @@ FUSEDOPT_HD T lerp(T start, T end, T w) {
   return uniform_select(w < T(0.5) && w > T(-0.5), start + w * diff, end - diff * (T(1) - w));
 }
 
-// Branch-free select-friendly sign: sign(0) = 0 (keeps zero padding at zero), NaN propagates as in torch.sign.
+// torch.sign, branch-free and select-friendly: sign(0) = sign(-0) = 0 (keeps zero padding at zero) and sign(NaN) = 0,
+// as torch.sign gives on the CPU and on CUDA ((0 < x) - (x < 0)).
 template <typename T>
 FUSEDOPT_HD T sign(T x) {
-  const T s = x < T(0) ? T(-1) : x;
+  const T s = x < T(0) ? T(-1) : T(0);
   return x > T(0) ? T(1) : s;
 }
 

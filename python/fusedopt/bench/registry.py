@@ -55,6 +55,8 @@ OPTIMIZERS: dict[str, OptSpec] = {
     "adagrad": OptSpec("Adagrad", "Adagrad", {"lr": 1e-2}, 1, "deepspeed-cpu-adagrad"),
     "lion": OptSpec("Lion", None, {"lr": 1e-4, "weight_decay": 1e-2}, 1, "deepspeed-cpu-lion"),
     "lamb": OptSpec("LAMB", None, {"lr": 1e-3, "weight_decay": 1e-2}, 2),
+    "adadelta": OptSpec("Adadelta", "Adadelta", {"lr": 1.0}, 2),
+    "rprop": OptSpec("Rprop", "Rprop", {"lr": 1e-2}, 2),
 }
 
 kFusedoptImpls = ("fusedopt-cpu", "fusedopt-cuda", "fusedopt-reference")

@@ -1,5 +1,6 @@
 """fusedopt's optimizers: torch.optim.Optimizer subclasses that step over flat buffers with fused kernels."""
 from ._base import FusedOptimizer
+from .adadelta import Adadelta
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
@@ -7,6 +8,8 @@ from .lamb import LAMB
 from .lion import Lion
 from .radam import RAdam
 from .rmsprop import RMSprop
+from .rprop import Rprop
 from .sgd import SGD
 
-__all__ = ["FusedOptimizer", "Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Lion", "LAMB", "Adamax", "RAdam"]
+__all__ = ["FusedOptimizer", "Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Lion", "LAMB", "Adamax", "RAdam",
+           "Adadelta", "Rprop"]

@@ -246,15 +246,21 @@ class FusedOptimizer(Optimizer):
 
     # Per-parameter state -----------------------------------------------------------------------------------
 
-    def _init_state(self, group: dict[str, Any], buf: FlatBuffer, i: int) -> None:
-        """Create state[p] as views into the flat buffers (torch.optim's names and shapes)."""
+    def _init_state(self, group: dict[str, Any], buf: FlatBuffer, i: int, fresh: bool = False) -> None:
+        """Create state[p] as views into the flat buffers (torch.optim's names and shapes). `fresh`: the parameter's
+        state is created now, at its first step, so each state's region takes its first value from the group as it
+        is now (a first value such as Rprop's step_size = lr follows a learning rate changed since the buffer was
+        allocated)."""
         p = buf.params[i]
         state: dict[str, Any] = {}
         if self.spec.tracks_step:
             state["step"] = buf.steps[i]
         dtype = state_dtype_for(buf.dtype, group["state_dtype"])
         for s in self.spec.kept_states(group):
-            state[s.name] = buf.state_view(buf.ensure_state(s.name, dtype, s.fill(group)), i)
+            flat = buf.ensure_state(s.name, dtype, s.fill(group))
+            if fresh:
+                buf.region(flat, i).fill_(s.fill(group))
+            state[s.name] = buf.state_view(flat, i)
         if buf.master is not None:
             state["master_param"] = buf.state_view(buf.master, i)
         if state:  # like torch.optim, parameters without state (a stateless configuration) get no entry
@@ -271,7 +277,7 @@ class FusedOptimizer(Optimizer):
             state = dict.get(self.state, p)
             if not state:
                 if buf.segments.flags[i]:
-                    self._init_state(group, buf, i)
+                    self._init_state(group, buf, i, fresh=True)
                 else:
                     complete = False
                 continue
