@@ -27,9 +27,12 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def _run(*args: str, timeout: float = 300, env: dict[str, str] | None = None, cwd: object = None
+         ) -> subprocess.CompletedProcess:
+    """`fusedopt <args>` in a subprocess; `env` adds variables to `_env()`."""
     return subprocess.run(
-        [sys.executable, "-m", "fusedopt", *args], capture_output=True, text=True, env=_env(), timeout=timeout,
+        [sys.executable, "-m", "fusedopt", *args], capture_output=True, text=True, env={**_env(), **(env or {})},
+        cwd=cwd, timeout=timeout,
         check=False,
     )
 
@@ -87,10 +90,7 @@ def test_version(capsys):
 
 
 def test_info_shows_the_backend_override():
-    env = _env()
-    env["FUSEDOPT_BACKEND"] = "reference"
-    proc = subprocess.run([sys.executable, "-m", "fusedopt", "info"], capture_output=True, text=True, env=env,
-                          timeout=120, check=False)
+    proc = _run("info", env={"FUSEDOPT_BACKEND": "reference"}, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "FUSEDOPT_BACKEND=reference" in proc.stdout
     assert "none (FUSEDOPT_BACKEND unset)" in _run("info").stdout
@@ -186,11 +186,8 @@ def test_library_and_info_do_not_import_the_bench_harness(code):
 def quick_run(tmp_path_factory):
     """`bench --quick` without --json, run in an empty folder: the results go to the cache folder, not there."""
     work, cache = tmp_path_factory.mktemp("cwd"), tmp_path_factory.mktemp("cache")
-    env = _env()
-    env["XDG_CACHE_HOME"] = str(cache)
     # One thread keeps this smoke test's run time steady on small shared CI machines.
-    proc = subprocess.run([sys.executable, "-m", "fusedopt", "bench", "--quick", "--device", "cpu", "--threads", "1"],
-                          capture_output=True, text=True, env=env, cwd=work, timeout=300, check=False)
+    proc = _run("bench", "--quick", "--device", "cpu", "--threads", "1", env={"XDG_CACHE_HOME": str(cache)}, cwd=work)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert list(work.iterdir()) == []
     (out,) = (cache / "fusedopt" / "bench").glob("bench-*.json")
