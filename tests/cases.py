@@ -14,6 +14,7 @@ from typing import Any
 
 import fusedopt
 import torch
+from fusedopt.flat import Segments
 from fusedopt.optim import FusedOptimizer
 from fusedopt.optim._spec import State
 from torch import Tensor
@@ -67,6 +68,9 @@ class Algorithm:
     # Zero gradients leave zero-initialised states at zero (Adamax's exp_inf rises to eps instead; its parameter
     # still stays put).
     zero_fixed_states: bool = True
+    # The step size reaches the update only through a float32 per-parameter scalar state (ASGD's eta = lr, as torch
+    # keeps it), so a float64 step uses lr rounded to float32 in torch.optim and in fusedopt alike.
+    float32_step_size: bool = False
     # Hyperparameter ranges of the property tests (constructor kwargs: a Range, a list of alternatives, a tuple of
     # specs, or a plain value).
     ranges: dict[str, Any] = field(default_factory=dict)
@@ -107,8 +111,9 @@ class Algorithm:
         return self.cls.spec.kept_states(self.group(kwargs))
 
     def state_names(self, kwargs: Mapping[str, Any]) -> tuple[str, ...]:
-        """The state tensors torch.optim (and fusedopt) keep for this configuration, in kernel slot order."""
-        return tuple(s.name for s in self.kept_states(kwargs))
+        """The state tensors torch.optim (and fusedopt) keep for this configuration besides the step: the
+        per-element ones in kernel slot order, then the per-parameter scalars (0-dim float32 tensors)."""
+        return tuple(s.name for s in self.kept_states(kwargs)) + self.cls.spec.scalar_names()
 
     def hyper(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """The kernel fields (math header's kFields) of this configuration."""
@@ -119,6 +124,17 @@ class Algorithm:
         group = self.group(kwargs)
         return self.coupled_weight_decay and not group.get("decoupled_weight_decay", False) \
             and group["weight_decay"] != 0
+
+    def fill_scalars(self, segments: Segments, lr: float) -> None:
+        """Give a segment table the first values of the row's per-parameter scalar states (the spec's, at learning
+        rate `lr`), as the optimizer does when a parameter's state is created. Nothing for a row without them or a
+        table that has them."""
+        spec = self.cls.spec
+        if spec.scalars and segments.scalars is None:
+            table = segments.ensure_scalars(len(spec.scalars))
+            group = {**self.group({}), "lr": lr}
+            for j, s in enumerate(spec.scalars):
+                table[:, j] = s.fill(group)
 
     def torch_optimizer(self, params: Any, kwargs: Mapping[str, Any]) -> torch.optim.Optimizer:
         """torch.optim's single-tensor implementation (foreach=False) with the case's kwargs."""
@@ -391,6 +407,46 @@ _ROWS = [
                  ({"etas": (0.0, 1.2)}, "Invalid eta values: 0.0, 1.2")),
         ranges=dict(lr=Range(1e-4, 5e-2), etas=(Range(0.1, 0.9), Range(1.1, 2.0)),
                     step_sizes=[(1e-6, 50.0), (Range(1e-6, 1e-3), Range(1e-2, 1.0))], maximize=BOTH),
+    ),
+    Algorithm(
+        fusedopt.NAdam,
+        cases=(
+            Case("default", {"lr": 1e-2}),
+            Case("betas-eps", {"lr": 1e-2, "betas": (0.8, 0.9), "eps": 1e-6}),
+            # momentum_decay 0.3: mu_t moves from 0.46 towards 0.9 within a few steps, so mu_product and mu_{t+1}
+            # weigh visibly different terms at every step.
+            Case("momentum_decay", {"lr": 1e-2, "betas": (0.85, 0.95), "momentum_decay": 0.3}),
+            Case("weight_decay", {"lr": 1e-2, "betas": (0.85, 0.9), "weight_decay": 0.1}),
+            Case("decoupled_weight_decay", {"lr": 1e-2, "betas": (0.8, 0.9), "weight_decay": 0.1,
+                                            "decoupled_weight_decay": True}),
+            Case("decoupled_weight_decay-momentum_decay-maximize", {"lr": 1e-2, "betas": (0.8, 0.9),
+                                                                    "weight_decay": 0.05, "momentum_decay": 0.1,
+                                                                    "decoupled_weight_decay": True,
+                                                                    "maximize": True}),
+        ),
+        invalid=(({"momentum_decay": -0.1}, "Invalid momentum_decay value: -0.1"),
+                 ({"eps": -1.0}, "Invalid epsilon value: -1.0")),
+        coupled_weight_decay=True,
+        ranges=dict(lr=Range(1e-4, 5e-2), betas=(UNIT, UNIT), eps=Range(1e-8, 1e-3), weight_decay=SMALL,
+                    momentum_decay=Range(0.0, 0.5), decoupled_weight_decay=BOTH, maximize=BOTH),
+    ),
+    Algorithm(
+        fusedopt.ASGD,
+        cases=(
+            # t0 = 1e6: ax copies p at every step.
+            Case("default", {"lr": 1e-2}),
+            # Averaging from step 3 on, and a step size that decays visibly from the second step.
+            Case("t0-lambd", {"lr": 5e-2, "lambd": 0.5, "t0": 2.0}),
+            Case("alpha", {"lr": 5e-2, "lambd": 0.3, "alpha": 0.5, "t0": 1.0}),
+            Case("weight_decay", {"lr": 2e-2, "lambd": 0.2, "t0": 2.0, "weight_decay": 0.1}),
+            Case("t0-lambd-alpha-weight_decay-maximize", {"lr": 3e-2, "lambd": 0.4, "alpha": 0.9, "t0": 0.0,
+                                                          "weight_decay": 0.05, "maximize": True}),
+        ),
+        invalid=(({"weight_decay": -0.1}, "Invalid weight_decay value: -0.1"),),
+        coupled_weight_decay=True,
+        float32_step_size=True,
+        ranges=dict(lr=Range(1e-4, 5e-2), lambd=Range(0.0, 1.0), alpha=Range(0.0, 1.0), t0=[0.0, 3.0, 1e6],
+                    weight_decay=SMALL, maximize=BOTH),
     ),
 ]
 

@@ -119,6 +119,7 @@ def _call(backend, row, param, grad, states, master, kw, segments):
     hyper = dict(kw)
     lr, grad_scale = hyper.pop("lr"), hyper.pop("grad_scale", 1.0)
     s = [states[state.name] for state in row.cls.spec.states]
+    row.fill_scalars(segments, lr)
     functional.update(row.kernel, param, grad, s, master, segments, hyper=hyper, lr=lr, grad_scale=grad_scale,
                       backend=backend)
 
@@ -176,6 +177,8 @@ def run_and_compare(row, kw, n, pdtype, gdtype, master, sdtype, seed, segments=N
         for name, t in states.items():
             if t is not None:
                 assert_close(t, ref_states[name], sdtype, msg=f"{name} {where}")
+        if table.scalars is not None:  # computed in double and stored as float32 on both sides
+            assert torch.equal(table.scalars, ref_table.scalars), f"scalar states {where}"
         # Continue both sides from the compiled result: each step is compared from identical inputs.
         ref_param.copy_(master_t if master else param)
         for name, t in states.items():
@@ -316,6 +319,9 @@ def test_segments_with_different_steps_in_one_call(row, dtype):
     # Different histories: segment k has taken k steps before this test's steps start.
     for t in (table, ref_table):
         t.steps.copy_(torch.arange(len(sizes), dtype=torch.float32))
+        row.fill_scalars(t, kw["lr"])
+        if t.scalars is not None:  # different histories of the scalar states too (the last segment's are fresh)
+            t.scalars.mul_(torch.linspace(0.5, 1.0, len(sizes))[:, None])
     for step in range(4):
         active = [(k + step) % 3 != 0 for k in range(len(sizes))]
         for t in (table, ref_table):
@@ -332,11 +338,17 @@ def test_segments_with_different_steps_in_one_call(row, dtype):
             one = Segments([0], [num], torch.device("cpu"))
             one.set_all_active(True)
             one.steps.fill_(ref_table.steps[k])
+            if ref_table.scalars is not None:
+                one.ensure_scalars(ref_table.scalars.shape[1])[0] = ref_table.scalars[k]
             r = slice(off, off + num)
             _call("reference", row, ref_param[r], grad[r],
                   {name: (v[r] if v is not None else None) for name, v in ref_states.items()}, None, kw, one)
             ref_table.steps[k] = one.steps[0]
+            if ref_table.scalars is not None:
+                ref_table.scalars[k] = one.scalars[0]
         assert torch.equal(table.steps, ref_table.steps), (table.steps, ref_table.steps)
+        if table.scalars is not None:
+            assert torch.equal(table.scalars, ref_table.scalars), (table.scalars, ref_table.scalars)
         for k, (off, num) in enumerate(zip(table.offsets.tolist(), sizes)):
             r = slice(off, off + num)
             if not active[k]:
@@ -495,16 +507,21 @@ def test_c_boundary_rejects_bad_arguments(row):
     states = {s.name: torch.rand(n) + 0.1 for s in row.kept_states(kwargs)}
     values = _kernels.hyper_values(row.kernel, row.hyper(kwargs))
     kernel = getattr(_C, row.kernel)
+    row.fill_scalars(table, 1e-3)
+    scalars = 0 if table.scalars is None else table.scalars.data_ptr()
 
-    def raw(n=n, codes=(0, 0, 0), values=values, null=None, master=0):
+    def raw(n=n, codes=(0, 0, 0), values=values, null=None, master=0, scalars=scalars):
         slots = [states[s.name].data_ptr() if s.name in states and s.name != null else 0
                  for s in row.cls.spec.states]
         slots += [0] * (3 - len(slots))
         return kernel(p.data_ptr(), g.data_ptr(), *slots, master, n, *codes, table.offsets.data_ptr(),
-                      table.numels.data_ptr(), table.steps.data_ptr(), table.active.data_ptr(), len(table), values,
-                      1e-3, 1.0, 3, 0, 0)
+                      table.numels.data_ptr(), table.steps.data_ptr(), table.active.data_ptr(), len(table), scalars,
+                      values, 1e-3, 1.0, 3, 0, 0)
 
     before = p.clone()
+    if scalars:
+        with pytest.raises(ValueError, match="segment scalars must not be null"):
+            raw(scalars=0)
     with pytest.raises(ValueError, match="dtype code"):
         raw(codes=(7, 0, 0))
     with pytest.raises(ValueError, match="grad dtype"):

@@ -22,7 +22,8 @@ def valid(algorithm: str) -> dict[str, Any]:
     one work item, hyperparameters all 1.0 (every mode on, so every state slot is in use)."""
     return dict(param=1 * MIB, grad=2 * MIB, s0=3 * MIB, s1=4 * MIB, s2=5 * MIB, master=0, n=4096, param_dtype=0,
                 grad_dtype=0, state_dtype=0, seg_offsets=6 * MIB, seg_numels=7 * MIB, seg_steps=8 * MIB,
-                seg_active=9 * MIB, seg_count=1, work=10 * MIB, items=1,
+                seg_active=9 * MIB, seg_count=1, seg_scalars=13 * MIB if ALGORITHMS[algorithm]["scalars"] else 0,
+                work=10 * MIB, items=1,
                 hyper=[1.0] * len(ALGORITHMS[algorithm]["fields"]), lr=1e-3, grad_scale=1.0, lr_ptr=0,
                 grad_scale_ptr=0, found_inf_ptr=0, passes=3, segment_w2=0, segment_u2=0, device=0, stream=0)
 
@@ -99,6 +100,14 @@ def test_rejects_a_null_pointer_for_every_state_in_use(algorithm: str) -> None:
     for slot, name in enumerate(ALGORITHMS[algorithm]["states"]):
         with pytest.raises(ValueError, match=f"{name} pointer is null"):
             call(algorithm, **{f"s{slot}": 0})
+
+
+@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if ALGORITHMS[a]["scalars"]])
+def test_rejects_null_or_misaligned_scalar_states(algorithm: str) -> None:
+    with pytest.raises(ValueError, match=f"^cuda_{algorithm}: segment scalars must not be null"):
+        call(algorithm, seg_scalars=0)
+    with pytest.raises(ValueError, match="seg_scalars pointer 13631490 is not 4-byte aligned"):
+        call(algorithm, seg_scalars=13 * MIB + 2)
 
 
 def test_accepts_null_pointers_for_states_the_configuration_does_not_use() -> None:

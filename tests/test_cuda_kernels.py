@@ -74,13 +74,14 @@ class Call:
     lr: float
     names: list[str]  # state slots, in the kernel's order
     kept: list[bool]  # whether this configuration keeps each slot
+    scalars: list[float]  # first values of the per-parameter scalar states (none for most algorithms)
 
 
 def call_of(algorithm: str, kwargs: dict[str, Any]) -> Call:
     opt = OPTIMIZERS[algorithm]([torch.nn.Parameter(torch.zeros(1))], **kwargs)
     group, spec = opt.param_groups[0], opt.spec
     return Call(spec.kernel, spec.hyper(group), float(group["lr"]), [s.name for s in spec.states],
-                [bool(s.when(group)) for s in spec.states])
+                [bool(s.when(group)) for s in spec.states], [s.fill(group) for s in spec.scalars])
 
 
 def first_case(algorithm: str) -> dict[str, Any]:
@@ -144,6 +145,10 @@ class Problem:
         first = torch.tensor([FIRST_STEPS[k % len(FIRST_STEPS)] for k in range(len(numels))], dtype=torch.float32)
         self.cuda_seg.steps.copy_(first)
         self.ref_seg.steps.copy_(first)
+        if self.call.scalars:  # warm scalar states, a different history per segment
+            warm = torch.tensor(self.call.scalars) * torch.linspace(0.5, 1.0, len(numels))[:, None]
+            for table in (self.cuda_seg, self.ref_seg):
+                table.ensure_scalars(len(self.call.scalars)).copy_(warm)
         self.regions = [slice(o, o + k) for o, k in zip(self.cuda_seg.offsets.tolist(), self.numels)]
         self.mask = torch.zeros(n, dtype=torch.bool)
         for region in self.regions:
@@ -169,6 +174,8 @@ class Problem:
         self.ref = {name: t.cpu().clone() for name, t in self.tensors().items()}
         self.ref["grad"] = self.grad.cpu().clone()
         self.ref_seg.steps.copy_(self.cuda_seg.steps.cpu())
+        if self.ref_seg.scalars is not None:
+            self.ref_seg.scalars.copy_(self.cuda_seg.scalars.cpu())
 
     def new_grad(self) -> None:
         self.grad.copy_((torch.randn(self.n, dtype=self.draw) * 0.5 * self.mask.to(self.draw)).to(self.gdtype))
@@ -224,6 +231,8 @@ class Problem:
             if t is not None:
                 assert_close(t, self.ref[name], self.sdtype, msg=f"{msg}: {name}")
         assert torch.equal(self.cuda_seg.steps.cpu(), self.ref_seg.steps), f"{msg}: steps"
+        if self.ref_seg.scalars is not None:  # the device's pow may differ from the host's by an ulp of a double
+            assert_close(self.cuda_seg.scalars, self.ref_seg.scalars, F32, msg=f"{msg}: scalar states")
 
     def run(self, steps: int, msg: str, **kwargs: Any) -> None:
         """`steps` steps, each compared with the reference from identical inputs."""

@@ -110,7 +110,8 @@ def assert_same_as_host(device_params: list[torch.Tensor], device: torch.optim.O
             # A step skipped on the device still created its states, as torch's fused optimizers do: at their
             # initial values (each state's first value, e.g. Rprop's step_size = lr), with step 0. The host-decided
             # step returned before creating them.
-            first = {s.name: s.fill(device.param_groups[0]) for s in device.spec.states}.get(name.split(" ", 2)[2], 0)
+            firsts = {s.name: s.fill(device.param_groups[0]) for s in device.spec.states + device.spec.scalars}
+            first = firsts.get(name.split(" ", 2)[2], 0)
             assert bool((mine == first).all()), f"{msg}, {name}: {mine}"
         elif name.endswith(" step"):
             assert mine.device == device_params[0].device and torch.equal(mine, reference), f"{msg}, {name}"

@@ -284,9 +284,26 @@ def test_checkpoint_switch_continues_the_same_trajectory(backend, row: Algorithm
     opt = second()
     opt.load_state_dict(torch.load(tmp_path / "optim.pt", map_location="cpu"))
     _train(opt, switched, grads[10:])
-    for p, q in zip(switched, straight):
+    expected = straight
+    if direction == "fusedopt-to-torch":
+        # torch.optim's load casts its 0-dim float32 states (NAdam's mu_product) to the parameter's dtype, which
+        # changes a float64 trajectory: the run to match is torch's own, through its own checkpoint.
+        expected = [torch.nn.Parameter(t.clone()) for t in init]
+        torch_opt = row.torch_optimizer(expected, case.kwargs)
+        _train(torch_opt, expected, grads[:10])
+        saved = torch_opt.state_dict()
+        torch_opt = row.torch_optimizer(expected, case.kwargs)
+        torch_opt.load_state_dict(saved)
+        _train(torch_opt, expected, grads[10:])
+    for p, q in zip(switched, expected):
         assert_close(p.detach(), q.detach(), TRAJECTORY_TOL[dtype])
-    assert all(v.dtype == dtype for p in switched for k, v in opt.state[p].items() if k != "step")
+    scalars = row.cls.spec.scalar_names()
+    for p in switched:
+        for k, v in opt.state[p].items():
+            if k in scalars and isinstance(opt, row.cls):
+                assert v.dtype == torch.float32, k  # as torch.optim creates them
+            elif k != "step" and k not in scalars:
+                assert v.dtype == dtype, k  # per-element states keep the parameter's dtype
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

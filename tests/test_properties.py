@@ -79,6 +79,8 @@ def test_compiled_kernels_match_the_reference(row: Algorithm, data, sizes, param
         states = {s.name: torch.full((total,), s.fill(group), dtype=sdt) for s in kept}
         sides.append((init.to(pdt).clone(), master, states))  # .to() of the same dtype returns init itself
     tables = [Segments(offsets, sizes, torch.device("cpu")) for _ in sides]
+    for table in tables:
+        row.fill_scalars(table, lr)
     for step in range(1, 4):
         grad = torch.randn(total, generator=gen, dtype=F64 if pdt == F64 else torch.float32).to(pdt)
         param_before = sides[1][0].to(F64 if pdt == F64 else torch.float32).clone()
@@ -119,6 +121,8 @@ def test_compiled_kernels_match_the_reference(row: Algorithm, data, sizes, param
         for name in s_cpu:
             state_tol = sdt if sdt != torch.float32 else fp32_tol
             assert_close(s_cpu[name], s_ref[name], state_tol, msg=f"{row.name} {name}, step {step}")
+        if tables[0].scalars is not None:  # computed in double and stored as float32 on both sides
+            assert torch.equal(tables[0].scalars, tables[1].scalars), f"{row.name} scalar states, step {step}"
         # The next step starts from equal sides: a 16-bit value one ulp apart would otherwise carry into every
         # later step, and only one step's rounding is under test.
         (param, master, states), (ref_param, ref_master, ref_states) = sides

@@ -30,6 +30,7 @@ def init_state(row: Algorithm, kwargs: dict[str, Any], param: Tensor, state_dtyp
     group = row.group(kwargs)
     state: dict[str, Any] = {s.name: torch.full_like(param, s.fill(group), dtype=state_dtype)
                              for s in row.kept_states(kwargs)}
+    state.update({s.name: torch.tensor(s.fill(group), dtype=torch.float32) for s in row.cls.spec.scalars})
     state["step"] = 0
     return state
 
@@ -40,8 +41,9 @@ def reference_function(row: Algorithm, kwargs: dict[str, Any]) -> Any:
     hyper = row.hyper(kwargs)
 
     def step(param: Tensor, grad: Tensor, state: dict[str, Any], *, lr: float, grad_scale: float = 1.0) -> None:
+        scalars = {name: state[name] for name in row.cls.spec.scalar_names()}
         function(param, grad, *(state.get(s.name) for s in row.cls.spec.states), step=state["step"], lr=lr,
-                 grad_scale=grad_scale, **hyper)
+                 grad_scale=grad_scale, **scalars, **hyper)
 
     return step
 
@@ -137,7 +139,7 @@ def test_reference_matches_torch_optim(row: Algorithm, case, n: int, dtype: torc
         reference_step(row, case.kwargs, ref_p, grad, state)
         assert torch.equal(grad, grad_before), "reference modified the gradient"
         torch_state = {k: v for k, v in opt.state[torch_p].items() if k != "step"}
-        assert ref_p.dtype == dtype and all(state[k].dtype == dtype for k in names)
+        assert ref_p.dtype == dtype and all(state[s.name].dtype == dtype for s in row.kept_states(case.kwargs))
         compare_step(ref_p, state, torch_p.detach(), torch_state, names, where=f"step {step}")
 
 
@@ -295,7 +297,7 @@ def test_reference_bf16_states(row: Algorithm, case) -> None:
         before = param.clone()
         exp_p, exp_state, skip = oracle_step(row, case.kwargs, param, grad, state)
         reference_step(row, case.kwargs, param, grad, state)
-        assert all(state[k].dtype == torch.bfloat16 for k in names)
+        assert all(state[s.name].dtype == torch.bfloat16 for s in row.kept_states(case.kwargs))
         if row.two_pass:  # the direction reads the stored moments: see tolerances.assert_update_close
             assert_update_close(param, exp_p, before, torch.bfloat16, msg=f"step {step}: param")
             exp_p = param
@@ -312,7 +314,7 @@ def test_zero_padding_stays_zero(row: Algorithm, case) -> None:
     param = torch.randn(n)
     param[pad] = 0
     state = init_state(row, case.kwargs, param)
-    fresh = {k: v.clone() for k, v in state.items() if isinstance(v, Tensor)}
+    fresh = {s.name: state[s.name].clone() for s in row.kept_states(case.kwargs)}  # per-element states
     start = param.clone()
     for _ in range(10):
         grad = torch.randn(n)

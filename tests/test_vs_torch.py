@@ -74,7 +74,7 @@ def compare_with_torch(row: Algorithm, kwargs: dict[str, Any], fused: torch.opti
     names = row.state_names(kwargs)
 
     def same(a: Tensor, b: Tensor, i: int, msg: str) -> None:
-        if skip is not None:
+        if skip is not None and b.shape == skip[i].shape:  # per-parameter scalar states have no ill elements
             b = torch.where(skip[i], a.detach(), b.detach())
         assert a.dtype == b.dtype, f"{msg}: {a.dtype} vs torch's {b.dtype}"
         assert_close(a, b, TRAJECTORY_TOL[ours[i].dtype], msg=msg)
@@ -425,7 +425,8 @@ def test_float64_is_computed_in_float64(row: Algorithm, case, backend: str) -> N
         return max(float(((x - e).abs() / (tol["atol"] + tol["rtol"] * e.abs())).max()) for x, e in zip(a, expected))
 
     float32_lr = float(torch.tensor(0.1, dtype=F32))
-    assert relative(torch_run(init, float32_lr, rounded=False)) > 1e3, "an lr rounded to float32 would pass"
+    if not row.float32_step_size:
+        assert relative(torch_run(init, float32_lr, rounded=False)) > 1e3, "an lr rounded to float32 would pass"
     assert relative(torch_run(_rounded_to_float32(init), 0.1, rounded=True)) > 1e3, "float32 elements would pass"
     ours = [torch.nn.Parameter(v.clone()) for v in init]
     fused = make_fused(row, ours, kwargs, backend)

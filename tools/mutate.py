@@ -26,7 +26,7 @@ DEFAULT_OUT = ROOT / "bench" / "results" / "mutation-score.json"
 
 MATH = "csrc/include/fusedopt/math/"
 ADAM, SGD, RMSPROP, ADAGRAD, LION, LAMB = (f"{MATH}{a}.h" for a in "adam sgd rmsprop adagrad lion lamb".split())
-ADADELTA, RPROP = (f"{MATH}{a}.h" for a in "adadelta rprop".split())
+ADADELTA, RPROP, NADAM, ASGD = (f"{MATH}{a}.h" for a in "adadelta rprop nadam asgd".split())
 REF = "python/fusedopt/reference.py"
 
 
@@ -208,6 +208,49 @@ MUTANTS: list[Mutant] = [
     Mutant("rprop-nan-product-propagates", "rprop", RPROP,
            "product < T(0) ? c.etaminus : T(1);",
            "product < T(0) ? c.etaminus : (product == product ? T(1) : product);"),
+    # --- nadam.h
+    Mutant("nadam-mu-product-not-advanced", "nadam", NADAM,
+           "    scalars[0] = mu_product_after(h, step, scalars[0]);\n", ""),
+    Mutant("nadam-mu-product-of-previous-step", "nadam", NADAM,
+           "const double mu_product = mu_product_after(h, step, scalars[0]);",
+           "const double mu_product = scalars[0];"),
+    Mutant("nadam-mu-next-is-mu", "nadam", NADAM,
+           "const double mu_next = mu_at(h, step + 1.0);", "const double mu_next = mu_at(h, step);"),
+    Mutant("nadam-momentum-decay-ignored", "nadam", NADAM,
+           "pow(0.96, step * h.momentum_decay)", "pow(0.96, step * 0.004)"),
+    Mutant("nadam-no-bias-correction2", "nadam", NADAM,
+           "c.bc2 = static_cast<T>(1.0 - pow(h.beta2, step));", "c.bc2 = T(1);"),
+    Mutant("nadam-eps-inside-sqrt", "nadam", NADAM,
+           "square_root(exp_avg_sq / c.bc2) + c.eps", "square_root(exp_avg_sq / c.bc2 + c.eps)"),
+    Mutant("nadam-no-gradient-term", "nadam", NADAM,
+           "      p += (c.grad_weight * g) / denom;\n", ""),
+    Mutant("nadam-decoupled-decay-without-lr", "nadam", NADAM,
+           "static_cast<T>(1.0 - lr * h.weight_decay)", "static_cast<T>(1.0 - h.weight_decay)"),
+    Mutant("nadam-ignore-maximize", "nadam", NADAM,
+           _GRAD_SCALE, "c.grad_scale = static_cast<T>(grad_scale);"),
+    Mutant("nadam-fp64-avg-weight-rounded-to-float", "nadam", NADAM,
+           "c.avg_weight = static_cast<T>((-lr * mu_next) / (1.0 - mu_product_next));",
+           "c.avg_weight = static_cast<T>(static_cast<float>((-lr * mu_next) / (1.0 - mu_product_next)));"),
+    # --- asgd.h
+    Mutant("asgd-eta-not-advanced", "asgd", ASGD,
+           "    scalars[0] = static_cast<float>(lr / pow(1.0 + h.lambd * lr * step, h.alpha));\n", ""),
+    Mutant("asgd-alpha-ignored", "asgd", ASGD,
+           "lr / pow(1.0 + h.lambd * lr * step, h.alpha)", "lr / (1.0 + h.lambd * lr * step)"),
+    Mutant("asgd-mu-t0-off-by-one", "asgd", ASGD,
+           "const double since = step - h.t0;", "const double since = step - h.t0 + 1.0;"),
+    Mutant("asgd-no-decay-term", "asgd", ASGD,
+           "c.decay = static_cast<T>(1.0 - h.lambd * eta);", "c.decay = T(1);"),
+    Mutant("asgd-never-averages", "asgd", ASGD,
+           "c.averaging = scalars[1] != 1.0f;", "c.averaging = false;"),
+    Mutant("asgd-average-of-old-parameter", "asgd", ASGD,
+           "      p *= c.decay;\n      p += c.neg_eta * g;\n"
+           "      ax = uniform_select(c.averaging, ax + (p - ax) * c.mu, p);",
+           "      ax = uniform_select(c.averaging, ax + (p - ax) * c.mu, p);\n      p *= c.decay;\n"
+           "      p += c.neg_eta * g;"),
+    Mutant("asgd-no-weight-decay", "asgd", ASGD,
+           "g + c.weight_decay * p, g);", "g, g);"),
+    Mutant("asgd-ignore-maximize", "asgd", ASGD,
+           _GRAD_SCALE, "c.grad_scale = static_cast<T>(grad_scale);"),
     # --- float64 parameters: a coefficient rounded to float32 on its way to the double compute type (only the float64
     # cases can see it: for float32 parameters the mutant changes nothing)
     Mutant("adam-fp64-step-size-rounded-to-float", "adam", ADAM,
@@ -276,6 +319,19 @@ MUTANTS: list[Mutant] = [
            "p.addcmul_(g.sign(), size, value=-1)", "p.addcmul_(g.sign(), size, value=1)"),
     Mutant("ref-rprop-prev-not-stored", "rprop", REF,
            "pv.copy_(g)", "pv.copy_(pv)"),
+    Mutant("ref-nadam-mu-next-is-mu", "nadam", REF,
+           "mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))",
+           "mu_next = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))"),
+    Mutant("ref-nadam-mu-product-not-updated", "nadam", REF,
+           "mu_product.mul_(mu)", "mu_product.mul_(1.0)"),
+    Mutant("ref-nadam-no-bias-correction2", "nadam", REF,
+           "denom = v.div(1 - beta2**step)", "denom = v.div(1)"),
+    Mutant("ref-asgd-eta-without-alpha", "asgd", REF,
+           "eta.fill_(lr / ((1 + lambd * lr * step) ** alpha))", "eta.fill_(lr / (1 + lambd * lr * step))"),
+    Mutant("ref-asgd-mu-t0-off-by-one", "asgd", REF,
+           "mu.fill_(1 / max(1, step - t0))", "mu.fill_(1 / max(1, step - t0 + 1))"),
+    Mutant("ref-asgd-no-decay-term", "asgd", REF,
+           "p.mul_(1 - lambd * eta_value)", "p.mul_(1)"),
     Mutant("ref-lamb-no-bias-correction1", "lamb", REF,
            "mh = m / (1 - beta1**step)", "mh = m"),
     Mutant("ref-lamb-no-weight-decay", "lamb", REF,

@@ -23,7 +23,8 @@ namespace {
 constexpr const char* kCudaStepDoc =
     "One step over a flat buffer set in device memory, asynchronous on `stream` of `device` (pointers as ints, 0 for "
     "absent buffers): param, grad, three state slots, master, n, param/grad/state dtype codes; the segment table "
-    "(int64 offsets and numels, float32 steps counted on the device, uint8 active flags, count); the device work list "
+    "(int64 offsets and numels, float32 steps counted on the device, uint8 active flags, count, float32 scalar "
+    "states or 0); the device work list "
     "(int64 [item_begin | item_end | item_segment | seg_first], items); the algorithm's hyperparameters in "
     "algorithms()[name]['fields'] order; lr, grad_scale; optional device scalars lr_ptr (replaces lr) and "
     "grad_scale_ptr (multiplies grad_scale), float32 or, with float64 parameters, float64, and the float32 "
@@ -34,7 +35,8 @@ constexpr const char* kCudaStepDoc =
 #define FUSEDOPT_CUDA_STEP_ARGS                                                                                    \
   py::arg("param"), py::arg("grad"), py::arg("s0"), py::arg("s1"), py::arg("s2"), py::arg("master"), py::arg("n"), \
       py::arg("param_dtype"), py::arg("grad_dtype"), py::arg("state_dtype"), py::arg("seg_offsets"),               \
-      py::arg("seg_numels"), py::arg("seg_steps"), py::arg("seg_active"), py::arg("seg_count"), py::arg("work"),   \
+      py::arg("seg_numels"), py::arg("seg_steps"), py::arg("seg_active"), py::arg("seg_count"),                     \
+      py::arg("seg_scalars"), py::arg("work"),                                                                     \
       py::arg("items"), py::arg("hyper"), py::arg("lr"), py::arg("grad_scale"), py::arg("lr_ptr"),                 \
       py::arg("grad_scale_ptr"), py::arg("found_inf_ptr"), py::arg("passes"), py::arg("segment_w2"),               \
       py::arg("segment_u2"), py::arg("device"), py::arg("stream")
@@ -61,13 +63,15 @@ void register_cuda_bindings(py::module_& m) {
       "cuda_" #A,                                                                                                  \
       [](uintptr_t param, uintptr_t grad, uintptr_t s0, uintptr_t s1, uintptr_t s2, uintptr_t master, int64_t n,     \
          int param_dtype, int grad_dtype, int state_dtype, uintptr_t seg_offsets, uintptr_t seg_numels,            \
-         uintptr_t seg_steps, uintptr_t seg_active, int64_t seg_count, uintptr_t work, int64_t items,              \
+         uintptr_t seg_steps, uintptr_t seg_active, int64_t seg_count, uintptr_t seg_scalars, uintptr_t work,       \
+         int64_t items,                                                                                            \
          const std::vector<double>& hyper, double lr, double grad_scale, uintptr_t lr_ptr, uintptr_t grad_scale_ptr, \
          uintptr_t found_inf_ptr, int passes, uintptr_t segment_w2, uintptr_t segment_u2, int device,              \
          uintptr_t stream) {                                                                                       \
         const FlatBuffers b =                                                                                      \
             buffers(param, grad, s0, s1, s2, master, n, param_dtype, grad_dtype, state_dtype);                     \
-        const Segments s = segments(seg_offsets, seg_numels, seg_steps, seg_active, seg_count);                    \
+        const Segments s =                                                                                         \
+            segments(seg_offsets, seg_numels, seg_steps, seg_active, seg_count, seg_scalars);                      \
         const StepArgs args = step_args(hyper, lr, grad_scale, passes, segment_w2, segment_u2);                    \
         cuda::DeviceScalars d;                                                                                     \
         d.lr = ptr<const void>(lr_ptr);                                                                            \

@@ -30,8 +30,10 @@ inline FlatBuffers buffers(uintptr_t param, uintptr_t grad, uintptr_t s0, uintpt
   return b;
 }
 
-inline Segments segments(uintptr_t offsets, uintptr_t numels, uintptr_t steps, uintptr_t active, int64_t count) {
+inline Segments segments(uintptr_t offsets, uintptr_t numels, uintptr_t steps, uintptr_t active, int64_t count,
+                         uintptr_t scalars = 0) {
   Segments s;
+  s.scalars = ptr<float>(scalars);
   s.offsets = ptr<const int64_t>(offsets);
   s.numels = ptr<const int64_t>(numels);
   s.steps = ptr<float>(steps);

@@ -201,15 +201,20 @@ WorkList work_list(const char* algo_name, int64_t n, const Segments& s, bool nee
 }
 
 // Counts the step of every active segment (when the call counts steps) and makes its coefficients in compute type T
-// (in double, on the host, rounded once to T).
+// (in double, on the host, rounded once to T) from its scalar states, which it then advances: the kernel reads only
+// the coefficients.
 template <typename A, typename T>
 std::vector<typename A::template Coeffs<T>> count_and_make_coeffs(const typename A::Hyper& h, const Segments& s,
                                                                   const StepArgs& args, bool counts_step) {
+  constexpr int kScalars = algo::ScalarCount<A>::value;
   std::vector<typename A::template Coeffs<T>> coeffs(s.count > 0 ? s.count : 0);
   for (int64_t k = 0; k < s.count; ++k) {
     if (s.active[k] == 0) continue;
     if (counts_step) s.steps[k] += 1.0f;
-    coeffs[k] = A::template make_coeffs<T>(h, args.lr, static_cast<double>(s.steps[k]), args.grad_scale);
+    const double step = static_cast<double>(s.steps[k]);
+    float* scalars = kScalars > 0 ? s.scalars + k * kScalars : nullptr;
+    coeffs[k] = algo::make_segment_coeffs<T, A>(h, args.lr, step, args.grad_scale, scalars);
+    algo::advance_segment<A>(h, args.lr, step, scalars);
   }
   return coeffs;
 }
@@ -224,6 +229,10 @@ void step(const char* algo_name, const FlatBuffers& b, const Segments& s, const 
   checks::check_passes<A>(algo_name, s.count, args);
   const bool counts_step = checks::counts_step<A>(args);
   const WorkList list = work_list(algo_name, b.n, s, true);
+  static_assert(algo::ScalarCount<A>::value == 0 || A::kKind == algo::Kind::kElementwise,
+                "scalar states are advanced once per call: element-wise algorithms only");
+  if (algo::ScalarCount<A>::value > 0 && s.count > 0 && s.scalars == nullptr)
+    fail(std::string(algo_name) + ": segment scalars must not be null (this algorithm keeps per-segment scalar states)");
   std::vector<typename A::template Coeffs<float>> coeffs32;
   std::vector<typename A::template Coeffs<double>> coeffs64;
   SegmentCoeffs<A> coeffs;

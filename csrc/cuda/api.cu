@@ -57,6 +57,7 @@ void check_segments(const std::string& fn, int64_t n, const Segments& s, const D
   check_aligned(fn, "seg_offsets", s.offsets, 8);
   check_aligned(fn, "seg_numels", s.numels, 8);
   check_aligned(fn, "seg_steps", s.steps, 4);
+  check_aligned(fn, "seg_scalars", s.scalars, 4);
   check_aligned(fn, "work", w.work, 8);
 }
 
@@ -76,6 +77,8 @@ void step(const std::string& fn, const FlatBuffers& b, const Segments& s, const 
   checks::check_passes<A>(fn, s.count, args);
   check_alignment<A>(fn, b, h);
   check_segments(fn, b.n, s, w);
+  if (algo::ScalarCount<A>::value > 0 && s.count > 0 && s.scalars == nullptr)
+    fail(fn + ": segment scalars must not be null (this algorithm keeps per-segment scalar states)");
   check_scalars(fn, b, d, args);
   check_device(fn, l.device);
   DeviceGuard guard(l.device);

@@ -6,7 +6,8 @@
 //
 // Launch sequence of one call, all on the caller's stream, none waiting for the host:
 //   count_steps_kernel       (when the call counts the step) steps[s] += 1 for every active segment;
-//   element-wise kind:       elementwise_kernel;
+//   element-wise kind:       elementwise_kernel, then advance_scalars_kernel when the algorithm keeps scalar states
+//                            (every block has read them by then);
 //   trust-ratio kind:        trust_ratio_moments_kernel -> trust_ratio_sums_kernel   (kPassMoments)
 //                            trust_ratio_apply_kernel                                 (kPassApply)
 // Every kernel returns at once when *found_inf != 0, so a skipped step writes nothing and counts nothing.
@@ -33,6 +34,7 @@ struct StepParams {
   Items items;
   float* steps;
   const uint8_t* active;
+  float* scalars;  // per-segment scalar states (algorithm.h), null when the algorithm keeps none
   int64_t segments;
   typename A::Hyper hyper;
   double lr;
@@ -49,15 +51,21 @@ __device__ __forceinline__ bool step_skipped(const float* found_inf) {
   return found_inf != nullptr && *found_inf != 0.0f;
 }
 
+// The step's lr: the device scalar of type C when there is one, else the host value.
+template <typename C, typename A>
+__device__ __forceinline__ double step_lr(const StepParams<A>& a) {
+  return a.d.lr != nullptr ? static_cast<double>(*static_cast<const C*>(a.d.lr)) : a.lr;
+}
+
 // Segment s's coefficients in compute type C, from the math header as the CPU makes them, with the device's lr and
 // gradient scale (device scalars of type C).
 template <typename C, typename A>
 __device__ __forceinline__ typename A::template Coeffs<C> segment_coeffs(const StepParams<A>& a, int64_t s) {
-  const double lr = a.d.lr != nullptr ? static_cast<double>(*static_cast<const C*>(a.d.lr)) : a.lr;
   const double scale = a.d.grad_scale != nullptr
                            ? a.grad_scale * static_cast<double>(*static_cast<const C*>(a.d.grad_scale))
                            : a.grad_scale;
-  return A::template make_coeffs<C>(a.hyper, lr, static_cast<double>(a.steps[s]), scale);
+  const float* scalars = a.scalars != nullptr ? a.scalars + s * algo::ScalarCount<A>::value : nullptr;
+  return algo::make_segment_coeffs<C, A>(a.hyper, step_lr<C>(a), static_cast<double>(a.steps[s]), scale, scalars);
 }
 
 // The block's items (blockIdx.x, + gridDim.x, ...) of active segments: `make(s)` runs on thread 0 once per run of
@@ -90,6 +98,19 @@ __global__ void count_steps_kernel(float* steps, const uint8_t* active, int64_t 
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; s < count; s += stride)
     if (active[s] != 0) steps[s] += 1.0f;
+}
+
+// Every active segment's scalar states after the step, one thread per segment, in a kernel after the update's so
+// that no block of the update reads an advanced value.
+template <typename A, typename C>
+__global__ void advance_scalars_kernel(const StepParams<A> a) {
+  if (step_skipped(a.d.found_inf)) return;
+  const double lr = step_lr<C>(a);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; s < a.segments; s += stride)
+    if (a.active[s] != 0)
+      algo::advance_segment<A>(a.hyper, lr, static_cast<double>(a.steps[s]),
+                               a.scalars + s * algo::ScalarCount<A>::value);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -337,13 +358,19 @@ void launch_trust_ratio(StepParams<A> a, int passes, double* segment_w2, double*
 template <typename A, typename TP>
 void launch_typed(const StepParams<A>& a, int passes, double* segment_w2, double* segment_u2, cudaStream_t stream) {
   if constexpr (A::kKind == algo::Kind::kElementwise) {
-    if (a.items.count == 0) return;
-    A::with_op(a.hyper, [&](auto op) {
-      constexpr auto kernel = &elementwise_kernel<A, decltype(op), TP>;
-      kernel<<<grid_size<kernel>(a.items.count), kThreads, 0, stream>>>(a);
-      check_launch("elementwise_kernel");
-    });
+    if (a.items.count > 0) {
+      A::with_op(a.hyper, [&](auto op) {
+        constexpr auto kernel = &elementwise_kernel<A, decltype(op), TP>;
+        kernel<<<grid_size<kernel>(a.items.count), kThreads, 0, stream>>>(a);
+        check_launch("elementwise_kernel");
+      });
+    }
+    if constexpr (algo::ScalarCount<A>::value > 0) {
+      advance_scalars_kernel<A, compute_t<TP>><<<segment_blocks(a.segments), kThreads, 0, stream>>>(a);
+      check_launch("advance_scalars_kernel");
+    }
   } else {
+    static_assert(algo::ScalarCount<A>::value == 0, "scalar states are for element-wise algorithms");
     launch_trust_ratio<A, TP>(a, passes, segment_w2, segment_u2, stream);
   }
 }
@@ -368,6 +395,7 @@ void launch_step(const FlatBuffers& b, const Segments& s, const DeviceWork& w, c
   a.items = items_of(w, b.n);
   a.steps = s.steps;
   a.active = s.active;
+  a.scalars = s.scalars;
   a.segments = s.count;
   a.hyper = h;
   a.lr = args.lr;

@@ -96,6 +96,21 @@ def hyper_values(algorithm: str, hyper: Mapping[str, Any]) -> list[float]:
     return [_float(f, hyper[f]) for f in fields]
 
 
+def _scalars_pointer(algorithm: str, segments: Segments) -> int:
+    """Pointer of the segment table's scalar states for an algorithm that keeps them (0 for the others), checked."""
+    names = ALGORITHMS[algorithm]["scalars"]
+    if not names:
+        return 0
+    t = segments.scalars
+    shape = (len(segments), len(names))
+    if t is None or t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous() \
+            or t.device != segments.steps.device:
+        got = "None" if t is None else f"{t.dtype} {tuple(t.shape)} on {t.device}"
+        raise ValueError(f"Invalid segments.scalars for {algorithm}: expected a contiguous float32 tensor of shape "
+                         f"{shape} ({', '.join(names)}) on {segments.steps.device}, got {got}")
+    return t.data_ptr()
+
+
 def _check_segments(segments: Segments, n: int) -> None:
     last = 0
     for off, num in zip(segments.offsets.tolist(), segments.numels.tolist()):
@@ -182,7 +197,7 @@ def step(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[Tensor | 
     buffers = (param.data_ptr(), grad.data_ptr(), *pointers, master_ptr, n, DTYPE_CODES[param.dtype], grad_code,
                state_code)
     table = (segments.offsets.data_ptr(), segments.numels.data_ptr(), segments.steps.data_ptr(),
-             segments.active.data_ptr(), len(segments))
+             segments.active.data_ptr(), len(segments), _scalars_pointer(algorithm, segments))
     kernel = getattr(_C, algorithm)
     lr_value, scale = _float("lr", lr), _float("grad_scale", grad_scale)
     if not trust_ratio or norm_reduce is None:
@@ -228,7 +243,8 @@ def _cuda_step(algorithm: str, param: Tensor, grad: Tensor, pointers: list[int],
     kernel = getattr(_C, "cuda_" + algorithm)
     args = (param.data_ptr(), grad.data_ptr(), *pointers, master_ptr, param.numel(), DTYPE_CODES[param.dtype],
             grad_code, state_code, table["offsets"].data_ptr(), table["numels"].data_ptr(),
-            segments.steps.data_ptr(), table["active"].data_ptr(), len(segments), table["work"].data_ptr(),
+            segments.steps.data_ptr(), table["active"].data_ptr(), len(segments),
+            _scalars_pointer(algorithm, segments), table["work"].data_ptr(),
             int(table["items"]), values, lr_value, scale, lr_ptr, scale_ptr, found_ptr)
     if not trust_ratio or norm_reduce is None:
         kernel(*args, PASS_MOMENTS | PASS_APPLY, 0, 0, index, stream)

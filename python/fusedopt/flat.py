@@ -67,13 +67,16 @@ class Segments:
     the kernels count the step of every active segment) and has a gradient this step when active[k] is 1.
 
     One kernel call serves segments whose step counts differ. `active` is a uint8 CPU tensor over a Python array, so the
-    step sets a flag per parameter at the cost of a list store.
+    step sets a flag per parameter at the cost of a list store. `scalars` holds the per-parameter scalar states of an
+    algorithm that keeps them (NAdam's mu_product, ASGD's eta and mu): float32, one row per segment, beside `steps`;
+    None for the others.
     """
 
     def __init__(self, offsets: Sequence[int], numels: Sequence[int], steps_device: torch.device) -> None:
         self.offsets: Tensor = torch.tensor(list(offsets), dtype=torch.int64)
         self.numels: Tensor = torch.tensor(list(numels), dtype=torch.int64)
         self.steps: Tensor = torch.zeros(len(offsets), dtype=torch.float32, device=steps_device)
+        self.scalars: Tensor | None = None
         self.flags = array.array("B", bytes(len(offsets)))
         self.active: Tensor = torch.frombuffer(self.flags, dtype=torch.uint8) if len(offsets) else \
             torch.zeros(0, dtype=torch.uint8)
@@ -94,6 +97,12 @@ class Segments:
 
     def __len__(self) -> int:
         return len(self.flags)
+
+    def ensure_scalars(self, count: int) -> Tensor:
+        """The (segments, count) float32 table of per-segment scalar states, created (zeros) on first use."""
+        if self.scalars is None or self.scalars.shape[1] != count:
+            self.scalars = torch.zeros(len(self), count, dtype=torch.float32, device=self.steps.device)
+        return self.scalars
 
     def set_all_active(self, value: bool) -> None:
         for k in range(len(self.flags)):

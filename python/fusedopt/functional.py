@@ -51,9 +51,11 @@ def update(
 
     `states` are the state buffers in the algorithm's slot order (None for a state this configuration does not
     keep), `hyper` its hyperparameters by name (the math header's kFields, as `fusedopt._C.algorithms()` lists
-    them). `norm_reduce` (trust-ratio algorithms on sharded parameters) reduces in
-    place the (2, segments) float64 sums of squares of the parameter and of the update between the two passes, so
-    that trust ratios use the norms of whole parameters.
+    them). An algorithm with per-parameter scalar states (NAdam's mu_product, ASGD's eta and mu) reads and advances
+    them in `segments.scalars`, which its caller fills with their first values (`Segments.ensure_scalars`).
+    `norm_reduce` (trust-ratio algorithms on sharded parameters) reduces in place the (2, segments) float64 sums of
+    squares of the parameter and of the update between the two passes, so that trust ratios use the norms of whole
+    parameters.
     """
     if backend != "reference":
         _kernels().step(algorithm, param, grad, states, master, segments, hyper=hyper, lr=lr, grad_scale=grad_scale,
@@ -69,11 +71,18 @@ def update(
                                                                       segments.numels.tolist()))
                if segments.flags[k]]
     steps = segments.steps
+    scalar_names = reference.SCALAR_STATES.get(algorithm, ())
+    if scalar_names and (segments.scalars is None or tuple(segments.scalars.shape) != (len(segments),
+                                                                                        len(scalar_names))):
+        raise ValueError(f"Invalid segments.scalars for {algorithm}: expected {len(scalar_names)} per segment "
+                         f"({', '.join(scalar_names)}), got {segments.scalars}")
     if norm_reduce is None or not hasattr(reference, algorithm + "_moments"):  # one pass unless trust-ratio
         for k, region in regions:
             steps[k] += 1
+            # Each scalar state as torch keeps it, a 0-dim float32 tensor the function updates in place.
+            scalars = {name: segments.scalars[k, j] for j, name in enumerate(scalar_names)}  # type: ignore[index]
             function(target[region], grad[region], *(s if s is None else s[region] for s in states),
-                     step=int(steps[k].item()), **kwargs)
+                     step=int(steps[k].item()), **scalars, **kwargs)
     else:
         apply_kwargs = {"lr": kwargs.pop("lr"), "max_trust_ratio": kwargs.pop("max_trust_ratio")}
         sums = torch.zeros(2, len(segments), dtype=torch.float64)

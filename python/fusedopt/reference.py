@@ -21,11 +21,13 @@ __all__ = [
     "adam",
     "adamax",
     "adamw",
+    "asgd",
     "clip_grad_norm_",
     "clip_grad_value_",
     "global_norm",
     "lamb",
     "lion",
+    "nadam",
     "radam",
     "rmsprop",
     "rprop",
@@ -33,6 +35,10 @@ __all__ = [
 ]
 
 _TensorOrTensors = Union[Tensor, Iterable[Tensor]]  # runtime alias: no `|` on Python 3.9
+
+# The per-parameter scalar states of the functions that keep some (0-dim float32 tensors, as torch.optim keeps them,
+# updated in place), by function name, in the compiled core's order (its algorithms()[name]["scalars"]).
+SCALAR_STATES: dict[str, tuple[str, ...]] = {"nadam": ("mu_product",), "asgd": ("eta", "mu")}
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -626,3 +632,95 @@ def rprop(
     _write_back(param, p)
     _write_back(prev, pv)
     _write_back(step_size, size)
+
+
+@torch.no_grad()
+def nadam(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    step: int,
+    mu_product: Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    momentum_decay: float,
+    decoupled: bool,
+    maximize: bool,
+    grad_scale: float = 1.0,
+) -> None:
+    """NAdam (Dozat 2016, Algorithm 2, with the momentum schedule mu_t = beta1 (1 - 0.5 * 0.96^(t psi))), as
+    torch.optim.NAdam.
+
+    Decoupled: p = p (1 - lr wd) first, else g = g + wd p. mu_product (a 0-dim float32 tensor, updated in place)
+    *= mu_t; m = lerp(m, g, 1-beta1), v = beta2 v + (1-beta2) g^2, d = sqrt(v / (1-beta2^t)) + eps;
+    p = p - lr (1-mu_t)/(1-mu_product) g/d - lr mu_{t+1}/(1 - mu_product mu_{t+1}) m/d.
+    """
+    if step < 1:
+        raise ValueError(f"Invalid step: {step}")
+    _check_same_numel(param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    p, m, v = _work(param), _work(exp_avg), _work(exp_avg_sq)
+    g = _effective_grad(grad, grad_scale, maximize)
+    if weight_decay != 0 and decoupled:
+        p.mul_(1 - lr * weight_decay)
+    elif weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
+    mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
+    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
+    mu_product.mul_(mu)
+    product = float(mu_product.item())
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = v.div(1 - beta2**step).sqrt_().add_(eps)
+    p.addcdiv_(g, denom, value=-lr * (1.0 - mu) / (1.0 - product))
+    p.addcdiv_(m, denom, value=(-lr * mu_next) / (1.0 - product * mu_next))
+    _write_back(param, p)
+    _write_back(exp_avg, m)
+    _write_back(exp_avg_sq, v)
+
+
+@torch.no_grad()
+def asgd(
+    param: Tensor,
+    grad: Tensor,
+    ax: Tensor,
+    *,
+    step: int,
+    eta: Tensor,
+    mu: Tensor,
+    lr: float,
+    lambd: float,
+    alpha: float,
+    t0: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: float = 1.0,
+) -> None:
+    """ASGD (Polyak & Juditsky 1992; step sizes and averaging start of Bottou 2012, section 5.3), as torch.optim.ASGD.
+
+    g = g + wd p; p = p (1 - lambd eta) - eta g; ax = ax + (p - ax) mu (ax = p while mu is 1); then the next step's
+    eta = lr / (1 + lambd lr t)^alpha and mu = 1 / max(1, t - t0), written into the 0-dim float32 tensors `eta` and
+    `mu`.
+    """
+    if step < 1:
+        raise ValueError(f"Invalid step: {step}")
+    _check_same_numel(param, grad=grad, ax=ax)
+    p, a = _work(param), _work(ax)
+    g = _effective_grad(grad, grad_scale, maximize)
+    if weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
+    eta_value, mu_value = float(eta.item()), float(mu.item())
+    p.mul_(1 - lambd * eta_value)
+    p.add_(g, alpha=-eta_value)
+    if mu_value != 1:
+        a.add_(p.sub(a).mul_(mu_value))
+    else:
+        a.copy_(p)
+    eta.fill_(lr / ((1 + lambd * lr * step) ** alpha))
+    mu.fill_(1 / max(1, step - t0))
+    _write_back(param, p)
+    _write_back(ax, a)

@@ -7,12 +7,14 @@
 #include "fusedopt/math/adagrad.h"
 #include "fusedopt/math/adam.h"
 #include "fusedopt/math/adamax.h"
+#include "fusedopt/math/asgd.h"
 #include "fusedopt/math/lamb.h"
 #include "fusedopt/math/lion.h"
+#include "fusedopt/math/nadam.h"
 #include "fusedopt/math/radam.h"
 #include "fusedopt/math/rmsprop.h"
 #include "fusedopt/math/rprop.h"
 #include "fusedopt/math/sgd.h"
 
 #define FUSEDOPT_FOR_EACH_ALGORITHM(X) \
-  X(adam) X(sgd) X(rmsprop) X(adagrad) X(lion) X(lamb) X(adamax) X(radam) X(adadelta) X(rprop)
+  X(adam) X(sgd) X(rmsprop) X(adagrad) X(lion) X(lamb) X(adamax) X(radam) X(adadelta) X(rprop) X(nadam) X(asgd)

@@ -29,11 +29,14 @@ struct FlatBuffers {
 // steps[s] is the segment's step count (float32, as torch.optim's `step`), incremented by the call for every active
 // segment before its coefficients are made; active[s] != 0 when the parameter has a gradient this step. Inactive
 // segments are neither read nor written. Segments with different step counts are updated in the same call.
+// scalars holds the per-segment scalar states of an algorithm that keeps them (algorithm.h): row s, kScalars float32
+// values, read before and written after the segment's update; null for the others.
 struct Segments {
   const int64_t* offsets = nullptr;
   const int64_t* numels = nullptr;
   float* steps = nullptr;
   const uint8_t* active = nullptr;
+  float* scalars = nullptr;
   int64_t count = 0;
 };
 

@@ -57,6 +57,8 @@ OPTIMIZERS: dict[str, OptSpec] = {
     "lamb": OptSpec("LAMB", None, {"lr": 1e-3, "weight_decay": 1e-2}, 2),
     "adadelta": OptSpec("Adadelta", "Adadelta", {"lr": 1.0}, 2),
     "rprop": OptSpec("Rprop", "Rprop", {"lr": 1e-2}, 2),
+    "nadam": OptSpec("NAdam", "NAdam", {"lr": 2e-3}, 2),
+    "asgd": OptSpec("ASGD", "ASGD", {"lr": 1e-2}, 1),
 }
 
 kFusedoptImpls = ("fusedopt-cpu", "fusedopt-cuda", "fusedopt-reference")

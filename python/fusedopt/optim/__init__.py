@@ -4,12 +4,14 @@ from .adadelta import Adadelta
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
+from .asgd import ASGD
 from .lamb import LAMB
 from .lion import Lion
+from .nadam import NAdam
 from .radam import RAdam
 from .rmsprop import RMSprop
 from .rprop import Rprop
 from .sgd import SGD
 
 __all__ = ["FusedOptimizer", "Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Lion", "LAMB", "Adamax", "RAdam",
-           "Adadelta", "Rprop"]
+           "Adadelta", "Rprop", "NAdam", "ASGD"]

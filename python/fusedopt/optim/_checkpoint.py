@@ -45,8 +45,9 @@ def check(optimizer: Any, state_dict: dict[str, Any]) -> tuple[dict[Any, Any], l
 def _check_entry(spec: Any, saved_id: Any, p: Tensor, loaded: dict[str, Any] | None, group: dict[str, Any]) -> None:
     if not loaded:
         return
-    required = {s.name for s in spec.kept_states(group)} | ({"step"} if spec.tracks_step else set())
-    allowed = set(spec.state_names()) | {"step", "master_param"}
+    scalars = set(spec.scalar_names())
+    required = {s.name for s in spec.kept_states(group)} | ({"step"} if spec.tracks_step else set()) | scalars
+    allowed = set(spec.state_names()) | {"step", "master_param"} | scalars
     missing, unknown = required - set(loaded), set(loaded) - allowed
     if missing or unknown:
         raise ValueError(f"loaded state of parameter {saved_id} does not fit {spec.kernel}: missing {sorted(missing)}, "
@@ -60,6 +61,12 @@ def _check_entry(spec: Any, saved_id: Any, p: Tensor, loaded: dict[str, Any] | N
                                  f"{value!r}")
             continue
         if value is None:
+            continue
+        if key in scalars:
+            if not isinstance(value, (Tensor, float, int)) or isinstance(value, bool) \
+                    or isinstance(value, Tensor) and value.numel() != 1:
+                raise ValueError(f"loaded state {key!r} of parameter {saved_id} must be a number or a 1-element "
+                                 f"tensor, got {value!r:.80}")
             continue
         if not isinstance(value, Tensor) or not value.is_floating_point():
             raise ValueError(f"loaded state {key!r} of parameter {saved_id} must be a floating-point tensor, "
@@ -90,9 +97,13 @@ def adopt(optimizer: Any, group: dict[str, Any], buf: FlatBuffer, originals: dic
         if state is None:
             state = optimizer.state.entry({})
             dict.__setitem__(optimizer.state, p, state)
+        scalars = spec.scalar_names()
         for key, value in loaded.items():
             if key == "step":
                 buf.steps[i] = scalar(value)
+            elif key in scalars:
+                buf.segments.scalars[i, scalars.index(key)] = scalar(local_tensor(value) if isinstance(value, Tensor)
+                                                                     else value)
             elif key == "master_param":
                 if buf.master is not None:
                     buf.region(buf.master, i).copy_(local_values(value, p).reshape(-1))

@@ -134,6 +134,12 @@ def follow_state(optimizer: Any) -> None:
                 for key, value in entry.items():
                     if key == "step":
                         continue
+                    if key in spec.scalar_names():
+                        if not isinstance(value, (Tensor, float, int)) or isinstance(value, Tensor) \
+                                and value.numel() != 1:
+                            raise ValueError(f"optimizer.state of parameter {i}: {key!r} must be a number or a "
+                                             f"1-element tensor, got {value!r:.80}")
+                        continue
                     flat = buf.master if key == "master_param" else buf.state.get(key)
                     if flat is not None and _is_region(value, buf.region(flat, i)):
                         continue
@@ -156,8 +162,13 @@ def follow_state(optimizer: Any) -> None:
         values = dict(entry)
         optimizer._init_state(group, buf, i)
         own = dict.get(state, p, {})
+        for j, name in enumerate(spec.scalar_names()):
+            value = values.get(name)
+            view = buf.segments.scalars[i, j]
+            if value is not None and not _is_region(value, view):
+                view.fill_(float(value))
         for key, value in values.items():
-            if key == "step" or not isinstance(value, Tensor):
+            if key == "step" or key in spec.scalar_names() or not isinstance(value, Tensor):
                 continue
             flat = buf.master if key == "master_param" else buf.state.get(key)
             if flat is None:
@@ -176,6 +187,8 @@ def reset(optimizer: Any, group: dict[str, Any], buf: Any, i: int) -> None:
     master weights from the parameter."""
     spec = optimizer.spec
     buf.steps[i] = 0.0
+    for j, s in enumerate(spec.scalars):
+        buf.segments.scalars[i, j] = s.fill(group)
     for s in spec.states:
         if s.name in buf.state:
             buf.region(buf.state[s.name], i).fill_(s.fill(group))

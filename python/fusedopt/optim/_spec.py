@@ -69,9 +69,15 @@ class Spec:
     # The step count of a loaded parameter that carries no "step" (some torch.optim algorithms keep none): a function
     # of its loaded state.
     loaded_step: Callable[[Mapping[str, Any]], float] | None = None
+    # Per-parameter scalar states (0-dim float32 tensors in torch.optim, such as NAdam's mu_product), in the order of
+    # the math header's kScalars; kept in the segment table, always.
+    scalars: tuple[State, ...] = ()
 
     def state_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.states)
+
+    def scalar_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.scalars)
 
     def kept_states(self, group: Group) -> list[State]:
         return [s for s in self.states if s.when(group)]
