@@ -3,7 +3,8 @@ CPU optimizers on a 128M-parameter transformer-shaped set and a 1M-parameter set
 
     python bench/bench_cpu.py                       # full run (the lead's; several minutes, ~14 GB of RAM)
     python bench/bench_cpu.py --params 4M --steps 10  # smoke test in well under a minute
-Writes bench/results/cpu-<machine>.{json,csv,md}.
+    python bench/bench_cpu.py --cases family --name cpu-family   # torch's foreach-only algorithms vs foreach
+Writes bench/results/<name>-<machine>.{json,csv,md} (name: cpu unless --name).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from _harness import Case, best_fusedopt, hb, run_suite
 from fusedopt.bench.workloads import equal_tensors_workload, parse_size, transformer_128m_workload
 
 kAll = ["adamw", "adamw-clip", "adamw-bf16-states", "adam", "sgd", "rmsprop", "adagrad", "lion", "lamb"]
+# torch.optim's element-wise algorithms that have no fused=True: compared with torch's foreach implementation only
+# (its for-loop one takes minutes at 128M). `--cases family` selects them all.
+kFamily = ["radam", "adamax", "nadam", "adadelta", "rprop", "asgd"]
 
 
 def cases_for(workload, which: list[str]) -> list[Case]:
@@ -29,6 +33,8 @@ def cases_for(workload, which: list[str]) -> list[Case]:
             impls = [hb.ImplSpec(fo, torch.bfloat16), hb.ImplSpec(fo), hb.ImplSpec("torch-fused")]
             out.append(Case(f"adamw bf16 states / {workload.name}", "adamw", workload, impls,
                             notes=["fp32 parameters; bf16 states move 20 bytes/param instead of 28"]))
+        elif key in kFamily:
+            out.append(Case(f"{key} / {workload.name}", key, workload, hb.default_impls(key, "cpu", forloop=False)))
         else:
             out.append(Case(f"{key} / {workload.name}", key, workload, hb.default_impls(key, "cpu")))
     return out
@@ -42,15 +48,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=15, help="measured steps per implementation (>= 10 for reports)")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--cases", default=",".join(kAll), help=f"comma list of {', '.join(kAll)}")
+    ap.add_argument("--cases", default=",".join(kAll),
+                    help=f"comma list of {', '.join(kAll + kFamily)}, or family (= {','.join(kFamily)})")
+    ap.add_argument("--name", default="cpu", help="results file prefix (default cpu)")
     ap.add_argument("--skip-large", action="store_true", help="only the small set")
     ap.add_argument("--out-dir", default=None, help="default bench/results")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     args = ap.parse_args()
-    which = [c.strip() for c in args.cases.split(",") if c.strip()]
-    bad = [c for c in which if c not in kAll]
+    which = [c.strip() for c in args.cases.replace("family", ",".join(kFamily)).split(",") if c.strip()]
+    bad = [c for c in which if c not in kAll + kFamily]
     if bad:
-        ap.error(f"Invalid case: {','.join(bad)} (expected a comma list of {', '.join(kAll)})")
+        ap.error(f"Invalid case: {','.join(bad)} (expected a comma list of {', '.join(kAll + kFamily)})")
     try:
         large = transformer_128m_workload(parse_size(args.params) if args.params else None)
         small = equal_tensors_workload(args.small_params, args.small_tensors)
@@ -60,7 +68,7 @@ def main() -> None:
     cases = [] if args.skip_large else cases_for(large, which)
     cases += cases_for(small, which)
     kwargs = {"out_dir": args.out_dir} if args.out_dir else {}
-    run_suite("cpu", cases, device="cpu", steps=args.steps, warmup=args.warmup, progress=args.progress,
+    run_suite(args.name, cases, device="cpu", steps=args.steps, warmup=args.warmup, progress=args.progress,
               extra_meta={"bench": "bench_cpu.py"}, **kwargs)
 
 

@@ -1,4 +1,5 @@
-"""Shared pytest setup: makes tests/ importable (tolerances, cases), seeds every test, registers the `cuda` marker."""
+"""Shared pytest setup: makes tests/ importable (tolerances, cases), seeds every test, registers the `cuda` and `slow`
+markers."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,8 @@ if _TESTS_DIR not in sys.path:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped when torch.cuda.is_available() is False")
+    config.addinivalue_line("markers", "slow: a long comparison left out of the default run (pyproject's addopts "
+                                       "-m 'not slow'); `python -m pytest -q -m slow` runs them")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -45,7 +45,7 @@ def _expected_cpu_impls() -> list[str]:
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["bench", "--optimizer", "adamax"], "Invalid optimizer"),
+        (["bench", "--optimizer", "lbfgs"], "Invalid optimizer"),
         (["bench", "--optimizer", f"{DEFAULT_OPTIMIZER},nope"], "Invalid optimizer"),
         (["bench", "--params", "12Q"], "Invalid size"),
         (["bench", "--params", "0"], "Invalid size"),

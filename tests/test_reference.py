@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from cases import BIG_SIZE, ORACLE_ROWS, ROWS, SMALL_SIZES, TORCH_ROWS, Algorithm, params, row_params
+from cases import BIG_SIZE, EXAMPLE, ORACLE_ROWS, ROWS, SMALL_SIZES, TORCH_ROWS, Algorithm, params, row_params
 from fusedopt import reference
 from tolerances import assert_close, assert_update_close
 from torch import Tensor
@@ -107,7 +107,7 @@ def compare_step(actual_p: Tensor, actual_state: dict[str, Any], expected_p: Ten
 def cases_and_sizes(rows: list[Algorithm]) -> list:
     """Every case at every small size, in fp32 and float64; at the biggest size only the first case and the case
     combining most modes (the table's last), in fp32 (the reference is plain torch: the size changes nothing float64
-    would add), to keep the runtime reasonable."""
+    would add), to keep the runtime reasonable. The biggest size is a `slow` test except for the example row."""
     out = []
     for row in rows:
         for case in row.cases:
@@ -115,7 +115,8 @@ def cases_and_sizes(rows: list[Algorithm]) -> list:
                 for dtype in (F32, F64):
                     out.append(pytest.param(row, case, n, dtype, id=f"{row.name}-{case.id}-n{n}-{_ID[dtype]}"))
         for case in (row.cases[0], row.cases[-1]):
-            out.append(pytest.param(row, case, BIG_SIZE, F32, id=f"{row.name}-{case.id}-n{BIG_SIZE}-fp32"))
+            out.append(pytest.param(row, case, BIG_SIZE, F32, id=f"{row.name}-{case.id}-n{BIG_SIZE}-fp32",
+                                    marks=() if row is EXAMPLE else pytest.mark.slow))
     return out
 
 

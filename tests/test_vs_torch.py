@@ -54,15 +54,18 @@ def random_shapes(big: bool) -> list[tuple[int, ...]]:
 
 def case_params(rows: list[Algorithm]) -> list:
     """Every case, with float32 and with float64 parameters; the first and the last (most modes combined) case of each
-    table also get a 1,000,003 tensor in float32 (sizes, chunks and threads are the compiled kernels' business, and
-    tests/test_cpu_kernels.py covers them in float64)."""
+    table also with a 1,000,003 tensor in float32 (sizes, chunks and threads are the compiled kernels' business, and
+    tests/test_cpu_kernels.py covers them in float64), a `slow` test except for the example row."""
     out = []
     for row in rows:
         for i, case in enumerate(row.cases):
-            big = i in (0, len(row.cases) - 1)
-            name = f"{row.name}-{case.id}" + ("-big" if big else "")
-            out.append(pytest.param(row, case, big, F32, id=f"{name}-fp32"))
-            out.append(pytest.param(row, case, False, F64, id=f"{row.name}-{case.id}-fp64"))
+            name = f"{row.name}-{case.id}"
+            if row is not EXAMPLE or i not in (0, len(row.cases) - 1):
+                out.append(pytest.param(row, case, False, F32, id=f"{name}-fp32"))
+            if i in (0, len(row.cases) - 1):
+                out.append(pytest.param(row, case, True, F32, id=f"{name}-big-fp32",
+                                        marks=() if row is EXAMPLE else pytest.mark.slow))
+            out.append(pytest.param(row, case, False, F64, id=f"{name}-fp64"))
     return out
 
 

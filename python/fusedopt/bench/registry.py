@@ -55,6 +55,8 @@ OPTIMIZERS: dict[str, OptSpec] = {
     "adagrad": OptSpec("Adagrad", "Adagrad", {"lr": 1e-2}, 1, "deepspeed-cpu-adagrad"),
     "lion": OptSpec("Lion", None, {"lr": 1e-4, "weight_decay": 1e-2}, 1, "deepspeed-cpu-lion"),
     "lamb": OptSpec("LAMB", None, {"lr": 1e-3, "weight_decay": 1e-2}, 2),
+    "adamax": OptSpec("Adamax", "Adamax", {"lr": 2e-3}, 2),
+    "radam": OptSpec("RAdam", "RAdam", {"lr": 1e-3}, 2),
     "adadelta": OptSpec("Adadelta", "Adadelta", {"lr": 1.0}, 2),
     "rprop": OptSpec("Rprop", "Rprop", {"lr": 1e-2}, 2),
     "nadam": OptSpec("NAdam", "NAdam", {"lr": 2e-3}, 2),
