@@ -9,7 +9,8 @@ from .lion import Lion
 from .radam import RAdam
 from .rmsprop import RMSprop
 from .rprop import Rprop
+from .sam import SAM
 from .sgd import SGD
 
 __all__ = ["FusedOptimizer", "Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Lion", "LAMB", "Adamax", "RAdam",
-           "Adadelta", "Rprop"]
+           "Adadelta", "Rprop", "SAM"]
