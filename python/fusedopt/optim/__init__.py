@@ -9,8 +9,7 @@ from .lion import Lion
 from .radam import RAdam
 from .rmsprop import RMSprop
 from .rprop import Rprop
-from .sam import SAM
 from .sgd import SGD
 
 __all__ = ["FusedOptimizer", "Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Lion", "LAMB", "Adamax", "RAdam",
-           "Adadelta", "Rprop", "SAM"]
+           "Adadelta", "Rprop"]
