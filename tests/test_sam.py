@@ -44,7 +44,7 @@ def groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
 
 def backward(model: nn.Module, scale: float = 1.0) -> Tensor:
     param = next(model.parameters())
-    loss = nn.functional.mse_loss(model(INPUTS.to(param.dtype)), TARGETS.to(param.dtype))
+    loss = nn.functional.mse_loss(model(INPUTS.to(param.device, param.dtype)), TARGETS.to(param.device, param.dtype))
     (loss * scale).backward()
     return loss.detach()
 
