@@ -247,8 +247,8 @@ SamParams checked_params(const std::string& fn, const SamBuffers& b, const Devic
 void sam_perturb(const SamBuffers& b, const DeviceWork& w, const uint8_t* active, int64_t segment_count, double scale,
                  const void* scale_ptr, const float* found_inf, bool adaptive, const Launch& l) {
   const std::string fn = "cuda_sam_perturb";
+  check_aligned(fn, "scale", scale_ptr, b.param_dtype == kFloat64 ? 8 : 4);  // before the device check
   SamParams a = checked_params(fn, b, w, active, segment_count, true, true, found_inf, l);
-  check_aligned(fn, "scale", scale_ptr, b.param_dtype == kFloat64 ? 8 : 4);
   a.scale = scale;
   a.scale_ptr = scale_ptr;
   if (a.items.count == 0) return;
