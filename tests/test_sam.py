@@ -320,6 +320,44 @@ def test_kernel_arguments_are_checked() -> None:
         assert torch.equal(flat.param, before), "a rejected call wrote"
 
 
+MIB = 1 << 20
+# Calls of the CUDA entry points that pass every host-side check (plausible 64-byte aligned addresses, one segment of
+# one work item); each case changes one argument, and the call must be refused before the CUDA runtime is asked.
+CUDA_VALID = {
+    "cuda_sam_perturb": dict(param=1 * MIB, grad=2 * MIB, master=0, backup=3 * MIB, n=4096, param_dtype=0,
+                             grad_dtype=0, work=4 * MIB, items=1, active=5 * MIB, seg_count=1, scale=0.1, scale_ptr=0,
+                             found_inf_ptr=0, adaptive=False, device=0, stream=0),
+    "cuda_sam_restore": dict(param=1 * MIB, master=0, backup=3 * MIB, n=4096, param_dtype=0, work=4 * MIB, items=1,
+                             active=5 * MIB, seg_count=1, found_inf_ptr=0, device=0, stream=0),
+    "cuda_sam_sum_of_squares": dict(param=1 * MIB, grad=2 * MIB, master=0, n=4096, param_dtype=0, grad_dtype=0,
+                                    work=4 * MIB, items=1, active=5 * MIB, seg_count=1, scratch=6 * MIB,
+                                    out_sum=7 * MIB, out_sum_dtype=0, out_nonfinite=8 * MIB, device=0, stream=0),
+}
+CUDA_REJECTED = [
+    ("cuda_sam_perturb", dict(param_dtype=5), "Invalid dtype code for param: 5"),
+    ("cuda_sam_perturb", dict(grad_dtype=1), "grad dtype code 1 must equal the param dtype code 0"),
+    ("cuda_sam_perturb", dict(backup=0), "backup pointer is null"),
+    ("cuda_sam_perturb", dict(master=6 * MIB), "master weights are for 16-bit parameters"),
+    ("cuda_sam_perturb", dict(param=1 * MIB + 2), "param pointer .* is not 4-byte aligned"),
+    ("cuda_sam_perturb", dict(scale_ptr=7 * MIB + 2), "scale pointer .* is not 4-byte aligned"),
+    ("cuda_sam_perturb", dict(items=5000), "Invalid items: 5000"),
+    ("cuda_sam_perturb", dict(n=-1), "Invalid element count n: -1"),
+    ("cuda_sam_restore", dict(backup=0), "backup pointer is null"),
+    ("cuda_sam_restore", dict(seg_count=0), "Invalid items: 1 need the work list"),
+    ("cuda_sam_sum_of_squares", dict(out_sum_dtype=1), "Invalid dtype code for out_sum: 1"),
+    ("cuda_sam_sum_of_squares", dict(scratch=0), "scratch pointer is null"),
+    ("cuda_sam_sum_of_squares", dict(grad=0), "grad pointer is null"),
+]
+
+
+@pytest.mark.skipif(not fusedopt.build_info()["cuda_built"], reason="fusedopt was built without its CUDA kernels")
+@pytest.mark.parametrize("name,change,message", CUDA_REJECTED, ids=[m for _, _, m in CUDA_REJECTED])
+def test_cuda_entry_points_check_arguments(name: str, change: dict[str, Any], message: str) -> None:
+    """Run wherever the CUDA kernels were compiled, GPU or not: nothing is dereferenced, every call is refused."""
+    with pytest.raises(ValueError, match=f"{name}: {message}"):
+        getattr(_kernels._C, name)(**{**CUDA_VALID[name], **change})
+
+
 # -------------------------------------------------------------------------------------------- the SAM optimizer
 
 # id -> (param dtype, master weights)
