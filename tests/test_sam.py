@@ -7,6 +7,8 @@ import copy
 import io
 import math
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -611,3 +613,14 @@ def test_fsdp2_matches_single_process() -> None:
             assert rank[name].keys() == expected.keys()
             for key in expected:
                 assert_close(rank[name][key], expected[key], "fp32_trajectory", msg=f"{name} {key}")
+
+
+def test_example_runs() -> None:
+    """examples/sam_vs_sgd.py as README documents it, shortened: both runs print their final losses."""
+    example = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "sam_vs_sgd.py")
+    result = subprocess.run([sys.executable, example, "--epochs", "2", "--train", "128"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["SGD", "SAM+SGD"]
+    assert all(math.isfinite(float(line.split()[3])) for line in lines)
