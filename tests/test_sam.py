@@ -445,6 +445,12 @@ def test_grad_scaler_inf_skips_the_whole_step(backend: str, device_decisions: bo
     before = weights(model)
     iteration()
     assert all(not torch.equal(a, b) for a, b in zip(before, weights(model)))
+    scaled_backward()
+    scaler.unscale_(sam)  # the closure's gradients would then reach the base step scaled: refused, nothing changed
+    before = weights(model)
+    with pytest.raises(RuntimeError, match="scaler.unscale_\\(optimizer\\) before scaler.step"):
+        scaler.step(sam, closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
 
 
 @pytest.mark.parametrize("device_decisions", [False, True], ids=["host", "device"])

@@ -10,8 +10,8 @@ namespace FUSEDOPT_ISA_NS {
 const KernelTable& kernel_table() {
 #define FUSEDOPT_TABLE_ENTRY(A) kernel<algo::A>,
   static const KernelTable table = {FUSEDOPT_ISA_NAME, FUSEDOPT_FOR_EACH_ALGORITHM(FUSEDOPT_TABLE_ENTRY)
-                                                           sum_of_squares_kernel,
-                                    sam_perturb_kernel, sam_restore_kernel, sam_sum_of_squares_kernel};
+                                                           sum_of_squares_kernel, sam_perturb_kernel,
+                                                           sam_restore_kernel, sam_sum_of_squares_kernel};
 #undef FUSEDOPT_TABLE_ENTRY
   return table;
 }

@@ -40,7 +40,8 @@ class SAM(Optimizer):
     the gradient at w must already be there). With `torch.amp.GradScaler`, pass the closure positionally,
     `scaler.step(sam, closure)` (the closure calls `scaler.scale(loss).backward()`), then `scaler.update()`: an
     inf/nan gradient at w skips the whole SAM step and leaves nothing perturbed; one at w + e skips the base step
-    after the weights are restored (GradScaler lowers its scale only for the first).
+    after the weights are restored (GradScaler lowers its scale only for the first). Do not call
+    `scaler.unscale_(sam)` first (refused): clip with the base optimizer's `max_grad_norm`.
 
     Memory: without master weights the perturbation backs the parameters up bit for bit (p + e - e is not p in
     floating point): one flat buffer per buffer set in the parameters' dtype, allocated at the first step, i.e. one
@@ -133,6 +134,11 @@ class SAM(Optimizer):
             raise ValueError("Invalid closure: None (SAM.step needs a closure that recomputes the loss and its "
                              "gradients; or call first_step() and second_step())")
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None and grad_scale is None:
+            # GradScaler after scaler.unscale_(sam): the closure's gradients would reach the base step still scaled.
+            raise RuntimeError("fusedopt.SAM: scaler.unscale_(optimizer) before scaler.step(optimizer, closure) is not "
+                               "supported (the closure's gradients are scaled again); clip with the base "
+                               "optimizer's max_grad_norm instead")
         self.first_step(zero_grad=True, grad_scale=grad_scale, found_inf=found_inf)
         with torch.enable_grad():
             loss = closure()
