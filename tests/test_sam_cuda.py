@@ -8,7 +8,7 @@ import copy
 import fusedopt
 import pytest
 import torch
-from test_sam import KINDS, SCALE, SIZES, Flat, backward, make_model, run_sam, weights
+from test_sam import INPUTS, KINDS, SCALE, SIZES, TARGETS, Flat, make_model, run_sam, weights
 from tolerances import assert_close
 
 pytestmark = pytest.mark.cuda
@@ -80,9 +80,15 @@ def test_training_follows_the_cpu() -> None:
 def test_sam_step_never_synchronises(adaptive: bool, master: bool) -> None:
     """After a first step, SAM steps with GradScaler's device tensors (one of them skipped) never wait for the GPU, and
     the skipped one leaves the weights as they were."""
-    model, sam = cuda_sam(adaptive, master, torch.bfloat16 if master else torch.float32)
+    dtype = torch.bfloat16 if master else torch.float32
+    model, sam = cuda_sam(adaptive, master, dtype)
     run_sam(model, sam, 1)  # builds the device tables and backups
     scale, found_inf = torch.full((1,), 2.0**10, device="cuda"), torch.zeros(1, device="cuda")
+    x, y = INPUTS.to("cuda", dtype), TARGETS.to("cuda", dtype)  # a copy from the host would wait
+
+    def backward(model: torch.nn.Module, factor: float) -> None:
+        (torch.nn.functional.mse_loss(model(x), y) * factor).backward()
+
     before = weights(model)
     backward(model, 2.0**10)
     torch.cuda.synchronize()
