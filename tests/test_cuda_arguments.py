@@ -34,7 +34,8 @@ def call(algorithm: str, **changes: Any) -> None:
 
 def test_every_algorithm_of_the_list_has_a_cuda_step() -> None:
     assert {name for name in dir(_C) if name.startswith("cuda_")} == {
-        *("cuda_" + name for name in ALGORITHMS), "cuda_sum_of_squares", "cuda_sum_of_squares_scratch"}
+        *("cuda_" + name for name in ALGORITHMS), "cuda_sum_of_squares", "cuda_sum_of_squares_scratch",
+        "cuda_sam_perturb", "cuda_sam_restore", "cuda_sam_sum_of_squares"}
 
 
 REJECTED = [

@@ -1,7 +1,7 @@
 // pybind11 bindings of the CUDA entry points (fusedopt/cuda_api.h) as fusedopt._C.cuda_*: one step function per
-// algorithm of the list, generated like the CPU ones in module.cpp, plus the sum of squares. Device pointers and the
-// stream are Python ints; compiled by the host compiler (no CUDA headers); module.cpp calls register_cuda_bindings
-// under FUSEDOPT_WITH_CUDA.
+// algorithm of the list, generated like the CPU ones in module.cpp, plus the sum of squares and SAM's kernels. Device
+// pointers and the stream are Python ints; compiled by the host compiler (no CUDA headers); module.cpp calls
+// register_cuda_bindings under FUSEDOPT_WITH_CUDA.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -15,6 +15,7 @@ namespace py = pybind11;
 using namespace fusedopt;
 using bindings::buffers;
 using bindings::ptr;
+using bindings::sam_buffers;
 using bindings::segments;
 using bindings::step_args;
 
@@ -84,6 +85,52 @@ void register_cuda_bindings(py::module_& m) {
   FUSEDOPT_FOR_EACH_ALGORITHM(FUSEDOPT_BIND_CUDA_STEP)
 #undef FUSEDOPT_BIND_CUDA_STEP
 
+  m.def(
+      "cuda_sam_perturb",
+      [](uintptr_t param, uintptr_t grad, uintptr_t master, uintptr_t backup, int64_t n, int param_dtype,
+         int grad_dtype, uintptr_t work, int64_t items, uintptr_t active, int64_t seg_count, double scale,
+         uintptr_t scale_ptr, uintptr_t found_inf_ptr, bool adaptive, int device, uintptr_t stream) {
+        const SamBuffers b = sam_buffers(param, grad, master, backup, n, param_dtype, grad_dtype);
+        py::gil_scoped_release release;
+        cuda::sam_perturb(b, device_work(work, items), ptr<const uint8_t>(active), seg_count, scale,
+                          ptr<const void>(scale_ptr), ptr<const float>(found_inf_ptr), adaptive,
+                          launch(device, stream));
+      },
+      py::arg("param"), py::arg("grad"), py::arg("master"), py::arg("backup"), py::arg("n"), py::arg("param_dtype"),
+      py::arg("grad_dtype"), py::arg("work"), py::arg("items"), py::arg("active"), py::arg("seg_count"),
+      py::arg("scale"), py::arg("scale_ptr"), py::arg("found_inf_ptr"), py::arg("adaptive"), py::arg("device"),
+      py::arg("stream"),
+      "SAM's perturbation over the active segments' work items in device memory, asynchronous on `stream`; "
+      "scale_ptr (a device scalar of the compute dtype) replaces scale, found_inf_ptr non-zero writes nothing.");
+  m.def(
+      "cuda_sam_restore",
+      [](uintptr_t param, uintptr_t master, uintptr_t backup, int64_t n, int param_dtype, uintptr_t work,
+         int64_t items, uintptr_t active, int64_t seg_count, uintptr_t found_inf_ptr, int device, uintptr_t stream) {
+        const SamBuffers b = sam_buffers(param, 0, master, backup, n, param_dtype, param_dtype);
+        py::gil_scoped_release release;
+        cuda::sam_restore(b, device_work(work, items), ptr<const uint8_t>(active), seg_count,
+                          ptr<const float>(found_inf_ptr), launch(device, stream));
+      },
+      py::arg("param"), py::arg("master"), py::arg("backup"), py::arg("n"), py::arg("param_dtype"), py::arg("work"),
+      py::arg("items"), py::arg("active"), py::arg("seg_count"), py::arg("found_inf_ptr"), py::arg("device"),
+      py::arg("stream"), "The undo of cuda_sam_perturb: param := backup, or round(master) with master weights.");
+  m.def(
+      "cuda_sam_sum_of_squares",
+      [](uintptr_t param, uintptr_t grad, uintptr_t master, int64_t n, int param_dtype, int grad_dtype,
+         uintptr_t work, int64_t items, uintptr_t active, int64_t seg_count, uintptr_t scratch, uintptr_t out_sum,
+         int out_sum_dtype, uintptr_t out_nonfinite, int device, uintptr_t stream) {
+        const SamBuffers b = sam_buffers(param, grad, master, 0, n, param_dtype, grad_dtype);
+        py::gil_scoped_release release;
+        cuda::sam_sum_of_squares(b, device_work(work, items), ptr<const uint8_t>(active), seg_count,
+                                 ptr<double>(scratch), ptr<void>(out_sum), out_sum_dtype, ptr<float>(out_nonfinite),
+                                 launch(device, stream));
+      },
+      py::arg("param"), py::arg("grad"), py::arg("master"), py::arg("n"), py::arg("param_dtype"),
+      py::arg("grad_dtype"), py::arg("work"), py::arg("items"), py::arg("active"), py::arg("seg_count"),
+      py::arg("scratch"), py::arg("out_sum"), py::arg("out_sum_dtype"), py::arg("out_nonfinite"), py::arg("device"),
+      py::arg("stream"),
+      "ASAM's deterministic sum of squares of |w| * g over the active segments' work items, into the device scalars "
+      "out_sum (float32, or float64 with out_sum_dtype 3) and out_nonfinite (float32); asynchronous on `stream`.");
   m.def("cuda_sum_of_squares_scratch", &cuda::sum_of_squares_scratch, py::arg("items"),
         "float64 elements of device scratch cuda_sum_of_squares needs for `items` work items.");
   m.def(

@@ -30,6 +30,19 @@ inline FlatBuffers buffers(uintptr_t param, uintptr_t grad, uintptr_t s0, uintpt
   return b;
 }
 
+inline SamBuffers sam_buffers(uintptr_t param, uintptr_t grad, uintptr_t master, uintptr_t backup, int64_t n,
+                              int param_dtype, int grad_dtype) {
+  SamBuffers b;
+  b.param = ptr<void>(param);
+  b.grad = ptr<const void>(grad);
+  b.master = ptr<const float>(master);
+  b.backup = ptr<void>(backup);
+  b.n = n;
+  b.param_dtype = param_dtype;
+  b.grad_dtype = grad_dtype;
+  return b;
+}
+
 inline Segments segments(uintptr_t offsets, uintptr_t numels, uintptr_t steps, uintptr_t active, int64_t count,
                          uintptr_t scalars = 0) {
   Segments s;

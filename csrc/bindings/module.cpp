@@ -19,6 +19,7 @@ void register_cuda_bindings(pybind11::module_& m);  // csrc/bindings/cuda_bindin
 using namespace fusedopt;
 using bindings::buffers;
 using bindings::ptr;
+using bindings::sam_buffers;
 using bindings::segments;
 using bindings::step_args;
 
@@ -128,6 +129,44 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("data"), py::arg("n"), py::arg("dtype"),
       "(sum of fp32 squares as a double, any inf/nan) with a thread-count-independent reduction.");
+
+  m.def(
+      "sam_perturb",
+      [](uintptr_t param, uintptr_t grad, uintptr_t master, uintptr_t backup, int64_t n, int param_dtype,
+         int grad_dtype, uintptr_t seg_offsets, uintptr_t seg_numels, uintptr_t seg_active, int64_t seg_count,
+         double scale, bool adaptive) {
+        const SamBuffers b = sam_buffers(param, grad, master, backup, n, param_dtype, grad_dtype);
+        const Segments s = segments(seg_offsets, seg_numels, 0, seg_active, seg_count);
+        py::gil_scoped_release release;
+        cpu::sam_perturb(b, s, scale, adaptive);
+      },
+      "SAM's perturbation over the active segments (pointers as ints, 0 for absent buffers): param, grad, master, "
+      "backup, n, param/grad dtype codes, the segment table, scale, adaptive (ASAM).");
+  m.def(
+      "sam_restore",
+      [](uintptr_t param, uintptr_t master, uintptr_t backup, int64_t n, int param_dtype, uintptr_t seg_offsets,
+         uintptr_t seg_numels, uintptr_t seg_active, int64_t seg_count) {
+        const SamBuffers b = sam_buffers(param, 0, master, backup, n, param_dtype, param_dtype);
+        const Segments s = segments(seg_offsets, seg_numels, 0, seg_active, seg_count);
+        py::gil_scoped_release release;
+        cpu::sam_restore(b, s);
+      },
+      "Undo of sam_perturb over the active segments: param := backup, or round(master) with master weights.");
+  m.def(
+      "sam_sum_of_squares",
+      [](uintptr_t param, uintptr_t grad, uintptr_t master, int64_t n, int param_dtype, int grad_dtype,
+         uintptr_t seg_offsets, uintptr_t seg_numels, uintptr_t seg_active, int64_t seg_count) {
+        const SamBuffers b = sam_buffers(param, grad, master, 0, n, param_dtype, grad_dtype);
+        const Segments s = segments(seg_offsets, seg_numels, 0, seg_active, seg_count);
+        SumOfSquares r;
+        {
+          py::gil_scoped_release release;
+          r = cpu::sam_sum_of_squares(b, s);
+        }
+        return py::make_tuple(r.sum, r.nonfinite);
+      },
+      "(sum of squares of |w| * g over the active segments, any inf/nan among those terms), w the master weights "
+      "when given; thread-count independent.");
 
   m.def("build_info", [] {
     py::dict d;

@@ -315,6 +315,38 @@ SumOfSquares sum_of_squares_segments(const void* data, int64_t n, int dtype, con
   return combine(table(), data, dtype, list.work());
 }
 
+void sam_perturb(const SamBuffers& b, const Segments& s, double scale, bool adaptive) {
+  checks::check_sam_buffers("sam_perturb", b, true, true);
+  const WorkList list = work_list("sam_perturb", b.n, s, false);
+  const Work w = list.work();
+  if (b.n == 0 || w.items == 0) return;
+  table().sam_perturb(b, w, scale, adaptive, threads());
+}
+
+void sam_restore(const SamBuffers& b, const Segments& s) {
+  checks::check_sam_buffers("sam_restore", b, false, true);
+  const WorkList list = work_list("sam_restore", b.n, s, false);
+  const Work w = list.work();
+  if (b.n == 0 || w.items == 0) return;
+  table().sam_restore(b, w, threads());
+}
+
+SumOfSquares sam_sum_of_squares(const SamBuffers& b, const Segments& s) {
+  checks::check_sam_buffers("sam_sum_of_squares", b, true, false);
+  const WorkList list = work_list("sam_sum_of_squares", b.n, s, false);
+  const Work w = list.work();
+  SumOfSquares r;
+  if (b.n == 0 || w.items == 0) return r;
+  std::vector<double> partials(w.items);
+  std::vector<unsigned char> bad(w.items);
+  table().sam_sum_of_squares(b, w, partials.data(), bad.data(), threads());
+  for (int64_t k = 0; k < w.items; ++k) {  // fixed combine order, as combine() above
+    r.sum += partials[k];
+    r.nonfinite = r.nonfinite || bad[k] != 0;
+  }
+  return r;
+}
+
 std::vector<std::string> compiled_isas() {
   std::vector<std::string> out;
   for (const auto& e : isa_entries()) out.emplace_back(e.name);

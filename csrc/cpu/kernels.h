@@ -44,6 +44,11 @@ struct KernelTable {
   // One partial sum and one non-finite flag per work item.
   void (*sum_of_squares)(const void* data, int dtype, const Work& w, double* partials, unsigned char* nonfinite,
                          int threads);
+  // SAM (csrc/cpu/sam.h): the perturbation, its undo, ASAM's per-item sums of squares of |w| * g.
+  void (*sam_perturb)(const SamBuffers& b, const Work& w, double scale, bool adaptive, int threads);
+  void (*sam_restore)(const SamBuffers& b, const Work& w, int threads);
+  void (*sam_sum_of_squares)(const SamBuffers& b, const Work& w, double* partials, unsigned char* nonfinite,
+                             int threads);
 };
 
 }  // namespace cpu

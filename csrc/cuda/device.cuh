@@ -111,6 +111,11 @@ inline unsigned grid_size(int64_t work) {
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// Phase 2 of the deterministic sums of squares (reductions.cu): the per-item partials scratch[0, items) and flags
+// scratch[items, 2 * items) added in a fixed order into the device scalars; also used by ASAM's norm (sam.cu).
+void launch_sum_of_squares_combine(const double* scratch, int64_t items, void* out_sum, bool out_double,
+                                   float* out_nonfinite, cudaStream_t stream);
+
 // ---------------------------------------------------------------------------------------------------------------
 // Device side: packs. A pack of 8 fp32 is two 16-byte words, a pack of 8 fp64 four, a pack of 8 bf16/fp16 one;
 // element e of a 16-bit pack is the low (e even) or high (e odd) half of 32-bit word e/2 (little endian). Packs are

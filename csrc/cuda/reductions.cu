@@ -95,6 +95,13 @@ bool aligned_to(const void* p, int bytes) { return (reinterpret_cast<uintptr_t>(
 
 }  // namespace
 
+void launch_sum_of_squares_combine(const double* scratch, int64_t items, void* out_sum, bool out_double,
+                                   float* out_nonfinite, cudaStream_t stream) {
+  sum_of_squares_combine_kernel<<<1, kCombineThreads, 0, stream>>>(scratch, scratch + items, items, out_sum,
+                                                                    out_double, out_nonfinite);
+  check_launch("sum_of_squares_combine_kernel");
+}
+
 int64_t sum_of_squares_scratch(int64_t items) {
   if (items < 0) checks::fail("cuda_sum_of_squares_scratch: Invalid items: " + std::to_string(items));
   return 2 * items;

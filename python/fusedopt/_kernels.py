@@ -306,6 +306,126 @@ def sum_of_squares_into(tensor: Tensor, segments: Segments | None, out_sum: Tens
                            index, stream)
 
 
+def _check_sam(param: Tensor, grad: Tensor | None, master: Tensor | None, backup: Tensor | None,
+               segments: Segments, needs_backup: bool = True) -> tuple[int, int, int, int]:
+    """Validate SAM's buffers (as `check_buffers` a step's); returns the (grad, master, backup) pointers and the grad
+    dtype code, 0 for an absent buffer. The backup is needed without master weights, except by the sum of squares."""
+    _check_tensor("param", param, None, PARAM_DTYPES)
+    grad_ptr, grad_code = 0, DTYPE_CODES[param.dtype]
+    if grad is not None:
+        _check_tensor("grad", grad, param, PARAM_DTYPES)
+        if grad.dtype != param.dtype and (grad.dtype != torch.float32 or param.dtype == F64):
+            raise TypeError(f"Invalid grad dtype: {grad.dtype} (expected {param.dtype} like param"
+                            f"{'' if param.dtype == F64 else ', or torch.float32'})")
+        grad_ptr, grad_code = grad.data_ptr(), DTYPE_CODES[grad.dtype]
+    master_ptr = backup_ptr = 0
+    if master is not None:
+        if param.dtype in (torch.float32, F64):
+            raise ValueError(f"Invalid master: master weights are for bfloat16/float16 parameters, param is "
+                             f"{str(param.dtype)[6:]}")
+        master_ptr = _check_tensor("master", master, param, (torch.float32,)).data_ptr()
+    elif backup is None and needs_backup:
+        raise ValueError("Invalid backup: None without master weights")
+    if backup is not None and master is None:
+        if backup.dtype != param.dtype:
+            raise TypeError(f"Invalid backup dtype: {backup.dtype} (expected {param.dtype} like param)")
+        backup_ptr = _check_tensor("backup", backup, param, (param.dtype,)).data_ptr()
+    if segments.steps.device.type != "cpu" and segments.steps.device != param.device:
+        raise ValueError(f"Invalid segments: steps on {segments.steps.device} for a param on {param.device}")
+    _check_segments(segments, param.numel())
+    pointers = [p for p in (param.data_ptr(), grad_ptr, master_ptr, backup_ptr) if p]
+    if param.numel() > 0 and len(set(pointers)) != len(pointers):
+        raise ValueError("Invalid buffers: param, grad, master and backup must not share memory")
+    return grad_ptr, master_ptr, backup_ptr, grad_code
+
+
+def _segment_table(segments: Segments) -> tuple[int, int, int, int]:
+    return (segments.offsets.data_ptr(), segments.numels.data_ptr(), segments.active.data_ptr(), len(segments))
+
+
+def _device_work(segments: Segments, device: torch.device) -> tuple[int, int, int, int]:
+    table = segments.on_device(device)
+    return table["work"].data_ptr(), int(table["items"]), table["active"].data_ptr(), len(segments)
+
+
+def sam_perturb(param: Tensor, grad: Tensor, master: Tensor | None, backup: Tensor | None, segments: Segments, *,
+                scale: Scalar, adaptive: bool, found_inf: Tensor | None = None) -> None:
+    """SAM's perturbation of the active segments (fusedopt/math/sam.h): param := round(w + e) with w the master or
+    param (whose bits go to `backup` first). On CUDA `scale` may be a 1-element device tensor of the compute dtype
+    and `found_inf` a float32 device flag (non-zero: write nothing)."""
+    grad_ptr, master_ptr, backup_ptr, grad_code = _check_sam(param, grad, master, backup, segments)
+    n, code = param.numel(), DTYPE_CODES[param.dtype]
+    if param.device.type == "cuda":
+        device = param.device
+        scale_ptr = (_device_scalar("scale", scale, device, compute_dtype(param.dtype))
+                     if isinstance(scale, Tensor) and scale.device.type == "cuda" else 0)
+        found_ptr = 0 if found_inf is None else _device_scalar("found_inf", found_inf, device)
+        index, stream = _launch(device)
+        _C.cuda_sam_perturb(param.data_ptr(), grad_ptr, master_ptr, backup_ptr, n, code, grad_code,
+                            *_device_work(segments, device), 1.0 if scale_ptr else _float("scale", scale), scale_ptr,
+                            found_ptr, bool(adaptive), index, stream)
+        return
+    if found_inf is not None and bool(found_inf.item() != 0):
+        return
+    _follow_torch_threads()
+    _C.sam_perturb(param.data_ptr(), grad_ptr, master_ptr, backup_ptr, n, code, grad_code, *_segment_table(segments),
+                   _float("scale", scale), bool(adaptive))
+
+
+def sam_restore(param: Tensor, master: Tensor | None, backup: Tensor | None, segments: Segments, *,
+                found_inf: Tensor | None = None) -> None:
+    """The undo of `sam_perturb` over the active segments, bit for bit: param := backup, or round(master)."""
+    _, master_ptr, backup_ptr, _ = _check_sam(param, None, master, backup, segments)
+    n, code = param.numel(), DTYPE_CODES[param.dtype]
+    if param.device.type == "cuda":
+        device = param.device
+        found_ptr = 0 if found_inf is None else _device_scalar("found_inf", found_inf, device)
+        index, stream = _launch(device)
+        _C.cuda_sam_restore(param.data_ptr(), master_ptr, backup_ptr, n, code, *_device_work(segments, device),
+                            found_ptr, index, stream)
+        return
+    if found_inf is not None and bool(found_inf.item() != 0):
+        return
+    _follow_torch_threads()
+    _C.sam_restore(param.data_ptr(), master_ptr, backup_ptr, n, code, *_segment_table(segments))
+
+
+def sam_sum_of_squares(param: Tensor, grad: Tensor, master: Tensor | None, segments: Segments) -> tuple[float, bool]:
+    """ASAM's sum of squares of |w| * g over the active segments of CPU buffers, and whether a term is inf/nan;
+    bitwise reproducible for any thread count."""
+    grad_ptr, master_ptr, _, grad_code = _check_sam(param, grad, master, None, segments,
+                                                    needs_backup=False)
+    if param.device.type != "cpu":
+        raise ValueError(f"Invalid param device: {param.device} (expected a cpu tensor)")
+    _follow_torch_threads()
+    total, nonfinite = _C.sam_sum_of_squares(param.data_ptr(), grad_ptr, master_ptr, param.numel(),
+                                             DTYPE_CODES[param.dtype], grad_code, *_segment_table(segments))
+    return float(total), bool(nonfinite)
+
+
+def sam_sum_of_squares_into(param: Tensor, grad: Tensor, master: Tensor | None, segments: Segments, out_sum: Tensor,
+                            out_nonfinite: Tensor) -> None:
+    """`sam_sum_of_squares` written into 1-element tensors on the buffers' device (as `sum_of_squares_into`); on CUDA
+    without waiting for the GPU."""
+    if param.device.type != "cuda":
+        total, flag = sam_sum_of_squares(param, grad, master, segments)
+        out_sum.fill_(total)
+        out_nonfinite.fill_(float(flag))
+        return
+    grad_ptr, master_ptr, _, grad_code = _check_sam(param, grad, master, None, segments,
+                                                    needs_backup=False)
+    if out_sum.dtype not in (torch.float32, F64):
+        raise ValueError(f"Invalid out_sum: expected a torch.float32 or torch.float64 tensor, got {out_sum.dtype}")
+    device = param.device
+    work = _device_work(segments, device)
+    scratch = torch.empty(int(_C.cuda_sum_of_squares_scratch(work[1])), dtype=torch.float64, device=device)
+    index, stream = _launch(device)
+    _C.cuda_sam_sum_of_squares(param.data_ptr(), grad_ptr, master_ptr, param.numel(), DTYPE_CODES[param.dtype],
+                               grad_code, *work, scratch.data_ptr(),
+                               _device_scalar("out_sum", out_sum, device, out_sum.dtype), DTYPE_CODES[out_sum.dtype],
+                               _device_scalar("out_nonfinite", out_nonfinite, device), index, stream)
+
+
 def build_info() -> dict[str, Any]:
     return _C.build_info()
 

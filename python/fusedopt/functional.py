@@ -27,7 +27,8 @@ from . import reference
 from ._backend import compiled
 from .flat import Segments
 
-__all__ = ["update", "sum_of_squares", "sum_of_squares_into"]
+__all__ = ["update", "sum_of_squares", "sum_of_squares_into", "sam_perturb", "sam_restore", "sam_sum_of_squares",
+           "sam_sum_of_squares_into"]
 
 Scalar = Union[float, Tensor]
 
@@ -125,5 +126,68 @@ def sum_of_squares_into(tensor: Tensor, segments: Segments | None, out_sum: Tens
         _kernels().sum_of_squares_into(tensor, segments, out_sum, out_nonfinite)
         return
     total, nonfinite = sum_of_squares(tensor, segments, backend=backend)
+    out_sum.fill_(total)
+    out_nonfinite.fill_(float(nonfinite))
+
+
+# SAM (fusedopt.SAM): the perturbation of a flat buffer set, its exact undo and ASAM's norm term. ------------------
+
+def _active_regions(segments: Segments) -> list[slice]:
+    return [slice(o, o + n) for k, (o, n) in enumerate(zip(segments.offsets.tolist(), segments.numels.tolist()))
+            if segments.flags[k]]
+
+
+def sam_perturb(param: Tensor, grad: Tensor, master: Tensor | None, backup: Tensor | None, segments: Segments, *,
+                scale: Scalar, adaptive: bool, found_inf: Tensor | None = None, backend: str) -> None:
+    """SAM's ascent over the active segments of a flat buffer set: param := round(w + e), e = scale * g (ASAM,
+    `adaptive`: scale * w * w * g), w the fp32 `master` when given (left unperturbed), else param, whose bits are
+    first copied into `backup` (param's dtype) for `sam_restore`. `scale` (rho over the global norm) may be a
+    1-element tensor of the compute dtype, `found_inf` a float32 flag whose non-zero value means "write nothing"."""
+    if backend != "reference":
+        _kernels().sam_perturb(param, grad, master, backup, segments, scale=scale, adaptive=adaptive,
+                               found_inf=found_inf)
+        return
+    if found_inf is not None and bool(found_inf.item() != 0):
+        return
+    value = _host(scale)
+    for region in _active_regions(segments):
+        reference.sam_perturb(param[region], grad[region], None if master is None else master[region],
+                              None if backup is None else backup[region], scale=value, adaptive=adaptive)
+
+
+def sam_restore(param: Tensor, master: Tensor | None, backup: Tensor | None, segments: Segments, *,
+                found_inf: Tensor | None = None, backend: str) -> None:
+    """The undo of `sam_perturb` over the active segments, bit for bit: param := round(master), else backup."""
+    if backend != "reference":
+        _kernels().sam_restore(param, master, backup, segments, found_inf=found_inf)
+        return
+    if found_inf is not None and bool(found_inf.item() != 0):
+        return
+    for region in _active_regions(segments):
+        reference.sam_restore(param[region], None if master is None else master[region],
+                              None if backup is None else backup[region])
+
+
+def sam_sum_of_squares(param: Tensor, grad: Tensor, master: Tensor | None, segments: Segments, *,
+                       backend: str) -> tuple[float, bool]:
+    """ASAM's squared norm: the sum of (|w| * g)^2 over the active segments (w the master when given), and whether any
+    term is inf or nan."""
+    if backend != "reference":
+        return _kernels().sam_sum_of_squares(param, grad, master, segments)
+    total, nonfinite = 0.0, False
+    for region in _active_regions(segments):
+        part, bad = reference.sam_sum_of_squares(param[region], grad[region],
+                                                 None if master is None else master[region])
+        total, nonfinite = total + part, nonfinite or bad
+    return total, nonfinite
+
+
+def sam_sum_of_squares_into(param: Tensor, grad: Tensor, master: Tensor | None, segments: Segments, out_sum: Tensor,
+                            out_nonfinite: Tensor, *, backend: str) -> None:
+    """`sam_sum_of_squares` written into 1-element tensors on the buffers' device (as `sum_of_squares_into`)."""
+    if backend == "cuda":
+        _kernels().sam_sum_of_squares_into(param, grad, master, segments, out_sum, out_nonfinite)
+        return
+    total, nonfinite = sam_sum_of_squares(param, grad, master, segments, backend=backend)
     out_sum.fill_(total)
     out_nonfinite.fill_(float(nonfinite))

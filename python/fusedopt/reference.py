@@ -31,6 +31,9 @@ __all__ = [
     "radam",
     "rmsprop",
     "rprop",
+    "sam_perturb",
+    "sam_restore",
+    "sam_sum_of_squares",
     "sgd",
 ]
 
@@ -724,3 +727,44 @@ def asgd(
     mu.fill_(1 / max(1, step - t0))
     _write_back(param, p)
     _write_back(ax, a)
+
+
+def sam_perturb(param: Tensor, grad: Tensor, master: Tensor | None, backup: Tensor | None, *, scale: float,
+                adaptive: bool) -> None:
+    """SAM's ascent to w + e (Foret et al. 2021, eq. 2): e = scale * g, or for ASAM (Kwon et al. 2021) e = scale * w *
+    w * g, with scale = rho / (||g|| + 1e-12) (ASAM: rho / (|| |w| * g || + 1e-12)) made by the caller and rounded
+    once to the compute dtype. w is the fp32 master when given (param receives round(w + e), the master is not
+    written); otherwise param, whose exact bits are first copied into `backup` (param's dtype) for `sam_restore`."""
+    _check_same_numel(param, grad=grad, master=master, backup=backup)
+    dtype = _compute_dtype(param.dtype)
+    if master is None:
+        if backup is None:
+            raise ValueError("Invalid backup: None without master weights")
+        backup.copy_(param)
+        w = param.to(dtype)
+    else:
+        w = master
+    g = grad.to(dtype)
+    direction = w * w * g if adaptive else g
+    param.copy_(w + torch.tensor(scale, dtype=dtype, device=param.device) * direction)
+
+
+@torch.no_grad()
+def sam_restore(param: Tensor, master: Tensor | None, backup: Tensor | None) -> None:
+    """The undo of `sam_perturb`, bit for bit: param := round(master) with master weights, else param := backup."""
+    source = master if master is not None else backup
+    if source is None:
+        raise ValueError("Invalid backup: None without master weights")
+    _check_same_numel(param, source=source)
+    param.copy_(source)
+
+
+@torch.no_grad()
+def sam_sum_of_squares(param: Tensor, grad: Tensor, master: Tensor | None) -> tuple[float, bool]:
+    """ASAM's squared norm term: the sum of (|w| * g)^2 (products in the compute dtype, squares of fp32 terms summed in
+    float64), w the master when given, and whether any term is inf or nan."""
+    _check_same_numel(param, grad=grad, master=master)
+    dtype = _compute_dtype(param.dtype)
+    w = master if master is not None else param.to(dtype)
+    term = w.abs() * grad.to(dtype)
+    return float(term.square().sum(dtype=torch.float64)), not bool(torch.isfinite(term).all())

@@ -62,6 +62,20 @@ struct SumOfSquares {
   bool nonfinite = false;
 };
 
+// The buffers of SAM's perturbation and its undo (fusedopt/math/sam.h), n elements each, laid out as the flat buffer
+// set of a step. grad is read by the perturbation and ASAM's sum of squares only. With master (fp32, 16-bit
+// parameters) the weights w are the master's and backup is unused (null); without, backup (the param dtype) receives
+// p's bits from the perturbation and gives them back to the undo.
+struct SamBuffers {
+  void* param = nullptr;
+  const void* grad = nullptr;
+  const float* master = nullptr;
+  void* backup = nullptr;
+  int64_t n = 0;
+  int param_dtype = 0;
+  int grad_dtype = 0;
+};
+
 namespace cpu {
 
 // Checked entry points, one per algorithm: they validate their arguments and throw std::invalid_argument before
@@ -73,6 +87,13 @@ FUSEDOPT_FOR_EACH_ALGORITHM(FUSEDOPT_DECLARE_STEP)
 SumOfSquares sum_of_squares(const void* data, int64_t n, int dtype);
 // Over the active segments only (a parameter without a gradient this step holds stale values).
 SumOfSquares sum_of_squares_segments(const void* data, int64_t n, int dtype, const Segments& s);
+
+// SAM over the active segments: p := round(w + e), e = scale * g (ASAM: scale * w * w * g), backing p up first
+// without master weights; the undo restores p bit for bit (from the backup, or round(master)); ASAM's norm is the
+// sum of squares of |w| * g, with the reduction's fixed partition and combine order.
+void sam_perturb(const SamBuffers& b, const Segments& s, double scale, bool adaptive);
+void sam_restore(const SamBuffers& b, const Segments& s);
+SumOfSquares sam_sum_of_squares(const SamBuffers& b, const Segments& s);
 
 // Run-time ISA selection: "baseline", "avx2", "avx512".
 std::vector<std::string> compiled_isas();

@@ -1,5 +1,6 @@
 // Argument checks shared by the checked CPU entry points (csrc/cpu/dispatch.cpp) and the CUDA ones (csrc/cuda/api.cu):
-// hyperparameter count, dtype codes, null state pointers for the states a configuration uses, trust-ratio passes.
+// hyperparameter count, dtype codes, null state pointers for the states a configuration uses, trust-ratio passes,
+// SAM's buffers.
 // Each throws std::invalid_argument naming the argument and its value; none touches the memory behind a pointer.
 #pragma once
 
@@ -92,6 +93,29 @@ void check_passes(const std::string& fn, int64_t segment_count, const StepArgs& 
     fail(fn + ": segment_w2 and segment_u2 must both be given or both be null");
   if (args.passes != (kPassMoments | kPassApply) && segment_count > 0 && args.segment_w2 == nullptr)
     fail(fn + ": separate passes need the per-segment sum arrays");
+}
+
+// SAM's buffers: counts and dtype codes as a step checks them (check_buffers), the grad where the call reads it, and
+// the backup where it needs one (perturbation and undo without master weights).
+inline void check_sam_buffers(const std::string& fn, const SamBuffers& b, bool reads_grad, bool needs_backup) {
+  if (b.n < 0) fail(fn + ": Invalid element count n: " + std::to_string(b.n));
+  check_dtype(fn, "param", b.param_dtype);
+  if (reads_grad) {
+    check_dtype(fn, "grad", b.grad_dtype);
+    if (b.param_dtype == kFloat64 && b.grad_dtype != kFloat64)
+      fail(fn + ": grad dtype code " + std::to_string(b.grad_dtype) +
+           " must be 3 (float64) with float64 parameters (param dtype code 3)");
+    if (b.grad_dtype != b.param_dtype && b.grad_dtype != kFloat32)
+      fail(fn + ": grad dtype code " + std::to_string(b.grad_dtype) + " must equal the param dtype code " +
+           std::to_string(b.param_dtype) + " or be 0 (float32)");
+  }
+  if (b.master != nullptr && (b.param_dtype == kFloat32 || b.param_dtype == kFloat64))
+    fail(fn + ": master weights are for 16-bit parameters (param dtype code " + std::to_string(b.param_dtype) + ")");
+  if (b.n == 0) return;
+  if (b.param == nullptr) fail(fn + ": param pointer is null");
+  if (reads_grad && b.grad == nullptr) fail(fn + ": grad pointer is null");
+  if (needs_backup && b.master == nullptr && b.backup == nullptr)
+    fail(fn + ": backup pointer is null (no master weights)");
 }
 
 }  // namespace checks

@@ -62,5 +62,16 @@ void sum_of_squares(const void* data, int64_t n, int dtype, const DeviceWork& w,
                     int64_t segment_count, double* scratch, void* out_sum, int out_sum_dtype, float* out_nonfinite,
                     const Launch& l);
 
+// SAM (fusedopt/math/sam.h) over the active segments' items, the CPU semantics (api.h) on the device, asynchronous on
+// the stream. scale_ptr (optional) is a device scalar of the compute type that replaces `scale`; found_inf (optional,
+// float32) non-zero: the call writes nothing. The sum of squares of |w| * g goes to device scalars as
+// sum_of_squares does, with its scratch (sum_of_squares_scratch(w.items) doubles).
+void sam_perturb(const SamBuffers& b, const DeviceWork& w, const uint8_t* active, int64_t segment_count, double scale,
+                 const void* scale_ptr, const float* found_inf, bool adaptive, const Launch& l);
+void sam_restore(const SamBuffers& b, const DeviceWork& w, const uint8_t* active, int64_t segment_count,
+                 const float* found_inf, const Launch& l);
+void sam_sum_of_squares(const SamBuffers& b, const DeviceWork& w, const uint8_t* active, int64_t segment_count,
+                        double* scratch, void* out_sum, int out_sum_dtype, float* out_nonfinite, const Launch& l);
+
 }  // namespace cuda
 }  // namespace fusedopt
