@@ -56,38 +56,46 @@ struct Bool {
   static constexpr bool value = B;
 };
 
-// Calls f(Type<param>, Type<grad>, Type<state>, Bool<master>) for the combinations the dispatcher allows: grad dtype =
-// param dtype or fp32; states fp32 or bf16; master weights only with 16-bit parameters; float64 parameters with
-// float64 gradients and states only.
+// Calls f(Type<param>, Type<grad>, Bool<master>) for the combinations the dispatcher allows: grad dtype = param dtype
+// or fp32; master weights only with 16-bit parameters; float64 parameters with float64 gradients only.
 template <typename F>
-void dispatch_dtypes(const FlatBuffers& b, F&& f) {
-  auto with_state = [&](auto tp, auto tg, auto master) {
-    if (b.state_dtype == kBFloat16)
-      f(tp, tg, Type<bf16_t>{}, master);
-    else
-      f(tp, tg, Type<float>{}, master);
-  };
+void dispatch_param_grad(int param_dtype, int grad_dtype, bool has_master, F&& f) {
   auto with_master = [&](auto tp, auto tg) {
-    if (b.master != nullptr)
-      with_state(tp, tg, Bool<true>{});
+    if (has_master)
+      f(tp, tg, Bool<true>{});
     else
-      with_state(tp, tg, Bool<false>{});
+      f(tp, tg, Bool<false>{});
   };
-  if (b.param_dtype == kFloat32) {
-    with_state(Type<float>{}, Type<float>{}, Bool<false>{});
-  } else if (b.param_dtype == kFloat64) {
-    f(Type<double>{}, Type<double>{}, Type<double>{}, Bool<false>{});
-  } else if (b.param_dtype == kBFloat16) {
-    if (b.grad_dtype == kFloat32)
+  if (param_dtype == kFloat32) {
+    f(Type<float>{}, Type<float>{}, Bool<false>{});
+  } else if (param_dtype == kFloat64) {
+    f(Type<double>{}, Type<double>{}, Bool<false>{});
+  } else if (param_dtype == kBFloat16) {
+    if (grad_dtype == kFloat32)
       with_master(Type<bf16_t>{}, Type<float>{});
     else
       with_master(Type<bf16_t>{}, Type<bf16_t>{});
   } else {
-    if (b.grad_dtype == kFloat32)
+    if (grad_dtype == kFloat32)
       with_master(Type<fp16_t>{}, Type<float>{});
     else
       with_master(Type<fp16_t>{}, Type<fp16_t>{});
   }
+}
+
+// Calls f(Type<param>, Type<grad>, Type<state>, Bool<master>) for the combinations the dispatcher allows: those of
+// dispatch_param_grad, with fp32 or bf16 states (float64 parameters: float64 states only).
+template <typename F>
+void dispatch_dtypes(const FlatBuffers& b, F&& f) {
+  dispatch_param_grad(b.param_dtype, b.grad_dtype, b.master != nullptr, [&](auto tp, auto tg, auto master) {
+    using TP = typename decltype(tp)::type;
+    if constexpr (std::is_same<TP, double>::value)
+      f(tp, tg, Type<double>{}, master);
+    else if (b.state_dtype == kBFloat16)
+      f(tp, tg, Type<bf16_t>{}, master);
+    else
+      f(tp, tg, Type<float>{}, master);
+  });
 }
 
 // The coefficients of compute type C (float or double) among an algorithm's per-segment coefficients.

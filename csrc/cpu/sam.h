@@ -10,32 +10,6 @@ namespace fusedopt {
 namespace cpu {
 namespace FUSEDOPT_ISA_NS {
 
-// Calls f(Type<param>, Type<grad>, Bool<master>) for the combinations a step allows (dispatch_dtypes, without states).
-template <typename F>
-void dispatch_sam_dtypes(const SamBuffers& b, F&& f) {
-  auto with_master = [&](auto tp, auto tg) {
-    if (b.master != nullptr)
-      f(tp, tg, Bool<true>{});
-    else
-      f(tp, tg, Bool<false>{});
-  };
-  if (b.param_dtype == kFloat32) {
-    f(Type<float>{}, Type<float>{}, Bool<false>{});
-  } else if (b.param_dtype == kFloat64) {
-    f(Type<double>{}, Type<double>{}, Bool<false>{});
-  } else if (b.param_dtype == kBFloat16) {
-    if (b.grad_dtype == kFloat32)
-      with_master(Type<bf16_t>{}, Type<float>{});
-    else
-      with_master(Type<bf16_t>{}, Type<bf16_t>{});
-  } else {
-    if (b.grad_dtype == kFloat32)
-      with_master(Type<fp16_t>{}, Type<float>{});
-    else
-      with_master(Type<fp16_t>{}, Type<fp16_t>{});
-  }
-}
-
 // p := round(w + e), w from the master weights or from p itself; without master weights the same pass copies p's bits
 // into the backup, which the undo copies back (p + e - e is not p in floating point).
 template <bool Adaptive, bool Master, typename C, typename TP, typename TG>
@@ -56,7 +30,7 @@ inline void sam_perturb_range(C scale, TP* FUSEDOPT_RESTRICT p, const TG* FUSEDO
 }
 
 inline void sam_perturb_kernel(const SamBuffers& b, const Work& w, double scale, bool adaptive, int threads) {
-  dispatch_sam_dtypes(b, [&](auto tp, auto tg, auto master) {
+  dispatch_param_grad(b.param_dtype, b.grad_dtype, b.master != nullptr, [&](auto tp, auto tg, auto master) {
     using TP = typename decltype(tp)::type;
     using TG = typename decltype(tg)::type;
     using C = compute_t<TP>;
@@ -82,7 +56,7 @@ inline void sam_perturb_kernel(const SamBuffers& b, const Work& w, double scale,
 
 // Undo: p := round(master) with master weights (the master was never perturbed), else p := backup, bit for bit.
 inline void sam_restore_kernel(const SamBuffers& b, const Work& w, int threads) {
-  dispatch_sam_dtypes(b, [&](auto tp, auto, auto master) {
+  dispatch_param_grad(b.param_dtype, b.grad_dtype, b.master != nullptr, [&](auto tp, auto, auto master) {
     using TP = typename decltype(tp)::type;
     constexpr bool kMaster = decltype(master)::value;
     TP* FUSEDOPT_RESTRICT p = static_cast<TP*>(b.param);
@@ -126,7 +100,7 @@ inline double sam_adaptive_range(const TP* FUSEDOPT_RESTRICT p, const TG* FUSEDO
 
 inline void sam_sum_of_squares_kernel(const SamBuffers& b, const Work& w, double* partials, unsigned char* nonfinite,
                                       int threads) {
-  dispatch_sam_dtypes(b, [&](auto tp, auto tg, auto master) {
+  dispatch_param_grad(b.param_dtype, b.grad_dtype, b.master != nullptr, [&](auto tp, auto tg, auto master) {
     using TP = typename decltype(tp)::type;
     using TG = typename decltype(tg)::type;
     constexpr bool kMaster = decltype(master)::value;
