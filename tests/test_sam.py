@@ -621,6 +621,7 @@ def test_fsdp2_matches_single_process() -> None:
                 assert_close(rank[name][key], expected[key], "fp32_trajectory", msg=f"{name} {key}")
 
 
+@pytest.mark.slow  # a smoke run of examples/sam_vs_sgd.py; the API it uses is tested above
 def test_example_runs() -> None:
     """examples/sam_vs_sgd.py as README documents it, shortened: both runs print their final losses."""
     example = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "sam_vs_sgd.py")

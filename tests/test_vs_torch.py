@@ -55,16 +55,17 @@ def random_shapes(big: bool) -> list[tuple[int, ...]]:
 def case_params(rows: list[Algorithm]) -> list:
     """Every case, with float32 and with float64 parameters; the first and the last (most modes combined) case of each
     table also with a 1,000,003 tensor in float32 (sizes, chunks and threads are the compiled kernels' business, and
-    tests/test_cpu_kernels.py covers them in float64), a `slow` test except for the example row."""
+    tests/test_cpu_kernels.py covers them in float64), a `slow` test except for the example row's first case."""
     out = []
     for row in rows:
         for i, case in enumerate(row.cases):
             name = f"{row.name}-{case.id}"
-            if row is not EXAMPLE or i not in (0, len(row.cases) - 1):
+            fast_big = row is EXAMPLE and i == 0
+            if not fast_big:
                 out.append(pytest.param(row, case, False, F32, id=f"{name}-fp32"))
             if i in (0, len(row.cases) - 1):
                 out.append(pytest.param(row, case, True, F32, id=f"{name}-big-fp32",
-                                        marks=() if row is EXAMPLE else pytest.mark.slow))
+                                        marks=() if fast_big else pytest.mark.slow))
             out.append(pytest.param(row, case, False, F64, id=f"{name}-fp64"))
     return out
 
@@ -139,8 +140,22 @@ def compare_with_oracle(row: Algorithm, kwargs: dict[str, Any], fused: torch.opt
     return skipped
 
 
+def backend_case_params(rows: list[Algorithm]) -> list:
+    """`case_params` on each backend. The reference backend's cases are `slow` except for the example row: its
+    functions equal torch.optim's bit for bit in test_reference.py, and the optimizer around them is the one the cpu
+    backend's cases run."""
+    out = []
+    for p in case_params(rows):
+        row = p.values[0]
+        for backend in ("reference", "cpu"):
+            slow = backend == "reference" and row is not EXAMPLE
+            out.append(pytest.param(*p.values, backend, id=f"{backend}-{p.id}",
+                                    marks=[*p.marks, *([pytest.mark.slow] if slow else [])]))
+    return out
+
+
 # ------------------------------------------------------------------------------------- (a) random tensors
-@pytest.mark.parametrize("row,case,big,dtype", case_params(TORCH_ROWS))
+@pytest.mark.parametrize("row,case,big,dtype,backend", backend_case_params(TORCH_ROWS), indirect=["backend"])
 def test_random_tensors_match_torch_optim(row: Algorithm, case, big: bool, backend: str, dtype: torch.dtype) -> None:
     """Several parameters (sizes 1, 7, 4097, a 13x17 matrix, 1,000,003 for some cases), 50 steps of fresh random
     gradients accumulated into .grad after opt.zero_grad() (the flat-buffer fast path); float32 parameters, and
