@@ -129,12 +129,8 @@ class Algorithm:
         """Give a segment table the first values of the row's per-parameter scalar states (the spec's, at learning
         rate `lr`), as the optimizer does when a parameter's state is created. Nothing for a row without them or a
         table that has them."""
-        spec = self.cls.spec
-        if spec.scalars and segments.scalars is None:
-            table = segments.ensure_scalars(len(spec.scalars))
-            group = {**self.group({}), "lr": lr}
-            for j, s in enumerate(spec.scalars):
-                table[:, j] = s.fill(group)
+        if segments.scalars is None:
+            self.cls.spec.fill_scalars(segments, {**self.group({}), "lr": lr})
 
     def torch_optimizer(self, params: Any, kwargs: Mapping[str, Any]) -> torch.optim.Optimizer:
         """torch.optim's single-tensor implementation (foreach=False) with the case's kwargs."""

@@ -194,11 +194,8 @@ class FusedOptimizer(Optimizer):
         group = self.param_groups[index]
         params = group["params"]
         buffers = build_flat_buffers(params, master_weights=group["master_weights"]) if params else []
-        if self.spec.scalars:
-            for buf in buffers:
-                table = buf.segments.ensure_scalars(len(self.spec.scalars))
-                for j, s in enumerate(self.spec.scalars):
-                    table[:, j] = s.fill(group)
+        for buf in buffers:
+            self.spec.fill_scalars(buf.segments, group)
         for old in self._flat_groups[index]:
             old.close()
         self._flat_groups[index] = buffers
@@ -260,11 +257,10 @@ class FusedOptimizer(Optimizer):
         state: dict[str, Any] = {}
         if self.spec.tracks_step:
             state["step"] = buf.steps[i]
+        if fresh:
+            self.spec.fill_scalars(buf.segments, group, i)
         for j, s in enumerate(self.spec.scalars):
-            view = buf.segments.scalars[i, j]
-            if fresh:
-                view.fill_(s.fill(group))
-            state[s.name] = view
+            state[s.name] = buf.segments.scalars[i, j]
         dtype = state_dtype_for(buf.dtype, group["state_dtype"])
         for s in self.spec.kept_states(group):
             flat = buf.ensure_state(s.name, dtype, s.fill(group))

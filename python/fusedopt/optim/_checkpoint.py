@@ -11,7 +11,7 @@ from torch import Tensor
 from .._distributed import local_tensor, local_values
 from ..flat import FlatBuffer
 from ._shadow import reset
-from ._spec import scalar
+from ._spec import is_scalar_value, scalar
 
 
 def check(optimizer: Any, state_dict: dict[str, Any]) -> tuple[dict[Any, Any], list[dict[str, Any]], list[Any],
@@ -63,8 +63,7 @@ def _check_entry(spec: Any, saved_id: Any, p: Tensor, loaded: dict[str, Any] | N
         if value is None:
             continue
         if key in scalars:
-            if not isinstance(value, (Tensor, float, int)) or isinstance(value, bool) \
-                    or isinstance(value, Tensor) and value.numel() != 1:
+            if not is_scalar_value(value):
                 raise ValueError(f"loaded state {key!r} of parameter {saved_id} must be a number or a 1-element "
                                  f"tensor, got {value!r:.80}")
             continue

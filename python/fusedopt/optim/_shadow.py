@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .._distributed import local_tensor
 from ..flat import state_dtype_for
+from ._spec import is_scalar_value
 
 
 class StateEntry(dict):
@@ -135,8 +136,7 @@ def follow_state(optimizer: Any) -> None:
                     if key == "step":
                         continue
                     if key in spec.scalar_names():
-                        if not isinstance(value, (Tensor, float, int)) or isinstance(value, Tensor) \
-                                and value.numel() != 1:
+                        if not is_scalar_value(value):
                             raise ValueError(f"optimizer.state of parameter {i}: {key!r} must be a number or a "
                                              f"1-element tensor, got {value!r:.80}")
                         continue
@@ -187,8 +187,7 @@ def reset(optimizer: Any, group: dict[str, Any], buf: Any, i: int) -> None:
     master weights from the parameter."""
     spec = optimizer.spec
     buf.steps[i] = 0.0
-    for j, s in enumerate(spec.scalars):
-        buf.segments.scalars[i, j] = s.fill(group)
+    spec.fill_scalars(buf.segments, group, i)
     for s in spec.states:
         if s.name in buf.state:
             buf.region(buf.state[s.name], i).fill_(s.fill(group))

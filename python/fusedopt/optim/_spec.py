@@ -6,9 +6,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from ..flat import Segments
 
 Group = Mapping[str, Any]
 
@@ -79,5 +83,19 @@ class Spec:
     def scalar_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.scalars)
 
+    def fill_scalars(self, segments: Segments, group: Group, rows: int | slice = slice(None)) -> None:
+        """Write the first values of the scalar states (from the group as it is now) into `rows` of the segment
+        table, which is created on first use; nothing for an algorithm without scalar states."""
+        if self.scalars:
+            table = segments.ensure_scalars(len(self.scalars))
+            table[rows] = torch.tensor([s.fill(group) for s in self.scalars], dtype=torch.float32)
+
     def kept_states(self, group: Group) -> list[State]:
         return [s for s in self.states if s.when(group)]
+
+
+def is_scalar_value(value: Any) -> bool:
+    """Whether `value` can be a scalar state: a number (not a bool) or a 1-element tensor."""
+    if isinstance(value, Tensor):
+        return value.numel() == 1
+    return isinstance(value, (float, int)) and not isinstance(value, bool)
