@@ -116,12 +116,22 @@ def test_float64_clipped_step_decided_on_the_device_matches_torch(row: Algorithm
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_autocast_grad_scaler_matches_torch_fused(dtype: torch.dtype) -> None:
+    """Under autocast and GradScaler (one step skipped for inf gradients), fusedopt's AdamW follows torch's fused one
+    as closely as torch's own foreach AdamW does. The forward runs in 16 bits: a one-ulp difference in a parameter
+    can change its 16-bit copy, and the gradients after it, so the trajectories part by more than fp32 rounding; the
+    bound is the spread between torch's two implementations, or 2% of the distance travelled, whichever is larger
+    (a halved step would be 50% off)."""
     model = mlp()
-    twin = copy.deepcopy(model)
-    ours = fusedopt.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    theirs = torch.optim.AdamW(twin.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
-    scales = []
-    for m, opt in ((model, ours), (twin, theirs)):
+    start = [p.detach().clone() for p in model.parameters()]
+    makers = {
+        "fusedopt": lambda params: fusedopt.AdamW(params, lr=1e-3, weight_decay=0.1),
+        "fused": lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, fused=True),
+        "foreach": lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, foreach=True),
+    }
+    runs = {}
+    for name, make in makers.items():
+        m = copy.deepcopy(model)
+        opt = make(m.parameters())
         scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12, growth_interval=3)
         history = []
         for step, (x, y) in enumerate(batches(12)):
@@ -135,12 +145,16 @@ def test_autocast_grad_scaler_matches_torch_fused(dtype: torch.dtype) -> None:
             scaler.step(opt)
             scaler.update()
             history.append(scaler.get_scale())
-        scales.append(history)
-    assert scales[0] == scales[1]
-    assert scales[0][4] < scales[0][3]
-    for p, q in zip(model.parameters(), twin.parameters()):
-        assert_close(p, q, "fp32_trajectory")
-        assert torch.equal(ours.state[p]["step"], theirs.state[q]["step"])
+        runs[name] = (list(m.parameters()), opt, history)
+    ours, theirs, spread = runs["fusedopt"], runs["fused"], runs["foreach"]
+    assert ours[2] == theirs[2] == spread[2]
+    assert ours[2][4] < ours[2][3]
+    for p, q, r, p0 in zip(ours[0], theirs[0], spread[0], start):
+        assert torch.isfinite(p).all()
+        travelled = float((q - p0).norm())
+        bound = max(float((r - q).norm()), 0.02 * travelled)
+        assert float((p - q).norm()) <= bound, (float((p - q).norm()), float((r - q).norm()), travelled)
+        assert torch.equal(ours[1].state[p]["step"], theirs[1].state[q]["step"])
 
 
 OPTIMIZERS = {

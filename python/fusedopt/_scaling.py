@@ -26,14 +26,14 @@ def global_norm(sums: Tensor, flags: Tensor, reduce_groups: Sequence[Sequence[An
     Every rank must call this with the same sharded buffers, gradients or not."""
     sums64 = sums.to(torch.float64)
     plain = [k for k, groups in enumerate(reduce_groups) if not groups]
-    total = sums64[plain].sum() if plain else sums64.new_zeros(())
-    flag = flags[plain].amax() if plain else flags.new_zeros(())
+    total = _pick(sums64, plain).sum() if plain else sums64.new_zeros(())
+    flag = _pick(flags, plain).amax() if plain else flags.new_zeros(())
     by_groups: dict[tuple[int, ...], list[int]] = {}
     for k, groups in enumerate(reduce_groups):
         if groups:
             by_groups.setdefault(tuple(id(g) for g in groups), []).append(k)
     for members in by_groups.values():
-        pair = torch.stack([sums64[members].sum(), flags[members].to(torch.float64).sum()])
+        pair = torch.stack([_pick(sums64, members).sum(), _pick(flags, members).to(torch.float64).sum()])
         all_reduce_sum(pair, reduce_groups[members[0]])
         total = total + pair[0]
         flag = torch.maximum(flag, (pair[1] > 0).to(flags.dtype))
@@ -43,6 +43,14 @@ def global_norm(sums: Tensor, flags: Tensor, reduce_groups: Sequence[Sequence[An
     if not float64_grads:
         total = torch.where(total > _FLOAT32_MAX, torch.full_like(total, float("inf")), total)
     return (total.sqrt() * unscale).reshape(1), flag.reshape(1)
+
+
+def _pick(values: Tensor, indices: list[int]) -> Tensor:
+    """values[indices] without an index tensor: indexing with a list copies it to the GPU, which synchronises with
+    the host and cannot be captured in a CUDA graph."""
+    if indices == list(range(values.numel())):
+        return values
+    return torch.stack([values[k] for k in indices])
 
 
 def clip_coefficient(max_norm: float | None, norm: Tensor) -> Tensor | float:

@@ -428,17 +428,9 @@ class FusedOptimizer(Optimizer):
     def _global_norm(prepared: list[Prepared], unscale: _scaling.Scale, device: torch.device
                      ) -> tuple[Tensor, Tensor]:
         """The norm of every gradient of this step and its non-finite flag, from one deterministic sum of squares
-        per buffer set (over its parameters that have a gradient), summed on `device`."""
-        # float64 sums on the host keep the norm as exact as the reduction; the CUDA kernels write float32 (float64
-        # when float64 gradients are among them: their norm is computed in float64, as torch computes it).
-        float64_grads = any(buf.dtype == torch.float64 for _, buf, _ in prepared)
-        sums = torch.zeros(len(prepared), dtype=torch.float32 if device.type == "cuda" and not float64_grads
-                           else torch.float64, device=device)
-        flags = torch.zeros(len(prepared), dtype=torch.float32, device=device)
-        for k, (_, buf, backend) in enumerate(prepared):
-            functional.sum_of_squares_into(buf.grad, buf.segments, sums[k:k + 1], flags[k:k + 1], backend=backend)
-        return _scaling.global_norm(sums, flags, [buf.reduce_groups for _, buf, _ in prepared], unscale,
-                                    float64_grads=float64_grads)
+        per buffer set (over its parameters that have a gradient)."""
+        return buffer_norm(prepared, unscale, device, lambda buf, backend, out_sum, out_flag: (
+            functional.sum_of_squares_into(buf.grad, buf.segments, out_sum, out_flag, backend=backend)))
 
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = False) -> None:
@@ -481,3 +473,29 @@ class FusedOptimizer(Optimizer):
                 _checkpoint.adopt(self, group, buf, originals)
         self._group_params = [(group["params"], len(group["params"])) for group in self.param_groups]
         self.state.dirty = False
+
+
+def buffer_norm(prepared: list[Prepared], unscale: _scaling.Scale, device: torch.device,
+                sum_into: Callable[[FlatBuffer, str, Tensor, Tensor], Any]) -> tuple[Tensor, Tensor]:
+    """A global norm over the prepared buffer sets and its non-finite flag: `sum_into(buf, backend, out_sum,
+    out_flag)` writes each set's sum of squares, then they are summed and all-reduced over the shards on the
+    buffers' device (NCCL needs CUDA tensors) and returned on `device` (the host's, when the host decides)."""
+    # float64 sums on the host keep the norm as exact as the reduction; the CUDA kernels write float32 (float64 when
+    # float64 gradients are among them: their norm is computed in float64, as torch computes it).
+    float64_grads = any(buf.dtype == torch.float64 for _, buf, _ in prepared)
+    home = prepared[0][1].device
+    sums = torch.zeros(len(prepared), dtype=torch.float32 if home.type == "cuda" and not float64_grads
+                       else torch.float64, device=home)
+    flags = torch.zeros(len(prepared), dtype=torch.float32, device=home)
+    for k, (_, buf, backend) in enumerate(prepared):
+        if buf.device == home:
+            sum_into(buf, backend, sums[k:k + 1], flags[k:k + 1])
+        else:  # buffer sets on several devices: each sums on its own, then joins the first
+            own_sum, own_flag = torch.zeros_like(sums[:1], device=buf.device), torch.zeros_like(flags[:1],
+                                                                                              device=buf.device)
+            sum_into(buf, backend, own_sum, own_flag)
+            sums[k:k + 1].copy_(own_sum)
+            flags[k:k + 1].copy_(own_flag)
+    norm, nonfinite = _scaling.global_norm(sums, flags, [buf.reduce_groups for _, buf, _ in prepared], unscale,
+                                           float64_grads=float64_grads)
+    return norm.to(device), nonfinite.to(device)

@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from .. import _scaling, functional
 from ..flat import FlatBuffer
-from ._base import FusedOptimizer, Prepared
+from ._base import FusedOptimizer, Prepared, buffer_norm
 from ._spec import scalar
 
 # ASAM's and SAM's guard against a zero norm, as davda54/sam: scale = rho / (norm + 1e-12).
@@ -203,15 +203,9 @@ class SAM(Optimizer):
         base optimizer's clipping norm: one deterministic sum of squares per buffer set, all-reduced over shards."""
         if not self.adaptive:
             return self.base_optimizer._global_norm(prepared, unscale, device)
-        float64 = any(buf.dtype == torch.float64 for _, buf, _ in prepared)
-        sums = torch.zeros(len(prepared), dtype=torch.float32 if device.type == "cuda" and not float64
-                           else torch.float64, device=device)
-        flags = torch.zeros(len(prepared), dtype=torch.float32, device=device)
-        for k, (_, buf, backend) in enumerate(prepared):
-            functional.sam_sum_of_squares_into(buf.param, buf.grad, buf.master, buf.segments, sums[k:k + 1],
-                                               flags[k:k + 1], backend=backend)
-        return _scaling.global_norm(sums, flags, [buf.reduce_groups for _, buf, _ in prepared], unscale,
-                                    float64_grads=float64)
+        return buffer_norm(prepared, unscale, device, lambda buf, backend, out_sum, out_flag: (
+            functional.sam_sum_of_squares_into(buf.param, buf.grad, buf.master, buf.segments, out_sum, out_flag,
+                                               backend=backend)))
 
     def _base_step(self, grad_scale: Tensor | float | None, found_inf: Tensor | None, skip: Tensor | None) -> None:
         """The base optimizer's step on the gradients at w + e, skipped by the first step's device flag, and under
