@@ -4,7 +4,9 @@ copy bandwidth measured in the same run.
 
     python bench/bench_cuda.py                  # full run
     python bench/bench_cuda.py --params 10M     # quick check
-Writes bench/results/cuda-<gpu>.{json,csv,md}. Exits with status 1 and a message when there is no CUDA device.
+    python bench/bench_cuda.py --cases family --name cuda-family   # torch's foreach-only algorithms vs foreach
+Writes bench/results/<name>-<gpu>.{json,csv,md} (name: cuda unless --name). Exits with status 1 and a message
+when there is no CUDA device.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from _harness import Case, best_fusedopt, hb, run_suite
 from fusedopt.bench.workloads import equal_tensors_workload, gpt2_workload, parse_size
 
 kAll = ["adamw", "adamw-clip", "adam", "sgd", "lion", "lamb", "rmsprop"]
+# torch.optim's element-wise algorithms without fused=True: compared with torch's foreach and for-loop ones.
+kFamily = ["radam", "adamax", "nadam", "adadelta", "rprop", "asgd"]
 
 
 def cases_for(workload, which: list[str], dtype: torch.dtype) -> list[Case]:
@@ -45,7 +49,9 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--cases", default=",".join(kAll), help=f"comma list of {', '.join(kAll)}")
+    ap.add_argument("--cases", default=",".join(kAll),
+                    help=f"comma list of {', '.join(kAll + kFamily)}, or family (= {','.join(kFamily)})")
+    ap.add_argument("--name", default="cuda", help="results file prefix (default cuda)")
     ap.add_argument("--device", default="cuda", help="CUDA device, e.g. cuda:1")
     ap.add_argument("--out-dir", default=None, help="default bench/results")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
@@ -57,10 +63,10 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(1)
-    which = [c.strip() for c in args.cases.split(",") if c.strip()]
-    bad = [c for c in which if c not in kAll]
+    which = [c.strip() for c in args.cases.replace("family", ",".join(kFamily)).split(",") if c.strip()]
+    bad = [c for c in which if c not in kAll + kFamily]
     if bad:
-        ap.error(f"Invalid case: {','.join(bad)} (expected a comma list of {', '.join(kAll)})")
+        ap.error(f"Invalid case: {','.join(bad)} (expected a comma list of {', '.join(kAll + kFamily)})")
     try:
         large = gpt2_workload(parse_size(args.params))
         small = equal_tensors_workload(args.small_params, args.small_tensors)
@@ -74,7 +80,7 @@ def main() -> None:
     dtype = hb.kDtypes[args.dtype]
     cases = cases_for(large, which, dtype) + cases_for(small, which, dtype)
     kwargs = {"out_dir": args.out_dir} if args.out_dir else {}
-    run_suite("cuda", cases, device=args.device, steps=args.steps, warmup=args.warmup, progress=args.progress,
+    run_suite(args.name, cases, device=args.device, steps=args.steps, warmup=args.warmup, progress=args.progress,
               extra_meta={"bench": "bench_cuda.py"}, **kwargs)
 
 
