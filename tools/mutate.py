@@ -60,7 +60,7 @@ _LION_ORDER = """\
 _ADAGRAD_ORDER = """\
       sum += g * g;
       p -= c.clr * (g / (square_root(sum) + c.eps));"""
-_GRAD_SCALE = "c.grad_scale = static_cast<T>(h.maximize != 0.0 ? -grad_scale : grad_scale);"
+_GRAD_SCALE = "c.grad_scale = signed_grad_scale<T>(h, grad_scale);"
 _ADADELTA_ORDER = """\
       square_avg = square_avg * c.rho + c.one_minus_rho * g * g;
       const T delta = square_root(acc_delta + c.eps) / square_root(square_avg + c.eps) * g;"""

@@ -44,6 +44,13 @@ FUSEDOPT_HD typename A::template Coeffs<T> make_segment_coeffs(const typename A:
     return A::template make_coeffs<T>(h, lr, step, grad_scale);
 }
 
+// A step's gradient multiplier in compute type T (AMP's unscale times the clip coefficient), negated when the
+// algorithm maximizes: every algorithm's Hyper has a `maximize` field, and this is what it means.
+template <typename T, typename Hyper>
+FUSEDOPT_HD T signed_grad_scale(const Hyper& h, double grad_scale) {
+  return static_cast<T>(h.maximize != 0.0 ? -grad_scale : grad_scale);
+}
+
 // The segment's scalar states after this step (nothing for an algorithm without them).
 template <typename A>
 FUSEDOPT_HD void advance_segment(const typename A::Hyper& h, double lr, double step, float* scalars) {

@@ -35,7 +35,7 @@ struct adadelta {
   template <typename T>
   FUSEDOPT_HD static Coeffs<T> make_coeffs(const Hyper& h, double lr, double, double grad_scale) {
     Coeffs<T> c;
-    c.grad_scale = static_cast<T>(h.maximize != 0.0 ? -grad_scale : grad_scale);
+    c.grad_scale = signed_grad_scale<T>(h, grad_scale);
     c.lr = static_cast<T>(lr);
     c.rho = static_cast<T>(h.rho);
     c.one_minus_rho = static_cast<T>(1.0 - h.rho);

@@ -32,7 +32,7 @@ struct adagrad {
   template <typename T>
   FUSEDOPT_HD static Coeffs<T> make_coeffs(const Hyper& h, double lr, double step, double grad_scale) {
     Coeffs<T> c;
-    c.grad_scale = static_cast<T>(h.maximize != 0.0 ? -grad_scale : grad_scale);
+    c.grad_scale = signed_grad_scale<T>(h, grad_scale);
     c.clr = static_cast<T>(lr / (1.0 + (step - 1.0) * h.lr_decay));
     c.eps = static_cast<T>(h.eps);
     c.weight_decay = static_cast<T>(h.weight_decay);

@@ -34,7 +34,7 @@ struct adamax {
   template <typename T>
   FUSEDOPT_HD static Coeffs<T> make_coeffs(const Hyper& h, double lr, double step, double grad_scale) {
     Coeffs<T> c;
-    c.grad_scale = static_cast<T>(h.maximize != 0.0 ? -grad_scale : grad_scale);
+    c.grad_scale = signed_grad_scale<T>(h, grad_scale);
     c.beta1_weight = static_cast<T>(1.0 - h.beta1);
     c.beta2 = static_cast<T>(h.beta2);
     c.eps = static_cast<T>(h.eps);

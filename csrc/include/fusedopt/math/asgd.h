@@ -42,7 +42,7 @@ struct asgd {
                                            const float* scalars) {
     const double eta = scalars[0];
     Coeffs<T> c;
-    c.grad_scale = static_cast<T>(h.maximize != 0.0 ? -grad_scale : grad_scale);
+    c.grad_scale = signed_grad_scale<T>(h, grad_scale);
     c.weight_decay = static_cast<T>(h.weight_decay);
     c.decay = static_cast<T>(1.0 - h.lambd * eta);
     c.neg_eta = static_cast<T>(-eta);

@@ -44,7 +44,7 @@ struct lamb {
   FUSEDOPT_HD static Coeffs<T> make_coeffs(const Hyper& h, double lr, double step, double grad_scale) {
     const bool bias_correction = h.bias_correction != 0.0;
     Coeffs<T> c;
-    c.grad_scale = static_cast<T>(h.maximize != 0.0 ? -grad_scale : grad_scale);
+    c.grad_scale = signed_grad_scale<T>(h, grad_scale);
     c.beta1_weight = static_cast<T>(1.0 - h.beta1);
     c.beta2 = static_cast<T>(h.beta2);
     c.one_minus_beta2 = static_cast<T>(1.0 - h.beta2);

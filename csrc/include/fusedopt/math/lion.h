@@ -31,7 +31,7 @@ struct lion {
   template <typename T>
   FUSEDOPT_HD static Coeffs<T> make_coeffs(const Hyper& h, double lr, double, double grad_scale) {
     Coeffs<T> c;
-    c.grad_scale = static_cast<T>(h.maximize != 0.0 ? -grad_scale : grad_scale);
+    c.grad_scale = signed_grad_scale<T>(h, grad_scale);
     c.lr = static_cast<T>(lr);
     c.decay = h.weight_decay != 0.0 ? static_cast<T>(1.0 - lr * h.weight_decay) : T(1);
     c.beta1_weight = static_cast<T>(1.0 - h.beta1);

@@ -59,7 +59,7 @@ struct nadam {
     const double mu_product = mu_product_after(h, step, scalars[0]);
     const double mu_product_next = mu_product * mu_next;
     Coeffs<T> c;
-    c.grad_scale = static_cast<T>(h.maximize != 0.0 ? -grad_scale : grad_scale);
+    c.grad_scale = signed_grad_scale<T>(h, grad_scale);
     c.beta1_weight = static_cast<T>(1.0 - h.beta1);
     c.beta2 = static_cast<T>(h.beta2);
     c.one_minus_beta2 = static_cast<T>(1.0 - h.beta2);

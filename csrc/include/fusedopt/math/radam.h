@@ -46,7 +46,7 @@ struct radam {
     const double rho_t = rho_inf - 2.0 * step * pow(h.beta2, step) / bc2;
     const bool rectified = rho_t > 5.0;
     Coeffs<T> c;
-    c.grad_scale = static_cast<T>(h.maximize != 0.0 ? -grad_scale : grad_scale);
+    c.grad_scale = signed_grad_scale<T>(h, grad_scale);
     c.beta1_weight = static_cast<T>(1.0 - h.beta1);
     c.beta2 = static_cast<T>(h.beta2);
     c.one_minus_beta2 = static_cast<T>(1.0 - h.beta2);

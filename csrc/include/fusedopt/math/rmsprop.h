@@ -38,7 +38,7 @@ struct rmsprop {
   template <typename T>
   FUSEDOPT_HD static Coeffs<T> make_coeffs(const Hyper& h, double lr, double, double grad_scale) {
     Coeffs<T> c;
-    c.grad_scale = static_cast<T>(h.maximize != 0.0 ? -grad_scale : grad_scale);
+    c.grad_scale = signed_grad_scale<T>(h, grad_scale);
     c.lr = static_cast<T>(lr);
     c.alpha = static_cast<T>(h.alpha);
     c.one_minus_alpha = static_cast<T>(1.0 - h.alpha);

@@ -33,7 +33,7 @@ struct rprop {
   template <typename T>
   FUSEDOPT_HD static Coeffs<T> make_coeffs(const Hyper& h, double, double, double grad_scale) {
     Coeffs<T> c;
-    c.grad_scale = static_cast<T>(h.maximize != 0.0 ? -grad_scale : grad_scale);
+    c.grad_scale = signed_grad_scale<T>(h, grad_scale);
     c.etaminus = static_cast<T>(h.etaminus);
     c.etaplus = static_cast<T>(h.etaplus);
     c.step_size_min = static_cast<T>(h.step_size_min);

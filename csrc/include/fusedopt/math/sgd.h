@@ -34,7 +34,7 @@ struct sgd {
   template <typename T>
   FUSEDOPT_HD static Coeffs<T> make_coeffs(const Hyper& h, double lr, double step, double grad_scale) {
     Coeffs<T> c;
-    c.grad_scale = static_cast<T>(h.maximize != 0.0 ? -grad_scale : grad_scale);
+    c.grad_scale = signed_grad_scale<T>(h, grad_scale);
     c.lr = static_cast<T>(lr);
     c.weight_decay = static_cast<T>(h.weight_decay);
     c.momentum = static_cast<T>(h.momentum);
