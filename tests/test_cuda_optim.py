@@ -235,3 +235,51 @@ def _clip_on_the_gpu(dtype: torch.dtype) -> None:
     assert norm.item() == pytest.approx(expected.item(), rel=1e-6 if dtype == torch.float32 else 1e-13)
     for p, q in zip(ours, theirs):
         assert_close(p.grad, q.grad, "fp32" if dtype == torch.float32 else dtype)
+
+
+def test_parameters_and_gradients_live_in_the_flat_buffers() -> None:
+    """CUDA parameters are re-pointed into the flat parameter buffer and their .grad are views of the flat gradient
+    buffer, as on the CPU, so a step copies nothing in or out. (torch calls every CUDA tensor shared; fusedopt once
+    took that for shared memory and copied every parameter and gradient in and out at every step.)"""
+    model = mlp()
+    opt = fusedopt.AdamW(model.parameters(), lr=1e-3)
+    for x, y in batches(2):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    (buf,) = [b for buffers in opt.flat_buffers for b in buffers]
+    assert not buf.external
+    for i, p in enumerate(buf.params):
+        assert p.data_ptr() == buf.view(buf.param, i).data_ptr()
+        assert p.grad is not None and p.grad.data_ptr() == buf.view(buf.grad, i).data_ptr()
+
+
+def test_unreached_parameters_are_skipped_without_waiting() -> None:
+    """After a backward that does not reach every parameter (an unused layer), the step skips the unreached ones, as
+    torch.optim skips a None gradient, and decides so without reading the gradients back: the host never waits."""
+    model, unused = mlp(), nn.Linear(8, 8).cuda()
+    twin, twin_unused = copy.deepcopy(model), copy.deepcopy(unused)
+    ours = fusedopt.AdamW([*model.parameters(), *unused.parameters()], lr=1e-3, weight_decay=0.1)
+    theirs = torch.optim.AdamW([*twin.parameters(), *twin_unused.parameters()], lr=1e-3, weight_decay=0.1,
+                               fused=True)
+    before = [p.detach().clone() for p in unused.parameters()]
+    for step, (x, y) in enumerate(batches(4)):
+        for m, opt in ((model, ours), (twin, theirs)):
+            opt.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+        theirs.step()
+        if step == 0:  # the first step builds the flat buffers and the states
+            ours.step()
+            continue
+        torch.cuda.synchronize()
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ours.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert_close(p, q, "fp32_trajectory")
+    for p, b in zip(unused.parameters(), before):
+        assert torch.equal(p, b)
+        assert not dict.get(ours.state, p)

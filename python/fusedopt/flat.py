@@ -166,7 +166,10 @@ def keeps_external_storage(p: Tensor) -> bool:
     storage = p.untyped_storage()
     if storage.data_ptr() in _OWN_STORAGES:
         return False
-    return p.is_shared() or storage.nbytes() > p.numel() * p.element_size()
+    # torch calls every CUDA tensor shared (is_shared() is always True there): only CPU shared memory counts, or
+    # every GPU parameter would be copied in and out at every step.
+    shared = p.device.type == "cpu" and p.is_shared()
+    return shared or storage.nbytes() > p.numel() * p.element_size()
 
 
 class _GradMark:
@@ -339,6 +342,12 @@ class FlatBuffer:
             self._sync_master()
         flags, received = self.segments.flags, self._received
         any_grad = False
+        written = self.grad._version != self._zeroed_version
+        # A view no backward reached since zero_grad holds a gradient only if user code wrote it in place. The CPU
+        # reads it to see; on a GPU that read would make the host wait, so there the hooks decide: after a backward
+        # the parameters it did not reach are skipped, and gradients copied in with no backward at all count.
+        read_to_see = self.device.type != "cuda"
+        written_without_backward = written and not read_to_see and not any(received)
         # One pass of plain list walks: this loop is most of a step's Python cost.
         for i, p, param_ptr, view, grad_ptr in zip(range(len(flags)), self.params, self._param_ptrs, self._grad_views,
                                                    self._grad_ptrs):
@@ -352,7 +361,8 @@ class FlatBuffer:
                 self._take_grad(i, g)
                 received[i] = 1
             elif not received[i]:  # our zeroed view, which backward has not reached since zero_grad
-                if self.grad._version == self._zeroed_version or not bool(self.region(self.grad, i).any()):
+                if not written or not (bool(self.region(self.grad, i).any()) if read_to_see
+                                       else written_without_backward):
                     flags[i] = 0
                     continue
                 received[i] = 1  # written in place by user code
