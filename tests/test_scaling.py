@@ -38,3 +38,19 @@ def test_norm_flag_and_overflow() -> None:
     assert _scaling.clip_coefficient(None, norm) == 1.0
     assert math.isnan(float(_scaling.clip_coefficient(1.0, torch.tensor([float("nan")]))))
     assert math.isclose(float(_scaling.clip_coefficient(2.0, torch.tensor([4.0]))), 2.0 / (4.0 + 1e-6), rel_tol=1e-7)
+
+
+def test_plain_and_sharded_buffers_are_summed_by_their_own_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Buffers 0 and 2 are plain, 1 and 3 sharded over one group: only the sharded ones' sums and flags go through the
+    all-reduce (here a stand-in for two ranks holding equal shards: it doubles them), each picked by position."""
+    def two_equal_ranks(pair: torch.Tensor, groups: object) -> None:
+        pair.mul_(2)
+
+    monkeypatch.setattr(_scaling, "all_reduce_sum", two_equal_ranks)
+    group = object()
+    sums = torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=torch.float64)
+    for flags, expected_flag in ((torch.tensor([0.0, 0.0, 0.0, 1.0]), 1.0), (torch.tensor([1.0, 0.0, 0.0, 0.0]), 1.0),
+                                 (torch.zeros(4), 0.0)):
+        norm, nonfinite = _scaling.global_norm(sums, flags, [[], [group], [], [group]])
+        assert float(norm) == math.sqrt(1.0 + 4.0 + 2 * (2.0 + 8.0))
+        assert float(nonfinite) == expected_flag
