@@ -38,6 +38,25 @@ class Case:
     notes: list[str] = field(default_factory=list)
 
 
+# torch.optim's element-wise algorithms without fused=True: compared with torch's foreach (and on a GPU its
+# for-loop) implementations. `--cases family` selects them all.
+kFamily = ["radam", "adamax", "nadam", "adadelta", "rprop", "asgd"]
+
+
+def cases_help(cases: Sequence[str]) -> str:
+    return f"comma list of {', '.join([*cases, *kFamily])}, or family (= {','.join(kFamily)})"
+
+
+def parse_cases(text: str, cases: Sequence[str]) -> list[str]:
+    """The comma list `text` ("family" standing for kFamily); ValueError naming what is not in `cases` or kFamily."""
+    which = [c.strip() for c in text.replace("family", ",".join(kFamily)).split(",") if c.strip()]
+    known = [*cases, *kFamily]
+    bad = [c for c in which if c not in known]
+    if bad:
+        raise ValueError(f"Invalid case: {','.join(bad)} (expected a comma list of {', '.join(known)})")
+    return which
+
+
 def best_fusedopt(device: str) -> str:
     """The compiled fusedopt backend for ``device`` when built, else the reference backend."""
     dev = torch.device(device).type

@@ -12,13 +12,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _harness import Case, best_fusedopt, hb, run_suite
+from _harness import Case, best_fusedopt, cases_help, hb, kFamily, parse_cases, run_suite
 from fusedopt.bench.workloads import equal_tensors_workload, parse_size, transformer_128m_workload
 
 kAll = ["adamw", "adamw-clip", "adamw-bf16-states", "adam", "sgd", "rmsprop", "adagrad", "lion", "lamb"]
-# torch.optim's element-wise algorithms that have no fused=True: compared with torch's foreach implementation only
-# (its for-loop one takes minutes at 128M). `--cases family` selects them all.
-kFamily = ["radam", "adamax", "nadam", "adadelta", "rprop", "asgd"]
 
 
 def cases_for(workload, which: list[str]) -> list[Case]:
@@ -49,16 +46,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=15, help="measured steps per implementation (>= 10 for reports)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--cases", default=",".join(kAll),
-                    help=f"comma list of {', '.join(kAll + kFamily)}, or family (= {','.join(kFamily)})")
+                    help=cases_help(kAll))
     ap.add_argument("--name", default="cpu", help="results file prefix (default cpu)")
     ap.add_argument("--skip-large", action="store_true", help="only the small set")
     ap.add_argument("--out-dir", default=None, help="default bench/results")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     args = ap.parse_args()
-    which = [c.strip() for c in args.cases.replace("family", ",".join(kFamily)).split(",") if c.strip()]
-    bad = [c for c in which if c not in kAll + kFamily]
-    if bad:
-        ap.error(f"Invalid case: {','.join(bad)} (expected a comma list of {', '.join(kAll + kFamily)})")
+    try:
+        which = parse_cases(args.cases, kAll)
+    except ValueError as e:
+        ap.error(str(e))
     try:
         large = transformer_128m_workload(parse_size(args.params) if args.params else None)
         small = equal_tensors_workload(args.small_params, args.small_tensors)

@@ -15,12 +15,10 @@ import argparse
 import sys
 
 import torch
-from _harness import Case, best_fusedopt, hb, run_suite
+from _harness import Case, best_fusedopt, cases_help, hb, parse_cases, run_suite
 from fusedopt.bench.workloads import equal_tensors_workload, gpt2_workload, parse_size
 
 kAll = ["adamw", "adamw-clip", "adam", "sgd", "lion", "lamb", "rmsprop"]
-# torch.optim's element-wise algorithms without fused=True: compared with torch's foreach and for-loop ones.
-kFamily = ["radam", "adamax", "nadam", "adadelta", "rprop", "asgd"]
 
 
 def cases_for(workload, which: list[str], dtype: torch.dtype) -> list[Case]:
@@ -50,7 +48,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--cases", default=",".join(kAll),
-                    help=f"comma list of {', '.join(kAll + kFamily)}, or family (= {','.join(kFamily)})")
+                    help=cases_help(kAll))
     ap.add_argument("--name", default="cuda", help="results file prefix (default cuda)")
     ap.add_argument("--device", default="cuda", help="CUDA device, e.g. cuda:1")
     ap.add_argument("--out-dir", default=None, help="default bench/results")
@@ -63,10 +61,10 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(1)
-    which = [c.strip() for c in args.cases.replace("family", ",".join(kFamily)).split(",") if c.strip()]
-    bad = [c for c in which if c not in kAll + kFamily]
-    if bad:
-        ap.error(f"Invalid case: {','.join(bad)} (expected a comma list of {', '.join(kAll + kFamily)})")
+    try:
+        which = parse_cases(args.cases, kAll)
+    except ValueError as e:
+        ap.error(str(e))
     try:
         large = gpt2_workload(parse_size(args.params))
         small = equal_tensors_workload(args.small_params, args.small_tensors)
