@@ -346,8 +346,8 @@ class FlatBuffer:
         # A view no backward reached since zero_grad holds a gradient only if user code wrote it in place. The CPU
         # reads it to see; on a GPU that read would make the host wait, so there the hooks decide: after a backward
         # the parameters it did not reach are skipped, and gradients copied in with no backward at all count.
-        read_to_see = self.device.type != "cuda"
-        written_without_backward = written and not read_to_see and not any(received)
+        on_gpu = self.device.type == "cuda"
+        unreached_count = on_gpu and written and not any(received)
         # One pass of plain list walks: this loop is most of a step's Python cost.
         for i, p, param_ptr, view, grad_ptr in zip(range(len(flags)), self.params, self._param_ptrs, self._grad_views,
                                                    self._grad_ptrs):
@@ -361,8 +361,8 @@ class FlatBuffer:
                 self._take_grad(i, g)
                 received[i] = 1
             elif not received[i]:  # our zeroed view, which backward has not reached since zero_grad
-                if not written or not (bool(self.region(self.grad, i).any()) if read_to_see
-                                       else written_without_backward):
+                has_grad = unreached_count if on_gpu else written and bool(self.region(self.grad, i).any())
+                if not has_grad:
                     flags[i] = 0
                     continue
                 received[i] = 1  # written in place by user code

@@ -491,8 +491,7 @@ def buffer_norm(prepared: list[Prepared], unscale: _scaling.Scale, device: torch
         if buf.device == home:
             sum_into(buf, backend, sums[k:k + 1], flags[k:k + 1])
         else:  # buffer sets on several devices: each sums on its own, then joins the first
-            own_sum, own_flag = torch.zeros_like(sums[:1], device=buf.device), torch.zeros_like(flags[:1],
-                                                                                              device=buf.device)
+            own_sum, own_flag = sums.new_zeros(1, device=buf.device), flags.new_zeros(1, device=buf.device)
             sum_into(buf, backend, own_sum, own_flag)
             sums[k:k + 1].copy_(own_sum)
             flags[k:k + 1].copy_(own_flag)
