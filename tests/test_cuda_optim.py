@@ -19,6 +19,8 @@ pytestmark = pytest.mark.cuda
 if not torch.cuda.is_available() or not fusedopt.build_info()["cuda_built"]:
     pytest.skip("needs a CUDA device and fusedopt built with its CUDA kernels", allow_module_level=True)
 
+from test_cuda_kernels import no_host_sync  # noqa: E402 (after the skip: it skips itself without a GPU)
+
 STEPS = 20
 
 
@@ -35,18 +37,13 @@ def test_step_never_synchronises(case: str) -> None:
     for p, g in zip(params, grads):
         p.grad = g[0].clone()
     opt.step()  # the first step copies the gradients in and creates states and caches
-    torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         for step in range(1, STEPS):
             for p, g in zip(params, grads):
                 p.grad.copy_(g[step])
             found_inf.fill_(1.0 if step == 7 else 0.0)
             opt.step()
             opt.zero_grad()
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
     assert opt.skipped_steps == 0  # AMP's skip is not skip_nonfinite's
     assert all(opt.state[p]["step"].item() == STEPS - 1 for p in params if "step" in opt.state.get(p, {}))
 
@@ -223,13 +220,8 @@ def _clip_on_the_gpu(dtype: torch.dtype) -> None:
     theirs = [torch.zeros_like(g, requires_grad=True) for g in grads]
     for p, q, g in zip(ours, theirs, grads):
         p.grad, q.grad = g.clone(), g.clone()
-    torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         norm = fusedopt.clip_grad_norm_(ours, 1.0)
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
     expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
     assert norm.device == expected.device and norm.dtype == expected.dtype
     assert norm.item() == pytest.approx(expected.item(), rel=1e-6 if dtype == torch.float32 else 1e-13)
@@ -271,13 +263,8 @@ def test_unreached_parameters_are_skipped_without_waiting() -> None:
         if step == 0:  # the first step builds the flat buffers and the states
             ours.step()
             continue
-        torch.cuda.synchronize()
-        previous = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with no_host_sync():
             ours.step()
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
     for p, q in zip(model.parameters(), twin.parameters()):
         assert_close(p, q, "fp32_trajectory")
     for p, b in zip(unused.parameters(), before):

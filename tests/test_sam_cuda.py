@@ -15,6 +15,8 @@ pytestmark = pytest.mark.cuda
 if not torch.cuda.is_available() or not fusedopt.build_info()["cuda_built"]:
     pytest.skip("needs a CUDA device and fusedopt built with its CUDA kernels", allow_module_level=True)
 
+from test_cuda_kernels import no_host_sync  # noqa: E402 (after the skip: it skips itself without a GPU)
+
 
 def on_cuda(flat: Flat) -> Flat:
     moved = copy.deepcopy(flat)
@@ -91,10 +93,7 @@ def test_sam_step_never_synchronises(adaptive: bool, master: bool) -> None:
 
     before = weights(model)
     backward(model, 2.0**10)
-    torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         sam.first_step(zero_grad=True, grad_scale=scale, found_inf=found_inf)
         backward(model, 2.0**10)
         sam.second_step(zero_grad=True, grad_scale=scale, found_inf=found_inf)
@@ -104,8 +103,6 @@ def test_sam_step_never_synchronises(adaptive: bool, master: bool) -> None:
         sam.first_step(zero_grad=True, grad_scale=scale, found_inf=found_inf)
         backward(model, 2.0**10)
         sam.second_step(zero_grad=True, grad_scale=scale, found_inf=found_inf)
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
     assert all(not torch.equal(a, b) for a, b in zip(before, after))
     for a, b in zip(after, weights(model)):
         assert torch.equal(a, b), "a skipped SAM step changed the weights"
