@@ -38,9 +38,9 @@ class Case:
     notes: list[str] = field(default_factory=list)
 
 
-# torch.optim's element-wise algorithms without fused=True: compared with torch's foreach (and on a GPU its
-# for-loop) implementations. `--cases family` selects them all.
-kFamily = ["radam", "adamax", "nadam", "adadelta", "rprop", "asgd"]
+# torch.optim's algorithms without fused=True: compared with torch's foreach (and on a GPU its for-loop)
+# implementations. `--cases family` selects them all.
+kFamily = ["radam", "adamax", "nadam", "adadelta", "rprop", "asgd", "adafactor"]
 
 
 def cases_help(cases: Sequence[str]) -> str:

@@ -14,12 +14,14 @@ from typing import Any
 
 import fusedopt
 import torch
+from fusedopt._backend import has_cuda_kernel
 from fusedopt.flat import Segments
 from fusedopt.optim import FusedOptimizer
 from fusedopt.optim._spec import State
 from torch import Tensor
 
 F64 = torch.float64
+VECTOR = 8  # the length of a vector parameter where only its number of dimensions matters
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class Algorithm:
     cases: tuple[Case, ...]
     # (kwargs, message): torch.optim's ValueError for a bad value of one of this class's own hyperparameters.
     invalid: tuple[tuple[dict[str, Any], str], ...] = ()
+    # torch.optim's ValueError for a bad learning rate (formatted with the value).
+    invalid_lr: str = "Invalid learning rate: {}"
     # Float64 paper formulas; required when torch.optim has no counterpart (the oracle of the comparison tests).
     oracle64: Oracle | None = None
     # The oracle's whole trajectory, never re-anchored, stays within the fp32 trajectory tolerance (a smooth update;
@@ -93,11 +97,11 @@ class Algorithm:
 
     @property
     def two_pass(self) -> bool:
-        """The kernel is of the compiled core's trust-ratio kind: a first pass writes the moments and per-parameter
-        sums of squares, a second reads the stored moments back to apply the update."""
+        """The kernel is of the compiled core's trust-ratio or factored kind: a first pass writes the moments (factors)
+        and per-parameter sums of squares, a later one reads the stored states back to apply the update."""
         from fusedopt import _kernels  # noqa: PLC0415 - needs the compiled extension
 
-        return _kernels.ALGORITHMS[self.kernel]["kind"] == "trust_ratio"
+        return _kernels.ALGORITHMS[self.kernel]["kind"] in ("trust_ratio", "factored")
 
     def group(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """The param group the class builds from `kwargs`: torch's defaults, the kwargs, the spec's forced keys
@@ -107,17 +111,19 @@ class Algorithm:
             raise KeyError(f"unknown {self.name} kwargs in case table: {sorted(unknown)}")
         return {**self.cls.torch_defaults, **kwargs, **self.cls.spec.forced}
 
-    def kept_states(self, kwargs: Mapping[str, Any]) -> list[State]:
-        return self.cls.spec.kept_states(self.group(kwargs))
+    def kept_states(self, kwargs: Mapping[str, Any], shape: tuple[int, ...] = (VECTOR,)) -> list[State]:
+        """The states of a parameter of `shape` under this configuration (the tests' parameters are vectors unless
+        they say otherwise; a vector keeps no Adafactor row or column factor)."""
+        return self.cls.spec.kept_for(self.group(kwargs), torch.Size(shape))
 
-    def state_names(self, kwargs: Mapping[str, Any]) -> tuple[str, ...]:
+    def state_names(self, kwargs: Mapping[str, Any], shape: tuple[int, ...] = (VECTOR,)) -> tuple[str, ...]:
         """The state tensors torch.optim (and fusedopt) keep for this configuration besides the step: the
         per-element ones in kernel slot order, then the per-parameter scalars (0-dim float32 tensors)."""
-        return tuple(s.name for s in self.kept_states(kwargs)) + self.cls.spec.scalar_names()
+        return tuple(s.name for s in self.kept_states(kwargs, shape)) + self.cls.spec.scalar_names()
 
-    def hyper(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        """The kernel fields (math header's kFields) of this configuration."""
-        return self.cls.spec.hyper(self.group(kwargs))
+    def hyper(self, kwargs: Mapping[str, Any], dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        """The kernel fields (math header's kFields) of this configuration, for parameters of `dtype`."""
+        return self.cls.spec.hyper_for(self.group(kwargs), dtype)
 
     def decay_enters_gradient(self, kwargs: Mapping[str, Any]) -> bool:
         """Whether this configuration adds wd*p to the gradient before normalising it."""
@@ -444,12 +450,36 @@ _ROWS = [
         ranges=dict(lr=Range(1e-4, 5e-2), lambd=Range(0.0, 1.0), alpha=Range(0.0, 1.0), t0=[0.0, 3.0, 1e6],
                     weight_decay=SMALL, maximize=BOTH),
     ),
+    Algorithm(
+        fusedopt.Adafactor,
+        cases=(
+            Case("default", {"lr": 1e-2}),
+            # eps1 1e-3: the row mean and the estimate floors (1e-3, 1e-6) bind for small gradients; eps2 1e-2 floors
+            # RMS(p) for small parameters.
+            Case("beta2_decay-eps", {"lr": 2e-2, "beta2_decay": -0.5, "eps": (1e-3, 1e-2)}),
+            # d 1.2: RMS(u) is near 1, so the clipping binds at some steps and not at others.
+            Case("d", {"lr": 1e-2, "d": 1.2}),
+            Case("weight_decay", {"lr": 2e-2, "weight_decay": 0.5}),
+            Case("maximize", {"lr": 1e-2, "maximize": True}),
+            Case("beta2_decay-eps-d-weight_decay-maximize", {"lr": 2e-2, "beta2_decay": -0.6, "eps": (1e-4, 1e-2),
+                                                             "d": 1.3, "weight_decay": 0.2, "maximize": True}),
+        ),
+        invalid=(({"beta2_decay": 0.5}, "beta2_decay should be <= 0 but is: 0.5"),
+                 ({"eps": (-1.0, 1e-3)}, "epsilon1 should be >= 0 but is: -1.0"),
+                 ({"d": 0.5}, "Clipping threshold d should be >= 1 but is: 0.5")),
+        invalid_lr="Learning rate should be >= 0 but is: {}",
+        ranges=dict(lr=Range(1e-4, 5e-2), beta2_decay=Range(-1.0, -0.3), eps=([None, Range(1e-6, 1e-3)],
+                    Range(1e-4, 1e-2)), d=Range(1.0, 2.0), weight_decay=SMALL, maximize=BOTH),
+    ),
 ]
 
 TABLE: dict[type[FusedOptimizer], Algorithm] = {row.cls: row for row in _ROWS}
 ROWS: list[Algorithm] = list(TABLE.values())
 TORCH_ROWS = [row for row in ROWS if row.torch_cls is not None]  # compared with torch.optim directly
 ORACLE_ROWS = [row for row in ROWS if row.torch_cls is None]  # compared with their float64 oracle
+# Rows the compiled core runs on a GPU (Adafactor's factored kind has CPU kernels only; on a GPU it runs on the
+# reference backend).
+CUDA_ROWS = [row for row in ROWS if has_cuda_kernel(row.kernel)]
 
 _classes = [getattr(fusedopt.optim, name) for name in fusedopt.optim.__all__]
 _missing = [c.__name__ for c in _classes if c is not FusedOptimizer and c not in TABLE]
@@ -488,6 +518,9 @@ WARM_STATES: dict[str, Callable[[int, torch.Generator, torch.dtype], Tensor]] = 
     "grad_avg": lambda n, gen, dtype: 0.1 * _symmetric(n, gen, dtype),
     "acc_delta": _positive,
     "step_size": lambda n, gen, dtype: 1e-2 * _positive(n, gen, dtype),  # Rprop's per-element steps, ~lr
+    "variance": _positive,  # Adafactor's second moments and their factors
+    "row_var": _positive,
+    "col_var": _positive,
 }
 
 

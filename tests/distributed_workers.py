@@ -42,6 +42,42 @@ def make_model() -> MLP:
     return MLP()
 
 
+class FactoredNet(nn.Module):
+    """Shards that factored second moments must combine: a Conv1d weight (5, 4, 3) split 3 + 2 along its leading
+    dimension, and a Linear weight (1, 30) whose single row lives on rank 0 (rank 1 holds none, but keeps the column
+    factors in step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 5, 3)
+        self.head = nn.Linear(30, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+def make_factored_model() -> FactoredNet:
+    torch.manual_seed(0)
+    return FactoredNet()
+
+
+def make_factored_data(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(2)
+    return [(torch.randn(GLOBAL_BATCH, 4, 8, generator=generator), torch.randn(GLOBAL_BATCH, 1, generator=generator))
+            for _ in range(steps)]
+
+
+def factored_single_process_run(steps: int = STEPS) -> dict[str, torch.Tensor]:
+    """torch.optim.Adafactor on the whole batch: the oracle of the sharded FactoredNet run."""
+    model = make_factored_model()
+    opt = torch.optim.Adafactor(model.parameters(), **ADAFACTOR_KWARGS)
+    for x, y in make_factored_data(steps):
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def make_data(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
     return [(torch.randn(GLOBAL_BATCH, IN, generator=generator), torch.randn(GLOBAL_BATCH, OUT, generator=generator))
@@ -52,6 +88,7 @@ def make_data(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
 # example optimizer with clipping (CLIP) and without (EXAMPLE.name: what the scenarios that need one optimizer use).
 # `oracle_optimizer` picks the single-process counterpart.
 EXAMPLE_KWARGS = {"lr": 1e-2, "weight_decay": 0.1}
+ADAFACTOR_KWARGS = dict(TABLE[fusedopt.Adafactor].descent_cases()[-1].kwargs)
 CLIP = f"{EXAMPLE.name}-clip"
 OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
     **{row.name: (row.cls, dict(row.descent_cases()[-1].kwargs)) for row in TABLE.values() if row is not EXAMPLE},
@@ -157,6 +194,16 @@ def run_fsdp(rank: int, world: int, results: dict[str, Any]) -> None:
             state = opt.state[next(model.parameters())]
             results["fsdp/state_types"] = sorted({type(v).__name__ for v in state.values()})
             results["fsdp/first_state"] = state[EXAMPLE.state_names(EXAMPLE_KWARGS)[0]].full_tensor().clone()
+
+    # Adafactor's factors across shards of a leading dimension and of rows, including a shard without rows.
+    model = make_factored_model()
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in (model.conv, model.head):
+        fully_shard(layer, mesh=mesh)
+    opt = fusedopt.Adafactor(model.parameters(), **ADAFACTOR_KWARGS)
+    train(model, opt, make_factored_data(), rank, world)
+    results["fsdp_factored/model"] = full_state(model)
+    results["fsdp_factored/head_col_var"] = opt.state[model.head.weight]["col_var"].full_tensor().clone()
 
     # Mixed precision (bf16 compute, fp32 reduce): fusedopt and torch.optim under the same FSDP2 engine.
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

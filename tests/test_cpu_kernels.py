@@ -509,6 +509,8 @@ def test_c_boundary_rejects_bad_arguments(row):
     kernel = getattr(_C, row.kernel)
     row.fill_scalars(table, 1e-3)
     scalars = 0 if table.scalars is None else table.scalars.data_ptr()
+    layout = table.layout_or_vectors()  # read by a factored kernel only
+    passes = 7 if _kernels.ALGORITHMS[row.kernel]["kind"] == "factored" else 3  # every pass of the kind
 
     def raw(n=n, codes=(0, 0, 0), values=values, null=None, master=0, scalars=scalars):
         slots = [states[s.name].data_ptr() if s.name in states and s.name != null else 0
@@ -516,7 +518,7 @@ def test_c_boundary_rejects_bad_arguments(row):
         slots += [0] * (3 - len(slots))
         return kernel(p.data_ptr(), g.data_ptr(), *slots, master, n, *codes, table.offsets.data_ptr(),
                       table.numels.data_ptr(), table.steps.data_ptr(), table.active.data_ptr(), len(table), scalars,
-                      values, 1e-3, 1.0, 3, 0, 0)
+                      layout.data_ptr(), values, 1e-3, 1.0, passes, 0, 0, 0, table.factor_sums)
 
     before = p.clone()
     if scalars:

@@ -10,7 +10,8 @@ import copy
 import fusedopt
 import pytest
 import torch
-from cases import TORCH_ROWS, Algorithm, row_params
+from cases import CUDA_ROWS, TABLE, TORCH_ROWS, Algorithm, row_params
+from fusedopt._backend import has_cuda_kernel
 from test_device_decisions import CASES, make_params
 from tolerances import assert_close
 from torch import nn
@@ -24,7 +25,7 @@ from test_cuda_kernels import no_host_sync  # noqa: E402 (after the skip: it ski
 STEPS = 20
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [name for name, (cls, _) in CASES.items() if has_cuda_kernel(cls.spec.kernel)])
 def test_step_never_synchronises(case: str) -> None:
     """After the first step, steps with AMP tensors, a skipped step, clipping and a tensor lr on the GPU never make
     the host wait (torch raises on any synchronising call in "error" mode)."""
@@ -80,7 +81,7 @@ def test_clipped_adamw_matches_torch_clip_then_fused_step() -> None:
         assert torch.equal(ours.state[p]["step"], theirs.state[q]["step"])
 
 
-@pytest.mark.parametrize("row", row_params(TORCH_ROWS))
+@pytest.mark.parametrize("row", row_params([row for row in TORCH_ROWS if row in CUDA_ROWS]))
 def test_float64_clipped_step_decided_on_the_device_matches_torch(row: Algorithm) -> None:
     """A float64 model on one GPU (the step decided on the device: norm, clip coefficient and a tensor lr stay there,
     as float64 device scalars): each class's first case with max_grad_norm equals torch's clip_grad_norm_ followed by
@@ -205,6 +206,26 @@ def test_captured_training_step_replays_like_eager_steps(name: str) -> None:
     for p, q in zip(model.parameters(), twin.parameters()):
         for key, value in eager.state[q].items():
             assert_close(opt.state[p][key].float(), value.float(), "fp32_trajectory", msg=key)
+
+
+def test_algorithms_without_a_cuda_kernel_run_on_the_reference_backend() -> None:
+    """Adafactor on a GPU: backend "auto" runs the reference backend there (torch's operations, on the device) and
+    follows torch.optim.Adafactor; asking for backend "cuda" says there is no CUDA kernel."""
+    row = TABLE[fusedopt.Adafactor]
+    model = mlp()
+    twin = copy.deepcopy(model)
+    ours = row.cls(model.parameters(), **row.cases[-1].kwargs)
+    theirs = row.torch_optimizer(twin.parameters(), row.cases[-1].kwargs)
+    assert ours._backends == [["reference"]]
+    for x, y in batches(10):
+        for opt, net in ((ours, model), (theirs, twin)):
+            opt.zero_grad()
+            nn.functional.mse_loss(net(x), y).backward()
+            opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert_close(p, q, "fp32_trajectory")
+    with pytest.raises(RuntimeError, match="adafactor has no CUDA kernel"):
+        row.cls(mlp().parameters(), backend="cuda")
 
 
 def test_clip_grad_norm_stays_on_the_gpu_and_matches_torch() -> None:

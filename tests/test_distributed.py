@@ -14,7 +14,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from cases import EXAMPLE
-from distributed_workers import CLIP, OPTIMIZERS, single_process_run, worker
+from distributed_workers import (
+    CLIP,
+    OPTIMIZERS,
+    factored_single_process_run,
+    make_factored_data,
+    make_factored_model,
+    single_process_run,
+    worker,
+)
 from tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -67,6 +75,21 @@ def test_fsdp2_matches_single_process(distributed_results: dict[str, Any], oracl
     # Trust ratios: each parameter's comes from the norms of the whole parameter (all-reduced between the kernel's two
     # passes); norms of the uneven shards (17 and 16 rows) would give a different trajectory.
     assert_same_model(distributed_results[f"fsdp/{name}"], oracles[name], "fp32_trajectory")
+
+
+def test_fsdp2_adafactor_factors_combine_across_shards(distributed_results: dict[str, Any]) -> None:
+    """Adafactor over FSDP2 shards of a conv weight's leading dimension and of a one-row Linear weight (one rank holds
+    no row): the row and column sums, RMS(p) and RMS(u) are all-reduced, so training follows the single-process
+    torch.optim.Adafactor run, and the replicated column factors equal torch's."""
+    assert_same_model(distributed_results["fsdp_factored/model"], factored_single_process_run(), "fp32_trajectory")
+    model = make_factored_model()
+    opt = torch.optim.Adafactor(model.parameters(), **OPTIMIZERS["Adafactor"][1])
+    for x, y in make_factored_data():
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert_close(distributed_results["fsdp_factored/head_col_var"], opt.state[model.head.weight]["col_var"],
+                 "fp32_trajectory")
 
 
 def test_fsdp2_states_are_dtensors(distributed_results: dict[str, Any]) -> None:

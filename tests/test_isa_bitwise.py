@@ -30,7 +30,9 @@ STATE_DTYPES = [F32, BF16]  # float64 parameters keep float64 states (state_dtyp
 
 # 1 and 7: shorter than any vector (scalar code only); 33: two AVX2 vectors and a tail; 4097: vector body and a
 # one-element tail; 20011 (prime): longer than one 16384-element chunk, so a chunk boundary and an uneven last chunk.
-SIZES = (1, 7, 33, 4097, 20011)
+# Then matrices, whose rows and columns Adafactor factors: small, stacked (3-D), rows across chunk boundaries, and one
+# row longer than a chunk.
+SIZES = (1, 7, 33, 4097, 20011, (3, 5), (2, 3, 40), (130, 160), (1, 20000))
 STEPS = 20
 SEED = 20240611
 _BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16}
@@ -77,7 +79,7 @@ def run_steps(isa: str, row: Algorithm, kwargs: dict, dtype: torch.dtype, master
     _C.set_cpu_isa(isa)
     torch.manual_seed(SEED)
     draw = F64 if dtype == F64 else F32  # float64 parameters and gradients get full float64 values
-    params = [torch.randn(n, dtype=draw).to(dtype).requires_grad_() for n in SIZES]
+    params = [torch.randn(n if isinstance(n, tuple) else (n,), dtype=draw).to(dtype).requires_grad_() for n in SIZES]
     opt = row.cls(params, backend="cpu", state_dtype=state_dtype, master_weights=master, **kwargs)
     for _ in range(STEPS):
         for p in params:

@@ -27,8 +27,8 @@ BACKENDS = [
 # learning rate and the bad values its table row lists; fusedopt's own keywords are checked by the base class.
 INVALID = [
     *[(row.cls, kwargs, ValueError, message) for row in ROWS
-      for kwargs, message in [(dict(lr=-1.0), "Invalid learning rate: -1.0"),
-                              (dict(lr=float("nan")), "Invalid learning rate: nan"), *row.invalid]],
+      for kwargs, message in [(dict(lr=-1.0), row.invalid_lr.format(-1.0)),
+                              (dict(lr=float("nan")), row.invalid_lr.format(float("nan"))), *row.invalid]],
     (EXAMPLE.cls, dict(backend="gpu"), ValueError, "Invalid backend: 'gpu'"),
     (EXAMPLE.cls, dict(max_grad_norm=-1.0), ValueError, "Invalid max_grad_norm value: -1.0"),
     (EXAMPLE.cls, dict(state_dtype=torch.float16), ValueError, "Invalid state_dtype: torch.float16"),

@@ -25,6 +25,9 @@ OURS = [name for name in fusedopt.optim.__all__ if name in OPTIM_DB]
 DIFFERENT_ON_PURPOSE = {
     "duplicate parameters": "flat storage cannot hold one parameter twice: fusedopt raises ValueError where torch "
                             "warns and steps the parameter twice",
+    "does not support complex parameters": "fusedopt refuses complex parameters of every algorithm when the optimizer "
+                                           "is built (ValueError, pointing to torch.view_as_real), where torch's "
+                                           "Adafactor raises RuntimeError at the first step",
 }
 
 

@@ -271,7 +271,8 @@ class IllConditioned:
     def __init__(self, row: Algorithm, kwargs: dict[str, Any], params: list[Tensor]) -> None:
         hp = row.group(kwargs)
         self.wd = float(hp["weight_decay"]) if row.decay_enters_gradient(kwargs) else 0.0
-        self.eps = float(hp.get("eps", 0.0))
+        eps = hp.get("eps", 0.0)
+        self.eps = float(eps) if isinstance(eps, (int, float)) else 0.0  # centered RMSprop's; Adafactor's is a pair
         self.masks = [torch.zeros(p.shape, dtype=torch.bool) for p in params]
 
     def update(self, params: list[Tensor]) -> None:

@@ -27,6 +27,8 @@ DEFAULT_OUT = ROOT / "bench" / "results" / "mutation-score.json"
 MATH = "csrc/include/fusedopt/math/"
 ADAM, SGD, RMSPROP, ADAGRAD, LION, LAMB = (f"{MATH}{a}.h" for a in "adam sgd rmsprop adagrad lion lamb".split())
 ADADELTA, RPROP, NADAM, ASGD = (f"{MATH}{a}.h" for a in "adadelta rprop nadam asgd".split())
+ADAFACTOR = f"{MATH}adafactor.h"
+DRIVER = "csrc/cpu/driver.h"
 REF = "python/fusedopt/reference.py"
 
 
@@ -317,6 +319,44 @@ MUTANTS: list[Mutant] = [
            "g = torch.where(sign.eq(etaminus), 0.0, g)", "g = g"),
     Mutant("ref-rprop-flip-update-sign", "rprop", REF,
            "p.addcmul_(g.sign(), size, value=-1)", "p.addcmul_(g.sign(), size, value=1)"),
+    # --- adafactor.h, and the factored driver's reductions
+    Mutant("adafactor-beta2-step-off-by-one", "adafactor", ADAFACTOR,
+           "pow(step, h.beta2_decay)", "pow(step + 1.0, h.beta2_decay)"),
+    Mutant("adafactor-lerp-weight-flipped", "adafactor", ADAFACTOR,
+           "return lerp(factor, mean_square, c.new_weight);", "return lerp(factor, mean_square, T(1) - c.new_weight);"),
+    Mutant("adafactor-rho-ignores-lr", "adafactor", ADAFACTOR,
+           "c.rho = lr < inverse_sqrt_step ? lr : inverse_sqrt_step;", "c.rho = inverse_sqrt_step;"),
+    Mutant("adafactor-no-weight-decay", "adafactor", ADAFACTOR,
+           "c.decay = static_cast<T>(1.0 - lr * h.weight_decay);", "c.decay = T(1);"),
+    Mutant("adafactor-no-eps2-floor", "adafactor", ADAFACTOR,
+           "(rms_p > c.eps2 ? rms_p : c.eps2)", "rms_p"),
+    Mutant("adafactor-no-update-clipping", "adafactor", ADAFACTOR,
+           "(clip > 1.0 ? clip : 1.0)", "1.0"),
+    Mutant("adafactor-d-ignored", "adafactor", ADAFACTOR,
+           "sqrt(u2) / (root_n * c.d)", "sqrt(u2) / root_n"),
+    Mutant("adafactor-half-step", "adafactor", ADAFACTOR,
+           "return static_cast<T>(-alpha /", "return static_cast<T>(-0.5 * alpha /"),
+    Mutant("adafactor-row-mean-not-floored", "adafactor", ADAFACTOR,
+           "return mean < c.eps1 ? c.eps1 : mean;", "return mean;"),
+    Mutant("adafactor-estimate-without-row-mean", "adafactor", ADAFACTOR,
+           "return (row_factor * col_factor) / row_mean;", "return row_factor * col_factor;"),
+    Mutant("adafactor-estimate-not-floored", "adafactor", ADAFACTOR,
+           "const T floored = estimate < c.eps1_squared ? c.eps1_squared : estimate;", "const T floored = estimate;"),
+    Mutant("adafactor-ignore-maximize", "adafactor", ADAFACTOR,
+           _GRAD_SCALE, "c.grad_scale = static_cast<T>(grad_scale);"),
+    Mutant("factored-column-mean-over-columns", "adafactor", DRIVER,
+           "column_sums[j] / total_rows", "column_sums[j] / static_cast<double>(cols)"),
+    Mutant("factored-row-sums-skip-last-row", "adafactor", DRIVER,
+           "for (int64_t r = 0; r < rows; ++r) total +=", "for (int64_t r = 0; r + 1 < rows; ++r) total +="),
+    Mutant("ref-adafactor-beta2-step-off-by-one", "adafactor", REF,
+           "new_weight = step**beta2_decay", "new_weight = (step + 1)**beta2_decay"),
+    Mutant("ref-adafactor-column-mean-over-columns", "adafactor", REF,
+           "torch.norm(g, dim=-2, keepdim=True).square_().div_(g.size(-2))",
+           "torch.norm(g, dim=-2, keepdim=True).square_().div_(g.size(-1))"),
+    Mutant("ref-adafactor-no-row-mean", "adafactor", REF,
+           "estimate.div_(row.mean(dim=-2, keepdim=True).clamp_(min=eps1))", "estimate.div_(1.0)"),
+    Mutant("ref-adafactor-no-update-clipping", "adafactor", REF,
+           "denominator = max(1.0, u.norm(2).item()", "denominator = max(0.0, 0.0 * u.norm(2).item()"),
     Mutant("ref-rprop-prev-not-stored", "rprop", REF,
            "pv.copy_(g)", "pv.copy_(pv)"),
     Mutant("ref-nadam-mu-next-is-mu", "nadam", REF,
@@ -348,9 +388,11 @@ MUTANTS: list[Mutant] = [
 def tests_of(mutant: Mutant) -> list[str]:
     """Where a bug of this file shows first, chosen by measurement: a kernel bug in the kernel-vs-reference tests, a
     reference bug in the reference-vs-torch.optim (or float64 paper formulas) tests."""
+    # Adafactor's factors (parameters of two or more dimensions) are tested on shaped parameters of their own.
+    factored = ["tests/test_adafactor.py"] if mutant.algorithm == "adafactor" else []
     if mutant.file == REF:
-        return ["tests/test_reference.py"]
-    return ["tests/test_cpu_kernels.py", "tests/test_kernel_sensitivity.py"]
+        return ["tests/test_reference.py", *factored]
+    return ["tests/test_cpu_kernels.py", "tests/test_kernel_sensitivity.py", *factored]
 
 
 def pytest_command(files: list[str], algorithms: list[str]) -> list[str]:

@@ -44,9 +44,10 @@ inline SamBuffers sam_buffers(uintptr_t param, uintptr_t grad, uintptr_t master,
 }
 
 inline Segments segments(uintptr_t offsets, uintptr_t numels, uintptr_t steps, uintptr_t active, int64_t count,
-                         uintptr_t scalars = 0) {
+                         uintptr_t scalars = 0, uintptr_t layout = 0) {
   Segments s;
   s.scalars = ptr<float>(scalars);
+  s.layout = ptr<const int64_t>(layout);
   s.offsets = ptr<const int64_t>(offsets);
   s.numels = ptr<const int64_t>(numels);
   s.steps = ptr<float>(steps);
@@ -56,7 +57,8 @@ inline Segments segments(uintptr_t offsets, uintptr_t numels, uintptr_t steps, u
 }
 
 inline StepArgs step_args(const std::vector<double>& hyper, double lr, double grad_scale, int passes,
-                          uintptr_t segment_w2, uintptr_t segment_u2) {
+                          uintptr_t segment_w2, uintptr_t segment_u2, uintptr_t factor_sums = 0,
+                          int64_t factor_sums_count = 0) {
   StepArgs a;
   a.hyper = hyper.data();
   a.hyper_count = static_cast<int64_t>(hyper.size());
@@ -65,6 +67,8 @@ inline StepArgs step_args(const std::vector<double>& hyper, double lr, double gr
   a.passes = passes;
   a.segment_w2 = ptr<double>(segment_w2);
   a.segment_u2 = ptr<double>(segment_u2);
+  a.factor_sums = ptr<double>(factor_sums);
+  a.factor_sums_count = factor_sums_count;
   return a;
 }
 

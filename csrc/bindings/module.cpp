@@ -29,13 +29,16 @@ constexpr const char* kStepDoc =
     "One step over a flat buffer set (pointers as ints, 0 for absent buffers): param, grad, three state slots, "
     "master, n, param/grad/state dtype codes; the segment table (int64 offsets and numels, float32 steps counted "
     "by the call, uint8 active flags, count, float32 (count, len(scalars)) scalar states or 0 for an algorithm "
-    "without them); the algorithm's hyperparameters in algorithms()[name]['fields'] order; "
-    "lr, grad_scale; for trust-ratio algorithms the passes (1, 2 or 3) and per-segment float64 sums (0: scratch).";
+    "without them), int64 (count, 9) layout of a factored algorithm or 0 (api.h Layout); the algorithm's hyperparameters in algorithms()[name]['fields'] order; "
+    "lr, grad_scale; for trust-ratio and factored algorithms the passes and per-segment float64 sums (0: scratch); for factored ones "
+    "the float64 row and column sums and their count (0: scratch).";
 
 template <typename A>
 py::dict describe() {
   py::dict d;
-  d["kind"] = A::kKind == algo::Kind::kElementwise ? "elementwise" : "trust_ratio";
+  d["kind"] = A::kKind == algo::Kind::kElementwise ? "elementwise"
+              : A::kKind == algo::Kind::kTrustRatio ? "trust_ratio"
+                                                     : "factored";
   py::list fields, states, scalars;
   for (const char* f : A::kFields) fields.append(f);
   for (const char* s : A::kStates) states.append(s);
@@ -80,27 +83,29 @@ PYBIND11_MODULE(_C, m) {
     }
   });
 
-#define FUSEDOPT_BIND_STEP(A)                                                                                    \
-  m.def(                                                                                                       \
-      #A,                                                                                                      \
+#define FUSEDOPT_BIND_STEP(A)                                                                                  \
+  m.def(                                                                                                     \
+      #A,                                                                                                    \
       [](uintptr_t param, uintptr_t grad, uintptr_t s0, uintptr_t s1, uintptr_t s2, uintptr_t master, int64_t n, \
-         int param_dtype, int grad_dtype, int state_dtype, uintptr_t seg_offsets, uintptr_t seg_numels,        \
-         uintptr_t seg_steps, uintptr_t seg_active, int64_t seg_count, uintptr_t seg_scalars,                  \
-         const std::vector<double>& hyper, double lr, double grad_scale, int passes, uintptr_t segment_w2,     \
-         uintptr_t segment_u2) {                                                                               \
-        const FlatBuffers b =                                                                                  \
-            buffers(param, grad, s0, s1, s2, master, n, param_dtype, grad_dtype, state_dtype);                 \
-        const Segments s = segments(seg_offsets, seg_numels, seg_steps, seg_active, seg_count, seg_scalars);   \
-        const StepArgs args = step_args(hyper, lr, grad_scale, passes, segment_w2, segment_u2);                \
-        py::gil_scoped_release release;                                                                        \
-        cpu::A(b, s, args);                                                                                    \
-      },                                                                                                       \
+         int param_dtype, int grad_dtype, int state_dtype, uintptr_t seg_offsets, uintptr_t seg_numels,      \
+         uintptr_t seg_steps, uintptr_t seg_active, int64_t seg_count, uintptr_t seg_scalars,                \
+         uintptr_t seg_layout, const std::vector<double>& hyper, double lr, double grad_scale, int passes,   \
+         uintptr_t segment_w2, uintptr_t segment_u2, uintptr_t factor_sums, int64_t factor_sums_count) {     \
+        const FlatBuffers b =                                                                                \
+            buffers(param, grad, s0, s1, s2, master, n, param_dtype, grad_dtype, state_dtype);               \
+        const Segments s =                                                                                   \
+            segments(seg_offsets, seg_numels, seg_steps, seg_active, seg_count, seg_scalars, seg_layout);    \
+        const StepArgs args =                                                                                \
+            step_args(hyper, lr, grad_scale, passes, segment_w2, segment_u2, factor_sums, factor_sums_count); \
+        py::gil_scoped_release release;                                                                      \
+        cpu::A(b, s, args);                                                                                  \
+      },                                                                                                     \
       kStepDoc);
   FUSEDOPT_FOR_EACH_ALGORITHM(FUSEDOPT_BIND_STEP)
 #undef FUSEDOPT_BIND_STEP
 
   m.def("algorithms", &algorithms,
-        "{name: {'kind': 'elementwise' | 'trust_ratio', 'fields': hyperparameter names in the order the step takes "
+        "{name: {'kind': 'elementwise' | 'trust_ratio' | 'factored', 'fields': hyperparameter names in the order the step takes "
         "them, 'states': state slot names, 'scalars': per-segment scalar state names}} for every algorithm of the compiled core.");
 
   m.def(

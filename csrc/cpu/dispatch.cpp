@@ -200,6 +200,62 @@ WorkList work_list(const char* algo_name, int64_t n, const Segments& s, bool nee
   return l;
 }
 
+// Factored algorithms: checks the layout table (api.h Layout) and the passes, then lists the row items (whole rows,
+// about kChunk elements each) and column items (kColumnBlock columns of one leading index) of the active factored
+// segments. The partition depends on the layout alone.
+struct FactoredItems {
+  std::vector<int64_t> row_item, row_first, col_item;
+};
+
+template <typename A>
+FactoredItems factored_items(const char* algo_name, const FlatBuffers& b, const Segments& s, const StepArgs& args) {
+  auto state_name = [](int slot) { return std::string(A::kStates[slot]); };
+  const std::string a(algo_name);
+  const int all = kPassMoments | kPassNorms | kPassApply;
+  if (args.passes != all && args.passes != kPassMoments && args.passes != kPassNorms && args.passes != kPassApply)
+    fail(a + ": Invalid passes: " + std::to_string(args.passes) + " (expected 7, or one of 1, 4 and 2)");
+  if (args.passes != all && s.count > 0 &&
+      (args.segment_w2 == nullptr || args.segment_u2 == nullptr || args.factor_sums == nullptr))
+    fail(a + ": separate passes need the per-segment sums and the factor sums");
+  if (args.factor_sums_count < 0) fail(a + ": Invalid factor sums count: " + std::to_string(args.factor_sums_count));
+  if (s.count > 0 && s.layout == nullptr) fail(a + ": segment layout must not be null (a factored algorithm)");
+  FactoredItems f;
+  f.row_first.push_back(0);
+  for (int64_t k = 0; k < s.count; ++k) {
+    const int64_t* row = s.layout + k * kLayoutColumns;
+    const int64_t lead = row[kLead], rows = row[kRows], cols = row[kCols], total_rows = row[kTotalRows];
+    const int64_t numel = s.numels[k];
+    const std::string segment = a + ": segment " + std::to_string(k);
+    for (int c = 0; c < kLayoutColumns; ++c)
+      if (row[c] < 0) fail(segment + " has a negative entry in its layout (column " + std::to_string(c) + ")");
+    if (total_rows > 0 && (lead * rows * cols != numel || rows > total_rows))
+      fail(segment + " (numel " + std::to_string(numel) + ") is not " + std::to_string(lead) + " x " +
+           std::to_string(rows) + " x " + std::to_string(cols) + " (of " + std::to_string(total_rows) + " rows)");
+    if (total_rows == 0 && (numel > row[kNumel]))
+      fail(segment + " (numel " + std::to_string(numel) + ") is larger than its parameter (" +
+           std::to_string(row[kNumel]) + ")");
+    if (total_rows > 0 && (row[kRowSumAt] + lead > args.factor_sums_count ||
+                           row[kColSumAt] + lead * cols > args.factor_sums_count))
+      fail(segment + " needs factor sums beyond the " + std::to_string(args.factor_sums_count) + " given");
+    if (s.active[k] != 0 && (total_rows > 0 ? lead * cols : numel) > 0) {
+      for (int slot = 0; slot < 3; ++slot)  // a vector keeps slot 2, a stack of matrices slots 0 and 1
+        if ((slot == 2) == (total_rows == 0) && b.states[slot] == nullptr)
+          fail(a + ": " + state_name(slot) + " pointer is null (segment " + std::to_string(k) + " keeps it)");
+    }
+    if (s.active[k] != 0 && total_rows > 0 && cols > 0) {
+      const int64_t per_item = cols >= kChunk ? 1 : kChunk / cols;
+      for (int64_t q = 0; q < lead * rows; q += per_item)
+        f.row_item.insert(f.row_item.end(), {k, q, std::min(lead * rows, q + per_item)});
+      // Column items also for a shard without rows: its column factors follow the (all-reduced) sums too.
+      for (int64_t l = 0; l < lead; ++l)
+        for (int64_t c0 = 0; c0 < cols; c0 += kColumnBlock)
+          f.col_item.insert(f.col_item.end(), {k, l, c0, std::min(cols, c0 + kColumnBlock)});
+    }
+    f.row_first.push_back(static_cast<int64_t>(f.row_item.size() / 3));
+  }
+  return f;
+}
+
 // Counts the step of every active segment (when the call counts steps) and makes its coefficients in compute type T
 // (in double, on the host, rounded once to T) from its scalar states, which it then advances: the kernel reads only
 // the coefficients.
@@ -229,6 +285,9 @@ void step(const char* algo_name, const FlatBuffers& b, const Segments& s, const 
   checks::check_passes<A>(algo_name, s.count, args);
   const bool counts_step = checks::counts_step<A>(args);
   const WorkList list = work_list(algo_name, b.n, s, true);
+  // Checked before any step is counted.
+  const FactoredItems factored =
+      A::kKind == algo::Kind::kFactored ? factored_items<A>(algo_name, b, s, args) : FactoredItems{};
   static_assert(algo::ScalarCount<A>::value == 0 || A::kKind == algo::Kind::kElementwise,
                 "scalar states are advanced once per call: element-wise algorithms only");
   if (algo::ScalarCount<A>::value > 0 && s.count > 0 && s.scalars == nullptr)
@@ -266,6 +325,39 @@ void step(const char* algo_name, const FlatBuffers& b, const Segments& s, const 
       std::fill(w.segment_w2, w.segment_w2 + s.count, 0.0);
       std::fill(w.segment_u2, w.segment_u2 + s.count, 0.0);
     }
+  }
+  std::vector<double> row_partial_w, factor_sums, step_size;
+  if (A::kKind == algo::Kind::kFactored) {
+    pw.resize(w.items);
+    pu.resize(w.items);
+    row_partial_w.resize(factored.row_item.size() / 3);
+    step_size.resize(s.count);
+    if (args.segment_w2 == nullptr) {  // one call runs every pass: scratch sums
+      w2.assign(s.count, 0.0);
+      u2.assign(s.count, 0.0);
+      factor_sums.assign(args.factor_sums_count, 0.0);
+    }
+    w.offsets = s.offsets;
+    w.numels = s.numels;
+    w.active = s.active;
+    w.layout = s.layout;
+    w.row_item = factored.row_item.data();
+    w.row_first = factored.row_first.data();
+    w.row_items = static_cast<int64_t>(row_partial_w.size());
+    w.col_item = factored.col_item.data();
+    w.col_items = static_cast<int64_t>(factored.col_item.size() / 4);
+    w.row_partial_w = row_partial_w.data();
+    w.partial_w = pw.data();
+    w.partial_u = pu.data();
+    w.segment_w2 = args.segment_w2 != nullptr ? args.segment_w2 : w2.data();
+    w.segment_u2 = args.segment_u2 != nullptr ? args.segment_u2 : u2.data();
+    w.factor_sums = args.factor_sums != nullptr ? args.factor_sums : factor_sums.data();
+    w.step_size = step_size.data();
+    w.passes = args.passes;
+    // A shard without elements still moves its column factors (the row-less shard of a sharded matrix).
+    if (w.items == 0 && w.col_items == 0) return;
+    kernel_of<A>(table())(b, h, w, coeffs, threads());
+    return;
   }
   if (b.n == 0 || w.items == 0) return;
   kernel_of<A>(table())(b, h, w, coeffs, threads());

@@ -361,14 +361,229 @@ void run_trust_ratio(const FlatBuffers& b, const Work& w, const SegmentCoeffs<A>
   });
 }
 
+// Factored algorithms (Adafactor): three passes, each a few parallel regions (joins); a sharded parameter's sums are
+// all-reduced between the passes (kPassMoments, kPassNorms, kPassApply; api.h). Segment s (layout row L) is a stack of
+// lead x rows x cols matrices, or a vector:
+//   moments: per row item, each row's mean square of the scaled gradient moves its row factor, and the item's sum of
+//            p^2; per column item, each column's sum of squares over the rows, in row order; per work item of a
+//            vector, the variance moves, and the item's sum of p^2; per segment, its row factors' sum for each leading
+//            index and its sum of p^2, from its items in item order;
+//   norms:   per column item, the column factors move to the column sums / total rows; per segment, the row sums
+//            become the row means (floored at eps1); per work item, the sum of u^2 (u from the stored states); per
+//            segment, its sum of u^2 in item order;
+//   apply:   per segment, the step size from its sums; per work item, p = p*(1 - lr*wd) + step_size*u.
+// Every sum has a fixed order that depends on the layout alone, so the result is the same for every thread count.
+
+// Calls f(i, lane) for i in [begin, end), element begin + k in lane k % kNormLanes, in blocks the compiler vectorises.
+template <typename F>
+FUSEDOPT_ALWAYS_INLINE inline void for_each_in_lanes(int64_t begin, int64_t end, F&& f) {
+  int64_t i = begin;
+  for (; i + kNormLanes <= end; i += kNormLanes)
+    for (int l = 0; l < kNormLanes; ++l) f(i + l, l);
+  for (int l = 0; i < end; ++i, ++l) f(i, l);
+}
+
+FUSEDOPT_ALWAYS_INLINE inline double lane_total(const double* lanes) {
+  double total = 0.0;
+  for (int l = 0; l < kNormLanes; ++l) total += lanes[l];
+  return total;
+}
+
+template <typename A>
+void run_factored(const FlatBuffers& b, const Work& w, const SegmentCoeffs<A>& segment_coeffs, int threads) {
+  dispatch_dtypes(b, [&](auto tp, auto tg, auto ts, auto master) {
+    using TP = typename decltype(tp)::type;
+    using TG = typename decltype(tg)::type;
+    using TS = typename decltype(ts)::type;
+    using C = compute_t<TP>;
+    using Coeffs = typename A::template Coeffs<C>;
+    constexpr bool kMaster = decltype(master)::value;
+    const Coeffs* coeffs = coeffs_of<C>(segment_coeffs);
+    TP* p = static_cast<TP*>(b.param);
+    const TG* g = static_cast<const TG*>(b.grad);
+    TS* row_var = static_cast<TS*>(b.states[0]);
+    TS* col_var = static_cast<TS*>(b.states[1]);
+    TS* variance = static_cast<TS*>(b.states[2]);
+    float* mw = b.master;
+    double* sums = w.factor_sums;
+    auto param_at = [&](int64_t i) FUSEDOPT_ALWAYS_INLINE { return kMaster ? C(mw[i]) : load(p[i]); };
+    auto grad_at = [&](const Coeffs& c, int64_t i) FUSEDOPT_ALWAYS_INLINE { return load(g[i]) * c.grad_scale; };
+    auto at = [&](int64_t s, int column) { return w.layout[s * kLayoutColumns + column]; };
+    auto factored = [&](int64_t s) { return at(s, kTotalRows) > 0; };
+    // u of every element of [begin, end) of factored segment s, from the stored factors and the row means, row by row.
+    auto for_each_factored = [&](int64_t s, int64_t begin, int64_t end, auto&& f) FUSEDOPT_ALWAYS_INLINE {
+      const int64_t rows = at(s, kRows), cols = at(s, kCols), off = w.offsets[s];
+      const TS* rv = row_var + at(s, kRowVarAt);
+      const TS* cv_all = col_var + at(s, kColVarAt);
+      const double* means = sums + at(s, kRowSumAt);
+      const Coeffs c = coeffs[s];
+      int64_t i = begin;
+      while (i < end) {
+        const int64_t q = (i - off) / cols, j0 = (i - off) - q * cols, lead = q / rows;
+        const int64_t n = end - i < cols - j0 ? end - i : cols - j0;
+        const C row_factor = load(rv[q]);
+        const C mean = static_cast<C>(means[lead]);
+        const TS* cv = cv_all + lead * cols + j0 - i;
+        for_each_in_lanes(i, i + n, [&](int64_t k, int l) FUSEDOPT_ALWAYS_INLINE {
+          f(k, A::direction(c, grad_at(c, k), A::factored_estimate(row_factor, load(cv[k]), mean)), l);
+        });
+        i += n;
+      }
+    };
+    // u of every element of [begin, end) of vector segment s, from its stored variance.
+    auto for_each_vector = [&](int64_t s, int64_t begin, int64_t end, auto&& f) FUSEDOPT_ALWAYS_INLINE {
+      const TS* var = variance + at(s, kVarianceAt) - w.offsets[s];
+      const Coeffs c = coeffs[s];
+      for_each_in_lanes(begin, end, [&](int64_t k, int l) FUSEDOPT_ALWAYS_INLINE {
+        f(k, A::direction(c, grad_at(c, k), load(var[k])), l);
+      });
+    };
+
+    if (w.passes & kPassMoments) {
+      parallel_ranges(w.row_items, threads, [&](int64_t first, int64_t last) {
+        for (int64_t it = first; it < last; ++it) {
+          const int64_t s = w.row_item[3 * it], cols = at(s, kCols), off = w.offsets[s];
+          const Coeffs c = coeffs[s];
+          TS* rv = row_var + at(s, kRowVarAt);
+          double lp[kNormLanes] = {};
+          for (int64_t q = w.row_item[3 * it + 1]; q < w.row_item[3 * it + 2]; ++q) {
+            double lg[kNormLanes] = {};
+            for_each_in_lanes(off + q * cols, off + (q + 1) * cols, [&](int64_t i, int l) FUSEDOPT_ALWAYS_INLINE {
+              lg[l] += square_term(grad_at(c, i));
+              lp[l] += square_term(param_at(i));
+            });
+            const C mean_square = static_cast<C>(lane_total(lg) / static_cast<double>(cols));
+            rv[q] = store<TS>(A::moved_factor(c, load(rv[q]), mean_square));
+          }
+          w.row_partial_w[it] = lane_total(lp);
+        }
+      });
+      parallel_ranges(w.col_items, threads, [&](int64_t first, int64_t last) {
+        for (int64_t it = first; it < last; ++it) {
+          const int64_t* item = w.col_item + 4 * it;
+          const int64_t s = item[0], lead = item[1], c0 = item[2], width = item[3] - item[2];
+          const int64_t rows = at(s, kRows), cols = at(s, kCols);
+          const Coeffs c = coeffs[s];
+          const int64_t base = w.offsets[s] + lead * rows * cols + c0;
+          double acc[kColumnBlock] = {};
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t j = 0; j < width; ++j) acc[j] += square_term(grad_at(c, base + r * cols + j));
+          double* out = sums + at(s, kColSumAt) + lead * cols + c0;
+          for (int64_t j = 0; j < width; ++j) out[j] = acc[j];
+        }
+      });
+      parallel_ranges(w.items, threads, [&](int64_t first, int64_t last) {
+        for (int64_t it = first; it < last; ++it) {
+          const int64_t s = w.item_segment[it];
+          if (factored(s)) continue;
+          const Coeffs c = coeffs[s];
+          TS* var = variance + at(s, kVarianceAt) - w.offsets[s];
+          double lp[kNormLanes] = {};
+          for_each_in_lanes(w.item_begin[it], w.item_end[it], [&](int64_t i, int l) FUSEDOPT_ALWAYS_INLINE {
+            const C gv = grad_at(c, i);
+            var[i] = store<TS>(A::moved_factor(c, load(var[i]), gv * gv));
+            lp[l] += square_term(param_at(i));
+          });
+          w.partial_w[it] = lane_total(lp);
+        }
+      });
+      parallel_ranges(w.segments, threads, [&](int64_t first, int64_t last) {
+        for (int64_t s = first; s < last; ++s) {
+          if (w.active[s] == 0) continue;
+          double p2 = 0.0;
+          if (factored(s)) {
+            for (int64_t it = w.row_first[s]; it < w.row_first[s + 1]; ++it) p2 += w.row_partial_w[it];
+            const int64_t rows = at(s, kRows);
+            const TS* rv = row_var + at(s, kRowVarAt);
+            for (int64_t lead = 0; lead < at(s, kLead); ++lead) {
+              double total = 0.0;
+              for (int64_t r = 0; r < rows; ++r) total += static_cast<double>(load(rv[lead * rows + r]));
+              sums[at(s, kRowSumAt) + lead] = total;
+            }
+          } else {
+            for (int64_t it = w.seg_first[s]; it < w.seg_first[s + 1]; ++it) p2 += w.partial_w[it];
+          }
+          w.segment_w2[s] = p2;
+        }
+      });
+    }
+    if (w.passes & kPassNorms) {
+      parallel_ranges(w.col_items, threads, [&](int64_t first, int64_t last) {
+        for (int64_t it = first; it < last; ++it) {
+          const int64_t* item = w.col_item + 4 * it;
+          const int64_t s = item[0], lead = item[1], cols = at(s, kCols);
+          const double total_rows = static_cast<double>(at(s, kTotalRows));
+          const Coeffs c = coeffs[s];
+          TS* cv = col_var + at(s, kColVarAt) + lead * cols;
+          const double* column_sums = sums + at(s, kColSumAt) + lead * cols;
+          for (int64_t j = item[2]; j < item[3]; ++j)
+            cv[j] = store<TS>(A::moved_factor(c, load(cv[j]), static_cast<C>(column_sums[j] / total_rows)));
+        }
+      });
+      parallel_ranges(w.segments, threads, [&](int64_t first, int64_t last) {
+        for (int64_t s = first; s < last; ++s) {
+          if (w.active[s] == 0 || !factored(s)) continue;
+          const double total_rows = static_cast<double>(at(s, kTotalRows));
+          double* row_sums = sums + at(s, kRowSumAt);
+          for (int64_t lead = 0; lead < at(s, kLead); ++lead)
+            row_sums[lead] = static_cast<double>(A::row_mean(coeffs[s], static_cast<C>(row_sums[lead] / total_rows)));
+        }
+      });
+      parallel_ranges(w.items, threads, [&](int64_t first, int64_t last) {
+        for (int64_t it = first; it < last; ++it) {
+          const int64_t s = w.item_segment[it];
+          double lu[kNormLanes] = {};
+          auto add = [&](int64_t, C u, int l) FUSEDOPT_ALWAYS_INLINE { lu[l] += square_term(u); };
+          if (factored(s))
+            for_each_factored(s, w.item_begin[it], w.item_end[it], add);
+          else
+            for_each_vector(s, w.item_begin[it], w.item_end[it], add);
+          w.partial_u[it] = lane_total(lu);
+        }
+      });
+      for (int64_t s = 0; s < w.segments; ++s) {
+        if (w.active[s] == 0) continue;
+        double u2 = 0.0;
+        for (int64_t it = w.seg_first[s]; it < w.seg_first[s + 1]; ++it) u2 += w.partial_u[it];
+        w.segment_u2[s] = u2;
+      }
+    }
+    if (w.passes & kPassApply) {
+      for (int64_t s = 0; s < w.segments; ++s)
+        if (w.active[s] != 0)
+          w.step_size[s] =
+              static_cast<double>(A::step_size(coeffs[s], w.segment_w2[s], w.segment_u2[s], at(s, kNumel)));
+      parallel_ranges(w.items, threads, [&](int64_t first, int64_t last) {
+        for (int64_t it = first; it < last; ++it) {
+          const int64_t s = w.item_segment[it];
+          const Coeffs c = coeffs[s];
+          const C step = static_cast<C>(w.step_size[s]);
+          auto update = [&](int64_t i, C u, int) FUSEDOPT_ALWAYS_INLINE {
+            C pv = param_at(i);
+            A::apply(c, step, pv, u);
+            if (kMaster) mw[i] = static_cast<float>(pv);
+            p[i] = store<TP>(pv);
+          };
+          if (factored(s))
+            for_each_factored(s, w.item_begin[it], w.item_end[it], update);
+          else
+            for_each_vector(s, w.item_begin[it], w.item_end[it], update);
+        }
+      });
+    }
+  });
+}
+
 // The kernel of algorithm A: its driver, chosen by its kind, with the op its modes select.
 template <typename A>
 void kernel(const FlatBuffers& b, const typename A::Hyper& h, const Work& w, const SegmentCoeffs<A>& coeffs,
             int threads) {
   if constexpr (A::kKind == algo::Kind::kElementwise) {
     A::with_op(h, [&](auto op) { run_elementwise(op, b, w, coeffs, threads); });
-  } else {
+  } else if constexpr (A::kKind == algo::Kind::kTrustRatio) {
     run_trust_ratio<A>(b, w, coeffs, threads);
+  } else {
+    run_factored<A>(b, w, coeffs, threads);
   }
 }
 

@@ -11,6 +11,9 @@ namespace cpu {
 // Work list built by the dispatcher: item i is [item_begin[i], item_end[i]) of segment item_segment[i], at most kChunk
 // elements, for the active segments only; the items of segment s are seg_first[s] .. seg_first[s+1]-1. The partition
 // depends on the layout alone, never on the thread count, which keeps reductions bitwise reproducible.
+// Columns per column item of a factored algorithm (a column sum over the rows of kColumnBlock columns at a time).
+constexpr int64_t kColumnBlock = 64;
+
 struct Work {
   const int64_t* item_begin = nullptr;
   const int64_t* item_end = nullptr;
@@ -25,6 +28,23 @@ struct Work {
   double* segment_w2 = nullptr;
   double* segment_u2 = nullptr;
   int passes = kPassMoments | kPassApply;
+  // Factored kind (run_factored in driver.h): the segment table and its layout (Segments::layout, api.h Layout); row
+  // items {segment, first row, end row} over a factored segment's lead*rows rows, the row items of segment s being
+  // row_first[s] .. row_first[s+1]-1; column items {segment, leading index, first column, end column}; both depend on
+  // the layout alone. Per row item the sum of squares of p (work items use partial_w and partial_u); the row and
+  // column sums (StepArgs::factor_sums); per segment the step size (the compute type's value).
+  const int64_t* offsets = nullptr;
+  const int64_t* numels = nullptr;
+  const uint8_t* active = nullptr;
+  const int64_t* layout = nullptr;
+  const int64_t* row_item = nullptr;  // 3 per item
+  const int64_t* row_first = nullptr;  // segments + 1 entries
+  int64_t row_items = 0;
+  const int64_t* col_item = nullptr;  // 4 per item
+  int64_t col_items = 0;
+  double* row_partial_w = nullptr;
+  double* factor_sums = nullptr;
+  double* step_size = nullptr;
 };
 
 // Algorithm A's coefficients, one per segment (indexed by segment, valid for the active ones), in the compute type of

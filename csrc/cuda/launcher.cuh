@@ -369,9 +369,13 @@ void launch_typed(const StepParams<A>& a, int passes, double* segment_w2, double
       advance_scalars_kernel<A, compute_t<TP>><<<segment_blocks(a.segments), kThreads, 0, stream>>>(a);
       check_launch("advance_scalars_kernel");
     }
-  } else {
+  } else if constexpr (A::kKind == algo::Kind::kTrustRatio) {
     static_assert(algo::ScalarCount<A>::value == 0, "scalar states are for element-wise algorithms");
     launch_trust_ratio<A, TP>(a, passes, segment_w2, segment_u2, stream);
+  } else {
+    // Factored algorithms have no CUDA driver yet: Python runs them on the reference backend on a GPU
+    // (fusedopt._backend.resolve), and a direct call is refused before anything is launched.
+    throw std::invalid_argument("factored algorithms (adafactor) have no CUDA kernel; use backend='reference'");
   }
 }
 

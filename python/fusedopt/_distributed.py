@@ -44,9 +44,26 @@ def all_reduce_sum(sums: Tensor, groups: Sequence[Any]) -> None:
         dist.all_reduce(sums, group=group)
 
 
-def state_as_dtensor(view: Tensor, p: Tensor) -> Tensor:
-    """A state region shaped like `p`'s local shard, as a DTensor placed like `p` (what DCP reshards)."""
-    return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+def state_as_dtensor(view: Tensor, p: Tensor, shape: torch.Size | None = None) -> Tensor:
+    """A state region as a DTensor placed like `p` (what DCP reshards): shaped like `p`'s local shard, or a state of
+    whole shape `shape` (a factor of `p`), sharded where it has `p`'s size along the sharded dimension and replicated
+    where it does not (a column factor of a matrix whose rows are sharded)."""
+    if shape is None:
+        return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                  stride=p.stride())
+    from torch.distributed.tensor import Replicate  # noqa: PLC0415
+    placements = [pl if not pl.is_shard() or shape[pl.dim] == p.shape[pl.dim] else Replicate()
+                  for pl in p.placements]
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(view, p.device_mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
+def shard_offset(p: Tensor) -> tuple[int, ...]:
+    """Where this rank's shard of `p` starts in the whole tensor (zeros for a plain tensor)."""
+    if not isinstance(p, DTensor):
+        return (0,) * p.dim()
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # noqa: PLC0415
+    return tuple(compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)[1])
 
 
 def local_values(value: Tensor, p: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _C
-from .flat import CHUNK, Segments
+from .flat import CHUNK, LAYOUT_COLUMNS, Segments
 
 # Dtype codes of csrc/include/fusedopt/dtype.h.
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
@@ -29,8 +29,8 @@ F64 = torch.float64
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the kernels compute a parameter dtype in: float64 for float64 parameters, else float32."""
     return F64 if dtype == F64 else torch.float32
-# Trust-ratio passes of csrc/include/fusedopt/api.h (kPassMoments, kPassApply).
-PASS_MOMENTS, PASS_APPLY = 1, 2
+# Trust-ratio and factored passes of csrc/include/fusedopt/api.h (kPassMoments, kPassApply, kPassNorms).
+PASS_MOMENTS, PASS_APPLY, PASS_NORMS = 1, 2, 4
 
 # {name: {"kind", "fields", "states"}} from the compiled core's list of algorithms.
 ALGORITHMS: dict[str, dict[str, Any]] = _C.algorithms()
@@ -111,6 +111,32 @@ def _scalars_pointer(algorithm: str, segments: Segments) -> int:
     return t.data_ptr()
 
 
+def _layout_pointer(segments: Segments, states: Sequence[Tensor | None]) -> tuple[Tensor, int]:
+    """The checked layout of a factored algorithm (kept alive by the caller) and its pointer: every segment's shape
+    fits its numel and its regions lie inside the compact state buffers and the factor sums (api.h Layout)."""
+    layout = segments.layout_or_vectors()
+    if layout.dtype != torch.int64 or tuple(layout.shape) != (len(segments), LAYOUT_COLUMNS) \
+            or not layout.is_contiguous() or layout.device.type != "cpu":
+        raise ValueError(f"Invalid segments.layout: expected a contiguous int64 CPU tensor of shape "
+                         f"({len(segments)}, {LAYOUT_COLUMNS}), got {layout.dtype} {tuple(layout.shape)} on "
+                         f"{layout.device}")
+    lengths = [0 if t is None else t.numel() for t in list(states) + [None] * (3 - len(states))]
+    for k, (row, numel) in enumerate(zip(layout.tolist(), segments.numels.tolist())):
+        lead, rows, cols, total_rows, *at = row[:7]
+        if total_rows > 0:
+            if lead * rows * cols != numel or rows > total_rows:
+                raise ValueError(f"Invalid segments.layout: segment {k} of {numel} elements is not {lead} x {rows} x "
+                                 f"{cols} (of {total_rows} rows)")
+            needs = [(0, lead * rows), (1, lead * cols)]
+        else:
+            needs = [(2, numel)]
+        for slot, size in needs:
+            if at[slot] < 0 or (size and at[slot] + size > lengths[slot]):
+                raise ValueError(f"Invalid segments.layout: segment {k} needs elements [{at[slot]}, "
+                                 f"{at[slot] + size}) of state slot {slot}, which holds {lengths[slot]}")
+    return layout, layout.data_ptr()
+
+
 def _check_segments(segments: Segments, n: int) -> None:
     last = 0
     for off, num in zip(segments.offsets.tolist(), segments.numels.tolist()):
@@ -124,7 +150,9 @@ def check_buffers(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[
                   master: Tensor | None, device_type: str) -> tuple[list[int], int, int, int]:
     """Validate one flat buffer set; returns (state pointers, master pointer, grad dtype code, state dtype code).
     A state slot passed as None is a null pointer: the compiled entry point refuses it when the configuration needs
-    that state (its math header's uses_state)."""
+    that state (its math header's uses_state). A factored algorithm's states are compact (their own lengths, checked
+    against the segment layout by the step)."""
+    factored = ALGORITHMS[algorithm]["kind"] == "factored"
     _check_tensor("param", param, None, PARAM_DTYPES)
     if param.device.type != device_type:
         raise ValueError(f"Invalid param device: {param.device} (expected a {device_type} tensor)")
@@ -144,7 +172,9 @@ def check_buffers(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[
         if t is None:
             pointers.append(0)
             continue
-        _check_tensor(names[k], t, param, STATE_DTYPES)
+        _check_tensor(names[k], t, None if factored else param, STATE_DTYPES)
+        if t.device != param.device:
+            raise ValueError(f"Invalid {names[k]}: device {t.device} != param device {param.device}")
         if (t.dtype == F64) != (param.dtype == F64):
             expected = "torch.float64" if param.dtype == F64 else "torch.float32 or torch.bfloat16"
             raise TypeError(f"Invalid {names[k]} dtype: {t.dtype} (expected {expected} with {param.dtype} param)")
@@ -166,6 +196,8 @@ def check_buffers(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[
         # The kernels assume distinct buffers (restrict pointers); sharing storage would give undefined results.
         seen: dict[int, int] = {}
         for k, t in enumerate(used):
+            if t.numel() == 0:  # an empty compact state holds no memory to share
+                continue
             if t.data_ptr() in seen:
                 raise ValueError(f"Invalid buffers: arguments {seen[t.data_ptr()]} and {k} share memory")
             seen[t.data_ptr()] = k
@@ -196,18 +228,43 @@ def step(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[Tensor | 
     _follow_torch_threads()
     buffers = (param.data_ptr(), grad.data_ptr(), *pointers, master_ptr, n, DTYPE_CODES[param.dtype], grad_code,
                state_code)
+    layout, layout_ptr = (_layout_pointer(segments, states) if ALGORITHMS[algorithm]["kind"] == "factored"
+                          else (None, 0))
     table = (segments.offsets.data_ptr(), segments.numels.data_ptr(), segments.steps.data_ptr(),
-             segments.active.data_ptr(), len(segments), _scalars_pointer(algorithm, segments))
+             segments.active.data_ptr(), len(segments), _scalars_pointer(algorithm, segments), layout_ptr)
     kernel = getattr(_C, algorithm)
     lr_value, scale = _float("lr", lr), _float("grad_scale", grad_scale)
+    if layout is not None:
+        _factored_step(kernel, buffers, table, segments, values, lr_value, scale, norm_reduce)
+        return
     if not trust_ratio or norm_reduce is None:
-        kernel(*buffers, *table, values, lr_value, scale, PASS_MOMENTS | PASS_APPLY, 0, 0)
+        kernel(*buffers, *table, values, lr_value, scale, PASS_MOMENTS | PASS_APPLY, 0, 0, 0, 0)
         return
     sums = torch.zeros(2, len(segments), dtype=torch.float64)
     w2, u2 = (sums[0].data_ptr(), sums[1].data_ptr()) if len(segments) else (0, 0)
-    kernel(*buffers, *table, values, lr_value, scale, PASS_MOMENTS, w2, u2)
+    kernel(*buffers, *table, values, lr_value, scale, PASS_MOMENTS, w2, u2, 0, 0)
     norm_reduce(sums)
-    kernel(*buffers, *table, values, lr_value, scale, PASS_APPLY, w2, u2)
+    kernel(*buffers, *table, values, lr_value, scale, PASS_APPLY, w2, u2, 0, 0)
+
+
+def _factored_step(kernel: Any, buffers: tuple, table: tuple, segments: Segments, values: list[float], lr: float,
+                   scale: float, norm_reduce: Callable[[Tensor], None] | None) -> None:
+    """A factored algorithm's step: one call, or on sharded parameters its three passes with the sums all-reduced
+    between them (the sums of squares of p with the row and column sums, then those of u)."""
+    count = segments.factor_sums
+    if norm_reduce is None:
+        kernel(*buffers, *table, values, lr, scale, PASS_MOMENTS | PASS_NORMS | PASS_APPLY, 0, 0, 0, count)
+        return
+    n = len(segments)
+    sums = torch.zeros(2 * n + count, dtype=torch.float64)
+    pointers = (sums.data_ptr(), sums.data_ptr() + 8 * n, sums.data_ptr() + 16 * n, count)
+    kernel(*buffers, *table, values, lr, scale, PASS_MOMENTS, *pointers)
+    norm_reduce(sums)  # p's sums of squares and the factor sums (u's are still zero)
+    kernel(*buffers, *table, values, lr, scale, PASS_NORMS, *pointers)
+    u2 = sums[n:2 * n].clone()
+    norm_reduce(u2)
+    sums[n:2 * n] = u2
+    kernel(*buffers, *table, values, lr, scale, PASS_APPLY, *pointers)
 
 
 def _device_scalar(name: str, t: Tensor, device: torch.device, dtype: torch.dtype = torch.float32) -> int:

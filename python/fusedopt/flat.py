@@ -16,14 +16,23 @@ parameter's placements, which is what torch.distributed.checkpoint reshards.
 from __future__ import annotations
 
 import array
+import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._distributed import all_reduce_sum, is_dtensor, local_tensor, shard_groups, sharding_key, state_as_dtensor
+from ._distributed import (
+    all_reduce_sum,
+    is_dtensor,
+    local_tensor,
+    shard_groups,
+    shard_offset,
+    sharding_key,
+    state_as_dtensor,
+)
 
 ALIGN_BYTES = 64
 # Offsets are counted in elements and shared by all buffers of the set; aligning them to the smallest element
@@ -32,9 +41,28 @@ ALIGN_ELEMENTS = ALIGN_BYTES // 2
 # fusedopt::kChunk: the kernels' work items never cross a multiple of it within a segment.
 CHUNK = 16384
 
+# fusedopt::Layout (api.h): lead, rows, cols, total_rows, row_var_at, col_var_at, variance_at, row_sum_at, col_sum_at,
+# numel, per segment of a factored algorithm.
+LAYOUT_COLUMNS = 10
+
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # float64 states belong to float64 parameters, whose states are always float64 (see `state_dtype_for`).
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+# The shape of a state of a parameter of the given shape, or None when such a parameter keeps no such state; a state
+# without one is shaped like its parameter. Used for Adafactor's factored second moments.
+StateShape = Callable[[torch.Size], "torch.Size | None"]
+
+
+def packed_offsets(numels: Sequence[int]) -> tuple[list[int], int]:
+    """Offsets of regions of the given sizes laid out one after another, each start 64-byte aligned, and the length of
+    a buffer that holds them."""
+    offsets, total = [], 0
+    for n in numels:
+        offsets.append(total)
+        total = _align(total + n)
+    return offsets, total
 
 
 def state_dtype_for(param_dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
@@ -69,7 +97,9 @@ class Segments:
     One kernel call serves segments whose step counts differ. `active` is a uint8 CPU tensor over a Python array, so the
     step sets a flag per parameter at the cost of a list store. `scalars` holds the per-parameter scalar states of an
     algorithm that keeps them (NAdam's mu_product, ASGD's eta and mu): float32, one row per segment, beside `steps`;
-    None for the others.
+    None for the others. `layout` is the per-segment layout of a factored algorithm's compact states (Adafactor's
+    row/column factors; `fusedopt::Segments::layout`, api.h's Layout columns) and `factor_sums` the length of the
+    row and column sums it needs; None and 0 for the others.
     """
 
     def __init__(self, offsets: Sequence[int], numels: Sequence[int], steps_device: torch.device) -> None:
@@ -77,6 +107,8 @@ class Segments:
         self.numels: Tensor = torch.tensor(list(numels), dtype=torch.int64)
         self.steps: Tensor = torch.zeros(len(offsets), dtype=torch.float32, device=steps_device)
         self.scalars: Tensor | None = None
+        self.layout: Tensor | None = None
+        self.factor_sums = 0
         self.flags = array.array("B", bytes(len(offsets)))
         self.active: Tensor = torch.frombuffer(self.flags, dtype=torch.uint8) if len(offsets) else \
             torch.zeros(0, dtype=torch.uint8)
@@ -86,10 +118,7 @@ class Segments:
     def packed(cls, numels: Sequence[int], device: torch.device | str = "cpu") -> Segments:
         """Segments of the given sizes laid out as flat storage lays them out (each start 64-byte aligned), all
         active, steps 0 on `device`; `total` is the length of a buffer that holds them."""
-        offsets, total = [], 0
-        for n in numels:
-            offsets.append(total)
-            total = _align(total + n)
+        offsets, total = packed_offsets(numels)
         table = cls(offsets, numels, torch.device(device))
         table.total = total
         table.set_all_active(True)
@@ -97,6 +126,18 @@ class Segments:
 
     def __len__(self) -> int:
         return len(self.flags)
+
+    def layout_or_vectors(self) -> Tensor:
+        """The layout of a factored algorithm's compact states: `layout`, or without one every segment a vector whose
+        variance (slot 2) lies where the segment lies (1-D flat buffers hold no shapes)."""
+        if self.layout is not None:
+            return self.layout
+        vectors = torch.zeros(len(self), LAYOUT_COLUMNS, dtype=torch.int64)
+        vectors[:, 0] = 1
+        vectors[:, 2] = self.numels
+        vectors[:, 6] = self.offsets
+        vectors[:, 9] = self.numels
+        return vectors
 
     def ensure_scalars(self, count: int) -> Tensor:
         """The (segments, count) float32 table of per-segment scalar states, created (zeros) on first use."""
@@ -232,11 +273,7 @@ class FlatBuffer:
         # Process groups over which this buffer's parameters are sharded: per-rank sums of squares (global norm,
         # trust ratios) are all-reduced over them to give the norms of whole parameters.
         self.reduce_groups: list[Any] = shard_groups(first)
-        self.offsets: list[int] = []
-        total = 0
-        for numel in self.numels:
-            self.offsets.append(total)
-            total = _align(total + numel)
+        self.offsets, total = packed_offsets(self.numels)
         self.total: int = total
         self.param: Tensor = _allocate(total, self.dtype, self.device)
         self.grad: Tensor = _allocate(total, self.dtype, self.device)
@@ -244,6 +281,10 @@ class FlatBuffer:
             self.param.share_memory_()
             self.grad.share_memory_()
         self.state: dict[str, Tensor] = {}
+        # States not shaped like their parameters (StateShape): each such state's per-parameter offsets and shapes in
+        # its own compact buffer. The others share the parameters' offsets.
+        self.state_layouts: dict[str, tuple[list[int], list[torch.Size | None]]] = {}
+        self._state_shape_fns: dict[str, StateShape] = {}
         # The segment table the kernels read. Step counts are float32, one per parameter; state[p]["step"] are 0-d views
         # into them (torch.optim's layout). On the GPU they live on the device, as torch.optim's fused/capturable
         # steps do, so that a step skipped on the device (AMP found_inf, skip_nonfinite) is not counted and nothing
@@ -303,27 +344,79 @@ class FlatBuffer:
         identity and address; torch.compile's traced step by identity)."""
         return self._grad_views[i]
 
-    def state_view(self, flat: Tensor, i: int) -> Tensor:
-        """Parameter i's region of `flat` as torch.optim exposes a state: a DTensor placed like a sharded parameter."""
-        view = self.view(flat, i)
-        p = self.params[i]
-        return view if not self.sharded else state_as_dtensor(view, p)
+    def state_region(self, name: str, i: int) -> Tensor | None:
+        """Parameter i's 1-D region of state `name` ("master_param": the master weights), None where that parameter
+        keeps no such state (a factored state of a vector)."""
+        flat = self.master if name == "master_param" else self.state[name]
+        layout = self.state_layouts.get(name)
+        if layout is None:
+            return self.region(flat, i)
+        offsets, shapes = layout
+        shape = shapes[i]
+        return None if shape is None else flat[offsets[i]:offsets[i] + shape.numel()]
+
+    def state_view(self, name: str, i: int) -> Tensor | None:
+        """Parameter i's state `name` as torch.optim exposes it: shaped like the parameter (or as its StateShape says),
+        a DTensor placed like a sharded parameter; None where the parameter keeps no such state."""
+        region = self.state_region(name, i)
+        if region is None:
+            return None
+        layout = self.state_layouts.get(name)
+        if layout is None:
+            view = region.view(self.shapes[i])
+            return view if not self.sharded else state_as_dtensor(view, self.params[i])
+        view = region.view(layout[1][i])
+        if not self.sharded:
+            return view
+        return state_as_dtensor(view, self.params[i], self._state_shape_fns[name](self.params[i].shape))
 
     # States ------------------------------------------------------------------------------------------------
 
-    def ensure_state(self, name: str, dtype: torch.dtype, fill: float = 0.0) -> Tensor:
-        """The flat buffer of optimizer state `name`, allocated (filled with `fill`) on first use."""
+    def ensure_state(self, name: str, dtype: torch.dtype, fill: float = 0.0, shape: StateShape | None = None
+                     ) -> Tensor:
+        """The flat buffer of optimizer state `name`, allocated (filled with `fill`) on first use: as long as the
+        parameter buffer, or with `shape`, a compact buffer of the states that function gives."""
         flat = self.state.get(name)
         if flat is None:
             if dtype not in STATE_DTYPES:
                 raise TypeError(f"Invalid state_dtype: {dtype} (expected torch.float32, torch.bfloat16 or "
                                 "torch.float64)")
-            flat = _allocate(self.total, dtype, self.device)
+            total = self.total
+            if shape is not None:
+                self._state_shape_fns[name] = shape
+                shapes = [shape(s) for s in self.shapes]
+                offsets, total = packed_offsets([0 if s is None else s.numel() for s in shapes])
+                self.state_layouts[name] = (offsets, shapes)
+            flat = _allocate(total, dtype, self.device)
+            self.state[name] = flat
             if fill != 0.0:
                 for i in range(len(self.params)):
-                    self.region(flat, i).fill_(fill)
-            self.state[name] = flat
+                    region = self.state_region(name, i)
+                    if region is not None:
+                        region.fill_(fill)
         return flat
+
+    def factored_layout(self, shapes: Sequence[StateShape]) -> tuple[Tensor, int]:
+        """The segment layout of a factored algorithm whose slots (row factors, column factors, variance) have these
+        StateShapes, and the length of the row and column sums it needs (api.h Layout). Offsets in the slots are
+        those `ensure_state` lays out. A parameter of two or more dimensions is a stack of matrices over its last two;
+        its row and column sums are placed by the leading index in the whole parameter, so that the shards of one
+        parameter add up the same entries when the sums are all-reduced."""
+        slot_offsets = [packed_offsets([0 if s is None else s.numel() for s in (shape(p) for p in self.shapes)])[0]
+                        for shape in shapes]
+        table, sums = [], 0
+        for i, (local, numel) in enumerate(zip(self.shapes, self.numels)):
+            whole = self.params[i].shape
+            at = [offsets[i] for offsets in slot_offsets]
+            if len(whole) < 2:
+                table.append([1, 0, numel, 0, *at, 0, 0, whole.numel()])
+                continue
+            cols, lead_whole = whole[-1], math.prod(whole[:-2])
+            first = shard_offset(self.params[i])[0] * math.prod(whole[1:-2]) if len(whole) > 2 else 0
+            table.append([math.prod(local[:-2]), local[-2], cols, whole[-2], *at, sums + first,
+                          sums + lead_whole + first * cols, whole.numel()])
+            sums += lead_whole * (1 + cols)
+        return torch.tensor(table, dtype=torch.int64).reshape(len(table), LAYOUT_COLUMNS), sums
 
     # Aliasing ----------------------------------------------------------------------------------------------
 

@@ -77,7 +77,16 @@ def update(
                                                                                         len(scalar_names))):
         raise ValueError(f"Invalid segments.scalars for {algorithm}: expected {len(scalar_names)} per segment "
                          f"({', '.join(scalar_names)}), got {segments.scalars}")
-    if norm_reduce is None or not hasattr(reference, algorithm + "_moments"):  # one pass unless trust-ratio
+    if algorithm in reference.FACTORED:
+        if norm_reduce is not None:
+            raise NotImplementedError(f"fusedopt: the reference backend runs {algorithm} on whole parameters only; "
+                                      "sharded (FSDP2) parameters need the compiled kernels")
+        layout = segments.layout_or_vectors().tolist()
+        for k, region in regions:
+            steps[k] += 1
+            function(*_factored_views(target[region], grad[region], states, layout[k]), step=int(steps[k].item()),
+                     **kwargs)
+    elif norm_reduce is None or not hasattr(reference, algorithm + "_moments"):  # one pass unless trust-ratio
         for k, region in regions:
             steps[k] += 1
             # Each scalar state as torch keeps it, a 0-dim float32 tensor the function updates in place.
@@ -100,6 +109,19 @@ def update(
     if master is not None:
         for _, region in regions:
             param[region].copy_(master[region])
+
+
+def _factored_views(param: Tensor, grad: Tensor, states: Sequence[Tensor | None], layout: list[int]
+                    ) -> tuple[Tensor | None, ...]:
+    """One segment of a factored algorithm as its reference function takes it: a stack of matrices as (leading, rows,
+    cols) with its row and column factors, else a vector with its variance (`Segments.layout`, api.h's Layout)."""
+    lead, rows, cols, total_rows, row_at, col_at, var_at = layout[:7]
+    n = param.numel()
+    if total_rows == 0:
+        return param, grad, None, None, states[2][var_at:var_at + n]  # type: ignore[index]
+    row = states[0][row_at:row_at + lead * rows].view(lead, rows, 1)  # type: ignore[index]
+    col = states[1][col_at:col_at + lead * cols].view(lead, 1, cols)  # type: ignore[index]
+    return param.view(lead, rows, cols), grad.view(lead, rows, cols), row, col, None
 
 
 def sum_of_squares(tensor: Tensor, segments: Segments | None = None, *, backend: str) -> tuple[float, bool]:

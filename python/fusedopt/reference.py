@@ -17,6 +17,7 @@ from torch import Tensor
 
 __all__ = [
     "adadelta",
+    "adafactor",
     "adagrad",
     "adam",
     "adamax",
@@ -42,6 +43,11 @@ _TensorOrTensors = Union[Tensor, Iterable[Tensor]]  # runtime alias: no `|` on P
 # The per-parameter scalar states of the functions that keep some (0-dim float32 tensors, as torch.optim keeps them,
 # updated in place), by function name, in the compiled core's order (its algorithms()[name]["scalars"]).
 SCALAR_STATES: dict[str, tuple[str, ...]] = {"nadam": ("mu_product",), "asgd": ("eta", "mu")}
+
+# The functions whose states are factored (not shaped like the parameter): they take the parameter shaped as
+# (leading, rows, cols) with its row and column factors, or a vector with its whole variance (the compiled core's
+# "factored" kind, whose segment layout says which).
+FACTORED: frozenset[str] = frozenset({"adafactor"})
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -343,6 +349,71 @@ def lion(
 
 
 @torch.no_grad()
+def adafactor(
+    param: Tensor,
+    grad: Tensor,
+    row_var: Tensor | None,
+    col_var: Tensor | None,
+    variance: Tensor | None,
+    *,
+    step: int,
+    lr: float,
+    beta2_decay: float,
+    eps1: float,
+    eps2: float,
+    d: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: float = 1.0,
+) -> None:
+    """Adafactor (Shazeer & Stern 2018, Algorithms 4 and 5, as torch.optim.Adafactor) on one whole tensor.
+
+    g = grad*grad_scale (negated if maximize); beta2_t = 1 - t**beta2_decay; rho = min(lr, 1/sqrt(t));
+    alpha = max(eps2, RMS(p)) * rho, p before weight decay; p *= 1 - lr*wd.
+    A tensor of two or more dimensions (row_var [..., R, 1], col_var [..., 1, C]): over its last two dimensions
+      row_var = lerp(row_var, mean_c(g^2), 1-beta2_t); col_var = lerp(col_var, mean_r(g^2), 1-beta2_t);
+      v = row_var @ col_var / max(mean_r(row_var), eps1);
+    otherwise variance = lerp(variance, g^2, 1-beta2_t); v = variance.
+    u = g / sqrt(max(v, eps1^2)); p -= alpha / max(1, RMS(u)/d) * u.
+    Factors and estimates come from the states as stored (rounded when bf16).
+    """
+    if step < 1:
+        raise ValueError(f"Invalid step: {step}")
+    _check_same_numel(param, grad=grad)
+    if param.numel() == 0:
+        return  # no RMS to take (torch.optim divides by zero there)
+    p = _work(param)
+    g = _effective_grad(grad, grad_scale, maximize)
+    new_weight = step**beta2_decay
+    rho = min(lr, 1 / (step**0.5))
+    alpha = max(eps2, p.norm(2).item() / (p.numel() ** 0.5)) * rho
+    if weight_decay != 0:
+        p.mul_(1 - lr * weight_decay)
+    if param.dim() > 1:
+        if row_var is None or col_var is None:
+            raise ValueError("Invalid states: a tensor of two or more dimensions keeps row_var and col_var")
+        row, col = _work(row_var), _work(col_var)
+        row.lerp_(torch.norm(g, dim=-1, keepdim=True).square_().div_(g.size(-1)), new_weight)
+        col.lerp_(torch.norm(g, dim=-2, keepdim=True).square_().div_(g.size(-2)), new_weight)
+        _write_back(row_var, row)
+        _write_back(col_var, col)
+        row, col = _work(row_var), _work(col_var)
+        estimate = row @ col
+        estimate.div_(row.mean(dim=-2, keepdim=True).clamp_(min=eps1))
+    else:
+        if variance is None:
+            raise ValueError("Invalid states: a vector or scalar keeps variance")
+        _check_same_numel(param, variance=variance)
+        v = _work(variance)
+        v.lerp_(g * g, new_weight)
+        _write_back(variance, v)
+        estimate = _work(variance).clone()
+    u = estimate.clamp_(min=eps1 * eps1).rsqrt_().mul_(g)
+    denominator = max(1.0, u.norm(2).item() / ((u.numel() ** 0.5) * d))
+    p.add_(u, alpha=-alpha / denominator)
+    _write_back(param, p)
+
+
 def lamb(
     param: Tensor,
     grad: Tensor,

@@ -1,7 +1,8 @@
 // What every algorithm's math header (csrc/include/fusedopt/math/<algo>.h) builds on: the kinds of driver and the
 // shared per-element helpers. An algorithm is a struct in fusedopt::algo with kKind, kStates (state slot names),
 // Hyper (doubles, in the order of kFields, as Python passes them), uses_state(hyper, slot), Coeffs and
-// make_coeffs(hyper, lr, step, grad_scale), plus Op/with_op (element-wise kind) or the pass functions (trust-ratio kind).
+// make_coeffs(hyper, lr, step, grad_scale), plus Op/with_op (element-wise kind) or the pass functions (trust-ratio and
+// factored kinds).
 //
 // Per-segment scalar states (torch.optim's 0-dim per-parameter tensors: NAdam's mu_product, ASGD's eta and mu) are
 // optional. An algorithm that keeps them declares kScalars (their names, a float32 each per segment, as torch keeps
@@ -17,8 +18,10 @@
 namespace fusedopt {
 namespace algo {
 
-// Which driver runs an algorithm: one pass of Op over every element, or two passes with per-segment norms between them (trust ratios).
-enum class Kind : int { kElementwise = 0, kTrustRatio = 1 };
+// Which driver runs an algorithm: one pass of Op over every element; two passes with per-segment norms between them
+// (trust ratios); or reductions over the rows and columns of each parameter into compact state buffers, then per-segment
+// norms, then the update (factored second moments, laid out by Segments::layout).
+enum class Kind : int { kElementwise = 0, kTrustRatio = 1, kFactored = 2 };
 
 // At most this many per-element state slots (FlatBuffers::states).
 constexpr int kMaxStates = 3;

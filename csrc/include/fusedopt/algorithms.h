@@ -4,6 +4,7 @@
 #pragma once
 
 #include "fusedopt/math/adadelta.h"
+#include "fusedopt/math/adafactor.h"
 #include "fusedopt/math/adagrad.h"
 #include "fusedopt/math/adam.h"
 #include "fusedopt/math/adamax.h"
@@ -17,4 +18,5 @@
 #include "fusedopt/math/sgd.h"
 
 #define FUSEDOPT_FOR_EACH_ALGORITHM(X) \
-  X(adam) X(sgd) X(rmsprop) X(adagrad) X(lion) X(lamb) X(adamax) X(radam) X(adadelta) X(rprop) X(nadam) X(asgd)
+  X(adam) X(sgd) X(rmsprop) X(adagrad) X(lion) X(lamb) X(adamax) X(radam) X(adadelta) X(rprop) X(nadam) X(asgd) \
+      X(adafactor)

@@ -31,18 +31,43 @@ struct FlatBuffers {
 // segments are neither read nor written. Segments with different step counts are updated in the same call.
 // scalars holds the per-segment scalar states of an algorithm that keeps them (algorithm.h): row s, kScalars float32
 // values, read before and written after the segment's update; null for the others.
+// layout holds, for a factored algorithm (algorithm.h), kLayoutColumns int64 per segment (the Layout columns below);
+// null for the others. A segment of total_rows > 0 is a stack of `lead` matrices of `rows` x `cols` (its last two
+// dimensions; numel = lead*rows*cols, rows may be 0 on a shard that holds none), with row factors (lead*rows) and
+// column factors (lead*cols) at its offsets in slots 0 and 1, and its entries in StepArgs::factor_sums: lead row sums
+// at row_sum_at, lead*cols column sums at col_sum_at (where the shards of one parameter put the same leading index).
+// A segment of total_rows 0 is a vector or scalar whose whole second moment (numel) lies at variance_at in slot 2.
+// total_rows is the row count of the whole parameter (its shards' rows together), which the means divide by.
+enum Layout : int {
+  kLead = 0,
+  kRows,
+  kCols,
+  kTotalRows,
+  kRowVarAt,
+  kColVarAt,
+  kVarianceAt,
+  kRowSumAt,
+  kColSumAt,
+  kNumel,  // the whole parameter's numel (its shards' together), which RMS(p) and RMS(u) divide by
+  kLayoutColumns
+};
 struct Segments {
   const int64_t* offsets = nullptr;
   const int64_t* numels = nullptr;
   float* steps = nullptr;
   const uint8_t* active = nullptr;
   float* scalars = nullptr;
+  const int64_t* layout = nullptr;
   int64_t count = 0;
 };
 
-// Trust-ratio passes, for running them separately (sharded parameters all-reduce the per-segment sums in between).
-constexpr int kPassMoments = 1;  // pass 1: moments and per-segment sums of squares of p and u (counts the step)
-constexpr int kPassApply = 2;    // pass 2: trust ratios from the sums, then the update
+// Trust-ratio and factored passes, for running them separately (sharded parameters all-reduce the sums in between).
+constexpr int kPassMoments = 1;  // pass 1: moments and per-segment sums of squares of p and u (counts the step);
+                                 // factored: the factors' row and column sums of squares, the row factors, the
+                                 // variance, the row factors' sums and the sums of squares of p
+constexpr int kPassApply = 2;    // last pass: trust ratios (step sizes) from the sums, then the update
+constexpr int kPassNorms = 4;    // factored only, between the two: the column factors and row means from the
+                                 // (reduced) sums, then the sums of squares of u
 
 // What a step needs besides the buffers and segments. hyper holds the algorithm's Hyper fields in kFields order.
 struct StepArgs {
@@ -50,11 +75,15 @@ struct StepArgs {
   int64_t hyper_count = 0;
   double lr = 0.0;
   double grad_scale = 1.0;  // AMP 1/scale times the clip coefficient
-  // Trust-ratio algorithms only: which passes run, and segments.count doubles each that receive the per-segment sums
-  // of squares of p and u after pass 1 and are read by pass 2 (null: scratch space of the call).
+  // Trust-ratio and factored algorithms only: which passes run, and segments.count doubles each that receive the
+  // per-segment sums of squares of p and u and are read by the later passes (null: scratch space of the call).
   int passes = kPassMoments | kPassApply;
   double* segment_w2 = nullptr;
   double* segment_u2 = nullptr;
+  // Factored algorithms: the row and column sums of the moments pass (Layout::kRowSumAt, kColSumAt), which the norms
+  // pass turns into row means and column factors; factor_sums_count doubles, zeroed by the caller (null: scratch).
+  double* factor_sums = nullptr;
+  int64_t factor_sums_count = 0;
 };
 
 struct SumOfSquares {

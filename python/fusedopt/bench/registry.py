@@ -61,6 +61,8 @@ OPTIMIZERS: dict[str, OptSpec] = {
     "rprop": OptSpec("Rprop", "Rprop", {"lr": 1e-2}, 2),
     "nadam": OptSpec("NAdam", "NAdam", {"lr": 2e-3}, 2),
     "asgd": OptSpec("ASGD", "ASGD", {"lr": 1e-2}, 1),
+    # Factored second moments: a matrix keeps a row and a column vector, so the states add no per-parameter bytes.
+    "adafactor": OptSpec("Adafactor", "Adafactor", {"lr": 1e-2}, 0),
 }
 
 kFusedoptImpls = ("fusedopt-cpu", "fusedopt-cuda", "fusedopt-reference")

@@ -1,6 +1,7 @@
 """fusedopt's optimizers: torch.optim.Optimizer subclasses that step over flat buffers with fused kernels."""
 from ._base import FusedOptimizer
 from .adadelta import Adadelta
+from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
@@ -14,4 +15,4 @@ from .rprop import Rprop
 from .sgd import SGD
 
 __all__ = ["FusedOptimizer", "Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Lion", "LAMB", "Adamax", "RAdam",
-           "Adadelta", "Rprop", "NAdam", "ASGD"]
+           "Adadelta", "Rprop", "NAdam", "ASGD", "Adafactor"]

@@ -196,10 +196,11 @@ class FusedOptimizer(Optimizer):
         buffers = build_flat_buffers(params, master_weights=group["master_weights"]) if params else []
         for buf in buffers:
             self.spec.fill_scalars(buf.segments, group)
+            self.spec.fill_layout(buf)
         for old in self._flat_groups[index]:
             old.close()
         self._flat_groups[index] = buffers
-        self._backends[index] = [resolve(group["backend"], b.device) for b in buffers]
+        self._backends[index] = [resolve(group["backend"], b.device, self.spec.kernel) for b in buffers]
         # What a step checks to notice `param_groups[i]["params"]` replaced or edited in place.
         self._group_params[index:index + 1] = [(params, len(params))]
 
@@ -263,12 +264,15 @@ class FusedOptimizer(Optimizer):
             state[s.name] = buf.segments.scalars[i, j]
         dtype = state_dtype_for(buf.dtype, group["state_dtype"])
         for s in self.spec.kept_states(group):
-            flat = buf.ensure_state(s.name, dtype, s.fill(group))
+            buf.ensure_state(s.name, dtype, s.fill(group), s.shape)
+            view = buf.state_view(s.name, i)
+            if view is None:  # a state this parameter's shape does not keep
+                continue
             if fresh:
-                buf.region(flat, i).fill_(s.fill(group))
-            state[s.name] = buf.state_view(flat, i)
+                view.fill_(s.fill(group))
+            state[s.name] = view
         if buf.master is not None:
-            state["master_param"] = buf.state_view(buf.master, i)
+            state["master_param"] = buf.state_view("master_param", i)
         if state:  # like torch.optim, parameters without state (a stateless configuration) get no entry
             self.state.put(p, state)
 
@@ -289,7 +293,10 @@ class FusedOptimizer(Optimizer):
                 continue
             for s in kept:  # a mode switched on mid-training (e.g. amsgrad) adds a state
                 if s.name not in state:
-                    dict.__setitem__(state, s.name, buf.state_view(buf.ensure_state(s.name, dtype, s.fill(group)), i))
+                    buf.ensure_state(s.name, dtype, s.fill(group), s.shape)
+                    view = buf.state_view(s.name, i)
+                    if view is not None:
+                        dict.__setitem__(state, s.name, view)
         # A parameter that has never had a gradient keeps the buffer incomplete: the loop runs again next step.
         buf.complete_state = names if complete else None
 
@@ -355,7 +362,8 @@ class FusedOptimizer(Optimizer):
             self._ensure_state_views(group, buf)
             functional.update(
                 self.spec.kernel, buf.param, buf.grad, [buf.state.get(s.name) for s in self.spec.states],
-                buf.master, buf.segments, hyper=self.spec.hyper(group), lr=self._lr(group["lr"], on_device, buf.dtype),
+                buf.master, buf.segments, hyper=self.spec.hyper_for(group, buf.dtype),
+                lr=self._lr(group["lr"], on_device, buf.dtype),
                 grad_scale=scale, found_inf=skip, backend=backend,
                 norm_reduce=buf.all_reduce_sums if buf.reduce_groups else None)
             buf.finish_step()

@@ -46,7 +46,7 @@ def _check_entry(spec: Any, saved_id: Any, p: Tensor, loaded: dict[str, Any] | N
     if not loaded:
         return
     scalars = set(spec.scalar_names())
-    required = {s.name for s in spec.kept_states(group)} | ({"step"} if spec.tracks_step else set()) | scalars
+    required = {s.name for s in spec.kept_for(group, p.shape)} | ({"step"} if spec.tracks_step else set()) | scalars
     allowed = set(spec.state_names()) | {"step", "master_param"} | scalars
     missing, unknown = required - set(loaded), set(loaded) - allowed
     if missing or unknown:
@@ -70,9 +70,11 @@ def _check_entry(spec: Any, saved_id: Any, p: Tensor, loaded: dict[str, Any] | N
         if not isinstance(value, Tensor) or not value.is_floating_point():
             raise ValueError(f"loaded state {key!r} of parameter {saved_id} must be a floating-point tensor, "
                              f"got {value.dtype if isinstance(value, Tensor) else type(value).__name__}")
-        if value.numel() != p.numel():
+        shape = spec.state_shape(key, p.shape)
+        if shape is None or value.numel() != shape.numel():
+            expected = "none" if shape is None else f"{shape.numel()} (shape {tuple(shape)})"
             raise ValueError(f"loaded state {key!r} of parameter {saved_id} has {value.numel()} elements, "
-                             f"the parameter has {p.numel()}")
+                             f"expected {expected} for a parameter of shape {tuple(p.shape)}")
 
 
 @torch.no_grad()
@@ -107,7 +109,8 @@ def adopt(optimizer: Any, group: dict[str, Any], buf: FlatBuffer, originals: dic
                 if buf.master is not None:
                     buf.region(buf.master, i).copy_(local_values(value, p).reshape(-1))
             elif isinstance(value, Tensor) and key in state:
-                local_tensor(state[key]).copy_(local_values(value, p).reshape(buf.shapes[i]))
+                own = local_tensor(state[key])
+                own.copy_(local_values(value, p).reshape(own.shape))
             elif key not in state:
                 dict.__setitem__(state, key, value)
         if buf.master is not None and "master_param" not in loaded:

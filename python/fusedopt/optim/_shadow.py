@@ -140,15 +140,16 @@ def follow_state(optimizer: Any) -> None:
                             raise ValueError(f"optimizer.state of parameter {i}: {key!r} must be a number or a "
                                              f"1-element tensor, got {value!r:.80}")
                         continue
-                    flat = buf.master if key == "master_param" else buf.state.get(key)
-                    if flat is not None and _is_region(value, buf.region(flat, i)):
+                    held = buf.master is not None if key == "master_param" else key in buf.state
+                    if held and _is_region(value, buf.state_region(key, i)):
                         continue
-                    if key not in spec.state_names() and key != "master_param":
+                    shape = spec.state_shape(key, buf.shapes[i])
+                    if key not in spec.state_names() and key != "master_param" or shape is None:
                         raise ValueError(f"optimizer.state of parameter {i}: unknown state {key!r} for "
                                          f"{type(optimizer).__name__}")
-                    if not isinstance(value, Tensor) or value.numel() != buf.numels[i]:
+                    if not isinstance(value, Tensor) or value.numel() != shape.numel():
                         raise ValueError(f"optimizer.state of parameter {i}: {key!r} must be a tensor of "
-                                         f"{buf.numels[i]} elements, got {value!r:.80}")
+                                         f"{shape.numel()} elements, got {value!r:.80}")
                 plans.append((group, buf, i, p, entry))
     for group, buf, i, p, entry in plans:
         if entry is None:
@@ -170,12 +171,12 @@ def follow_state(optimizer: Any) -> None:
         for key, value in values.items():
             if key == "step" or key in spec.scalar_names() or not isinstance(value, Tensor):
                 continue
-            flat = buf.master if key == "master_param" else buf.state.get(key)
-            if flat is None:
-                flat = buf.ensure_state(key, state_dtype_for(buf.dtype, group["state_dtype"]))
-                own[key] = buf.state_view(flat, i)
-            region = buf.region(flat, i)
-            if not _is_region(value, region):
+            if key != "master_param" and key not in buf.state:
+                shape = next(s.shape for s in spec.states if s.name == key)
+                buf.ensure_state(key, state_dtype_for(buf.dtype, group["state_dtype"]), shape=shape)
+                own[key] = buf.state_view(key, i)
+            region = buf.state_region(key, i)
+            if region is not None and not _is_region(value, region):
                 region.copy_(local_tensor(value).reshape(-1))
         buf.complete_state = None
     state.dirty = False
@@ -189,8 +190,9 @@ def reset(optimizer: Any, group: dict[str, Any], buf: Any, i: int) -> None:
     buf.steps[i] = 0.0
     spec.fill_scalars(buf.segments, group, i)
     for s in spec.states:
-        if s.name in buf.state:
-            buf.region(buf.state[s.name], i).fill_(s.fill(group))
+        region = buf.state_region(s.name, i) if s.name in buf.state else None
+        if region is not None:
+            region.fill_(s.fill(group))
     if buf.master is not None:
         buf.region(buf.master, i).copy_(buf.region(buf.param, i))
     buf.complete_state = None

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from ..flat import Segments
+    from ..flat import FlatBuffer, Segments, StateShape
 
 Group = Mapping[str, Any]
 
@@ -48,12 +48,17 @@ def always(group: Group) -> bool:
 
 @dataclass(frozen=True)
 class State:
-    """One per-element state, in the kernel's slot order: torch.optim's name, when the group keeps it, its first
-    value."""
+    """One state, in the kernel's slot order: torch.optim's name, when the group keeps it, its first value, and its
+    shape for a parameter of a given shape (None: the parameter's own; a function returning None: a parameter of that
+    shape keeps no such state, as a vector keeps no Adafactor row factor)."""
 
     name: str
     when: Callable[[Group], bool] = always
     fill: Callable[[Group], float] = lambda group: 0.0
+    shape: StateShape | None = None
+
+    def shape_for(self, param_shape: torch.Size) -> torch.Size | None:
+        return param_shape if self.shape is None else self.shape(param_shape)
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,16 @@ class Spec:
     # Per-parameter scalar states (0-dim float32 tensors in torch.optim, such as NAdam's mu_product), in the order of
     # the math header's kScalars; kept in the segment table, always.
     scalars: tuple[State, ...] = ()
+    # Kernel fields whose value depends on the parameters' dtype (Adafactor's eps1=None: that dtype's machine
+    # epsilon), from the group and that dtype; merged over `hyper`.
+    dtype_hyper: Callable[[Group, torch.dtype], dict[str, Any]] | None = None
+
+    def hyper_for(self, group: Group, dtype: torch.dtype) -> dict[str, Any]:
+        """The group's values of the math header's kFields for parameters of `dtype`."""
+        values = self.hyper(group)
+        if self.dtype_hyper is not None:
+            values.update(self.dtype_hyper(group, dtype))
+        return values
 
     def state_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.states)
@@ -92,6 +107,31 @@ class Spec:
 
     def kept_states(self, group: Group) -> list[State]:
         return [s for s in self.states if s.when(group)]
+
+    def kept_for(self, group: Group, param_shape: torch.Size) -> list[State]:
+        """The states a parameter of this shape keeps under the group's options."""
+        return [s for s in self.kept_states(group) if s.shape_for(param_shape) is not None]
+
+    def state_shape(self, name: str, param_shape: torch.Size) -> torch.Size | None:
+        """The shape of state `name` (or master_param) of a parameter of this shape; None when it keeps none."""
+        for s in self.states:
+            if s.name == name:
+                return s.shape_for(param_shape)
+        return param_shape
+
+    def fill_layout(self, buf: FlatBuffer) -> None:
+        """Give a factored algorithm's segment table its layout (where each parameter's compact states lie); nothing
+        for the others."""
+        if not any(s.shape is not None for s in self.states):
+            return
+        for p in buf.params:  # sums are all-reduced by leading index or row: shards must split the first dimension
+            placements = getattr(p, "placements", ())
+            if any(pl.is_shard() and pl.dim != 0 for pl in placements) or \
+                    sum(pl.is_shard() for pl in placements) > 1:
+                raise NotImplementedError(f"fusedopt: {self.kernel} supports parameters sharded along their first "
+                                          f"dimension on one mesh dimension (FSDP2's default), got {placements}")
+        buf.segments.layout, buf.segments.factor_sums = buf.factored_layout(
+            [s.shape for s in self.states])  # type: ignore[misc]
 
 
 def is_scalar_value(value: Any) -> bool:
