@@ -72,6 +72,8 @@ void check_scalars(const std::string& fn, const FlatBuffers& b, const DeviceScal
 template <typename A>
 void step(const std::string& fn, const FlatBuffers& b, const Segments& s, const DeviceWork& w, const StepArgs& args,
           const DeviceScalars& d, const Launch& l) {
+  if (A::kKind == algo::Kind::kFactored)  // before anything else: no argument makes such a call valid
+    fail(fn + ": factored algorithms have no CUDA kernel yet (Python runs them on the reference backend on a GPU)");
   const typename A::Hyper h = checks::hyper_from<A>(fn, args);
   checks::check_buffers<A>(fn, b, h);
   checks::check_passes<A>(fn, s.count, args);

@@ -373,9 +373,9 @@ void launch_typed(const StepParams<A>& a, int passes, double* segment_w2, double
     static_assert(algo::ScalarCount<A>::value == 0, "scalar states are for element-wise algorithms");
     launch_trust_ratio<A, TP>(a, passes, segment_w2, segment_u2, stream);
   } else {
-    // Factored algorithms have no CUDA driver yet: Python runs them on the reference backend on a GPU
-    // (fusedopt._backend.resolve), and a direct call is refused before anything is launched.
-    throw std::invalid_argument("factored algorithms (adafactor) have no CUDA kernel; use backend='reference'");
+    // Factored algorithms have no CUDA driver yet: api.cu refuses them before any launch, and Python runs them on the
+    // reference backend on a GPU (fusedopt._backend.resolve).
+    throw std::invalid_argument("factored algorithms have no CUDA kernel");
   }
 }
 
