@@ -14,7 +14,6 @@ from typing import Any
 
 import fusedopt
 import torch
-from fusedopt._backend import has_cuda_kernel
 from fusedopt.flat import Segments
 from fusedopt.optim import FusedOptimizer
 from fusedopt.optim._spec import State
@@ -477,9 +476,6 @@ TABLE: dict[type[FusedOptimizer], Algorithm] = {row.cls: row for row in _ROWS}
 ROWS: list[Algorithm] = list(TABLE.values())
 TORCH_ROWS = [row for row in ROWS if row.torch_cls is not None]  # compared with torch.optim directly
 ORACLE_ROWS = [row for row in ROWS if row.torch_cls is None]  # compared with their float64 oracle
-# Rows the compiled core runs on a GPU (Adafactor's factored kind has CPU kernels only; on a GPU it runs on the
-# reference backend).
-CUDA_ROWS = [row for row in ROWS if has_cuda_kernel(row.kernel)]
 
 _classes = [getattr(fusedopt.optim, name) for name in fusedopt.optim.__all__]
 _missing = [c.__name__ for c in _classes if c is not FusedOptimizer and c not in TABLE]

@@ -13,9 +13,7 @@ if not fusedopt.build_info()["cuda_built"]:
 
 from fusedopt import _C  # noqa: E402  (only once the skip above has not fired)
 
-EVERY_ALGORITHM: dict[str, dict[str, Any]] = _C.algorithms()
-# Those with a CUDA kernel (the factored kind, Adafactor, has none yet: its entry point refuses every call).
-ALGORITHMS = {name: a for name, a in EVERY_ALGORITHM.items() if a["kind"] != "factored"}
+ALGORITHMS: dict[str, dict[str, Any]] = _C.algorithms()
 MIB = 1 << 20
 
 
@@ -27,23 +25,22 @@ def valid(algorithm: str) -> dict[str, Any]:
                 seg_active=9 * MIB, seg_count=1, seg_scalars=13 * MIB if ALGORITHMS[algorithm]["scalars"] else 0,
                 work=10 * MIB, items=1,
                 hyper=[1.0] * len(ALGORITHMS[algorithm]["fields"]), lr=1e-3, grad_scale=1.0, lr_ptr=0,
-                grad_scale_ptr=0, found_inf_ptr=0, passes=3, segment_w2=0, segment_u2=0, device=0, stream=0)
+                grad_scale_ptr=0, found_inf_ptr=0, passes=7 if factored(algorithm) else 3, segment_w2=0, segment_u2=0,
+                factored=11 * MIB if factored(algorithm) else 0, row_items=0, col_items=0, factor_sums=0,
+                factor_sums_count=0, device=0, stream=0)
+
+
+def factored(algorithm: str) -> bool:
+    return ALGORITHMS[algorithm]["kind"] == "factored"
 
 
 def call(algorithm: str, **changes: Any) -> None:
     getattr(_C, "cuda_" + algorithm)(**{**valid(algorithm), **changes})
 
 
-@pytest.mark.parametrize("algorithm", [a for a in EVERY_ALGORITHM if a not in ALGORITHMS])
-def test_factored_algorithms_are_refused_on_cuda(algorithm: str) -> None:
-    with pytest.raises(ValueError, match=f"^cuda_{algorithm}: factored algorithms have no CUDA kernel yet"):
-        fields = EVERY_ALGORITHM[algorithm]["fields"]
-        getattr(_C, "cuda_" + algorithm)(**{**valid("adam"), "hyper": [1.0] * len(fields)})
-
-
 def test_every_algorithm_of_the_list_has_a_cuda_step() -> None:
     assert {name for name in dir(_C) if name.startswith("cuda_")} == {
-        *("cuda_" + name for name in EVERY_ALGORITHM), "cuda_sum_of_squares", "cuda_sum_of_squares_scratch",
+        *("cuda_" + name for name in ALGORITHMS), "cuda_sum_of_squares", "cuda_sum_of_squares_scratch",
         "cuda_sam_perturb", "cuda_sam_restore", "cuda_sam_sum_of_squares"}
 
 
@@ -105,11 +102,24 @@ def test_rejects_before_any_launch(algorithm: str, changes: dict[str, Any], mess
         call(algorithm, **changes)
 
 
-@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+# A factored algorithm's slots in use depend on its layout, in device memory: python/fusedopt/_kernels.py checks them.
+@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if not factored(a)])
 def test_rejects_a_null_pointer_for_every_state_in_use(algorithm: str) -> None:
     for slot, name in enumerate(ALGORITHMS[algorithm]["states"]):
         with pytest.raises(ValueError, match=f"{name} pointer is null"):
             call(algorithm, **{f"s{slot}": 0})
+
+
+@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if factored(a)])
+def test_factored_steps_need_their_layout_and_valid_passes(algorithm: str) -> None:
+    with pytest.raises(ValueError, match=f"^cuda_{algorithm}: factored pointer is null"):
+        call(algorithm, factored=0)
+    with pytest.raises(ValueError, match="factored pointer 11534340 is not 8-byte aligned"):
+        call(algorithm, factored=11 * MIB + 4)
+    with pytest.raises(ValueError, match=r"Invalid passes: 3 \(expected 7, or one of 1, 4 and 2\)"):
+        call(algorithm, passes=3)
+    with pytest.raises(ValueError, match="separate passes need the per-segment sums and the factor sums"):
+        call(algorithm, passes=1)
 
 
 @pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if ALGORITHMS[a]["scalars"]])

@@ -18,7 +18,7 @@ from typing import Any
 import fusedopt
 import pytest
 import torch
-from cases import ALGORITHMS, CUDA_ROWS, warm_state
+from cases import ALGORITHMS, ROWS, warm_state
 from fusedopt import functional
 from fusedopt.flat import CHUNK, Segments
 from tolerances import assert_close, tolerance
@@ -57,12 +57,12 @@ def compute_dtype(dtypes: tuple) -> torch.dtype:
     """The kernels' compute dtype, which device lr and grad_scale scalars have: float64 for float64 parameters."""
     return F64 if dtypes[0] == F64 else F32
 
-OPTIMIZERS = {row.name.lower(): row.cls for row in CUDA_ROWS}
+OPTIMIZERS = {row.name.lower(): row.cls for row in ROWS}
 
 
 def all_params() -> list:
     """pytest.param(algorithm, case) for every row and case of tests/cases.py (algorithm: the lower-case class name)."""
-    return [pytest.param(row.name.lower(), case, id=f"{row.name}-{case.id}") for row in CUDA_ROWS for case in row.cases]
+    return [pytest.param(row.name.lower(), case, id=f"{row.name}-{case.id}") for row in ROWS for case in row.cases]
 
 
 @dataclass

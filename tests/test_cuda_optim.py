@@ -10,8 +10,7 @@ import copy
 import fusedopt
 import pytest
 import torch
-from cases import CUDA_ROWS, TABLE, TORCH_ROWS, Algorithm, row_params
-from fusedopt._backend import has_cuda_kernel
+from cases import TABLE, TORCH_ROWS, Algorithm, row_params
 from test_device_decisions import CASES, make_params
 from tolerances import assert_close
 from torch import nn
@@ -25,7 +24,7 @@ from test_cuda_kernels import no_host_sync  # noqa: E402 (after the skip: it ski
 STEPS = 20
 
 
-@pytest.mark.parametrize("case", [name for name, (cls, _) in CASES.items() if has_cuda_kernel(cls.spec.kernel)])
+@pytest.mark.parametrize("case", list(CASES))
 def test_step_never_synchronises(case: str) -> None:
     """After the first step, steps with AMP tensors, a skipped step, clipping and a tensor lr on the GPU never make
     the host wait (torch raises on any synchronising call in "error" mode)."""
@@ -81,7 +80,7 @@ def test_clipped_adamw_matches_torch_clip_then_fused_step() -> None:
         assert torch.equal(ours.state[p]["step"], theirs.state[q]["step"])
 
 
-@pytest.mark.parametrize("row", row_params([row for row in TORCH_ROWS if row in CUDA_ROWS]))
+@pytest.mark.parametrize("row", row_params(TORCH_ROWS))
 def test_float64_clipped_step_decided_on_the_device_matches_torch(row: Algorithm) -> None:
     """A float64 model on one GPU (the step decided on the device: norm, clip coefficient and a tensor lr stay there,
     as float64 device scalars): each class's first case with max_grad_norm equals torch's clip_grad_norm_ followed by
@@ -208,24 +207,48 @@ def test_captured_training_step_replays_like_eager_steps(name: str) -> None:
             assert_close(opt.state[p][key].float(), value.float(), "fp32_trajectory", msg=key)
 
 
-def test_algorithms_without_a_cuda_kernel_run_on_the_reference_backend() -> None:
-    """Adafactor on a GPU: backend "auto" runs the reference backend there (torch's operations, on the device) and
-    follows torch.optim.Adafactor; asking for backend "cuda" says there is no CUDA kernel."""
+@pytest.mark.parametrize("dtype,master,state_dtype", [(torch.float32, False, torch.float32),
+                                                        (torch.float32, False, torch.bfloat16),
+                                                        (torch.bfloat16, True, torch.float32),
+                                                        (torch.float64, False, None)],
+                         ids=["fp32", "fp32-bf16-states", "bf16-master", "fp64"])
+def test_adafactor_factors_on_the_gpu_match_the_cpu_kernel(dtype: torch.dtype, master: bool,
+                                                            state_dtype: torch.dtype | None) -> None:
+    """Adafactor's factored kernels on the GPU against the CPU kernel, each step re-anchored on the GPU's values: 0-D to
+    4-D parameters (rows spanning work items, a row longer than a block), every state at the precision of its dtype;
+    and the step never waits for the host."""
+    from test_adafactor import SHAPES  # noqa: PLC0415 (shared shapes, only once a GPU is here)
+
     row = TABLE[fusedopt.Adafactor]
-    model = mlp()
-    twin = copy.deepcopy(model)
-    ours = row.cls(model.parameters(), **row.cases[-1].kwargs)
-    theirs = row.torch_optimizer(twin.parameters(), row.cases[-1].kwargs)
-    assert ours._backends == [["reference"]]
-    for x, y in batches(10):
-        for opt, net in ((ours, model), (theirs, twin)):
-            opt.zero_grad()
-            nn.functional.mse_loss(net(x), y).backward()
-            opt.step()
-    for p, q in zip(model.parameters(), twin.parameters()):
-        assert_close(p, q, "fp32_trajectory")
-    with pytest.raises(RuntimeError, match="adafactor has no CUDA kernel"):
-        row.cls(mlp().parameters(), backend="cuda")
+    kwargs = {**row.cases[-1].kwargs, "master_weights": master, "state_dtype": state_dtype}
+    gen = torch.Generator().manual_seed(0)
+    draw = torch.float64 if dtype == torch.float64 else torch.float32
+    init = [torch.randn(shape, generator=gen, dtype=draw).to(dtype) for shape in SHAPES]
+    ours = [torch.nn.Parameter(t.cuda()) for t in init]
+    theirs = [torch.nn.Parameter(t.clone()) for t in init]
+    gpu, cpu = row.cls(ours, **kwargs), row.cls(theirs, backend="cpu", **kwargs)
+    assert gpu._backends == [["cuda"]]
+    for step in range(6):
+        for p, q in zip(ours, theirs):
+            g = torch.randn(q.shape, generator=gen, dtype=draw).to(dtype)
+            p.grad, q.grad = g.cuda(), g
+        if step > 0:
+            with no_host_sync():
+                gpu.step()
+        else:
+            gpu.step()
+        cpu.step()
+        for k, (p, q) in enumerate(zip(ours, theirs)):
+            tol = torch.bfloat16 if state_dtype == torch.bfloat16 else dtype
+            assert_close(p.cpu(), q, tol, msg=f"step {step}, parameter {k}")
+            for name, value in cpu.state[q].items():
+                assert_close(gpu.state[p][name].cpu(), value, tol, msg=f"step {step}, parameter {k}: {name}")
+        with torch.no_grad():  # re-anchor on the GPU's values
+            for p, q in zip(ours, theirs):
+                if not master:
+                    q.copy_(p.cpu())
+                for name, value in gpu.state[p].items():
+                    cpu.state[q][name].copy_(value.cpu())
 
 
 def test_clip_grad_norm_stays_on_the_gpu_and_matches_torch() -> None:

@@ -30,7 +30,9 @@ constexpr const char* kCudaStepDoc =
     "algorithms()[name]['fields'] order; lr, grad_scale; optional device scalars lr_ptr (replaces lr) and "
     "grad_scale_ptr (multiplies grad_scale), float32 or, with float64 parameters, float64, and the float32 "
     "found_inf_ptr (non-zero: write nothing, count no step); for "
-    "trust-ratio algorithms the passes (1, 2 or 3) and per-segment float64 device sums (0: scratch of the call).";
+    "trust-ratio and factored algorithms the passes and per-segment float64 device sums (0: scratch of the call); "
+    "for factored algorithms the device array of layout, row and column items (cuda_api.h DeviceWork) with the two "
+    "item counts, and the float64 device row and column sums with their count (0: scratch).";
 
 // The names of the step's positional arguments (python/fusedopt/_kernels.py passes them positionally).
 #define FUSEDOPT_CUDA_STEP_ARGS                                                                                    \
@@ -40,7 +42,8 @@ constexpr const char* kCudaStepDoc =
       py::arg("seg_scalars"), py::arg("work"),                                                                     \
       py::arg("items"), py::arg("hyper"), py::arg("lr"), py::arg("grad_scale"), py::arg("lr_ptr"),                 \
       py::arg("grad_scale_ptr"), py::arg("found_inf_ptr"), py::arg("passes"), py::arg("segment_w2"),               \
-      py::arg("segment_u2"), py::arg("device"), py::arg("stream")
+      py::arg("segment_u2"), py::arg("factored"), py::arg("row_items"), py::arg("col_items"),                     \
+      py::arg("factor_sums"), py::arg("factor_sums_count"), py::arg("device"), py::arg("stream")
 
 cuda::Launch launch(int device, uintptr_t stream) {
   cuda::Launch l;
@@ -67,19 +70,25 @@ void register_cuda_bindings(py::module_& m) {
          uintptr_t seg_steps, uintptr_t seg_active, int64_t seg_count, uintptr_t seg_scalars, uintptr_t work,       \
          int64_t items,                                                                                            \
          const std::vector<double>& hyper, double lr, double grad_scale, uintptr_t lr_ptr, uintptr_t grad_scale_ptr, \
-         uintptr_t found_inf_ptr, int passes, uintptr_t segment_w2, uintptr_t segment_u2, int device,              \
+         uintptr_t found_inf_ptr, int passes, uintptr_t segment_w2, uintptr_t segment_u2, uintptr_t factored,      \
+         int64_t row_items, int64_t col_items, uintptr_t factor_sums, int64_t factor_sums_count, int device,       \
          uintptr_t stream) {                                                                                       \
         const FlatBuffers b =                                                                                      \
             buffers(param, grad, s0, s1, s2, master, n, param_dtype, grad_dtype, state_dtype);                     \
         const Segments s =                                                                                         \
             segments(seg_offsets, seg_numels, seg_steps, seg_active, seg_count, seg_scalars);                      \
-        const StepArgs args = step_args(hyper, lr, grad_scale, passes, segment_w2, segment_u2);                    \
+        const StepArgs args =                                                                                      \
+            step_args(hyper, lr, grad_scale, passes, segment_w2, segment_u2, factor_sums, factor_sums_count);      \
         cuda::DeviceScalars d;                                                                                     \
         d.lr = ptr<const void>(lr_ptr);                                                                            \
         d.grad_scale = ptr<const void>(grad_scale_ptr);                                                            \
         d.found_inf = ptr<const float>(found_inf_ptr);                                                             \
         py::gil_scoped_release release;                                                                            \
-        cuda::A(b, s, device_work(work, items), args, d, launch(device, stream));                                  \
+        cuda::DeviceWork w = device_work(work, items);                                                             \
+        w.factored = ptr<const int64_t>(factored);                                                                 \
+        w.row_items = row_items;                                                                                   \
+        w.col_items = col_items;                                                                                   \
+        cuda::A(b, s, w, args, d, launch(device, stream));                                                         \
       },                                                                                                           \
       FUSEDOPT_CUDA_STEP_ARGS, kCudaStepDoc);
   FUSEDOPT_FOR_EACH_ALGORITHM(FUSEDOPT_BIND_CUDA_STEP)

@@ -69,11 +69,28 @@ void check_scalars(const std::string& fn, const FlatBuffers& b, const DeviceScal
   check_aligned(fn, "segment_u2", args.segment_u2, 8);
 }
 
+// Factored algorithms: the passes, the device array of layout and items, the row and column sums, the compact state
+// buffers (their contents live in device memory: python/fusedopt/_kernels.py checks the layout on its host copy).
+template <typename A>
+void check_factored(const std::string& fn, const FlatBuffers& b, const Segments& s, const DeviceWork& w,
+                    const StepArgs& args) {
+  const int all = kPassMoments | kPassNorms | kPassApply;
+  if (args.passes != all && args.passes != kPassMoments && args.passes != kPassNorms && args.passes != kPassApply)
+    fail(fn + ": Invalid passes: " + std::to_string(args.passes) + " (expected 7, or one of 1, 4 and 2)");
+  if (args.passes != all && s.count > 0 &&
+      (args.segment_w2 == nullptr || args.segment_u2 == nullptr || args.factor_sums == nullptr))
+    fail(fn + ": separate passes need the per-segment sums and the factor sums");
+  if (w.row_items < 0 || w.col_items < 0 || args.factor_sums_count < 0)
+    fail(fn + ": Invalid item or factor sum count");
+  if (s.count > 0 && w.factored == nullptr) fail(fn + ": factored pointer is null (a factored algorithm)");
+  check_aligned(fn, "factored", w.factored, 8);
+  check_aligned(fn, "factor_sums", args.factor_sums, 8);
+  for (int k = 0; k < 3; ++k) check_aligned(fn, A::kStates[k], b.states[k], dtype_size(b.state_dtype));
+}
+
 template <typename A>
 void step(const std::string& fn, const FlatBuffers& b, const Segments& s, const DeviceWork& w, const StepArgs& args,
           const DeviceScalars& d, const Launch& l) {
-  if (A::kKind == algo::Kind::kFactored)  // before anything else: no argument makes such a call valid
-    fail(fn + ": factored algorithms have no CUDA kernel yet (Python runs them on the reference backend on a GPU)");
   const typename A::Hyper h = checks::hyper_from<A>(fn, args);
   checks::check_buffers<A>(fn, b, h);
   checks::check_passes<A>(fn, s.count, args);
@@ -82,6 +99,7 @@ void step(const std::string& fn, const FlatBuffers& b, const Segments& s, const 
   if (algo::ScalarCount<A>::value > 0 && s.count > 0 && s.scalars == nullptr)
     fail(fn + ": segment scalars must not be null (this algorithm keeps per-segment scalar states)");
   check_scalars(fn, b, d, args);
+  if (A::kKind == algo::Kind::kFactored) check_factored<A>(fn, b, s, w, args);
   check_device(fn, l.device);
   DeviceGuard guard(l.device);
   launch_step<A>(b, s, w, args, h, d, checks::counts_step<A>(args), reinterpret_cast<cudaStream_t>(l.stream));

@@ -10,6 +10,11 @@
 //                            (every block has read them by then);
 //   trust-ratio kind:        trust_ratio_moments_kernel -> trust_ratio_sums_kernel   (kPassMoments)
 //                            trust_ratio_apply_kernel                                 (kPassApply)
+//   factored kind:           factored_rows_kernel, factored_columns_kernel, factored_vectors_kernel ->
+//                            factored_moment_sums_kernel                              (kPassMoments)
+//                            factored_column_factors_kernel, factored_row_means_kernel,
+//                            factored_u2_kernel -> factored_u2_sums_kernel             (kPassNorms)
+//                            factored_apply_kernel                                    (kPassApply)
 // Every kernel returns at once when *found_inf != 0, so a skipped step writes nothing and counts nothing.
 #pragma once
 
@@ -45,6 +50,17 @@ struct StepParams {
   double* partial_u;
   double* segment_w2;
   double* segment_u2;
+  // Factored kind (cuda_api.h DeviceWork, api.h Layout): segment offsets, the layout, the row and column items, the
+  // per-row-item sums of squares of p, the row and column sums (StepArgs::factor_sums).
+  const int64_t* offsets;
+  const int64_t* layout;
+  const int64_t* row_first;
+  const int64_t* row_item;
+  int64_t row_items;
+  const int64_t* col_item;
+  int64_t col_items;
+  double* row_partial;
+  double* factor_sums;
 };
 
 __device__ __forceinline__ bool step_skipped(const float* found_inf) {
@@ -301,6 +317,258 @@ __global__ void __launch_bounds__(kThreads) trust_ratio_apply_kernel(const StepP
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Factored kind, the CPU driver's passes (csrc/cpu/driver.h run_factored) with the same pieces of the math header:
+//   moments: per row item (one row), a block sums the row's squares of g and of p (fixed tree) and moves its row
+//     factor; per column item, a thread per column sums its squares down the rows in row order; per work item of a
+//     vector, the variance moves and the block sums p^2; per segment, a block adds its items' sums of p^2 and each
+//     leading index's row factors (fixed trees);
+//   norms: per column item, the column factors move to the sums / total rows; per segment, the row sums become the
+//     row means; per work item, the block sums u^2 (u from the stored states); per segment, a block adds its items';
+//   apply: per work item, thread 0 makes the segment's step size from its sums; p = p*(1 - lr*wd) + step_size*u.
+// The partition (items, kThreads threads, fixed trees) depends on the layout only, never on the grid.
+
+__device__ __forceinline__ int64_t layout_at(const int64_t* layout, int64_t s, int column) {
+  return layout[s * kLayoutColumns + column];
+}
+
+// Segment s's coefficients, made by thread 0 and shared with the block (every thread must call it).
+template <typename C, typename A>
+__device__ __forceinline__ typename A::template Coeffs<C> block_coeffs(const StepParams<A>& a, int64_t s,
+                                                                       typename A::template Coeffs<C>* shared) {
+  __syncthreads();  // every thread has read the previous value
+  if (threadIdx.x == 0) *shared = segment_coeffs<C>(a, s);
+  __syncthreads();
+  return *shared;
+}
+
+// u of element i of segment s: from the row and column factors and the row mean of its matrix, or from its variance.
+template <typename A, typename TP>
+__device__ __forceinline__ compute_t<TP> factored_direction(const StepParams<A>& a,
+                                                            const typename A::template Coeffs<compute_t<TP>>& c,
+                                                            int64_t s, int64_t i) {
+  using C = compute_t<TP>;
+  const int64_t* row = a.layout + s * kLayoutColumns;
+  const C g = load_grad<TP>(a.grad, a.grad_fp32, i) * c.grad_scale;
+  const int64_t local = i - a.offsets[s];
+  if (row[kTotalRows] == 0) return A::direction(c, g, load_state<TP>(a.states[2], a.state_fp32, row[kVarianceAt] + local));
+  const int64_t cols = row[kCols], q = local / cols, j = local - q * cols, lead = q / row[kRows];
+  const C row_factor = load_state<TP>(a.states[0], a.state_fp32, row[kRowVarAt] + q);
+  const C col_factor = load_state<TP>(a.states[1], a.state_fp32, row[kColVarAt] + lead * cols + j);
+  const C mean = static_cast<C>(a.factor_sums[row[kRowSumAt] + lead]);
+  return A::direction(c, g, A::factored_estimate(row_factor, col_factor, mean));
+}
+
+template <typename A, typename TP>
+__global__ void __launch_bounds__(kThreads) factored_rows_kernel(const StepParams<A> a) {
+  using C = compute_t<TP>;
+  using Coeffs = typename A::template Coeffs<C>;
+  __shared__ double scratch[32];
+  __shared__ Coeffs shared;
+  if (step_skipped(a.d.found_inf)) return;
+  const TP* p = static_cast<const TP*>(a.param);
+  const bool master = !std::is_same<TP, C>::value && a.master != nullptr;
+  for (int64_t it = blockIdx.x; it < a.row_items; it += gridDim.x) {
+    const int64_t s = a.row_item[2 * it], q = a.row_item[2 * it + 1];
+    if (a.active[s] == 0) continue;
+    const Coeffs c = block_coeffs<C>(a, s, &shared);
+    const int64_t cols = layout_at(a.layout, s, kCols), base = a.offsets[s] + q * cols;
+    double g2 = 0.0, p2 = 0.0;
+    for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+      g2 += square_term(load_grad<TP>(a.grad, a.grad_fp32, base + j) * c.grad_scale);
+      p2 += square_term(master ? C(a.master[base + j]) : load(p[base + j]));
+    }
+    g2 = block_sum(g2, scratch);
+    p2 = block_sum(p2, scratch);
+    if (threadIdx.x == 0) {
+      const int64_t at = layout_at(a.layout, s, kRowVarAt) + q;
+      const C mean_square = static_cast<C>(g2 / static_cast<double>(cols));
+      store_state<TP>(a.states[0], a.state_fp32, at,
+                      A::moved_factor(c, load_state<TP>(a.states[0], a.state_fp32, at), mean_square));
+      a.row_partial[it] = p2;
+    }
+  }
+}
+
+template <typename A, typename TP>
+__global__ void __launch_bounds__(kThreads) factored_columns_kernel(const StepParams<A> a) {
+  using C = compute_t<TP>;
+  using Coeffs = typename A::template Coeffs<C>;
+  __shared__ Coeffs shared;
+  if (step_skipped(a.d.found_inf)) return;
+  for (int64_t it = blockIdx.x; it < a.col_items; it += gridDim.x) {
+    const int64_t* item = a.col_item + 4 * it;
+    const int64_t s = item[0], lead = item[1];
+    if (a.active[s] == 0) continue;
+    const Coeffs c = block_coeffs<C>(a, s, &shared);
+    const int64_t rows = layout_at(a.layout, s, kRows), cols = layout_at(a.layout, s, kCols);
+    const int64_t base = a.offsets[s] + lead * rows * cols;
+    double* out = a.factor_sums + layout_at(a.layout, s, kColSumAt) + lead * cols;
+    for (int64_t j = item[2] + threadIdx.x; j < item[3]; j += kThreads) {
+      double sum = 0.0;
+      for (int64_t r = 0; r < rows; ++r)
+        sum += square_term(load_grad<TP>(a.grad, a.grad_fp32, base + r * cols + j) * c.grad_scale);
+      out[j] = sum;
+    }
+  }
+}
+
+template <typename A, typename TP>
+__global__ void __launch_bounds__(kThreads) factored_vectors_kernel(const StepParams<A> a) {
+  using C = compute_t<TP>;
+  using Coeffs = typename A::template Coeffs<C>;
+  __shared__ double scratch[32];
+  if (step_skipped(a.d.found_inf)) return;
+  const TP* p = static_cast<const TP*>(a.param);
+  const bool master = !std::is_same<TP, C>::value && a.master != nullptr;
+  for_each_active_item<Coeffs>(
+      a, [&](int64_t s) { return segment_coeffs<C>(a, s); },
+      [&](int64_t it, int64_t begin, int64_t end, const Coeffs& c) {
+        const int64_t s = a.items.segment[it];
+        if (layout_at(a.layout, s, kTotalRows) != 0) return;  // uniform over the block
+        const int64_t shift = layout_at(a.layout, s, kVarianceAt) - a.offsets[s];
+        double p2 = 0.0;
+        for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+          const C g = load_grad<TP>(a.grad, a.grad_fp32, i) * c.grad_scale;
+          const C v = load_state<TP>(a.states[2], a.state_fp32, shift + i);
+          store_state<TP>(a.states[2], a.state_fp32, shift + i, A::moved_factor(c, v, g * g));
+          p2 += square_term(master ? C(a.master[i]) : load(p[i]));
+        }
+        p2 = block_sum(p2, scratch);
+        if (threadIdx.x == 0) a.partial_w[it] = p2;
+      });
+}
+
+// A block per segment: its sum of p^2 and, for a stack of matrices, each leading index's sum of row factors.
+template <typename A, typename TP>
+__global__ void __launch_bounds__(kThreads) factored_moment_sums_kernel(const StepParams<A> a) {
+  __shared__ double scratch[32];
+  if (step_skipped(a.d.found_inf)) return;
+  for (int64_t s = blockIdx.x; s < a.segments; s += gridDim.x) {
+    if (a.active[s] == 0) continue;
+    const int64_t* row = a.layout + s * kLayoutColumns;
+    const bool factored = row[kTotalRows] != 0;
+    const int64_t first = factored ? a.row_first[s] : a.items.seg_first[s];
+    const int64_t last = factored ? a.row_first[s + 1] : a.items.seg_first[s + 1];
+    const double* partials = factored ? a.row_partial : a.partial_w;
+    double p2 = 0.0;
+    for (int64_t k = first + threadIdx.x; k < last; k += kThreads) p2 += partials[k];
+    p2 = block_sum(p2, scratch);
+    if (threadIdx.x == 0) a.segment_w2[s] = p2;
+    if (!factored) continue;
+    const int64_t rows = row[kRows];
+    for (int64_t lead = 0; lead < row[kLead]; ++lead) {
+      double total = 0.0;
+      for (int64_t r = threadIdx.x; r < rows; r += kThreads)
+        total += static_cast<double>(load_state<TP>(a.states[0], a.state_fp32, row[kRowVarAt] + lead * rows + r));
+      total = block_sum(total, scratch);
+      if (threadIdx.x == 0) a.factor_sums[row[kRowSumAt] + lead] = total;
+    }
+  }
+}
+
+template <typename A, typename TP>
+__global__ void __launch_bounds__(kThreads) factored_column_factors_kernel(const StepParams<A> a) {
+  using C = compute_t<TP>;
+  using Coeffs = typename A::template Coeffs<C>;
+  __shared__ Coeffs shared;
+  if (step_skipped(a.d.found_inf)) return;
+  for (int64_t it = blockIdx.x; it < a.col_items; it += gridDim.x) {
+    const int64_t* item = a.col_item + 4 * it;
+    const int64_t s = item[0], lead = item[1];
+    if (a.active[s] == 0) continue;
+    const Coeffs c = block_coeffs<C>(a, s, &shared);
+    const int64_t cols = layout_at(a.layout, s, kCols);
+    const double total_rows = static_cast<double>(layout_at(a.layout, s, kTotalRows));
+    const int64_t at = layout_at(a.layout, s, kColVarAt) + lead * cols;
+    const double* sums = a.factor_sums + layout_at(a.layout, s, kColSumAt) + lead * cols;
+    for (int64_t j = item[2] + threadIdx.x; j < item[3]; j += kThreads) {
+      const C old = load_state<TP>(a.states[1], a.state_fp32, at + j);
+      store_state<TP>(a.states[1], a.state_fp32, at + j, A::moved_factor(c, old, static_cast<C>(sums[j] / total_rows)));
+    }
+  }
+}
+
+// A thread per segment: the row sums of each leading index become its row mean (floored at eps1).
+template <typename A, typename TP>
+__global__ void factored_row_means_kernel(const StepParams<A> a) {
+  using C = compute_t<TP>;
+  if (step_skipped(a.d.found_inf)) return;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; s < a.segments; s += stride) {
+    const int64_t* row = a.layout + s * kLayoutColumns;
+    if (a.active[s] == 0 || row[kTotalRows] == 0) continue;
+    const typename A::template Coeffs<C> c = segment_coeffs<C>(a, s);
+    double* sums = a.factor_sums + row[kRowSumAt];
+    const double total_rows = static_cast<double>(row[kTotalRows]);
+    for (int64_t lead = 0; lead < row[kLead]; ++lead)
+      sums[lead] = static_cast<double>(A::row_mean(c, static_cast<C>(sums[lead] / total_rows)));
+  }
+}
+
+template <typename A, typename TP>
+__global__ void __launch_bounds__(kThreads) factored_u2_kernel(const StepParams<A> a) {
+  using C = compute_t<TP>;
+  using Coeffs = typename A::template Coeffs<C>;
+  __shared__ double scratch[32];
+  if (step_skipped(a.d.found_inf)) return;
+  for_each_active_item<Coeffs>(
+      a, [&](int64_t s) { return segment_coeffs<C>(a, s); },
+      [&](int64_t it, int64_t begin, int64_t end, const Coeffs& c) {
+        const int64_t s = a.items.segment[it];
+        double u2 = 0.0;
+        for (int64_t i = begin + threadIdx.x; i < end; i += kThreads)
+          u2 += square_term(factored_direction<A, TP>(a, c, s, i));
+        u2 = block_sum(u2, scratch);
+        if (threadIdx.x == 0) a.partial_u[it] = u2;
+      });
+}
+
+template <typename A>
+__global__ void __launch_bounds__(kThreads) factored_u2_sums_kernel(const StepParams<A> a) {
+  __shared__ double scratch[32];
+  if (step_skipped(a.d.found_inf)) return;
+  for (int64_t s = blockIdx.x; s < a.segments; s += gridDim.x) {
+    if (a.active[s] == 0) continue;
+    double u2 = 0.0;
+    for (int64_t k = a.items.seg_first[s] + threadIdx.x; k < a.items.seg_first[s + 1]; k += kThreads)
+      u2 += a.partial_u[k];
+    u2 = block_sum(u2, scratch);
+    if (threadIdx.x == 0) a.segment_u2[s] = u2;
+  }
+}
+
+template <typename A, typename C>
+struct FactoredApply {
+  typename A::template Coeffs<C> c;
+  C step_size;
+};
+
+template <typename A, typename TP>
+__global__ void __launch_bounds__(kThreads) factored_apply_kernel(const StepParams<A> a) {
+  using C = compute_t<TP>;
+  if (step_skipped(a.d.found_inf)) return;
+  TP* p = static_cast<TP*>(a.param);
+  const bool master = !std::is_same<TP, C>::value && a.master != nullptr;
+  for_each_active_item<FactoredApply<A, C>>(
+      a,
+      [&](int64_t s) {
+        FactoredApply<A, C> made;
+        made.c = segment_coeffs<C>(a, s);
+        made.step_size = A::step_size(made.c, a.segment_w2[s], a.segment_u2[s], layout_at(a.layout, s, kNumel));
+        return made;
+      },
+      [&](int64_t it, int64_t begin, int64_t end, const FactoredApply<A, C>& made) {
+        const int64_t s = a.items.segment[it];
+        for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+          C pv = master ? C(a.master[i]) : load(p[i]);
+          A::apply(made.c, made.step_size, pv, factored_direction<A, TP>(a, made.c, s, i));
+          if (master) a.master[i] = pv;
+          p[i] = store<TP>(pv);
+        }
+      });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Host side: the launch sequence of one validated call.
 
 // Scratch memory of one call, from the stream-ordered allocator: allocated on the stream before the first kernel that
@@ -355,8 +623,73 @@ void launch_trust_ratio(StepParams<A> a, int passes, double* segment_w2, double*
   }
 }
 
+// The factored kind's passes. The row partials, the item partials and, without the caller's arrays, the per-segment
+// and factor sums come from one stream-ordered allocation; the scratch sums are zeroed on the stream first (inactive
+// segments keep zero sums, as on the CPU).
 template <typename A, typename TP>
-void launch_typed(const StepParams<A>& a, int passes, double* segment_w2, double* segment_u2, cudaStream_t stream) {
+void launch_factored(StepParams<A> a, int passes, double* segment_w2, double* segment_u2, double* factor_sums,
+                     int64_t factor_sums_count, cudaStream_t stream) {
+  const bool own_sums = segment_w2 == nullptr;
+  const int64_t partials = a.row_items + 2 * a.items.count;
+  const int64_t sums = own_sums ? 2 * a.segments + factor_sums_count : 0;
+  StreamScratch scratch(static_cast<size_t>(partials + sums) * sizeof(double), stream);
+  a.row_partial = scratch.doubles();
+  a.partial_w = scratch.doubles() + a.row_items;
+  a.partial_u = a.partial_w + a.items.count;
+  if (own_sums) {
+    double* own = scratch.doubles() + partials;
+    check_cuda(cudaMemsetAsync(own, 0, static_cast<size_t>(sums) * sizeof(double), stream), "cudaMemsetAsync(sums)");
+    a.segment_w2 = own;
+    a.segment_u2 = own + a.segments;
+    a.factor_sums = own + 2 * a.segments;
+  } else {
+    a.segment_w2 = segment_w2;
+    a.segment_u2 = segment_u2;
+    a.factor_sums = factor_sums;
+  }
+  const unsigned segment_grid = static_cast<unsigned>(a.segments < 4096 ? (a.segments < 1 ? 1 : a.segments) : 4096);
+  auto grid = [](int64_t work) { return static_cast<unsigned>(work < 1 ? 1 : (work > 65535 ? 65535 : work)); };
+  if (passes & kPassMoments) {
+    if (a.row_items > 0) {
+      factored_rows_kernel<A, TP><<<grid(a.row_items), kThreads, 0, stream>>>(a);
+      check_launch("factored_rows_kernel");
+    }
+    if (a.col_items > 0) {
+      factored_columns_kernel<A, TP><<<grid(a.col_items), kThreads, 0, stream>>>(a);
+      check_launch("factored_columns_kernel");
+    }
+    if (a.items.count > 0) {
+      factored_vectors_kernel<A, TP><<<grid(a.items.count), kThreads, 0, stream>>>(a);
+      check_launch("factored_vectors_kernel");
+    }
+    factored_moment_sums_kernel<A, TP><<<segment_grid, kThreads, 0, stream>>>(a);
+    check_launch("factored_moment_sums_kernel");
+  }
+  if (passes & kPassNorms) {
+    if (a.col_items > 0) {
+      factored_column_factors_kernel<A, TP><<<grid(a.col_items), kThreads, 0, stream>>>(a);
+      check_launch("factored_column_factors_kernel");
+    }
+    factored_row_means_kernel<A, TP><<<segment_blocks(a.segments), kThreads, 0, stream>>>(a);
+    check_launch("factored_row_means_kernel");
+    if (a.items.count > 0) {
+      factored_u2_kernel<A, TP><<<grid(a.items.count), kThreads, 0, stream>>>(a);
+      check_launch("factored_u2_kernel");
+    }
+    factored_u2_sums_kernel<A><<<segment_grid, kThreads, 0, stream>>>(a);
+    check_launch("factored_u2_sums_kernel");
+  }
+  if ((passes & kPassApply) && a.items.count > 0) {
+    factored_apply_kernel<A, TP><<<grid(a.items.count), kThreads, 0, stream>>>(a);
+    check_launch("factored_apply_kernel");
+  }
+}
+
+template <typename A, typename TP>
+void launch_typed(const StepParams<A>& a, const StepArgs& args, cudaStream_t stream) {
+  const int passes = args.passes;
+  double* segment_w2 = args.segment_w2;
+  double* segment_u2 = args.segment_u2;
   if constexpr (A::kKind == algo::Kind::kElementwise) {
     if (a.items.count > 0) {
       A::with_op(a.hyper, [&](auto op) {
@@ -373,9 +706,7 @@ void launch_typed(const StepParams<A>& a, int passes, double* segment_w2, double
     static_assert(algo::ScalarCount<A>::value == 0, "scalar states are for element-wise algorithms");
     launch_trust_ratio<A, TP>(a, passes, segment_w2, segment_u2, stream);
   } else {
-    // Factored algorithms have no CUDA driver yet: api.cu refuses them before any launch, and Python runs them on the
-    // reference backend on a GPU (fusedopt._backend.resolve).
-    throw std::invalid_argument("factored algorithms have no CUDA kernel");
+    launch_factored<A, TP>(a, passes, segment_w2, segment_u2, args.factor_sums, args.factor_sums_count, stream);
   }
 }
 
@@ -389,7 +720,8 @@ void launch_step(const FlatBuffers& b, const Segments& s, const DeviceWork& w, c
   a.grad = b.grad;
   bool aligned = aligned16(b.param) && aligned16(b.grad);
   for (int k = 0; k < algo::kMaxStates; ++k) {
-    a.states[k] = A::uses_state(h, k) ? b.states[k] : nullptr;
+    // A factored algorithm's slots are used by segment shape (its layout), not by configuration.
+    a.states[k] = A::uses_state(h, k) || A::kKind == algo::Kind::kFactored ? b.states[k] : nullptr;
     aligned = aligned && aligned16(a.states[k]);
   }
   a.master = b.param_dtype == kFloat32 || b.param_dtype == kFloat64 ? nullptr : b.master;
@@ -406,18 +738,26 @@ void launch_step(const FlatBuffers& b, const Segments& s, const DeviceWork& w, c
   a.grad_scale = args.grad_scale;
   a.d = d;
   a.partial_w = a.partial_u = a.segment_w2 = a.segment_u2 = nullptr;
+  a.offsets = s.offsets;
+  a.layout = w.factored;
+  a.row_first = w.factored != nullptr ? w.factored + s.count * kLayoutColumns : nullptr;
+  a.row_item = w.factored != nullptr ? a.row_first + s.count + 1 : nullptr;
+  a.row_items = w.row_items;
+  a.col_item = w.factored != nullptr ? a.row_item + 2 * w.row_items : nullptr;
+  a.col_items = w.col_items;
+  a.row_partial = a.factor_sums = nullptr;
   if (counts_step) {
     count_steps_kernel<<<segment_blocks(s.count), kThreads, 0, stream>>>(s.steps, s.active, s.count, d.found_inf);
     check_launch("count_steps_kernel");
   }
   if (b.param_dtype == kBFloat16)
-    launch_typed<A, bf16_t>(a, args.passes, args.segment_w2, args.segment_u2, stream);
+    launch_typed<A, bf16_t>(a, args, stream);
   else if (b.param_dtype == kFloat16)
-    launch_typed<A, fp16_t>(a, args.passes, args.segment_w2, args.segment_u2, stream);
+    launch_typed<A, fp16_t>(a, args, stream);
   else if (b.param_dtype == kFloat64)
-    launch_typed<A, double>(a, args.passes, args.segment_w2, args.segment_u2, stream);
+    launch_typed<A, double>(a, args, stream);
   else
-    launch_typed<A, float>(a, args.passes, args.segment_w2, args.segment_u2, stream);
+    launch_typed<A, float>(a, args, stream);
 }
 
 }  // namespace cuda

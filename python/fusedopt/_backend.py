@@ -50,14 +50,8 @@ def validate_backend(name: Any, argument: str = "backend") -> str:
     return name
 
 
-def has_cuda_kernel(algorithm: str | None) -> bool:
-    """Whether the compiled core runs `algorithm` on a GPU: factored algorithms (Adafactor) have CPU kernels only."""
-    return algorithm is None or _compiled is None or _compiled.ALGORITHMS[algorithm]["kind"] != "factored"
-
-
-def resolve(requested: str, device: torch.device, algorithm: str | None = None) -> str:
-    """The backend that runs buffers on `device` for a group that asked for `requested` (for `algorithm`, a name of
-    the compiled core's list, when it matters which).
+def resolve(requested: str, device: torch.device) -> str:
+    """The backend that runs buffers on `device` for a group that asked for `requested`.
 
     FUSEDOPT_BACKEND, when set, overrides the group's choice.
     """
@@ -80,7 +74,7 @@ def resolve(requested: str, device: torch.device, algorithm: str | None = None) 
                 _warned_fallback = True
             return "reference"
         if device.type == "cuda":
-            return "cuda" if cuda_built() and has_cuda_kernel(algorithm) else "reference"
+            return "cuda" if cuda_built() else "reference"
         return "cpu" if device.type == "cpu" else "reference"
     # An explicit request for a compiled backend must not silently run something else.
     if _compiled is None:
@@ -90,9 +84,6 @@ def resolve(requested: str, device: torch.device, algorithm: str | None = None) 
         )
     if requested == "cuda" and not cuda_built():
         raise RuntimeError("fusedopt: backend 'cuda' was requested but this build has no CUDA kernels")
-    if requested == "cuda" and not has_cuda_kernel(algorithm):
-        raise RuntimeError(f"fusedopt: {algorithm} has no CUDA kernel yet; backend 'auto' runs it on the GPU with the "
-                           "reference backend (plain torch operations)")
     if device.type != requested:
         raise ValueError(f"fusedopt: backend {requested!r} cannot update parameters on device {device}")
     return requested

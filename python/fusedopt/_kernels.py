@@ -219,6 +219,9 @@ def step(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[Tensor | 
     if segments.steps.device != (param.device if device_type == "cuda" else torch.device("cpu")):
         raise ValueError(f"Invalid segments: steps on {segments.steps.device} for a param on {param.device}")
     trust_ratio = ALGORITHMS[algorithm]["kind"] == "trust_ratio"
+    # A factored algorithm's layout, checked on the host (the CUDA kernels read a device copy of it).
+    layout, layout_ptr = (_layout_pointer(segments, states) if ALGORITHMS[algorithm]["kind"] == "factored"
+                          else (None, 0))
     if device_type == "cuda":
         _cuda_step(algorithm, param, grad, pointers, master_ptr, grad_code, state_code, segments, values, lr,
                    grad_scale, found_inf, trust_ratio, norm_reduce)
@@ -228,14 +231,14 @@ def step(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[Tensor | 
     _follow_torch_threads()
     buffers = (param.data_ptr(), grad.data_ptr(), *pointers, master_ptr, n, DTYPE_CODES[param.dtype], grad_code,
                state_code)
-    layout, layout_ptr = (_layout_pointer(segments, states) if ALGORITHMS[algorithm]["kind"] == "factored"
-                          else (None, 0))
     table = (segments.offsets.data_ptr(), segments.numels.data_ptr(), segments.steps.data_ptr(),
              segments.active.data_ptr(), len(segments), _scalars_pointer(algorithm, segments), layout_ptr)
     kernel = getattr(_C, algorithm)
     lr_value, scale = _float("lr", lr), _float("grad_scale", grad_scale)
     if layout is not None:
-        _factored_step(kernel, buffers, table, segments, values, lr_value, scale, norm_reduce)
+        _factored_passes(lambda passes, w2, u2, sums, count: kernel(*buffers, *table, values, lr_value, scale, passes,
+                                                                    w2, u2, sums, count),
+                         segments, torch.device("cpu"), norm_reduce)
         return
     if not trust_ratio or norm_reduce is None:
         kernel(*buffers, *table, values, lr_value, scale, PASS_MOMENTS | PASS_APPLY, 0, 0, 0, 0)
@@ -247,24 +250,25 @@ def step(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[Tensor | 
     kernel(*buffers, *table, values, lr_value, scale, PASS_APPLY, w2, u2, 0, 0)
 
 
-def _factored_step(kernel: Any, buffers: tuple, table: tuple, segments: Segments, values: list[float], lr: float,
-                   scale: float, norm_reduce: Callable[[Tensor], None] | None) -> None:
-    """A factored algorithm's step: one call, or on sharded parameters its three passes with the sums all-reduced
-    between them (the sums of squares of p with the row and column sums, then those of u)."""
+def _factored_passes(call: Callable[[int, int, int, int, int], None], segments: Segments, device: torch.device,
+                     norm_reduce: Callable[[Tensor], None] | None) -> None:
+    """A factored algorithm's step through `call(passes, w2, u2, factor_sums, count)`: one call, or on sharded
+    parameters its three passes with the sums all-reduced between them (the sums of squares of p with the row and
+    column sums, then those of u), in float64 on the buffers' device."""
     count = segments.factor_sums
     if norm_reduce is None:
-        kernel(*buffers, *table, values, lr, scale, PASS_MOMENTS | PASS_NORMS | PASS_APPLY, 0, 0, 0, count)
+        call(PASS_MOMENTS | PASS_NORMS | PASS_APPLY, 0, 0, 0, count)
         return
     n = len(segments)
-    sums = torch.zeros(2 * n + count, dtype=torch.float64)
+    sums = torch.zeros(2 * n + count, dtype=torch.float64, device=device)
     pointers = (sums.data_ptr(), sums.data_ptr() + 8 * n, sums.data_ptr() + 16 * n, count)
-    kernel(*buffers, *table, values, lr, scale, PASS_MOMENTS, *pointers)
+    call(PASS_MOMENTS, *pointers)
     norm_reduce(sums)  # p's sums of squares and the factor sums (u's are still zero)
-    kernel(*buffers, *table, values, lr, scale, PASS_NORMS, *pointers)
+    call(PASS_NORMS, *pointers)
     u2 = sums[n:2 * n].clone()
     norm_reduce(u2)
     sums[n:2 * n] = u2
-    kernel(*buffers, *table, values, lr, scale, PASS_APPLY, *pointers)
+    call(PASS_APPLY, *pointers)
 
 
 def _device_scalar(name: str, t: Tensor, device: torch.device, dtype: torch.dtype = torch.float32) -> int:
@@ -286,7 +290,7 @@ def _cuda_step(algorithm: str, param: Tensor, grad: Tensor, pointers: list[int],
     """The CUDA launch: device copies of the segment table, device scalars for whatever is a device tensor."""
     device = param.device
     _check_segments(segments, param.numel())  # the compiled CPU entry points check the table themselves
-    table = segments.on_device(device)
+    table = segments.on_device(device, factored=ALGORITHMS[algorithm]["kind"] == "factored")
     # lr and grad_scale on the device are of the compute dtype: a float32 copy would round a float64 step's values.
     scalar_dtype = compute_dtype(param.dtype)
     lr_ptr = (_device_scalar("lr", lr, device, scalar_dtype)
@@ -303,14 +307,20 @@ def _cuda_step(algorithm: str, param: Tensor, grad: Tensor, pointers: list[int],
             segments.steps.data_ptr(), table["active"].data_ptr(), len(segments),
             _scalars_pointer(algorithm, segments), table["work"].data_ptr(),
             int(table["items"]), values, lr_value, scale, lr_ptr, scale_ptr, found_ptr)
+    if "factored" in table:
+        factored = (table["factored"].data_ptr(), int(table["row_items"]), int(table["col_items"]))
+        _factored_passes(lambda passes, w2, u2, sums, count: kernel(*args, passes, w2, u2, *factored, sums, count,
+                                                                    index, stream),
+                         segments, device, norm_reduce)
+        return
     if not trust_ratio or norm_reduce is None:
-        kernel(*args, PASS_MOMENTS | PASS_APPLY, 0, 0, index, stream)
+        kernel(*args, PASS_MOMENTS | PASS_APPLY, 0, 0, 0, 0, 0, 0, 0, index, stream)
         return
     sums = torch.zeros(2, len(segments), dtype=torch.float64, device=device)
     w2, u2 = (sums[0].data_ptr(), sums[1].data_ptr()) if len(segments) else (0, 0)
-    kernel(*args, PASS_MOMENTS, w2, u2, index, stream)
+    kernel(*args, PASS_MOMENTS, w2, u2, 0, 0, 0, 0, 0, index, stream)
     norm_reduce(sums)  # every rank takes part, whatever its shard holds
-    kernel(*args, PASS_APPLY, w2, u2, index, stream)
+    kernel(*args, PASS_APPLY, w2, u2, 0, 0, 0, 0, 0, index, stream)
 
 
 def sum_of_squares(tensor: Tensor) -> tuple[float, bool]:

@@ -40,6 +40,8 @@ ALIGN_BYTES = 64
 ALIGN_ELEMENTS = ALIGN_BYTES // 2
 # fusedopt::kChunk: the kernels' work items never cross a multiple of it within a segment.
 CHUNK = 16384
+# Columns per column item of the CUDA factored kernels: a block of kThreads (256) threads, a column each.
+CUDA_COLUMNS = 256
 
 # fusedopt::Layout (api.h): lead, rows, cols, total_rows, row_var_at, col_var_at, variance_at, row_sum_at, col_sum_at,
 # numel, per segment of a factored algorithm.
@@ -139,6 +141,22 @@ class Segments:
         vectors[:, 9] = self.numels
         return vectors
 
+    def factored_items(self) -> tuple[Tensor, int, int]:
+        """The CUDA kernels' table of a factored algorithm (fusedopt::cuda::DeviceWork::factored): the layout, each
+        segment's first row item, the row items {segment, row} (one per row of its stack of matrices) and the column
+        items {segment, leading index, first column, end column} (up to CUDA_COLUMNS columns, a thread each); with
+        the numbers of row and column items."""
+        layout = self.layout_or_vectors()
+        row_first, rows, cols = [0], [], []
+        for k, (lead, n_rows, n_cols, total_rows) in enumerate(layout[:, :4].tolist()):
+            if total_rows > 0:
+                rows += [x for q in range(lead * n_rows) for x in (k, q)]
+                cols += [x for b in range(lead) for c0 in range(0, n_cols, CUDA_COLUMNS)
+                         for x in (k, b, c0, min(n_cols, c0 + CUDA_COLUMNS))]
+            row_first.append(len(rows) // 2)
+        table = torch.cat([layout.reshape(-1), torch.tensor(row_first + rows + cols, dtype=torch.int64)])
+        return table, len(rows) // 2, len(cols) // 4
+
     def ensure_scalars(self, count: int) -> Tensor:
         """The (segments, count) float32 table of per-segment scalar states, created (zeros) on first use."""
         if self.scalars is None or self.scalars.shape[1] != count:
@@ -152,9 +170,10 @@ class Segments:
     def any_active(self) -> bool:
         return any(self.flags)
 
-    def on_device(self, device: torch.device) -> dict[str, Tensor]:
+    def on_device(self, device: torch.device, factored: bool = False) -> dict[str, Tensor]:
         """Device copies for the CUDA kernels: the offsets/numels table and the work list over every segment (item
-        begin, end, segment, then each segment's first item), built once; the active flags, written each call.
+        begin, end, segment, then each segment's first item), and with `factored` the layout of a factored algorithm
+        with its row and column items (`factored_items`), built once; the active flags, written each call.
 
         Nothing here waits for the GPU. Under CUDA graph capture nothing can be copied from host memory, so the
         tables must exist before the capture (any eager step builds them, or a call of this method), and the flags are
@@ -182,6 +201,13 @@ class Segments:
                       "work": work.pin_memory().to(device, non_blocking=True),
                       "items": torch.tensor(len(begin)), "active": torch.zeros_like(self.active, device=device)}
             self._on_device[device] = cached
+        if factored and "factored" not in cached:
+            if capturing:
+                raise RuntimeError("fusedopt: the device copy of a factored layout is built on its first CUDA step, "
+                                   "which cannot be captured in a CUDA graph: take one step before capturing")
+            table, row_items, col_items = self.factored_items()
+            cached["factored"] = table.pin_memory().to(device, non_blocking=True)
+            cached["row_items"], cached["col_items"] = torch.tensor(row_items), torch.tensor(col_items)
         if not capturing:
             cached["active"].copy_(self.active, non_blocking=True)
             return cached

@@ -26,6 +26,13 @@ struct Launch {
 struct DeviceWork {
   const int64_t* work = nullptr;
   int64_t items = 0;
+  // Factored algorithms only: one int64 array [layout (segment count x kLayoutColumns, api.h Layout) | row_first
+  // (segment count + 1) | row items {segment, row} (row_items) | column items {segment, leading index, first column,
+  // end column} (col_items)] over every segment, active or not; segment s owns row items row_first[s] ..
+  // row_first[s+1]-1, rows 0 .. lead*rows-1 of its stack of matrices (Segments.on_device builds it once per table).
+  const int64_t* factored = nullptr;
+  int64_t row_items = 0;
+  int64_t col_items = 0;
 };
 
 // Optional device-memory scalars read by the kernels (null: absent). lr and grad_scale are of the compute type of the

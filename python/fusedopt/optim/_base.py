@@ -200,7 +200,7 @@ class FusedOptimizer(Optimizer):
         for old in self._flat_groups[index]:
             old.close()
         self._flat_groups[index] = buffers
-        self._backends[index] = [resolve(group["backend"], b.device, self.spec.kernel) for b in buffers]
+        self._backends[index] = [resolve(group["backend"], b.device) for b in buffers]
         # What a step checks to notice `param_groups[i]["params"]` replaced or edited in place.
         self._group_params[index:index + 1] = [(params, len(params))]
 
