@@ -29,9 +29,10 @@ constexpr const char* kStepDoc =
     "One step over a flat buffer set (pointers as ints, 0 for absent buffers): param, grad, three state slots, "
     "master, n, param/grad/state dtype codes; the segment table (int64 offsets and numels, float32 steps counted "
     "by the call, uint8 active flags, count, float32 (count, len(scalars)) scalar states or 0 for an algorithm "
-    "without them), int64 (count, 9) layout of a factored algorithm or 0 (api.h Layout); the algorithm's hyperparameters in algorithms()[name]['fields'] order; "
-    "lr, grad_scale; for trust-ratio and factored algorithms the passes and per-segment float64 sums (0: scratch); for factored ones "
-    "the float64 row and column sums and their count (0: scratch).";
+    "without them), int64 (count, 10) layout of a factored algorithm or 0 (api.h Layout); the algorithm's "
+    "hyperparameters in algorithms()[name]['fields'] order; lr, grad_scale; for trust-ratio and factored algorithms "
+    "the passes and per-segment float64 sums (0: scratch); for factored ones the float64 row and column sums and "
+    "their count (0: scratch).";
 
 template <typename A>
 py::dict describe() {

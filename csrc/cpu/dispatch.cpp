@@ -200,9 +200,9 @@ WorkList work_list(const char* algo_name, int64_t n, const Segments& s, bool nee
   return l;
 }
 
-// Factored algorithms: checks the layout table (api.h Layout) and the passes, then lists the row items (whole rows,
-// about kChunk elements each) and column items (kColumnBlock columns of one leading index) of the active factored
-// segments. The partition depends on the layout alone.
+// Factored algorithms: checks the layout table (api.h Layout; checks::check_passes checks the passes), then lists
+// the row items (whole rows, about kChunk elements each) and column items (kColumnBlock columns of one leading index)
+// of the active factored segments. The partition depends on the layout alone.
 struct FactoredItems {
   std::vector<int64_t> row_item, row_first, col_item;
 };
@@ -211,13 +211,6 @@ template <typename A>
 FactoredItems factored_items(const char* algo_name, const FlatBuffers& b, const Segments& s, const StepArgs& args) {
   auto state_name = [](int slot) { return std::string(A::kStates[slot]); };
   const std::string a(algo_name);
-  const int all = kPassMoments | kPassNorms | kPassApply;
-  if (args.passes != all && args.passes != kPassMoments && args.passes != kPassNorms && args.passes != kPassApply)
-    fail(a + ": Invalid passes: " + std::to_string(args.passes) + " (expected 7, or one of 1, 4 and 2)");
-  if (args.passes != all && s.count > 0 &&
-      (args.segment_w2 == nullptr || args.segment_u2 == nullptr || args.factor_sums == nullptr))
-    fail(a + ": separate passes need the per-segment sums and the factor sums");
-  if (args.factor_sums_count < 0) fail(a + ": Invalid factor sums count: " + std::to_string(args.factor_sums_count));
   if (s.count > 0 && s.layout == nullptr) fail(a + ": segment layout must not be null (a factored algorithm)");
   FactoredItems f;
   f.row_first.push_back(0);

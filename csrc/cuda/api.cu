@@ -69,19 +69,13 @@ void check_scalars(const std::string& fn, const FlatBuffers& b, const DeviceScal
   check_aligned(fn, "segment_u2", args.segment_u2, 8);
 }
 
-// Factored algorithms: the passes, the device array of layout and items, the row and column sums, the compact state
-// buffers (their contents live in device memory: python/fusedopt/_kernels.py checks the layout on its host copy).
+// Factored algorithms (checks::check_passes checks the passes): the device array of layout and items, the row and
+// column sums, the compact state buffers. Their contents live in device memory: python/fusedopt/_kernels.py checks
+// the layout on its host copy.
 template <typename A>
 void check_factored(const std::string& fn, const FlatBuffers& b, const Segments& s, const DeviceWork& w,
                     const StepArgs& args) {
-  const int all = kPassMoments | kPassNorms | kPassApply;
-  if (args.passes != all && args.passes != kPassMoments && args.passes != kPassNorms && args.passes != kPassApply)
-    fail(fn + ": Invalid passes: " + std::to_string(args.passes) + " (expected 7, or one of 1, 4 and 2)");
-  if (args.passes != all && s.count > 0 &&
-      (args.segment_w2 == nullptr || args.segment_u2 == nullptr || args.factor_sums == nullptr))
-    fail(fn + ": separate passes need the per-segment sums and the factor sums");
-  if (w.row_items < 0 || w.col_items < 0 || args.factor_sums_count < 0)
-    fail(fn + ": Invalid item or factor sum count");
+  if (w.row_items < 0 || w.col_items < 0) fail(fn + ": Invalid row or column item count");
   if (s.count > 0 && w.factored == nullptr) fail(fn + ": factored pointer is null (a factored algorithm)");
   check_aligned(fn, "factored", w.factored, 8);
   check_aligned(fn, "factor_sums", args.factor_sums, 8);

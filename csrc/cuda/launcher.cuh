@@ -350,7 +350,8 @@ __device__ __forceinline__ compute_t<TP> factored_direction(const StepParams<A>&
   const int64_t* row = a.layout + s * kLayoutColumns;
   const C g = load_grad<TP>(a.grad, a.grad_fp32, i) * c.grad_scale;
   const int64_t local = i - a.offsets[s];
-  if (row[kTotalRows] == 0) return A::direction(c, g, load_state<TP>(a.states[2], a.state_fp32, row[kVarianceAt] + local));
+  if (row[kTotalRows] == 0)
+    return A::direction(c, g, load_state<TP>(a.states[2], a.state_fp32, row[kVarianceAt] + local));
   const int64_t cols = row[kCols], q = local / cols, j = local - q * cols, lead = q / row[kRows];
   const C row_factor = load_state<TP>(a.states[0], a.state_fp32, row[kRowVarAt] + q);
   const C col_factor = load_state<TP>(a.states[1], a.state_fp32, row[kColVarAt] + lead * cols + j);

@@ -19,8 +19,8 @@ namespace fusedopt {
 namespace algo {
 
 // Which driver runs an algorithm: one pass of Op over every element; two passes with per-segment norms between them
-// (trust ratios); or reductions over the rows and columns of each parameter into compact state buffers, then per-segment
-// norms, then the update (factored second moments, laid out by Segments::layout).
+// (trust ratios); or reductions over the rows and columns of each parameter into compact state buffers, then
+// per-segment norms, then the update (factored second moments, laid out by Segments::layout).
 enum class Kind : int { kElementwise = 0, kTrustRatio = 1, kFactored = 2 };
 
 // At most this many per-element state slots (FlatBuffers::states).

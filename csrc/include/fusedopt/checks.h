@@ -86,6 +86,16 @@ bool counts_step(const StepArgs& args) {
 // their sums there.
 template <typename A>
 void check_passes(const std::string& fn, int64_t segment_count, const StepArgs& args) {
+  if (A::kKind == algo::Kind::kFactored) {  // 7, or one pass at a time with the caller's sums
+    const int all = kPassMoments | kPassNorms | kPassApply;
+    if (args.passes != all && args.passes != kPassMoments && args.passes != kPassNorms && args.passes != kPassApply)
+      fail(fn + ": Invalid passes: " + std::to_string(args.passes) + " (expected 7, or one of 1, 4 and 2)");
+    if (args.passes != all && segment_count > 0 &&
+        (args.segment_w2 == nullptr || args.segment_u2 == nullptr || args.factor_sums == nullptr))
+      fail(fn + ": separate passes need the per-segment sums and the factor sums");
+    if (args.factor_sums_count < 0) fail(fn + ": Invalid factor sums count: " + std::to_string(args.factor_sums_count));
+    return;
+  }
   if (A::kKind != algo::Kind::kTrustRatio) return;
   if (args.passes < kPassMoments || args.passes > (kPassMoments | kPassApply))
     fail(fn + ": Invalid passes: " + std::to_string(args.passes) + " (expected 1, 2 or 3)");
