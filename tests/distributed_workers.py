@@ -230,16 +230,18 @@ def run_fsdp(rank: int, world: int, results: dict[str, Any]) -> None:
                              for p, t in zip(params, twins)]
 
 
-def run_checkpoint(rank: int, world: int, results: dict[str, Any], directory: str, phase: str) -> None:
-    """Train on `world` ranks with FSDP2 + the example optimizer (clipping), saving and loading with
-    torch.distributed.checkpoint.
+def run_checkpoint(rank: int, world: int, results: dict[str, Any], directory: str, phase: str,
+                   name: str = CLIP) -> None:
+    """Train on `world` ranks with FSDP2 + optimizer `name` of OPTIMIZERS (default: the example with clipping), saving
+    and loading with torch.distributed.checkpoint.
 
     phase "save2": steps 0-9, save, steps 10-19. phase "load1": load the 2-rank checkpoint, steps 10-14, save,
     steps 15-19. phase "load2": load the 1-rank checkpoint, steps 15-19.
     """
     data = make_data()
     model = fsdp_model(world=world)
-    opt = EXAMPLE.cls(model.parameters(), **OPTIMIZERS[CLIP][1])
+    cls, kwargs = OPTIMIZERS[name]
+    opt = cls(model.parameters(), **kwargs)
 
     def save(name: str) -> None:
         model_sd, optim_sd = get_state_dict(model, opt)
@@ -281,8 +283,9 @@ def worker(rank: int, world: int, store_path: str, out_dir: str, scenarios: list
                 run_zero(rank, world, results)
             elif kind == "fsdp":
                 run_fsdp(rank, world, results)
-            elif kind == "checkpoint":
-                run_checkpoint(rank, world, results, out_dir, arg)
+            elif kind == "checkpoint":  # checkpoint:PHASE or checkpoint:PHASE:OPTIMIZER
+                phase, _, name = arg.partition(":")
+                run_checkpoint(rank, world, results, out_dir, phase, name or CLIP)
             else:
                 raise ValueError(f"unknown scenario {scenario!r}")
         torch.save(results, os.path.join(out_dir, f"{'-'.join(scenarios)}.rank{rank}.pt"))

@@ -124,15 +124,17 @@ def test_zero_redundancy_optimizer(distributed_results: dict[str, Any], oracles:
     assert distributed_results["zero/state_steps"] == [20.0]
 
 
-def test_checkpoint_reshards_between_rank_counts(oracles: dict[str, Any]) -> None:
+@pytest.mark.parametrize("name", [CLIP, "Adafactor"])
+def test_checkpoint_reshards_between_rank_counts(oracles: dict[str, Any], name: str) -> None:
     """torch.distributed.checkpoint: 2 ranks save at step 10 and 1 rank continues; 1 rank saves at step 15 and
-    2 ranks continue. Every path ends where uninterrupted training (and single-process torch.optim) ends."""
+    2 ranks continue. Every path ends where uninterrupted training (and single-process torch.optim) ends. Adafactor:
+    its row factors are sharded with the rows, its column factors replicated, and both reshard."""
     with tempfile.TemporaryDirectory() as out_dir:
-        saved2 = spawn(["checkpoint:save2"], 2, out_dir)[0]
-        loaded1 = spawn(["checkpoint:load1"], 1, out_dir)[0]
-        loaded2 = spawn(["checkpoint:load2"], 2, out_dir)[0]
+        saved2 = spawn([f"checkpoint:save2:{name}"], 2, out_dir)[0]
+        loaded1 = spawn([f"checkpoint:load1:{name}"], 1, out_dir)[0]
+        loaded2 = spawn([f"checkpoint:load2:{name}"], 2, out_dir)[0]
     assert loaded1["load1/step"] == 10.0
-    expected = oracles[CLIP]
+    expected = oracles[name]
     assert_same_model(saved2["checkpoint/save2"], expected, "fp32_trajectory")
     assert_same_model(loaded1["checkpoint/load1"], saved2["checkpoint/save2"], "fp32_trajectory")
     assert_same_model(loaded2["checkpoint/load2"], saved2["checkpoint/save2"], "fp32_trajectory")

@@ -67,7 +67,8 @@ def shard_offset(p: Tensor) -> tuple[int, ...]:
 
 
 def local_values(value: Tensor, p: Tensor) -> Tensor:
-    """A loaded state tensor as this rank's part of parameter `p`: a DTensor is redistributed like `p`."""
+    """A loaded state tensor as this rank's part of `p` (a parameter, or a state placed its own way, such as a
+    replicated column factor): a DTensor is redistributed like `p`."""
     if is_dtensor(value):
         if not is_dtensor(p):
             return value.full_tensor()

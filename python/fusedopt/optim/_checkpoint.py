@@ -109,8 +109,8 @@ def adopt(optimizer: Any, group: dict[str, Any], buf: FlatBuffer, originals: dic
                 if buf.master is not None:
                     buf.region(buf.master, i).copy_(local_values(value, p).reshape(-1))
             elif isinstance(value, Tensor) and key in state:
-                own = local_tensor(state[key])
-                own.copy_(local_values(value, p).reshape(own.shape))
+                own = local_tensor(state[key])  # placed like the state (a replicated column factor), not like p
+                own.copy_(local_values(value, state[key]).reshape(own.shape))
             elif key not in state:
                 dict.__setitem__(state, key, value)
         if buf.master is not None and "master_param" not in loaded:
