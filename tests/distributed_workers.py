@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 STEPS = 20
@@ -204,6 +204,12 @@ def run_fsdp(rank: int, world: int, results: dict[str, Any]) -> None:
     train(model, opt, make_factored_data(), rank, world)
     results["fsdp_factored/model"] = full_state(model)
     results["fsdp_factored/head_col_var"] = opt.state[model.head.weight]["col_var"].full_tensor().clone()
+    # Columns split across ranks: the factors could not be combined, so the optimizer is refused.
+    split_columns = nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+    try:
+        fusedopt.Adafactor([split_columns])
+    except NotImplementedError as error:
+        results["fsdp_factored/refused"] = str(error)
 
     # Mixed precision (bf16 compute, fp32 reduce): fusedopt and torch.optim under the same FSDP2 engine.
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

@@ -90,6 +90,7 @@ def test_fsdp2_adafactor_factors_combine_across_shards(distributed_results: dict
         opt.zero_grad()
     assert_close(distributed_results["fsdp_factored/head_col_var"], opt.state[model.head.weight]["col_var"],
                  "fp32_trajectory")
+    assert "sharded along their first dimension" in distributed_results["fsdp_factored/refused"]
 
 
 def test_fsdp2_states_are_dtensors(distributed_results: dict[str, Any]) -> None:

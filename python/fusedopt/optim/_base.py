@@ -178,7 +178,8 @@ class FusedOptimizer(Optimizer):
         try:
             check_flattenable(params)
             check_dtypes(params, group)
-        except (ValueError, TypeError):
+            self.spec.check_sharding(params)
+        except (ValueError, TypeError, NotImplementedError):
             self.param_groups.pop()  # a rejected group leaves the optimizer as it was
             raise
         self._flat_groups.append([])
@@ -223,6 +224,7 @@ class FusedOptimizer(Optimizer):
                 group["params"] = list(group["params"])
             check_flattenable(group["params"])
             check_dtypes(group["params"], group)
+            self.spec.check_sharding(group["params"])
             kept = {id(p): {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in dict.get(self.state, p).items()}
                     for p in group["params"] if dict.get(self.state, p)}
             self._build_group(index)

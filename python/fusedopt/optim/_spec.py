@@ -4,7 +4,7 @@ holds torch's signature and defaults; the spec holds everything else, and the ba
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -119,17 +119,27 @@ class Spec:
                 return s.shape_for(param_shape)
         return param_shape
 
-    def fill_layout(self, buf: FlatBuffer) -> None:
-        """Give a factored algorithm's segment table its layout (where each parameter's compact states lie); nothing
-        for the others."""
-        if not any(s.shape is not None for s in self.states):
+    def factored(self) -> bool:
+        """Whether some state is not shaped like its parameter (a factored algorithm: Adafactor)."""
+        return any(s.shape is not None for s in self.states)
+
+    def check_sharding(self, params: Iterable[Any]) -> None:
+        """Refuse shards a factored algorithm cannot combine: its sums are all-reduced by leading index or row, so a
+        DTensor parameter must be split along its first dimension, over one mesh dimension (FSDP2's default)."""
+        if not self.factored():
             return
-        for p in buf.params:  # sums are all-reduced by leading index or row: shards must split the first dimension
+        for p in params:
             placements = getattr(p, "placements", ())
             if any(pl.is_shard() and pl.dim != 0 for pl in placements) or \
                     sum(pl.is_shard() for pl in placements) > 1:
                 raise NotImplementedError(f"fusedopt: {self.kernel} supports parameters sharded along their first "
                                           f"dimension on one mesh dimension (FSDP2's default), got {placements}")
+
+    def fill_layout(self, buf: FlatBuffer) -> None:
+        """Give a factored algorithm's segment table its layout (where each parameter's compact states lie); nothing
+        for the others."""
+        if not self.factored():
+            return
         buf.segments.layout, buf.segments.factor_sums = buf.factored_layout(
             [s.shape for s in self.states])  # type: ignore[misc]
 
