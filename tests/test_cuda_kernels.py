@@ -18,7 +18,7 @@ from typing import Any
 import fusedopt
 import pytest
 import torch
-from cases import ALGORITHMS, ROWS, warm_state
+from cases import ALGORITHMS, ROWS, TABLE, warm_state
 from fusedopt import functional
 from fusedopt.flat import CHUNK, Segments
 from tolerances import assert_close, tolerance
@@ -610,3 +610,47 @@ def test_buffer_over_2_pow_31_elements() -> None:
     total16, _ = device_sum_of_squares(half)
     expected16 = sum(float(half[i:i + chunk].float().square().double().sum()) for i in range(0, n, chunk))
     assert math.isclose(total16, expected16, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,master,state_dtype", [(torch.float32, False, torch.float32),
+                                                        (torch.float32, False, torch.bfloat16),
+                                                        (torch.bfloat16, True, torch.float32),
+                                                        (torch.float64, False, None)],
+                         ids=["fp32", "fp32-bf16-states", "bf16-master", "fp64"])
+def test_adafactor_factored_shapes_match_the_cpu_kernel(dtype: torch.dtype, master: bool,
+                                                         state_dtype: torch.dtype | None) -> None:
+    """Adafactor's factored kernels on the GPU against the CPU kernel, each step re-anchored on the GPU's values: 0-D to
+    4-D parameters (rows spanning work items, a row longer than a block), every state at the precision of its dtype;
+    and the step never waits for the host."""
+    from test_adafactor import SHAPES  # noqa: PLC0415 (shared shapes, only once a GPU is here)
+
+    row = TABLE[fusedopt.Adafactor]
+    kwargs = {**row.cases[-1].kwargs, "master_weights": master, "state_dtype": state_dtype}
+    gen = torch.Generator().manual_seed(0)
+    draw = torch.float64 if dtype == torch.float64 else torch.float32
+    init = [torch.randn(shape, generator=gen, dtype=draw).to(dtype) for shape in SHAPES]
+    ours = [torch.nn.Parameter(t.cuda()) for t in init]
+    theirs = [torch.nn.Parameter(t.clone()) for t in init]
+    gpu, cpu = row.cls(ours, **kwargs), row.cls(theirs, backend="cpu", **kwargs)
+    assert gpu._backends == [["cuda"]]
+    for step in range(6):
+        for p, q in zip(ours, theirs):
+            g = torch.randn(q.shape, generator=gen, dtype=draw).to(dtype)
+            p.grad, q.grad = g.cuda(), g
+        if step > 0:
+            with no_host_sync():
+                gpu.step()
+        else:
+            gpu.step()
+        cpu.step()
+        for k, (p, q) in enumerate(zip(ours, theirs)):
+            tol = torch.bfloat16 if state_dtype == torch.bfloat16 else dtype
+            assert_close(p.cpu(), q, tol, msg=f"step {step}, parameter {k}")
+            for name, value in cpu.state[q].items():
+                assert_close(gpu.state[p][name].cpu(), value, tol, msg=f"step {step}, parameter {k}: {name}")
+        with torch.no_grad():  # re-anchor on the GPU's values
+            for p, q in zip(ours, theirs):
+                if not master:
+                    q.copy_(p.cpu())
+                for name, value in gpu.state[p].items():
+                    cpu.state[q][name].copy_(value.cpu())

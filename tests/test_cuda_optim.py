@@ -10,7 +10,7 @@ import copy
 import fusedopt
 import pytest
 import torch
-from cases import TABLE, TORCH_ROWS, Algorithm, row_params
+from cases import TORCH_ROWS, Algorithm, row_params
 from test_device_decisions import CASES, make_params
 from tolerances import assert_close
 from torch import nn
@@ -205,50 +205,6 @@ def test_captured_training_step_replays_like_eager_steps(name: str) -> None:
     for p, q in zip(model.parameters(), twin.parameters()):
         for key, value in eager.state[q].items():
             assert_close(opt.state[p][key].float(), value.float(), "fp32_trajectory", msg=key)
-
-
-@pytest.mark.parametrize("dtype,master,state_dtype", [(torch.float32, False, torch.float32),
-                                                        (torch.float32, False, torch.bfloat16),
-                                                        (torch.bfloat16, True, torch.float32),
-                                                        (torch.float64, False, None)],
-                         ids=["fp32", "fp32-bf16-states", "bf16-master", "fp64"])
-def test_adafactor_factors_on_the_gpu_match_the_cpu_kernel(dtype: torch.dtype, master: bool,
-                                                            state_dtype: torch.dtype | None) -> None:
-    """Adafactor's factored kernels on the GPU against the CPU kernel, each step re-anchored on the GPU's values: 0-D to
-    4-D parameters (rows spanning work items, a row longer than a block), every state at the precision of its dtype;
-    and the step never waits for the host."""
-    from test_adafactor import SHAPES  # noqa: PLC0415 (shared shapes, only once a GPU is here)
-
-    row = TABLE[fusedopt.Adafactor]
-    kwargs = {**row.cases[-1].kwargs, "master_weights": master, "state_dtype": state_dtype}
-    gen = torch.Generator().manual_seed(0)
-    draw = torch.float64 if dtype == torch.float64 else torch.float32
-    init = [torch.randn(shape, generator=gen, dtype=draw).to(dtype) for shape in SHAPES]
-    ours = [torch.nn.Parameter(t.cuda()) for t in init]
-    theirs = [torch.nn.Parameter(t.clone()) for t in init]
-    gpu, cpu = row.cls(ours, **kwargs), row.cls(theirs, backend="cpu", **kwargs)
-    assert gpu._backends == [["cuda"]]
-    for step in range(6):
-        for p, q in zip(ours, theirs):
-            g = torch.randn(q.shape, generator=gen, dtype=draw).to(dtype)
-            p.grad, q.grad = g.cuda(), g
-        if step > 0:
-            with no_host_sync():
-                gpu.step()
-        else:
-            gpu.step()
-        cpu.step()
-        for k, (p, q) in enumerate(zip(ours, theirs)):
-            tol = torch.bfloat16 if state_dtype == torch.bfloat16 else dtype
-            assert_close(p.cpu(), q, tol, msg=f"step {step}, parameter {k}")
-            for name, value in cpu.state[q].items():
-                assert_close(gpu.state[p][name].cpu(), value, tol, msg=f"step {step}, parameter {k}: {name}")
-        with torch.no_grad():  # re-anchor on the GPU's values
-            for p, q in zip(ours, theirs):
-                if not master:
-                    q.copy_(p.cpu())
-                for name, value in gpu.state[p].items():
-                    cpu.state[q][name].copy_(value.cpu())
 
 
 def test_clip_grad_norm_stays_on_the_gpu_and_matches_torch() -> None:
