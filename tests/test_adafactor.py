@@ -162,3 +162,30 @@ def test_same_bits_for_every_thread_count() -> None:
         finally:
             fusedopt.set_num_threads(None)
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_layouts_that_do_not_fit_are_refused_before_any_write() -> None:
+    """The segment layout is checked against the compact state buffers (once per layout and buffer lengths): a matrix
+    that is not lead x rows x cols, or factors beyond a buffer's end, raise and change nothing."""
+    from fusedopt import functional  # noqa: PLC0415
+    from fusedopt.flat import Segments  # noqa: PLC0415
+
+    table = Segments.packed([12])
+    param, grad = torch.randn(table.total), torch.randn(table.total)
+    row_var, col_var, variance = torch.rand(3) + 0.1, torch.rand(4) + 0.1, torch.rand(0)
+    table.layout = torch.tensor([[1, 3, 4, 3, 0, 0, 0, 0, 3, 12]], dtype=torch.int64)
+    table.factor_sums = 7
+    hyper = ROW.hyper(ROW.cases[0].kwargs)
+    before = [t.clone() for t in (param, row_var, col_var)]
+    functional.update("adafactor", param, grad, [row_var, col_var, variance], None, table, hyper=hyper, lr=1e-2,
+                      backend="cpu")
+    assert not torch.equal(param, before[0]) and not torch.equal(row_var, before[1])
+    for bad, message in (([1, 3, 5, 3, 0, 0, 0, 0, 3, 12], "is not 1 x 3 x 5"),
+                         ([1, 3, 4, 3, 1, 0, 0, 0, 3, 12], "needs elements \\[1, 4\\) of state slot 0")):
+        table.layout = torch.tensor([bad], dtype=torch.int64)
+        after = [t.clone() for t in (param, row_var, col_var)]
+        with pytest.raises(ValueError, match=message):
+            functional.update("adafactor", param, grad, [row_var, col_var, variance], None, table, hyper=hyper,
+                              lr=1e-2, backend="cpu")
+        assert all(torch.equal(a, b) for a, b in zip(after, (param, row_var, col_var)))
+    assert table.steps.tolist() == [1.0]

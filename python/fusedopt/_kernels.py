@@ -115,12 +115,17 @@ def _layout_pointer(segments: Segments, states: Sequence[Tensor | None]) -> tupl
     """The checked layout of a factored algorithm (kept alive by the caller) and its pointer: every segment's shape
     fits its numel and its regions lie inside the compact state buffers and the factor sums (api.h Layout)."""
     layout = segments.layout_or_vectors()
+    lengths = [0 if t is None else t.numel() for t in list(states) + [None] * (3 - len(states))]
+    # An optimizer's layout never changes and its state buffers keep their lengths: checked once (a step of 200
+    # parameters spent a seventh of its time here).
+    key = (id(layout), *lengths)
+    if segments.layout is not None and segments.layout_checked == key:
+        return layout, layout.data_ptr()
     if layout.dtype != torch.int64 or tuple(layout.shape) != (len(segments), LAYOUT_COLUMNS) \
             or not layout.is_contiguous() or layout.device.type != "cpu":
         raise ValueError(f"Invalid segments.layout: expected a contiguous int64 CPU tensor of shape "
                          f"({len(segments)}, {LAYOUT_COLUMNS}), got {layout.dtype} {tuple(layout.shape)} on "
                          f"{layout.device}")
-    lengths = [0 if t is None else t.numel() for t in list(states) + [None] * (3 - len(states))]
     for k, (row, numel) in enumerate(zip(layout.tolist(), segments.numels.tolist())):
         lead, rows, cols, total_rows, *at = row[:7]
         if total_rows > 0:
@@ -134,6 +139,8 @@ def _layout_pointer(segments: Segments, states: Sequence[Tensor | None]) -> tupl
             if at[slot] < 0 or (size and at[slot] + size > lengths[slot]):
                 raise ValueError(f"Invalid segments.layout: segment {k} needs elements [{at[slot]}, "
                                  f"{at[slot] + size}) of state slot {slot}, which holds {lengths[slot]}")
+    if segments.layout is not None:
+        segments.layout_checked = key
     return layout, layout.data_ptr()
 
 

@@ -111,6 +111,7 @@ class Segments:
         self.scalars: Tensor | None = None
         self.layout: Tensor | None = None
         self.factor_sums = 0
+        self.layout_checked: tuple[int, ...] | None = None  # what _kernels last checked `layout` against
         self.flags = array.array("B", bytes(len(offsets)))
         self.active: Tensor = torch.frombuffer(self.flags, dtype=torch.uint8) if len(offsets) else \
             torch.zeros(0, dtype=torch.uint8)
