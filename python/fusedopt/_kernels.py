@@ -225,10 +225,10 @@ def step(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[Tensor | 
     n = param.numel()
     if segments.steps.device != (param.device if device_type == "cuda" else torch.device("cpu")):
         raise ValueError(f"Invalid segments: steps on {segments.steps.device} for a param on {param.device}")
-    trust_ratio = ALGORITHMS[algorithm]["kind"] == "trust_ratio"
+    kind = ALGORITHMS[algorithm]["kind"]
+    trust_ratio = kind == "trust_ratio"
     # A factored algorithm's layout, checked on the host (the CUDA kernels read a device copy of it).
-    layout, layout_ptr = (_layout_pointer(segments, states) if ALGORITHMS[algorithm]["kind"] == "factored"
-                          else (None, 0))
+    layout, layout_ptr = _layout_pointer(segments, states) if kind == "factored" else (None, 0)
     if device_type == "cuda":
         _cuda_step(algorithm, param, grad, pointers, master_ptr, grad_code, state_code, segments, values, lr,
                    grad_scale, found_inf, trust_ratio, norm_reduce)

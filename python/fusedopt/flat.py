@@ -308,10 +308,9 @@ class FlatBuffer:
             self.param.share_memory_()
             self.grad.share_memory_()
         self.state: dict[str, Tensor] = {}
-        # States not shaped like their parameters (StateShape): each such state's per-parameter offsets and shapes in
-        # its own compact buffer. The others share the parameters' offsets.
-        self.state_layouts: dict[str, tuple[list[int], list[torch.Size | None]]] = {}
-        self._state_shape_fns: dict[str, StateShape] = {}
+        # States not shaped like their parameters: each such state's StateShape and its per-parameter offsets and
+        # shapes in its own compact buffer (`compact_layout`). The others share the parameters' offsets.
+        self.state_layouts: dict[str, tuple[StateShape, list[int], list[torch.Size | None]]] = {}
         # The segment table the kernels read. Step counts are float32, one per parameter; state[p]["step"] are 0-d views
         # into them (torch.optim's layout). On the GPU they live on the device, as torch.optim's fused/capturable
         # steps do, so that a step skipped on the device (AMP found_inf, skip_nonfinite) is not counted and nothing
@@ -378,7 +377,7 @@ class FlatBuffer:
         layout = self.state_layouts.get(name)
         if layout is None:
             return self.region(flat, i)
-        offsets, shapes = layout
+        _, offsets, shapes = layout
         shape = shapes[i]
         return None if shape is None else flat[offsets[i]:offsets[i] + shape.numel()]
 
@@ -392,10 +391,11 @@ class FlatBuffer:
         if layout is None:
             view = region.view(self.shapes[i])
             return view if not self.sharded else state_as_dtensor(view, self.params[i])
-        view = region.view(layout[1][i])
+        shape_of, _, shapes = layout
+        view = region.view(shapes[i])
         if not self.sharded:
             return view
-        return state_as_dtensor(view, self.params[i], self._state_shape_fns[name](self.params[i].shape))
+        return state_as_dtensor(view, self.params[i], shape_of(self.params[i].shape))
 
     # States ------------------------------------------------------------------------------------------------
 
@@ -410,10 +410,8 @@ class FlatBuffer:
                                 "torch.float64)")
             total = self.total
             if shape is not None:
-                self._state_shape_fns[name] = shape
-                shapes = [shape(s) for s in self.shapes]
-                offsets, total = packed_offsets([0 if s is None else s.numel() for s in shapes])
-                self.state_layouts[name] = (offsets, shapes)
+                offsets, shapes, total = self.compact_layout(shape)
+                self.state_layouts[name] = (shape, offsets, shapes)
             flat = _allocate(total, dtype, self.device)
             self.state[name] = flat
             if fill != 0.0:
@@ -423,14 +421,20 @@ class FlatBuffer:
                         region.fill_(fill)
         return flat
 
+    def compact_layout(self, shape: StateShape) -> tuple[list[int], list[torch.Size | None], int]:
+        """Where each parameter's state of StateShape `shape` lies in a compact buffer: offsets, shapes (None: the
+        parameter keeps none) and the buffer's length."""
+        shapes = [shape(s) for s in self.shapes]
+        offsets, total = packed_offsets([0 if s is None else s.numel() for s in shapes])
+        return offsets, shapes, total
+
     def factored_layout(self, shapes: Sequence[StateShape]) -> tuple[Tensor, int]:
         """The segment layout of a factored algorithm whose slots (row factors, column factors, variance) have these
         StateShapes, and the length of the row and column sums it needs (api.h Layout). Offsets in the slots are
         those `ensure_state` lays out. A parameter of two or more dimensions is a stack of matrices over its last two;
         its row and column sums are placed by the leading index in the whole parameter, so that the shards of one
         parameter add up the same entries when the sums are all-reduced."""
-        slot_offsets = [packed_offsets([0 if s is None else s.numel() for s in (shape(p) for p in self.shapes)])[0]
-                        for shape in shapes]
+        slot_offsets = [self.compact_layout(shape)[0] for shape in shapes]
         table, sums = [], 0
         for i, (local, numel) in enumerate(zip(self.shapes, self.numels)):
             whole = self.params[i].shape
