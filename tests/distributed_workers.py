@@ -78,6 +78,27 @@ def factored_single_process_run(steps: int = STEPS) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def muon_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """The whole-model recipe on the MLP: its weights (33x16, 33x33, 5x33) to Muon, its biases to AdamW."""
+    params = list(model.parameters())
+    return [{"params": [p for p in params if p.dim() == 2]},
+            {"params": [p for p in params if p.dim() != 2], "use_muon": False, "lr": 3e-3}]
+
+
+MUON_KWARGS = {"lr": 0.02, "weight_decay": 0.1}
+
+
+def muon_single_process_run(steps: int = STEPS) -> dict[str, torch.Tensor]:
+    """fusedopt.Muon on the whole batch in one process: the oracle of the sharded run."""
+    model = make_model()
+    opt = fusedopt.Muon(muon_groups(model), **MUON_KWARGS)
+    for x, y in make_data(steps):
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def make_data(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
     return [(torch.randn(GLOBAL_BATCH, IN, generator=generator), torch.randn(GLOBAL_BATCH, OUT, generator=generator))
@@ -210,6 +231,14 @@ def run_fsdp(rank: int, world: int, results: dict[str, Any]) -> None:
         fusedopt.Adafactor([split_columns])
     except NotImplementedError as error:
         results["fsdp_factored/refused"] = str(error)
+
+    # Muon: each row-sharded weight is assembled on one rank, orthogonalized there and scattered back.
+    model = fsdp_model()
+    opt = fusedopt.Muon(muon_groups(model), **MUON_KWARGS)
+    train(model, opt, data, rank, world)
+    results["fsdp_muon/model"] = full_state(model)
+    results["fsdp_muon/bytes"] = opt.last_orthogonalize_bytes
+    results["fsdp_muon/state_types"] = sorted({type(v).__name__ for v in opt.state[model.layers[1].weight].values()})
 
     # Mixed precision (bf16 compute, fp32 reduce): fusedopt and torch.optim under the same FSDP2 engine.
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

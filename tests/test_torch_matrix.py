@@ -25,11 +25,22 @@ OURS = [name for name in fusedopt.optim.__all__ if name in OPTIM_DB]
 DIFFERENT_ON_PURPOSE = {
     "duplicate parameters": "flat storage cannot hold one parameter twice: fusedopt raises ValueError where torch "
                             "warns and steps the parameter twice",
+    "Muon only supports 2D parameters": "fusedopt.Muon orthogonalizes a 3-D parameter per matrix of its first "
+                                        "dimension (stacked expert weights), where torch refuses it",
     "does not support complex parameters": "fusedopt refuses complex parameters of every algorithm when the optimizer "
                                            "is built (ValueError, pointing to torch.view_as_real), where torch's "
                                            "Adafactor raises RuntimeError at the first step",
 }
 
+
+# Parameters of the input-config runs where an algorithm takes only some shapes (torch's Muon: matrices; a wide, a
+# tall, a square one, and one of a shape seen before).
+SHAPES = {"Muon": [(5, 7), (7, 5), (6, 6), (5, 7)]}
+
+# Input configs whose torch run takes a float lr instead of the tensor one: torch.optim.Muon computes 1 - lr*wd and
+# lr*ratio as float32 tensors when lr is a tensor, even for float64 parameters; fusedopt computes every coefficient of
+# a float64 step in float64, so it matches torch's float64 step with lr given as a number.
+FLOAT_LR_IN_TORCH = {("Muon", "Tensor lr", torch.float64)}
 
 # Per-step tolerance of each parameter dtype.
 DTYPES = {torch.float32: "fp32", torch.float64: torch.float64}
@@ -52,11 +63,15 @@ def test_input_configs_match_torch_for_loop(name: str, optim_input, dtype: torch
     if kwargs.get("differentiable"):
         pytest.skip("differentiable=True is refused: fusedopt's fused kernels are not differentiable")
     torch.manual_seed(0)
-    shapes = [(5, 7), (1,), (33,), (4, 3, 2)]
+    shapes = SHAPES.get(name, [(5, 7), (1,), (33,), (4, 3, 2)])
     params = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
     ours = getattr(fusedopt, name)(params, **kwargs)
-    theirs = getattr(torch.optim, name)(copies, **{**kwargs, "foreach": False})
+    # The for-loop implementation; torch's Muon has no other (and no foreach argument).
+    for_loop = {} if name == "Muon" else {"foreach": False}
+    if (name, optim_input.desc, dtype) in FLOAT_LR_IN_TORCH:
+        for_loop["lr"] = float(kwargs["lr"])
+    theirs = getattr(torch.optim, name)(copies, **{**kwargs, **for_loop})
     for step in range(10):
         for k, (p, t) in enumerate(zip(params, copies)):
             if (k + step) % 4 == 3:  # a parameter without a gradient this step

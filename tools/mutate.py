@@ -28,6 +28,8 @@ MATH = "csrc/include/fusedopt/math/"
 ADAM, SGD, RMSPROP, ADAGRAD, LION, LAMB = (f"{MATH}{a}.h" for a in "adam sgd rmsprop adagrad lion lamb".split())
 ADADELTA, RPROP, NADAM, ASGD = (f"{MATH}{a}.h" for a in "adadelta rprop nadam asgd".split())
 ADAFACTOR = f"{MATH}adafactor.h"
+MUON = f"{MATH}muon.h"
+NEWTON_SCHULZ = "python/fusedopt/_newton_schulz.py"
 DRIVER = "csrc/cpu/driver.h"
 REF = "python/fusedopt/reference.py"
 
@@ -357,6 +359,45 @@ MUTANTS: list[Mutant] = [
            "estimate.div_(row.mean(dim=-2, keepdim=True).clamp_(min=eps1))", "estimate.div_(1.0)"),
     Mutant("ref-adafactor-no-update-clipping", "adafactor", REF,
            "denominator = max(1.0, u.norm(2).item()", "denominator = max(0.0, 0.0 * u.norm(2).item()"),
+    # --- muon.h, its reference phases and the Newton-Schulz iteration (tests/test_muon.py)
+    Mutant("muon-half-step", "muon", MUON,
+           "c.step_size = static_cast<T>(-(lr * lr_ratio(h, scalars[0], scalars[1])));",
+           "c.step_size = static_cast<T>(-(0.5 * lr * lr_ratio(h, scalars[0], scalars[1])));"),
+    Mutant("muon-lr-ratio-ignored", "muon", MUON,
+           "c.step_size = static_cast<T>(-(lr * lr_ratio(h, scalars[0], scalars[1])));",
+           "c.step_size = static_cast<T>(-lr);"),
+    Mutant("muon-match-rms-uses-min", "muon", MUON,
+           "return 0.2 * sqrt(rows > cols ? rows : cols);", "return 0.2 * sqrt(rows < cols ? rows : cols);"),
+    Mutant("muon-original-ratio-inverted", "muon", MUON,
+           "const double aspect = rows / cols;", "const double aspect = cols / rows;"),
+    Mutant("muon-no-weight-decay", "muon", MUON, "p *= c.decay;", "p *= T(1);"),
+    Mutant("muon-momentum-weight-flipped", "muon", MUON,
+           "c.one_minus_momentum = static_cast<T>(1.0 - h.momentum);",
+           "c.one_minus_momentum = static_cast<T>(h.momentum);"),
+    Mutant("muon-nesterov-ignored", "muon", MUON,
+           "update = Nesterov ? lerp(g, momentum_buffer, c.momentum) : momentum_buffer;",
+           "update = momentum_buffer;"),
+    Mutant("muon-nesterov-weight-flipped", "muon", MUON,
+           "lerp(g, momentum_buffer, c.momentum)", "lerp(g, momentum_buffer, c.one_minus_momentum)"),
+    Mutant("muon-grad-scale-ignored", "muon", MUON,
+           "      g *= c.grad_scale;\n      momentum_buffer", "      momentum_buffer"),
+    Mutant("ref-muon-nesterov-ignored", "muon", REF,
+           "_write_back(update, g.lerp(b, momentum) if nesterov else b)", "_write_back(update, b)"),
+    Mutant("ref-muon-lr-ratio-ignored", "muon", REF,
+           "alpha=-(lr * ratio)", "alpha=-lr"),
+    Mutant("ref-muon-no-weight-decay", "muon", REF,
+           "p.mul_(1 - lr * weight_decay)\n    p.add_(_work(update)", "p.add_(_work(update)"),
+    Mutant("ref-muon-momentum-weight-flipped", "muon", REF,
+           "b.lerp_(g, 1 - momentum)", "b.lerp_(g, momentum)"),
+    Mutant("ns-one-step-less", "muon", NEWTON_SCHULZ,
+           "    for _ in range(steps):\n        gram", "    for _ in range(steps - 1):\n        gram"),
+    Mutant("ns-not-normalized", "muon", NEWTON_SCHULZ,
+           "x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)",
+           "x = x / x.norm(dim=(-2, -1), keepdim=True).amax().clamp(min=eps)"),
+    Mutant("ns-coefficients-b-c-swapped", "muon", NEWTON_SCHULZ,
+           "torch.baddbmm(gram, gram, gram, beta=b, alpha=c)", "torch.baddbmm(gram, gram, gram, beta=c, alpha=b)"),
+    Mutant("ref-muon-original-ratio-inverted", "muon", REF,
+           "return math.sqrt(max(1, rows / cols))", "return math.sqrt(max(1, cols / rows))"),
     Mutant("ref-rprop-prev-not-stored", "rprop", REF,
            "pv.copy_(g)", "pv.copy_(pv)"),
     Mutant("ref-nadam-mu-next-is-mu", "nadam", REF,
@@ -390,6 +431,8 @@ def tests_of(mutant: Mutant) -> list[str]:
     reference bug in the reference-vs-torch.optim (or float64 paper formulas) tests."""
     # Adafactor's factors (parameters of two or more dimensions) are tested on shaped parameters of their own.
     factored = ["tests/test_adafactor.py"] if mutant.algorithm == "adafactor" else []
+    if mutant.algorithm == "muon":  # a step is two kernel calls around Newton-Schulz: its own test module
+        return ["tests/test_muon.py"]
     if mutant.file == REF:
         return ["tests/test_reference.py", *factored]
     return ["tests/test_cpu_kernels.py", "tests/test_kernel_sensitivity.py", *factored]
@@ -628,7 +671,7 @@ def run(mutants: list[Mutant], build_dir: Path, out: Path) -> int:
                 cmd = mutant_command(m)
                 with applied(m, backups):
                     ext = original_ext
-                    if m.file != REF:
+                    if not m.file.endswith(".py"):
                         needs_rebuild = True
                         ext = builder.build(f"{m.name}.build.log")
                     if ext is None:

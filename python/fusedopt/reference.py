@@ -28,6 +28,7 @@ __all__ = [
     "global_norm",
     "lamb",
     "lion",
+    "muon",
     "nadam",
     "radam",
     "rmsprop",
@@ -42,7 +43,7 @@ _TensorOrTensors = Union[Tensor, Iterable[Tensor]]  # runtime alias: no `|` on P
 
 # The per-parameter scalar states of the functions that keep some (0-dim float32 tensors, as torch.optim keeps them,
 # updated in place), by function name, in the compiled core's order (its algorithms()[name]["scalars"]).
-SCALAR_STATES: dict[str, tuple[str, ...]] = {"nadam": ("mu_product",), "asgd": ("eta", "mu")}
+SCALAR_STATES: dict[str, tuple[str, ...]] = {"nadam": ("mu_product",), "asgd": ("eta", "mu"), "muon": ("rows", "cols")}
 
 # The functions whose states are factored (not shaped like the parameter): they take the parameter shaped as
 # (leading, rows, cols) with its row and column factors, or a vector with its whole variance (the compiled core's
@@ -346,6 +347,57 @@ def lion(
 
     _write_back(param, p)
     _write_back(exp_avg, m)
+
+
+def muon_lr_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
+    """torch.optim.Muon's learning-rate adjustment of an A x B matrix: sqrt(max(1, A/B)) ("original", the default),
+    0.2 sqrt(max(A, B)) ("match_rms_adamw", Liu et al. 2025: the RMS of an AdamW update)."""
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1, rows / cols))
+    return 0.2 * math.sqrt(max(rows, cols))
+
+
+@torch.no_grad()
+def muon(
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor,
+    update: Tensor,
+    *,
+    step: int,
+    rows: Tensor,
+    cols: Tensor,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    adjust_lr: int,
+    phase: int,
+    maximize: bool,
+    grad_scale: float = 1.0,
+) -> None:
+    """Muon's element-wise phases (Jordan et al. 2024; torch.optim.Muon's operation order), around the Newton-Schulz
+    orthogonalization of `update` that runs between them (fusedopt._newton_schulz).
+
+    phase 0: g = grad*grad_scale; B = lerp(B, g, 1-momentum); update = lerp(g, B, momentum) if nesterov else B.
+    phase 1: p = p*(1 - lr*wd); p = p - lr*ratio*update, `update` now holding the orthogonalized O, ratio
+    `muon_lr_ratio` of the matrix shape (rows x cols, 0-dim float32 tensors) with adjust_lr 0 ("original") or 1
+    ("match_rms_adamw").
+    """
+    del step  # Muon has no step-dependent term
+    _check_same_numel(param, grad=grad, momentum_buffer=momentum_buffer, update=update)
+    if phase == 0:
+        b = _work(momentum_buffer)
+        g = _effective_grad(grad, grad_scale, maximize)
+        b.lerp_(g, 1 - momentum)
+        _write_back(update, g.lerp(b, momentum) if nesterov else b)
+        _write_back(momentum_buffer, b)
+        return
+    ratio = muon_lr_ratio("match_rms_adamw" if adjust_lr else "original", int(rows), int(cols))
+    p = _work(param)
+    p.mul_(1 - lr * weight_decay)
+    p.add_(_work(update), alpha=-(lr * ratio))
+    _write_back(param, p)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@
 #include "fusedopt/math/asgd.h"
 #include "fusedopt/math/lamb.h"
 #include "fusedopt/math/lion.h"
+#include "fusedopt/math/muon.h"
 #include "fusedopt/math/nadam.h"
 #include "fusedopt/math/radam.h"
 #include "fusedopt/math/rmsprop.h"
@@ -19,4 +20,4 @@
 
 #define FUSEDOPT_FOR_EACH_ALGORITHM(X) \
   X(adam) X(sgd) X(rmsprop) X(adagrad) X(lion) X(lamb) X(adamax) X(radam) X(adadelta) X(rprop) X(nadam) X(asgd) \
-      X(adafactor)
+      X(adafactor) X(muon)

@@ -8,6 +8,7 @@ from .adamax import Adamax
 from .asgd import ASGD
 from .lamb import LAMB
 from .lion import Lion
+from .muon import Muon
 from .nadam import NAdam
 from .radam import RAdam
 from .rmsprop import RMSprop
@@ -15,4 +16,4 @@ from .rprop import Rprop
 from .sgd import SGD
 
 __all__ = ["FusedOptimizer", "Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Lion", "LAMB", "Adamax", "RAdam",
-           "Adadelta", "Rprop", "NAdam", "ASGD", "Adafactor"]
+           "Adadelta", "Rprop", "NAdam", "ASGD", "Adafactor", "Muon"]

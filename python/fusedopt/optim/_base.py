@@ -49,10 +49,6 @@ FUSED_DEFAULTS: dict[str, Any] = {
 
 FUSED_DEVICES = ("cpu", "cuda")
 
-# Group keys that describe where and how state is stored, or fusedopt's own policy: a loaded torch.optim checkpoint
-# does not carry them, so the optimizer keeps its own values.
-_KEPT_ON_LOAD = tuple(FUSED_DEFAULTS)
-
 
 def check_flattenable(params: list[Tensor]) -> None:
     """Refuse parameters that flat storage cannot hold without changing what the model computes."""
@@ -113,6 +109,13 @@ class FusedOptimizer(Optimizer):
     # `_decides_on_device`). The tests set True to run that same path on CPU tensors.
     _device_decisions: bool | None = None
 
+    # Group keys a loaded checkpoint does not change: where and how state is stored, fusedopt's own policy.
+    kept_on_load: ClassVar[tuple[str, ...]] = tuple(FUSED_DEFAULTS)
+
+    def spec_of(self, group: dict[str, Any]) -> Spec:
+        """The algorithm of a param group: the class's spec (Muon's non-matrix groups are AdamW's)."""
+        return self.spec
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         signature = inspect.signature(cls.__init__)
@@ -166,7 +169,7 @@ class FusedOptimizer(Optimizer):
                              "torch.float64 for float64 parameters)")
         if not isinstance(group["master_weights"], bool):
             raise ValueError(f"Invalid master_weights: {group['master_weights']!r} (expected True or False)")
-        self.spec.validate(group)
+        self.spec_of(group).validate(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(self.state, _shadow.TrackedState):  # torch.optim's __init__ adds groups before we wrap it
@@ -178,14 +181,14 @@ class FusedOptimizer(Optimizer):
         try:
             check_flattenable(params)
             check_dtypes(params, group)
-            self.spec.check_sharding(params)
+            self.spec_of(group).check_params(params)
         except (ValueError, TypeError, NotImplementedError):
             self.param_groups.pop()  # a rejected group leaves the optimizer as it was
             raise
         self._flat_groups.append([])
         self._backends.append([])
         self._build_group(len(self.param_groups) - 1)
-        if self.spec.state_at_init:
+        if self.spec_of(group).state_at_init:
             for buf in self._flat_groups[-1]:
                 for i in range(len(buf.params)):
                     self._init_state(group, buf, i)
@@ -196,8 +199,8 @@ class FusedOptimizer(Optimizer):
         params = group["params"]
         buffers = build_flat_buffers(params, master_weights=group["master_weights"]) if params else []
         for buf in buffers:
-            self.spec.fill_scalars(buf.segments, group)
-            self.spec.fill_layout(buf)
+            self.spec_of(group).fill_scalars(buf.segments, group)
+            self.spec_of(group).fill_layout(buf)
         for old in self._flat_groups[index]:
             old.close()
         self._flat_groups[index] = buffers
@@ -224,7 +227,7 @@ class FusedOptimizer(Optimizer):
                 group["params"] = list(group["params"])
             check_flattenable(group["params"])
             check_dtypes(group["params"], group)
-            self.spec.check_sharding(group["params"])
+            self.spec_of(group).check_params(group["params"])
             kept = {id(p): {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in dict.get(self.state, p).items()}
                     for p in group["params"] if dict.get(self.state, p)}
             self._build_group(index)
@@ -235,8 +238,9 @@ class FusedOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            for key, value in {**self.torch_defaults, **FUSED_DEFAULTS, **self.spec.forced}.items():
+            for key, value in {**self.torch_defaults, **FUSED_DEFAULTS}.items():
                 group.setdefault(key, value)
+            group.update(self.spec_of(group).forced)
         self.state = _shadow.TrackedState(self.state)
         if "_flat_groups" not in self.__dict__:  # a copy or an unpickled optimizer: build its own flat storage
             self._flat_groups, self._backends, self._group_params = [], [], []
@@ -257,15 +261,16 @@ class FusedOptimizer(Optimizer):
         is now (a first value such as Rprop's step_size = lr follows a learning rate changed since the buffer was
         allocated)."""
         p = buf.params[i]
+        spec = self.spec_of(group)
         state: dict[str, Any] = {}
-        if self.spec.tracks_step:
+        if spec.tracks_step:
             state["step"] = buf.steps[i]
         if fresh:
-            self.spec.fill_scalars(buf.segments, group, i)
-        for j, s in enumerate(self.spec.scalars):
+            spec.fill_scalars(buf.segments, group, i)
+        for j, s in enumerate(spec.scalars):
             state[s.name] = buf.segments.scalars[i, j]
         dtype = state_dtype_for(buf.dtype, group["state_dtype"])
-        for s in self.spec.kept_states(group):
+        for s in spec.kept_states(group):
             buf.ensure_state(s.name, dtype, s.fill(group), s.shape)
             view = buf.state_view(s.name, i)
             if view is None:  # a state this parameter's shape does not keep
@@ -279,7 +284,7 @@ class FusedOptimizer(Optimizer):
             self.state.put(p, state)
 
     def _ensure_state_views(self, group: dict[str, Any], buf: FlatBuffer) -> None:
-        kept = self.spec.kept_states(group)
+        kept = self.spec_of(group).kept_states(group)
         names = tuple(s.name for s in kept)
         if buf.complete_state == names:
             return  # the common case after the first step: nothing to create
@@ -362,13 +367,17 @@ class FusedOptimizer(Optimizer):
             if not buf.segments.any_active() and not buf.reduce_groups:
                 continue
             self._ensure_state_views(group, buf)
-            functional.update(
-                self.spec.kernel, buf.param, buf.grad, [buf.state.get(s.name) for s in self.spec.states],
-                buf.master, buf.segments, hyper=self.spec.hyper_for(group, buf.dtype),
-                lr=self._lr(group["lr"], on_device, buf.dtype),
-                grad_scale=scale, found_inf=skip, backend=backend,
-                norm_reduce=buf.all_reduce_sums if buf.reduce_groups else None)
+            self._update(group, buf, backend, self._lr(group["lr"], on_device, buf.dtype), scale, skip)
             buf.finish_step()
+
+    def _update(self, group: dict[str, Any], buf: FlatBuffer, backend: str, lr: float | Tensor,
+                grad_scale: _scaling.Scale, found_inf: Tensor | None) -> None:
+        """One step of the group's algorithm over one flat buffer set: one `functional.update` call."""
+        spec = self.spec_of(group)
+        functional.update(
+            spec.kernel, buf.param, buf.grad, [buf.state.get(s.name) for s in spec.states], buf.master, buf.segments,
+            hyper=spec.hyper_for(group, buf.dtype), lr=lr, grad_scale=grad_scale, found_inf=found_inf,
+            backend=backend, norm_reduce=buf.all_reduce_sums if buf.reduce_groups else None)
 
     def _follow_visible_objects(self) -> None:
         """Before trusting its copies, the step checks what user code may have changed: param_groups' parameter
@@ -471,11 +480,11 @@ class FusedOptimizer(Optimizer):
         skip_nonfinite, backend, state_dtype, master_weights), which a torch.optim checkpoint does not carry, keep
         this optimizer's values."""
         saved_state, saved_groups, ids, params = _checkpoint.check(self, state_dict)
-        kept = [{k: g[k] for k in _KEPT_ON_LOAD} for g in self.param_groups]
+        kept = [{k: g[k] for k in self.kept_on_load} for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, own in zip(self.param_groups, kept):
             group.update(own)
-            group.update(self.spec.forced)
+            group.update(self.spec_of(group).forced)
         originals = {id(p): saved_state.get(saved_id) for saved_id, p in zip(ids, params)}
         for group, buffers in zip(self.param_groups, self._flat_groups):
             for buf in buffers:

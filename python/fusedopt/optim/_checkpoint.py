@@ -32,13 +32,12 @@ def check(optimizer: Any, state_dict: dict[str, Any]) -> tuple[dict[Any, Any], l
     merged_groups = []
     for saved, own in zip(saved_groups, optimizer.param_groups):
         merged = {**optimizer.defaults, **{k: v for k, v in saved.items() if k != "params"}}
-        merged.update({k: own[k] for k in ("backend", "max_grad_norm", "state_dtype", "master_weights",
-                                           "skip_nonfinite")})
-        merged.update(optimizer.spec.forced)
+        merged.update({k: own[k] for k in optimizer.kept_on_load})
+        merged.update(optimizer.spec_of(merged).forced)
         optimizer._validate(merged)
         merged_groups.extend([merged] * len(saved["params"]))
     for saved_id, p, group in zip(ids, params, merged_groups):
-        _check_entry(optimizer.spec, saved_id, p, saved_state.get(saved_id), group)
+        _check_entry(optimizer.spec_of(group), saved_id, p, saved_state.get(saved_id), group)
     return saved_state, saved_groups, ids, params
 
 
@@ -85,7 +84,7 @@ def adopt(optimizer: Any, group: dict[str, Any], buf: FlatBuffer, originals: dic
     states and master weights of 16-bit parameters keep their precision. A parameter the checkpoint has no state for
     starts afresh, as in torch.optim.
     """
-    spec = optimizer.spec
+    spec = optimizer.spec_of(group)
     for i, p in enumerate(buf.params):
         loaded = originals.get(id(p))
         if not loaded:

@@ -122,10 +122,10 @@ def follow_state(optimizer: Any) -> None:
     empty starts afresh (step 0, states at their initial values), as torch.optim re-creates it; a state tensor or step
     that was replaced is copied in and becomes a view again. Checked before anything is written: an unusable entry
     raises and changes nothing."""
-    spec = optimizer.spec
     state: TrackedState = optimizer.state
     plans = []
     for group, buffers in zip(optimizer.param_groups, optimizer.flat_buffers):
+        spec = optimizer.spec_of(group)
         for buf in buffers:
             for i, p in enumerate(buf.params):
                 entry = dict.get(state, p)
@@ -152,6 +152,7 @@ def follow_state(optimizer: Any) -> None:
                                          f"{shape.numel()} elements, got {value!r:.80}")
                 plans.append((group, buf, i, p, entry))
     for group, buf, i, p, entry in plans:
+        spec = optimizer.spec_of(group)
         if entry is None:
             if dict.get(state, p) is not None:
                 dict.__delitem__(state, p)
@@ -186,7 +187,7 @@ def follow_state(optimizer: Any) -> None:
 def reset(optimizer: Any, group: dict[str, Any], buf: Any, i: int) -> None:
     """Parameter i of `buf` starts afresh, as with no state in torch.optim: step 0, states at their initial values,
     master weights from the parameter."""
-    spec = optimizer.spec
+    spec = optimizer.spec_of(group)
     buf.steps[i] = 0.0
     spec.fill_scalars(buf.segments, group, i)
     for s in spec.states:

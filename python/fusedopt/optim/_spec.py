@@ -84,6 +84,10 @@ class Spec:
     # Kernel fields whose value depends on the parameters' dtype (Adafactor's eps1=None: that dtype's machine
     # epsilon), from the group and that dtype; merged over `hyper`.
     dtype_hyper: Callable[[Group, torch.dtype], dict[str, Any]] | None = None
+    # Raises for parameters the algorithm cannot step (with the index of the offending one in its message).
+    param_check: Callable[[list[Any]], None] | None = None
+    # The step works on whole matrices (Muon's orthogonalization): shards are gathered by rows.
+    needs_whole_matrices: bool = False
 
     def hyper_for(self, group: Group, dtype: torch.dtype) -> dict[str, Any]:
         """The group's values of the math header's kFields for parameters of `dtype`."""
@@ -123,10 +127,15 @@ class Spec:
         """Whether some state is not shaped like its parameter (a factored algorithm: Adafactor)."""
         return any(s.shape is not None for s in self.states)
 
-    def check_sharding(self, params: Iterable[Any]) -> None:
-        """Refuse shards a factored algorithm cannot combine: its sums are all-reduced by leading index or row, so a
-        DTensor parameter must be split along its first dimension, over one mesh dimension (FSDP2's default)."""
-        if not self.factored():
+    def check_params(self, params: Iterable[Any]) -> None:
+        """Refuse parameters the algorithm cannot step: those `param_check` refuses (Muon's non-matrices), and shards
+        whose sums cannot be combined. A factored algorithm's sums (and Muon's gathered matrices) go by leading index
+        or row, so a DTensor parameter must be split along its first dimension, over one mesh dimension (FSDP2's
+        default)."""
+        params = list(params)
+        if self.param_check is not None:
+            self.param_check(params)
+        if not self.factored() and not self.needs_whole_matrices:
             return
         for p in params:
             placements = getattr(p, "placements", ())
