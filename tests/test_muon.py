@@ -404,3 +404,26 @@ def test_non_matrices_need_an_adamw_group() -> None:
     vector.grad = torch.randn(3)
     opt.step()
     assert set(opt.state[vector]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_char_gpt_recipe_trains_like_muon_plus_adamw() -> None:
+    """The README's recipe on the character-level GPT of bench/train_muon.py (short run): the loss curve of one
+    fusedopt.Muon with an AdamW group follows torch.optim.Muon + torch.optim.AdamW, and the model learns."""
+    from fusedopt.bench.char_gpt import matrix_split, train
+
+    def ours(model: nn.Module) -> list[torch.optim.Optimizer]:
+        hidden, rest = matrix_split(model)
+        return [fusedopt.Muon([{"params": hidden}, {"params": rest, "use_muon": False, "lr": 3e-3}], lr=0.02,
+                              weight_decay=0.01)]
+
+    def theirs(model: nn.Module) -> list[torch.optim.Optimizer]:
+        hidden, rest = matrix_split(model)
+        return [torch.optim.Muon(hidden, lr=0.02, weight_decay=0.01),
+                torch.optim.AdamW(rest, lr=3e-3, weight_decay=0.01)]
+
+    our_losses, our_held_out = train(ours, 30)
+    their_losses, their_held_out = train(theirs, 30)
+    assert our_losses[-1] < 0.75 * our_losses[0]
+    for step, (a, b) in enumerate(zip(our_losses, their_losses)):
+        assert a == pytest.approx(b, rel=1e-2), step
+    assert our_held_out == pytest.approx(their_held_out, rel=1e-2)
