@@ -9,6 +9,7 @@ and clips by the global gradient norm (one all-reduce of the sum of squares acro
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import fusedopt
@@ -81,6 +82,11 @@ def main() -> None:
         scheduler.step()
         if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
             print(f"step {step:4d}  loss {loss.item():.4f}  grad norm {opt.last_grad_norm:.3f}", flush=True)
+    # FSDP2's modules hold the process group in reference cycles: free them and let every rank finish its
+    # collectives first, or a gloo thread may still be working while Python shuts down (which aborts the process).
+    del model, opt, scheduler
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -143,11 +143,7 @@ def test_zero_redundancy_optimizer(distributed_results: dict[str, Any], oracles:
     assert distributed_results["zero/state_steps"] == [20.0]
 
 
-# Not Adafactor yet: after dcp.save of its state (replicated column factors), one of the 2 ranks aborted at exit
-# ("terminate called without an active exception", no Python frame) in about a quarter of the runs; without the save
-# it never did. The AdamW case below hit the same abort in 1 of 12 runs (torch.optim's AdamW in 0 of 12), so the
-# cause is not Adafactor's alone. `checkpoint:save2:Adafactor` reproduces it.
-@pytest.mark.parametrize("name", [CLIP])
+@pytest.mark.parametrize("name", [CLIP, "Adafactor"])
 def test_checkpoint_reshards_between_rank_counts(oracles: dict[str, Any], name: str) -> None:
     """torch.distributed.checkpoint: 2 ranks save at step 10 and 1 rank continues; 1 rank saves at step 15 and
     2 ranks continue. Every path ends where uninterrupted training (and single-process torch.optim) ends."""

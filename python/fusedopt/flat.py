@@ -297,9 +297,6 @@ class FlatBuffer:
         self.external: bool = self.sharded or any(keeps_external_storage(p) for p in params)
         self.shapes: list[torch.Size] = [t.shape for t in locals_]
         self.numels: list[int] = [t.numel() for t in locals_]
-        # Process groups over which this buffer's parameters are sharded: per-rank sums of squares (global norm,
-        # trust ratios) are all-reduced over them to give the norms of whole parameters.
-        self.reduce_groups: list[Any] = shard_groups(first)
         self.offsets, total = packed_offsets(self.numels)
         self.total: int = total
         self.param: Tensor = _allocate(total, self.dtype, self.device)
@@ -354,6 +351,15 @@ class FlatBuffer:
         self._foreign_ptrs: list[int] = [0] * len(self.params)  # address of the last foreign gradient re-pointed
         # State names for which every parameter already has its views (None: check on the next step).
         self.complete_state: tuple[str, ...] | None = None
+
+    @property
+    def reduce_groups(self) -> list[Any]:
+        """Process groups over which this buffer's parameters are sharded: per-rank sums of squares (global norm,
+        trust ratios) are all-reduced over them to give the norms of whole parameters. Looked up from the parameters'
+        device mesh at each use, never kept: a process group the buffer held would outlive
+        `destroy_process_group`, and its gloo threads could then finish a collective while Python shuts down, which
+        aborts the process."""
+        return shard_groups(self.params[0]) if self.sharded else []
 
     # Regions and views -------------------------------------------------------------------------------------
 
