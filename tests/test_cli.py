@@ -286,3 +286,46 @@ def test_cuda_requested_without_gpu_is_an_argument_error(capsys):
         cli.main(["bench", "--device", "cuda", "--json", os.devnull])
     assert exc.value.code == 2
     assert "cuda" in capsys.readouterr().err
+
+
+def test_muon_bench_runs_fusedopt_and_torch(tmp_path):
+    """`bench --optimizer muon` on the 2-D tensors of a tiny GPT-2-shaped set: fusedopt and torch.optim.Muon (its
+    one implementation, as torch-forloop) both run; torch's foreach/fused flavours are skipped with the reason."""
+    out = tmp_path / "muon.json"
+    proc = _run("bench", "--optimizer", "muon", "--quick", "--params", "200K", "--steps", "2", "--warmup", "1",
+                "--device", "cpu", "--threads", "1", "--json", str(out), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    fo = _expected_cpu_impls()[0]
+    rows = _table_rows(proc.stdout)
+    assert set(rows) == {fo, "torch-forloop"}, proc.stdout
+    assert all(cells[6] == "matmul" for cells in rows.values())  # no share of memory bandwidth claimed
+    for flavour in ("torch-foreach", "torch-fused"):
+        assert f"[muon] skipped {flavour}: torch.optim.Muon has a single implementation" in proc.stdout
+    payload = json.loads(out.read_text())
+    results = {r["impl"]: r for r in payload["results"]}
+    assert set(results) == {fo, "torch-forloop"}
+    for r in results.values():
+        assert r["optimizer"] == "muon" and r["workload"] == "gpt2-200K-2d" and r["finite"]
+        assert r["bytes_per_param"] == 20 and r["pct_bandwidth"] is None and r["compute_bound"]
+        assert math.isfinite(r["ms_median"]) and r["ms_median"] > 0
+    assert results["torch-forloop"]["speedup_vs_best_torch"] == 1.0
+
+
+def test_muon_workloads_are_matrices():
+    from fusedopt import bench as hb
+
+    default = hb.muon_matrices_workload()
+    assert default.num_tensors == 24 and default.numel == 4_718_592
+    assert [s for _, s in default.shapes[:4]] == [(768, 256), (256, 256), (1024, 256), (256, 1024)]
+    gpt2 = hb.gpt2_workload("1M")
+    assert cli._workloads_of("muon", [gpt2], size_chosen=False) == [default]
+    (kept,) = cli._workloads_of("muon", [gpt2], size_chosen=True)
+    assert kept.shapes == [(n, s) for n, s in gpt2.shapes if len(s) == 2] and kept.num_tensors < gpt2.num_tensors
+    assert cli._workloads_of("adamw", [gpt2], size_chosen=False) == [gpt2]
+    model = hb.gpt2_model_workload()
+    assert [s for n, s in model.shapes if hb.is_block_matrix(n)] == [s for _, s in default.shapes]
+    # Built on a parameter that is not a matrix, every Muon implementation says why it cannot run.
+    params = hb.make_params(hb.Workload("mixed", [("w", (4, 4)), ("b", (4,))]))
+    for name in ("fusedopt-reference", "torch-forloop"):
+        with pytest.raises(hb.Unavailable, match="2-D parameters only"):
+            hb.build_optimizer(hb.ImplSpec(name), "muon", params, clip=None)

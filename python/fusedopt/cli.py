@@ -118,7 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Prints a table and writes JSON + CSV.",
     )
     b.add_argument("--optimizer", type=_optimizer_arg, default=["adamw"],
-                   help="comma list of optimizer names, or all (default: adamw)")
+                   help="comma list of optimizer names, or all (default: adamw). muon steps matrices only: it "
+                   "runs on the 2-D tensors of the sets that --params/--tensors/--quick/--sweep choose (1-D tensors "
+                   "are dropped, embeddings kept), and without those options on 24 GPT-2-like block matrices of width "
+                   "256 (6 blocks of qkv 768x256, projection 256x256, MLP 1024x256 and 256x1024: 4.7M parameters); "
+                   "torch.optim.Muon has one implementation, run as torch-forloop")
     b.add_argument("--params", type=_size_arg, default=None,
                    help=f"parameter count, e.g. 1M, 10M, 124M, 350M, 1B (default: {kDefaultParams['cpu']} on "
                         f"CPU, {kDefaultParams['cuda']} on a GPU, {kQuickParams} with --quick)")
@@ -140,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of implementations instead of the defaults, e.g. "
                    "fusedopt-cpu,fusedopt-cpu[bf16-states],fusedopt-reference,torch-fused")
     b.add_argument("--forloop", action="store_true",
-                   help="also time torch.optim's slow for-loop implementation")
+                   help="also time torch.optim's slow for-loop implementation (always for muon: torch's only one)")
     b.add_argument("--sweep", action="store_true", help="run sizes 1M, 4M, 16M, 64M, ... up to --params")
     b.add_argument("--plot", metavar="PNG", default=None,
                    help="write a plot: step time with spread per implementation, or GB/s against size with --sweep "
@@ -215,6 +219,18 @@ def _csv_path(json_path: str) -> str:
     return (root if ext.lower() == ".json" else json_path) + ".csv"
 
 
+def _workloads_of(opt_name: str, workloads: list, size_chosen: bool) -> list:
+    """The parameter sets ``opt_name`` runs on: ``workloads``, or for an optimizer of matrices only (muon) their
+    2-D tensors, or its own 24-matrix set when no option chose a size or tensor count."""
+    from . import bench as hb
+
+    if not hb.OPTIMIZERS[opt_name].matrices_only:
+        return workloads
+    if not size_chosen:
+        return [hb.muon_matrices_workload()]
+    return [hb.matrices_only(wl) for wl in workloads]
+
+
 def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
@@ -230,6 +246,8 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         except ImportError:
             print('fusedopt bench: error: --plot needs matplotlib: pip install "fusedopt[bench]"', file=sys.stderr)
             return kExitUsage
+    # Muon's own default set applies when nothing chose a size or a tensor count.
+    size_chosen = args.params is not None or bool(args.tensors) or args.quick or args.sweep
     if args.params is None:
         args.params = _size_arg(kQuickParams if args.quick else kDefaultParams[args.device])
     if args.json is None:
@@ -246,22 +264,23 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     workloads = [hb.workload_for(n, args.tensors) for n in sizes]
 
     # Settle implementations and check memory for every case before allocating anything large.
-    plan: list[tuple[str, list, dict[str, str]]] = []
+    plan: list[tuple[str, list, dict[str, str], list]] = []
     for opt_name in args.optimizer:
         specs = list(args.impls) if args.impls else hb.default_impls(opt_name, args.device, forloop=args.forloop)
         if state_dtype is not None:
             specs = [hb.ImplSpec(s.name, s.state_dtype or state_dtype) if s.family == "fusedopt" else s for s in specs]
         ok, skipped = hb.resolve_impls(specs, opt_name, args.device, dtype, args.clip)
-        plan.append((opt_name, ok, skipped))
-        for wl in workloads:
+        opt_workloads = _workloads_of(opt_name, workloads, size_chosen)
+        plan.append((opt_name, ok, skipped, opt_workloads))
+        for wl in opt_workloads:
             try:
                 hb.check_memory(ok, opt_name, wl, dtype, args.device)
             except hb.MemoryError_ as e:
                 print(f"fusedopt bench: error: {e}", file=sys.stderr)
                 return kExitMemory
-    if not any(ok for _, ok, _ in plan):
+    if not any(ok for _, ok, _, _ in plan):
         print("fusedopt bench: error: no implementation can run here:", file=sys.stderr)
-        for opt_name, _, skipped in plan:
+        for opt_name, _, skipped, _ in plan:
             for label, reason in skipped.items():
                 print(f"  {opt_name} {label}: {reason}", file=sys.stderr)
         return 1
@@ -279,12 +298,15 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "reference)"
     )
     rows: list[dict[str, Any]] = []
-    for opt_name, ok, skipped in plan:
+    for opt_name, ok, skipped, opt_workloads in plan:
         for label, reason in skipped.items():
             print(f"[{opt_name}] skipped {label}: {reason}")
         if not ok:
             continue
-        for wl in workloads:
+        for wl in opt_workloads:
+            if not wl.shapes:
+                print(f"[{opt_name}] skipped {wl.name}: it has no 2-D tensors ({opt_name} steps matrices only)")
+                continue
             progress = hb.Progress(f"{opt_name} {wl.name}", enabled=args.progress)
             result = hb.run_benchmark(
                 opt_name, wl, ok, device=args.device, dtype=dtype, clip=args.clip, steps=steps, warmup=warmup,
@@ -298,7 +320,10 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             )
             print(hb.format_table(result))
             notes = [hb.untrusted_note(result)]
-            if any(r.get("fits_in_cache") for r in result):
+            if any(r.get("compute_bound") for r in result):
+                notes.append("matmul: matrix multiplications (Newton-Schulz) take most of the step, so memory "
+                             "bandwidth does not bound it; B/param and GB/s count the element-wise part only")
+            elif any(r.get("fits_in_cache") for r in result):
                 notes.append("cache: the step's data fits in the CPU cache, so memory bandwidth does not bound it")
             if any(notes):
                 print("\n" + "\n".join(n for n in notes if n))
@@ -316,7 +341,7 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             "steps": steps, "warmup": warmup, "seed": args.seed, "quick": args.quick,
             "command": "fusedopt " + " ".join(sys.argv[1:]),
         },
-        "skipped": {opt_name: skipped for opt_name, _, skipped in plan},
+        "skipped": {opt_name: skipped for opt_name, _, skipped, _ in plan},
         "results": rows,
     }
     hb.write_json(args.json, payload)

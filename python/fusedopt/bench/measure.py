@@ -372,6 +372,9 @@ def _summarise(
     # A step whose data fits in the CPU's last-level cache is not bounded by memory bandwidth: no "% bw" for it.
     llc = llc_bytes() if dev.type == "cpu" else 0
     fits_in_cache = bool(llc) and moved < 2 * llc
+    # Nor is one whose matmuls (Muon's Newton-Schulz) take most of its time: bytes_per_param counts its element-wise
+    # part only.
+    compute_bound = OPTIMIZERS[opt_name].compute_bound
     return {
         "optimizer": opt_name,
         "impl": runner.spec.label,
@@ -391,8 +394,10 @@ def _summarise(
         "params_per_s": workload.numel / med,
         "bytes_per_param": runner.bytes_per_param,
         "gbs": gbs,
-        "pct_bandwidth": 100.0 * gbs / bandwidth_gbs if bandwidth_gbs and not fits_in_cache else None,
+        "pct_bandwidth": (100.0 * gbs / bandwidth_gbs if bandwidth_gbs and not (fits_in_cache or compute_bound)
+                          else None),
         "fits_in_cache": fits_in_cache,
+        "compute_bound": compute_bound,
         "speedup_vs_best_torch": None,
         "best_torch": None,
         "finite": finite,

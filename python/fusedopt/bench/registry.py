@@ -43,6 +43,13 @@ class OptSpec:
     states: int  # state tensors per parameter with these hyperparameters
     deepspeed: str | None = None
     apex: str | None = None
+    # torch.optim's class has one implementation and takes neither foreach nor fused: it runs as torch-forloop,
+    # and torch-foreach / torch-fused are Unavailable.
+    torch_single: bool = False
+    # Steps 2-D parameters only (Muon): the CLI keeps a workload's 2-D tensors, and other shapes are Unavailable.
+    matrices_only: bool = False
+    # Matmuls (Muon's Newton-Schulz), not memory traffic, bound the step: no share of bandwidth is claimed.
+    compute_bound: bool = False
 
 
 #: Hyperparameters are torch.optim defaults plus what makes the step do its usual work (momentum for SGD,
@@ -63,6 +70,10 @@ OPTIMIZERS: dict[str, OptSpec] = {
     "asgd": OptSpec("ASGD", "ASGD", {"lr": 1e-2}, 1),
     # Factored second moments: a matrix keeps a row and a column vector, so the states add no per-parameter bytes.
     "adafactor": OptSpec("Adafactor", "Adafactor", {"lr": 1e-2}, 0),
+    # Matrices only; one state (momentum_buffer). Its bytes per parameter count the element-wise part (20 in fp32),
+    # but the Newton-Schulz iteration (5 x 3 bf16 matmuls per matrix) takes most of the step.
+    "muon": OptSpec("Muon", "Muon", {"lr": 0.02, "weight_decay": 0.1}, 1, torch_single=True, matrices_only=True,
+                    compute_bound=True),
 }
 
 kFusedoptImpls = ("fusedopt-cpu", "fusedopt-cuda", "fusedopt-reference")
@@ -176,7 +187,9 @@ def default_impls(opt_name: str, device: str, *, forloop: bool = True) -> list[I
         names = [f"fusedopt-{dev}"]
     else:
         names = ["fusedopt-reference"]
-    if spec.torch_cls is not None:
+    if spec.torch_single:  # its one implementation, the for-loop, is the comparison; the others say why they don't run
+        names += list(kTorchImpls)
+    elif spec.torch_cls is not None:
         names += [n for n in kTorchImpls if forloop or n != "torch-forloop"]
     elif names[0] != "fusedopt-reference":  # Lion, LAMB: no torch.optim version, so compare fusedopt's backends
         names.append("fusedopt-reference")
@@ -199,6 +212,11 @@ def build_optimizer(
     ospec = OPTIMIZERS[opt_name]
     hyper = dict(ospec.hyper)
     name = spec.name
+    if ospec.matrices_only:
+        bad = next((p for p in params if p.dim() != 2), None)
+        if bad is not None:
+            raise Unavailable(f"{opt_name} is benchmarked on 2-D parameters only, not a {tuple(bad.shape)} tensor "
+                              "(fusedopt.bench.matrices_only keeps a workload's matrices)")
     if name.startswith("fusedopt-"):
         try:
             import fusedopt
@@ -222,12 +240,19 @@ def build_optimizer(
     if name.startswith("torch-"):
         if ospec.torch_cls is None:
             raise Unavailable(f"torch.optim has no {opt_name}")
-        cls = getattr(torch.optim, ospec.torch_cls)
+        cls = getattr(torch.optim, ospec.torch_cls, None)
+        if cls is None:
+            raise Unavailable(f"torch.optim.{ospec.torch_cls} does not exist in torch {torch.__version__}")
         flavour = {
             "torch-forloop": {"foreach": False},
             "torch-foreach": {"foreach": True},
             "torch-fused": {"fused": True},
         }
+        if ospec.torch_single:
+            if name != "torch-forloop":
+                raise Unavailable(f"torch.optim.{ospec.torch_cls} has a single implementation (a for-loop over the "
+                                  "parameters, no foreach or fused argument); it is benchmarked as torch-forloop")
+            flavour["torch-forloop"] = {}
         try:
             opt = cls(params, **hyper, **flavour[name])
         except (RuntimeError, ValueError, TypeError) as e:
@@ -309,7 +334,8 @@ def probe(spec: ImplSpec, opt_name: str, device: str, dtype: torch.dtype, clip: 
         return _probe_cache[key]
     reason: str | None = None
     try:
-        tiny = Workload("probe", [("a", (8, 8)), ("b", (7,))])
+        second = (6, 10) if OPTIMIZERS[opt_name].matrices_only else (7,)
+        tiny = Workload("probe", [("a", (8, 8)), ("b", second)])
         params = make_params(tiny, device=device, dtype=dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -154,6 +154,8 @@ def format_table(rows: Iterable[dict[str, Any]], *, markdown: bool = False) -> s
                 line.append(f"{r['ms_p10']:.3f}-{r['ms_p90']:.3f}")
             elif title == "Mparams/s":
                 line.append(f"{r['params_per_s'] / 1e6:.1f}")
+            elif key == "pct_bandwidth" and r.get("compute_bound"):
+                line.append("matmul")
             elif key == "pct_bandwidth" and r.get("fits_in_cache"):
                 line.append("cache")
             elif key == "speedup_vs_best_torch" and r.get(key) is not None and not r.get("speedup_trusted", True):

@@ -13,9 +13,14 @@ __all__ = [
     "Workload",
     "equal_tensors_workload",
     "format_size",
+    "gpt2_linear_shapes",
+    "gpt2_model_workload",
     "gpt2_shapes",
     "gpt2_workload",
+    "is_block_matrix",
     "make_params",
+    "matrices_only",
+    "muon_matrices_workload",
     "parse_size",
     "transformer_128m_workload",
     "workload_for",
@@ -98,6 +103,63 @@ def gpt2_shapes(
         ]
     shapes += [("ln_f.weight", (d,)), ("ln_f.bias", (d,))]
     return shapes
+
+
+#: The weight matrices of a GPT-2 block (attention qkv and projection, MLP in and out): what Muon steps in a real model.
+kBlockMatrices = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def is_block_matrix(name: str) -> bool:
+    """Whether ``name`` (of ``gpt2_shapes``) is one of a block's weight matrices (``kBlockMatrices``)."""
+    return name.endswith(kBlockMatrices)
+
+
+def gpt2_linear_shapes(
+    n_layer: int = kGpt2Depth, d_model: int = kGpt2Width, vocab: int = kGpt2Vocab, n_ctx: int = kGpt2Context
+) -> list[tuple[str, tuple[int, ...]]]:
+    """``gpt2_shapes`` with each block's weight matrices as ``torch.nn.Linear`` stores them, (out, in): qkv
+    (3d, d), attention projection (d, d), MLP in (4d, d), MLP out (d, 4d). Muon's learning-rate adjustment and its
+    transpose of tall matrices depend on this orientation."""
+    shapes = gpt2_shapes(n_layer, d_model, vocab, n_ctx)
+    return [(n, tuple(reversed(s)) if is_block_matrix(n) else s) for n, s in shapes]
+
+
+def muon_matrices_workload(d_model: int = 256, n_layer: int = 6) -> Workload:
+    """The block weight matrices of a GPT-2-like model, as ``torch.nn.Linear`` weights: 4 per block (qkv
+    (3d, d), projection (d, d), MLP (4d, d) and (d, 4d)). The default, 24 matrices at width 256 (4.7M parameters), is
+    ``fusedopt bench --optimizer muon``'s set."""
+    shapes = [(n, s) for n, s in gpt2_linear_shapes(n_layer, d_model, 0, 0) if is_block_matrix(n)]
+    return Workload(
+        name=f"gpt2-matrices-{n_layer}x{d_model}",
+        shapes=shapes,
+        description=f"the 4 weight matrices of each of {n_layer} GPT-2-like blocks of width {d_model}, (out, in)",
+    )
+
+
+def gpt2_model_workload(n_layer: int = 6, d_model: int = 256, vocab: int = 8192, n_ctx: int = 1024) -> Workload:
+    """A whole small GPT-2-shaped model with ``torch.nn.Linear``-oriented block matrices (``gpt2_linear_shapes``):
+    Muon steps the block matrices (``is_block_matrix``), AdamW the rest (embeddings, which are the tied head,
+    norms, biases)."""
+    shapes = gpt2_linear_shapes(n_layer, d_model, vocab, n_ctx)
+    total = sum(math.prod(s) for _, s in shapes)
+    return Workload(
+        name=f"gpt2-{format_size(total)}-{n_layer}x{d_model}",
+        shapes=shapes,
+        description=f"GPT-2-shaped: {n_layer} layers, width {d_model}, vocab {vocab}, context {n_ctx}",
+    )
+
+
+def matrices_only(workload: Workload) -> Workload:
+    """The 2-D tensors of ``workload`` (for optimizers that step matrices only, such as Muon); the others dropped.
+    The result may be empty."""
+    shapes = [(n, s) for n, s in workload.shapes if len(s) == 2]
+    if len(shapes) == len(workload.shapes):
+        return workload
+    return Workload(
+        name=f"{workload.name}-2d",
+        shapes=shapes,
+        description=f"the {len(shapes)} 2-D tensors of {len(workload.shapes)} in: {workload.description}",
+    )
 
 
 def _gpt2_count(n_layer: int, d: int, vocab: int, n_ctx: int) -> int:
