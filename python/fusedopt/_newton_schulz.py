@@ -73,51 +73,72 @@ def orthogonalize_sharded_(pieces: Sequence[tuple[Tensor, Tensor]], coefficients
                            eps: float) -> int:
     """Orthogonalize matrices whose rows are sharded (FSDP2's Shard(0) on one mesh dimension). `pieces` holds, for
     each matrix in the same order on every rank, its parameter (a DTensor) and this rank's rows of its update, shaped
-    like the local shard. Matrix j is assembled on rank j % world of the shard group (rows gathered in bfloat16,
-    padded to the chunk size), orthogonalized there with the other matrices that rank assembled (batched by shape),
-    and its rows scattered back. A 3-D stack sharded by its first dimension holds whole matrices on each rank and is
-    orthogonalized where it lies. Returns the bytes this rank sent and received."""
+    like the local shard. Matrix j is assembled on rank j % world of its shard group, orthogonalized there with the
+    other matrices that rank assembled (batched by shape), and its rows sent back: two all-to-alls of bfloat16 rows
+    (padded to the shard size) per group and step, whatever the number of matrices. A 3-D stack sharded by its first
+    dimension holds whole matrices on each rank and is orthogonalized where it lies. Returns the bytes this rank sent
+    to and received from other ranks."""
     local_stacks: list[Tensor] = []
-    gathered: list[tuple[Tensor, Tensor, Any, int, int, int]] = []  # (update, padded, group, owner, rows, chunk)
+    # id(group) -> (group, [(update, rows, cols, chunk)])
+    by_group: dict[int, tuple[Any, list[tuple[Tensor, int, int, int]]]] = {}
     for p, update in pieces:
         placements = [pl for pl in p.placements if pl.is_shard()] if is_dtensor(p) else []
         if p.dim() == 3 or not placements:
             local_stacks.append(update.reshape(-1, update.shape[-2], update.shape[-1]))
             continue
-        mesh_dim = next(d for d, pl in enumerate(p.placements) if pl.is_shard())
-        group = p.device_mesh.get_group(mesh_dim)
-        world = dist.get_world_size(group)
-        rows = p.shape[0]
-        chunk = -(-rows // world)
-        gathered.append((update, update.new_zeros(chunk, p.shape[1], dtype=torch.bfloat16), group,
-                         len(gathered) % world, rows, chunk))
+        group = p.device_mesh.get_group(next(d for d, pl in enumerate(p.placements) if pl.is_shard()))
+        rows, cols = p.shape
+        chunk = -(-rows // dist.get_world_size(group))  # torch.chunk's shard size; the last shards may be shorter
+        by_group.setdefault(id(group), (group, []))[1].append((update, rows, cols, chunk))
     orthogonalize_(local_stacks, coefficients, steps, eps)
-    if not gathered:
-        return 0
-    traffic = 0
-    mine: list[tuple[int, Tensor]] = []
-    for j, (update, padded, group, owner, rows, _) in enumerate(gathered):
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        padded[:update.shape[0]].copy_(update)
-        parts = [torch.empty_like(padded) for _ in range(world)] if rank == owner else None
-        dist.gather(padded, parts, dst=dist.get_global_rank(group, owner), group=group)
-        if rank == owner:
-            mine.append((j, torch.cat(parts)[:rows]))  # type: ignore[arg-type]
-            traffic += (world - 1) * padded.numel() * padded.element_size()
-        else:
-            traffic += padded.numel() * padded.element_size()
-    orthogonalize_([whole.unsqueeze(0) for _, whole in mine], coefficients, steps, eps)
-    results = dict(mine)
-    for j, (update, padded, group, owner, rows, chunk) in enumerate(gathered):
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        parts = None
-        if rank == owner:
-            whole = results[j]
-            whole = torch.cat([whole, whole.new_zeros(chunk * world - rows, whole.shape[1])])
-            parts = list(whole.split(chunk))
-            traffic += (world - 1) * padded.numel() * padded.element_size()
-        else:
-            traffic += padded.numel() * padded.element_size()
-        dist.scatter(padded, parts, src=dist.get_global_rank(group, owner), group=group)
-        update.copy_(padded[:update.shape[0]])
-    return traffic
+    return sum(_orthogonalize_across(group, matrices, coefficients, steps, eps)
+               for group, matrices in by_group.values())
+
+
+def _orthogonalize_across(group: Any, matrices: list[tuple[Tensor, int, int, int]], coefficients: Sequence[float],
+                          steps: int, eps: float) -> int:
+    """`orthogonalize_sharded_` over one process group: matrix j is owned by rank j % world."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    owned = [[j for j in range(len(matrices)) if j % world == r] for r in range(world)]
+    block = [chunk * cols for _, _, cols, chunk in matrices]  # one rank's padded rows of matrix j
+    device = matrices[0][0].device
+    # Out: to each owner, this rank's rows of the matrices it owns, in order.
+    send = torch.zeros(sum(block), dtype=torch.bfloat16, device=device)
+    at = 0
+    for r in range(world):
+        for j in owned[r]:
+            update, _, cols, chunk = matrices[j]
+            send[at:at + update.numel()].copy_(update.reshape(-1))
+            at += block[j]
+    send_splits = [sum(block[j] for j in owned[r]) for r in range(world)]
+    recv_splits = [send_splits[rank]] * world
+    received = torch.empty(sum(recv_splits), dtype=torch.bfloat16, device=device)
+    dist.all_to_all_single(received, send, recv_splits, send_splits, group=group)
+    # Assemble the owned matrices: source rank r's block of matrix j holds rows [r * chunk, (r + 1) * chunk).
+    mine = received.view(world, send_splits[rank])
+    wholes = []
+    at = 0
+    for j in owned[rank]:
+        _, rows, cols, chunk = matrices[j]
+        wholes.append(mine[:, at:at + block[j]].reshape(world * chunk, cols)[:rows])
+        at += block[j]
+    results = [w.contiguous().unsqueeze(0) for w in wholes]
+    orthogonalize_(results, coefficients, steps, eps)
+    # Back: each rank's rows of every owned matrix, in the layout it sent them.
+    at = 0
+    for j, result in zip(owned[rank], results):
+        _, rows, cols, chunk = matrices[j]
+        padded = torch.zeros(world * chunk, cols, dtype=torch.bfloat16, device=device)
+        padded[:rows].copy_(result[0])
+        mine[:, at:at + block[j]].copy_(padded.view(world, chunk * cols))
+        at += block[j]
+    returned = torch.empty_like(send)
+    dist.all_to_all_single(returned, received, send_splits, recv_splits, group=group)
+    at = 0
+    for r in range(world):
+        for j in owned[r]:
+            update = matrices[j][0]
+            update.copy_(returned[at:at + update.numel()].view(update.shape))
+            at += block[j]
+    element = send.element_size()
+    return element * (sum(send_splits) - send_splits[rank] + sum(recv_splits) - recv_splits[rank]) * 2
