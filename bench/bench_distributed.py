@@ -14,6 +14,7 @@ parameter shards out (FSDP owns their storage). Results: bench/results/distribut
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -101,6 +102,10 @@ def worker(rank: int, world: int, store: str, args: argparse.Namespace, out: str
                     best[key] = min(best.get(key, float("inf")), float(value))
     if rank == 0:
         torch.save(best, out)
+    # FSDP2's modules keep the process group alive in reference cycles: free them and let every rank finish before
+    # the group goes, or a gloo thread may still be working while Python shuts down (which aborts the process).
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

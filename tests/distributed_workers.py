@@ -326,10 +326,14 @@ def worker(rank: int, world: int, store_path: str, out_dir: str, scenarios: list
                 raise ValueError(f"unknown scenario {scenario!r}")
         torch.save(results, os.path.join(out_dir, f"{'-'.join(scenarios)}.rank{rank}.pt"))
     finally:
-        # Free the models and optimizers (FSDP2's modules sit in reference cycles that hold the process group) and let
-        # every rank finish its collectives before the group goes: otherwise the group outlives
-        # destroy_process_group, and a gloo thread finishing a collective while Python shuts down aborts the
-        # process ("terminate called without an active exception"; torch.optim's AdamW in 2 of 24 runs here).
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
+        shut_down()
+
+
+def shut_down() -> None:
+    """End a rank's process group. The models and optimizers are freed first (FSDP2's modules sit in reference cycles
+    that hold the group) and every rank finishes its collectives: otherwise the group outlives
+    destroy_process_group, and a gloo thread finishing a collective while Python shuts down aborts the process
+    ("terminate called without an active exception"; torch.optim's AdamW in 2 of 24 runs here)."""
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()

@@ -8,7 +8,7 @@ from typing import Any
 import fusedopt
 import torch
 import torch.distributed as dist
-from distributed_workers import fsdp_model, full_state, local_batch, make_data, make_model
+from distributed_workers import fsdp_model, full_state, local_batch, make_data, make_model, shut_down
 from torch import nn
 
 STEPS = 5
@@ -48,4 +48,4 @@ def worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
             results[name] = full_state(model)
         torch.save(results, os.path.join(out_dir, f"sam.rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        shut_down()
