@@ -23,13 +23,13 @@ kDefaultParams = {"cpu": "32M", "cuda": "124M"}
 kQuickParams = "1M"
 
 
-def default_results_path() -> str:
+def default_results_path(prefix: str = "bench") -> str:
     """Where results go unless --json names a file: the user's cache folder, never the current directory."""
     import datetime as dt
 
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join(cache, "fusedopt", "bench", f"bench-{stamp}.json")
+    return os.path.join(cache, "fusedopt", "bench", f"{prefix}-{stamp}.json")
 
 
 # The harness (fusedopt.bench) is imported inside the bench command's argument parsers and body only, so that
@@ -100,6 +100,15 @@ def _impls_arg(text: str) -> list:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _modes_arg(text: str) -> list:
+    from .bench.memory import parse_modes
+
+    try:
+        return parse_modes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
@@ -156,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="seed of the parameters and gradients")
     b.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="stderr progress bar (default: only when stderr is a terminal)")
+    b.add_argument("--memory", action="store_true",
+                   help="measure memory instead of time: AdamW's bytes per parameter beyond the parameters and "
+                   "gradients (steady after the steps, peak during a step, and what the state layout says) for "
+                   "fusedopt's fp32 and bf16 states, bf16 parameters with master weights or bf16 states, "
+                   "torch.optim.AdamW fused and foreach, and bitsandbytes' / torchao's AdamW8bit when installed; each "
+                   "in a fresh process (process RSS on CPU, torch.cuda.memory_allocated on a GPU). Takes --params, "
+                   "--tensors, --quick, --device, --threads, --steps (default 3), --seed, --json")
+    b.add_argument("--modes", type=_modes_arg, default=None,
+                   help="with --memory: comma list of modes to measure (default all): "
+                   "fusedopt-fp32, fusedopt-bf16-states, fusedopt-bf16-master, fusedopt-bf16-bf16-states, "
+                   "torch-fused, torch-foreach, bnb-adamw8bit, torchao-adamw8bit")
+    b.add_argument("--jobs", type=_positive_int("jobs"), default=1,
+                   help="with --memory: modes measured at once, each in its own process (default 1)")
 
     i = sub.add_parser("info", help="version, backends built, CPU ISA, CUDA build and devices, torch version")
     i.add_argument("--json", action="store_true", help="print build_info() as JSON")
@@ -240,6 +262,11 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: cuda requested but torch.cuda.is_available() is False")
+    if args.memory:
+        return cmd_bench_memory(args, parser)
+    for flag, given in (("--modes", args.modes is not None), ("--jobs", args.jobs != 1)):
+        if given:
+            parser.error(f"argument {flag}: only with --memory")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -351,6 +378,71 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         hb.plot_results(rows, bw, meta, args.plot, device=args.device)
         print(f"wrote {args.plot}")
     return 0
+
+
+def cmd_bench_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`fusedopt bench --memory`: AdamW's optimizer bytes per parameter, measured mode by mode in fresh processes."""
+    from . import bench as hb
+    from .bench import memory as hm
+
+    if args.optimizer != ["adamw"]:
+        parser.error("argument --memory: measures AdamW only (leave out --optimizer)")
+    for flag, given in (("--sweep", args.sweep), ("--plot", args.plot), ("--clip", args.clip), ("--impls", args.impls),
+                        ("--forloop", args.forloop), ("--warmup", args.warmup is not None),
+                        ("--dtype", args.dtype != "fp32"), ("--state-dtype", args.state_dtype != "auto")):
+        if given:
+            parser.error(f"argument {flag}: does not apply with --memory (each mode fixes its dtypes and options; "
+                         "--modes picks the modes)")
+    steps = args.steps or hm.kDefaultSteps
+    if steps < 2:
+        parser.error(f"argument --steps: Invalid steps: {steps} (--memory needs at least 2: the peak is taken over "
+                     "the steps after the first)")
+    if args.params is None:
+        args.params = _size_arg(kQuickParams if args.quick else kDefaultParams[args.device])
+    if args.tensors and args.tensors > args.params:
+        parser.error(f"argument --tensors: Invalid tensors: {args.tensors} (more than --params {args.params})")
+    if args.json is None:
+        args.json = default_results_path("memory")
+    workload = hb.workload_for(args.params, args.tensors)
+    modes = args.modes or list(hm.MODES)
+    need, have = hm.check_memory_budget(workload, args.device)
+    need *= min(args.jobs, len(modes))
+    budget = int(have * (0.9 if args.device == "cuda" else 0.8))
+    if need > budget:
+        print(f"fusedopt bench: error: {workload.name} ({hb.format_size(workload.numel)} parameters) needs about "
+              f"{need / 1e9:.1f} GB for --memory but only {have / 1e9:.1f} GB is available on {args.device} (budget "
+              f"{budget / 1e9:.1f} GB); use a smaller --params or fewer --jobs", file=sys.stderr)
+        return kExitMemory
+    meta = hb.machine_info(args.device)
+    import torch
+
+    threads = args.threads or torch.get_num_threads()
+    where = meta.get("gpu") if args.device == "cuda" else f"{meta['cpu_model']}, {threads} thread(s)"
+    print(f"fusedopt {meta.get('fusedopt_version')} | torch {meta['torch']} | {args.device}: {where}")
+    print(hm.describe(workload, args.device, steps), flush=True)
+    progress = hb.Progress("memory", len(modes), enabled=args.progress)
+
+    def tick(key: str) -> None:
+        progress.set_label(f"memory: {key}")
+        progress.update(0)
+
+    rows = hm.measure_modes(modes, workload, device=args.device, steps=steps, seed=args.seed, threads=args.threads,
+                            jobs=args.jobs, progress=tick)
+    progress.close()
+    print()
+    print(hm.format_memory_table(rows))
+    print("\n" + hm.summary_text(rows, workload))
+    payload = {
+        "meta": meta,
+        "config": {"optimizer": "adamw", "workload": workload.name, "params": workload.numel,
+                   "tensors": workload.num_tensors, "description": workload.description, "device": args.device,
+                   "threads": threads, "steps": steps, "seed": args.seed, "modes": [m.key for m in modes],
+                   "command": "fusedopt " + " ".join(sys.argv[1:])},
+        "results": rows,
+    }
+    hb.write_json(args.json, payload)
+    print(f"\nwrote {args.json}")
+    return 0 if any(r.get("status") == "ok" for r in rows) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

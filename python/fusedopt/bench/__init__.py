@@ -2,7 +2,9 @@
 core, so ``import fusedopt`` never loads it.
 
 Modules: ``registry`` (implementations by name and their builders), ``measure`` (interleaved timing, memory check,
-bandwidth probe), ``report`` (tables, JSON/CSV, plots, machine tags), ``workloads`` (parameter sets from shapes).
+bandwidth probe), ``report`` (tables, JSON/CSV, plots, machine tags), ``workloads`` (parameter sets from shapes), and
+``memory`` (``fusedopt bench --memory``: optimizer bytes per parameter measured in fresh processes; imported on its own,
+not from here, since it also runs as ``python -m fusedopt.bench.memory --worker``).
 """
 
 from __future__ import annotations
