@@ -19,12 +19,14 @@ MIB = 1 << 20
 
 def valid(algorithm: str) -> dict[str, Any]:
     """A call that passes every host-side check: 64-byte aligned addresses, every state slot given, one segment of
-    one work item, hyperparameters all 1.0 (every mode on, so every state slot is in use)."""
+    one work item, hyperparameters all 1.0 (every mode on, so every state slot is in use; Muon's phase 0, which uses
+    both of its slots)."""
     return dict(param=1 * MIB, grad=2 * MIB, s0=3 * MIB, s1=4 * MIB, s2=5 * MIB, master=0, n=4096, param_dtype=0,
                 grad_dtype=0, state_dtype=0, seg_offsets=6 * MIB, seg_numels=7 * MIB, seg_steps=8 * MIB,
                 seg_active=9 * MIB, seg_count=1, seg_scalars=13 * MIB if ALGORITHMS[algorithm]["scalars"] else 0,
                 work=10 * MIB, items=1,
-                hyper=[1.0] * len(ALGORITHMS[algorithm]["fields"]), lr=1e-3, grad_scale=1.0, lr_ptr=0,
+                hyper=[0.0 if f == "phase" else 1.0 for f in ALGORITHMS[algorithm]["fields"]], lr=1e-3,
+                grad_scale=1.0, lr_ptr=0,
                 grad_scale_ptr=0, found_inf_ptr=0, passes=7 if factored(algorithm) else 3, segment_w2=0, segment_u2=0,
                 factored=11 * MIB if factored(algorithm) else 0, row_items=0, col_items=0, factor_sums=0,
                 factor_sums_count=0, device=0, stream=0)
