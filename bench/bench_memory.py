@@ -28,6 +28,8 @@ import torch
 from _harness import hb, kRepo, kResults
 from fusedopt.bench import memory as hm
 
+kPeerNames = {"bnb": "bitsandbytes", "torchao": "torchao"}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,7 +60,7 @@ def main() -> None:
     meta = hb.machine_info(args.device, repo_dir=kRepo)
     threads = args.threads or torch.get_num_threads()
     meta["torch_threads"] = threads
-    where = meta.get("gpu") or meta["cpu_model"]
+    where = meta.get("gpu") or f"{meta['cpu_model']} ({meta['cpu_cores']} cores)"
     print(f"bench_memory: fusedopt {meta.get('fusedopt_version')} | torch {meta['torch']} | {where} | "
           f"{threads} thread(s)")
     print(hm.describe(workload, args.device, args.steps), flush=True)
@@ -81,13 +83,13 @@ def main() -> None:
     }
     os.makedirs(args.out_dir, exist_ok=True)
     hb.write_json(base + ".json", payload)
+    versions = [f"fusedopt {meta.get('fusedopt_version')} (commit {meta.get('git_commit')})", f"torch {meta['torch']}"]
+    versions += [f"{kPeerNames[r['kind']]} {r['version']}" for r in rows
+                 if r.get("version") and r["kind"] in kPeerNames]
     md = [
         f"# Optimizer memory on {where}",
         "",
-        (f"fusedopt {meta.get('fusedopt_version')} (commit {meta.get('git_commit')}), torch {meta['torch']}, "
-         f"{threads} thread(s), ISA {meta.get('cpu_isa')}, {meta['timestamp']}; "
-         + ", ".join(f"{r['kind']} {r['version']}" for r in rows
-                     if r.get("version") and r["kind"] in ("bnb", "torchao")) + "."),
+        f"{', '.join(versions)}; {threads} thread(s), ISA {meta.get('cpu_isa')}, {meta['timestamp']}.",
         "",
         (f"AdamW (lr {hm.kHyper['lr']:g}, weight decay {hm.kHyper['weight_decay']:g}) on {workload.numel:,} parameters "
          f"in {workload.num_tensors} tensors ({workload.description}), {args.steps} steps, {args.device}. Bytes per "
