@@ -512,11 +512,11 @@ def test_c_boundary_rejects_bad_arguments(row):
     layout = table.layout_or_vectors()  # read by a factored kernel only
     passes = 7 if _kernels.ALGORITHMS[row.kernel]["kind"] == "factored" else 3  # every pass of the kind
 
-    def raw(n=n, codes=(0, 0, 0), values=values, null=None, master=0, scalars=scalars):
+    def raw(n=n, codes=(0, 0, 0), values=values, null=None, master=0, scalars=scalars, comp=0, mode=0):
         slots = [states[s.name].data_ptr() if s.name in states and s.name != null else 0
                  for s in row.cls.spec.states]
         slots += [0] * (3 - len(slots))
-        return kernel(p.data_ptr(), g.data_ptr(), *slots, master, n, *codes, table.offsets.data_ptr(),
+        return kernel(p.data_ptr(), g.data_ptr(), *slots, master, comp, mode, 0, n, *codes, table.offsets.data_ptr(),
                       table.numels.data_ptr(), table.steps.data_ptr(), table.active.data_ptr(), len(table), scalars,
                       layout.data_ptr(), values, 1e-3, 1.0, passes, 0, 0, 0, table.factor_sums)
 
@@ -536,7 +536,19 @@ def test_c_boundary_rejects_bad_arguments(row):
     with pytest.raises(ValueError, match=r"state dtype code 1 must be 3 \(float64\) with float64 parameters"):
         raw(codes=(3, 3, 1))
     with pytest.raises(ValueError, match=r"master weights are for 16-bit parameters \(param dtype code 3 is float64"):
-        raw(codes=(3, 3, 3), master=g.data_ptr())
+        raw(codes=(3, 3, 3), master=g.data_ptr(), mode=1)
+    # Param modes (param_io.h): master weights with mode 1 only, a Kahan compensation with mode 2 only, 16-bit
+    # parameters only, stochastic rounding for bfloat16 only.
+    with pytest.raises(ValueError, match="master pointer given with param mode 0"):
+        raw(codes=(1, 0, 0), master=g.data_ptr())
+    with pytest.raises(ValueError, match="compensation pointer null with param mode 2"):
+        raw(codes=(1, 0, 0), mode=2)
+    with pytest.raises(ValueError, match="param mode 2 is for 16-bit parameters"):
+        raw(comp=g.data_ptr(), mode=2)
+    with pytest.raises(ValueError, match=r"stochastic rounding \(param mode 3\) is for bfloat16"):
+        raw(codes=(2, 0, 0), mode=3)
+    with pytest.raises(ValueError, match="Invalid param mode 5"):
+        raw(mode=5)
     with pytest.raises(ValueError, match="float64 states are for float64 parameters"):
         raw(codes=(0, 0, 3))
     with pytest.raises(ValueError, match="grad dtype code 3 must equal the param dtype code 1"):

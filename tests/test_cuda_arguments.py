@@ -21,7 +21,8 @@ def valid(algorithm: str) -> dict[str, Any]:
     """A call that passes every host-side check: 64-byte aligned addresses, every state slot given, one segment of
     one work item, hyperparameters all 1.0 (every mode on, so every state slot is in use; Muon's phase 0, which uses
     both of its slots)."""
-    return dict(param=1 * MIB, grad=2 * MIB, s0=3 * MIB, s1=4 * MIB, s2=5 * MIB, master=0, n=4096, param_dtype=0,
+    return dict(param=1 * MIB, grad=2 * MIB, s0=3 * MIB, s1=4 * MIB, s2=5 * MIB, master=0, comp=0, param_mode=0,
+                seed=0, n=4096, param_dtype=0,
                 grad_dtype=0, state_dtype=0, seg_offsets=6 * MIB, seg_numels=7 * MIB, seg_steps=8 * MIB,
                 seg_active=9 * MIB, seg_count=1, seg_scalars=13 * MIB if ALGORITHMS[algorithm]["scalars"] else 0,
                 work=10 * MIB, items=1,
@@ -69,8 +70,21 @@ REJECTED = [
     pytest.param(dict(param=MIB + 2), "param pointer 1048578 is not 4-byte aligned", id="param-alignment"),
     pytest.param(dict(param_dtype=1, grad_dtype=1, grad=2 * MIB + 1), "grad pointer 2097153 is not 2-byte aligned",
                  id="grad-alignment"),
-    pytest.param(dict(param_dtype=1, master=11 * MIB + 2), "master pointer 11534338 is not 4-byte aligned",
-                 id="master-alignment"),
+    pytest.param(dict(param_dtype=1, master=11 * MIB + 2, param_mode=1),
+                 "master pointer 11534338 is not 4-byte aligned", id="master-alignment"),
+    # Param modes (param_io.h): master weights exactly with mode 1, a Kahan compensation exactly with mode 2, modes
+    # other than nearest for 16-bit parameters, stochastic rounding for bfloat16 ones.
+    pytest.param(dict(param_dtype=1, master=11 * MIB), "master pointer given with param mode 0", id="master-mode-0"),
+    pytest.param(dict(param_dtype=1, param_mode=1), "master pointer null with param mode 1", id="mode-1-no-master"),
+    pytest.param(dict(param_dtype=1, param_mode=2), "compensation pointer null with param mode 2", id="kahan-no-comp"),
+    pytest.param(dict(param_dtype=1, comp=11 * MIB), "compensation pointer given with param mode 0",
+                 id="comp-mode-0"),
+    pytest.param(dict(param_mode=3), "param mode 3 is for 16-bit parameters", id="fp32-stochastic"),
+    pytest.param(dict(param_dtype=2, param_mode=3), "stochastic rounding \\(param mode 3\\) is for bfloat16",
+                 id="fp16-stochastic"),
+    pytest.param(dict(param_mode=4), "Invalid param mode 4", id="param-mode-4"),
+    pytest.param(dict(param_dtype=1, param_mode=2, comp=11 * MIB + 1),
+                 "compensation pointer 11534337 is not 2-byte aligned", id="comp-alignment"),
     pytest.param(dict(param_dtype=3, grad_dtype=3, state_dtype=3, param=MIB + 4),
                  "param pointer 1048580 is not 8-byte aligned", id="fp64-param-alignment"),
     pytest.param(dict(param_dtype=3, grad_dtype=3, state_dtype=3, s0=3 * MIB + 4),

@@ -306,3 +306,34 @@ def test_muon_on_the_gpu_matches_torch(adjust_lr_fn: str | None) -> None:
         assert_close(opt.state[ours[k]]["momentum_buffer"], ref.state[theirs[k]]["momentum_buffer"],
                      "fp32_trajectory")
     assert_close(bias, bias_twin, "fp32_trajectory")
+
+
+@pytest.mark.parametrize("mode", ["stochastic", "kahan"])
+def test_low_precision_modes_write_the_cpu_bits(mode: str) -> None:
+    """bf16 parameters without master weights: an SGD step (p - lr*g, the same fp32 value on both devices) writes the
+    same bits on the GPU as on the CPU, for stochastic rounding (one hash of seed, step, segment and element) and for
+    Kahan's split into the parameter and its compensation; over several steps and segments."""
+    from fusedopt import functional
+    from fusedopt.flat import Segments
+
+    numels = [4096, 37, 20011]
+    generator = torch.Generator().manual_seed(0)
+    total = sum(numels) + 64 * len(numels)
+    start = torch.randn(total, generator=generator).bfloat16()
+    grads = [torch.randn(total, generator=generator).bfloat16() for _ in range(4)]
+    results = {}
+    for device in ("cpu", "cuda"):
+        segments = Segments.packed(numels, device)
+        segments.set_all_active(True)
+        n = int(segments.offsets[-1] + segments.numels[-1])
+        p = start[:n].clone().to(device)
+        comp = torch.zeros(n, dtype=torch.bfloat16, device=device) if mode == "kahan" else None
+        for g in grads:
+            functional.update("sgd", p, g[:n].to(device), [None], None, segments, lr=1e-3, backend=device,
+                              hyper=dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                                         maximize=False),
+                              comp=comp, rounding_seed=99 if mode == "stochastic" else None)
+        results[device] = (p.cpu(), None if comp is None else comp.cpu())
+    assert torch.equal(results["cpu"][0], results["cuda"][0])
+    if mode == "kahan":
+        assert torch.equal(results["cpu"][1], results["cuda"][1])

@@ -191,7 +191,7 @@ def test_one_kernel_call_per_buffer_when_step_counts_differ(monkeypatch: pytest.
 
     calls = []
     kernel = getattr(_C, EXAMPLE.kernel)
-    monkeypatch.setattr(_C, EXAMPLE.kernel, lambda *args: calls.append(args[6]) or kernel(*args))
+    monkeypatch.setattr(_C, EXAMPLE.kernel, lambda *args: calls.append(args[9]) or kernel(*args))  # n
     params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 300, 17, 4097)]
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt = EXAMPLE.cls(params, lr=1e-2, weight_decay=0.1, backend="cpu")

@@ -27,6 +27,7 @@ MAX_GRAD_NORM = 10.0
 # (param dtype, master_weights); gradients have the parameter's dtype.
 PARAM_DTYPES = [(F32, False), (BF16, False), (BF16, True), (FP16, False), (FP16, True), (F64, False)]
 STATE_DTYPES = [F32, BF16]  # float64 parameters keep float64 states (state_dtype None)
+LOW_PRECISION = [(BF16, "kahan"), (FP16, "kahan"), (BF16, "stochastic")]
 
 # 1 and 7: shorter than any vector (scalar code only); 33: two AVX2 vectors and a tail; 4097: vector body and a
 # one-element tail; 20011 (prime): longer than one 16384-element chunk, so a chunk boundary and an uneven last chunk.
@@ -52,6 +53,10 @@ def _grid() -> list:
                     name = (f"{row.name}-{case.id}{'-clip' if k == 0 else ''}-{str(dtype)[6:]}"
                             f"{'-master' if master else ''}-state_{str(state_dtype or dtype)[6:]}")
                     rows.append(pytest.param(row, kwargs, dtype, master, state_dtype, id=name))
+        # 16-bit parameters without fp32 master weights (Kahan compensation, stochastic rounding), in one case.
+        for dtype, master in LOW_PRECISION:
+            name = f"{row.name}-{cases[0].id}-{str(dtype)[6:]}-{master}-state_float32"
+            rows.append(pytest.param(row, dict(cases[0].kwargs), dtype, master, F32, id=name))
     return rows
 
 
@@ -73,7 +78,7 @@ def bit_differences(name: str, expected: torch.Tensor, actual: torch.Tensor) -> 
             f"{expected.reshape(-1)[i].item()!r} vs {actual.reshape(-1)[i].item()!r}")
 
 
-def run_steps(isa: str, row: Algorithm, kwargs: dict, dtype: torch.dtype, master: bool,
+def run_steps(isa: str, row: Algorithm, kwargs: dict, dtype: torch.dtype, master: bool | str,
               state_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """STEPS optimizer steps under `isa` from a fixed seed; returns every parameter and state tensor by name."""
     _C.set_cpu_isa(isa)
@@ -122,8 +127,10 @@ def test_same_bits_on_every_isa(row, kwargs, dtype, master, state_dtype):
     expected = results[ISAS[0]]
     if row.state_names({k: v for k, v in kwargs.items() if k != "max_grad_norm"}):
         assert any(k.startswith("state[") for k in expected), "no state tensor was compared"
-    if master:
+    if master is True:
         assert "state[0]['master_param']" in expected
+    if master == "kahan":
+        assert "state[0]['kahan_comp']" in expected
     problems = []
     for isa in ISAS[1:]:
         actual = results[isa]

@@ -30,6 +30,7 @@ ADADELTA, RPROP, NADAM, ASGD = (f"{MATH}{a}.h" for a in "adadelta rprop nadam as
 ADAFACTOR = f"{MATH}adafactor.h"
 MUON = f"{MATH}muon.h"
 NEWTON_SCHULZ = "python/fusedopt/_newton_schulz.py"
+PARAM_IO = "csrc/include/fusedopt/param_io.h"
 DRIVER = "csrc/cpu/driver.h"
 REF = "python/fusedopt/reference.py"
 
@@ -398,6 +399,23 @@ MUTANTS: list[Mutant] = [
            "torch.baddbmm(gram, gram, gram, beta=b, alpha=c)", "torch.baddbmm(gram, gram, gram, beta=c, alpha=b)"),
     Mutant("ref-muon-original-ratio-inverted", "muon", REF,
            "return math.sqrt(max(1, rows / cols))", "return math.sqrt(max(1, cols / rows))"),
+    # --- param_io.h: Kahan compensation and stochastic rounding of 16-bit parameters (tests/test_low_precision.py)
+    Mutant("lowp-kahan-read-ignores-comp", "low_precision", PARAM_IO,
+           "return load(p[i]) + load(comp[i]);", "return load(p[i]);"),
+    Mutant("lowp-kahan-residual-dropped", "low_precision", PARAM_IO,
+           "comp[i] = store<TP>(v - load(rounded));", "comp[i] = store<TP>(C(0));"),
+    Mutant("lowp-kahan-residual-sign-flipped", "low_precision", PARAM_IO,
+           "comp[i] = store<TP>(v - load(rounded));", "comp[i] = store<TP>(load(rounded) - v);"),
+    Mutant("lowp-stochastic-half-the-noise", "low_precision", PARAM_IO,
+           "(u + (bits & 0xFFFFu)) >> 16", "(u + (bits & 0x7FFFu)) >> 16"),
+    Mutant("lowp-stochastic-key-ignores-step", "low_precision", PARAM_IO,
+           "mix32(static_cast<uint32_t>(step) * 0x9E3779B9u + static_cast<uint32_t>(segment))",
+           "mix32(static_cast<uint32_t>(segment))"),
+    Mutant("lowp-ref-stochastic-half-the-noise", "low_precision", REF,
+           "rounded = (((u + (bits & 0xFFFF)) >> 16) << 16) & _MASK32",
+           "rounded = (((u + (bits & 0x7FFF)) >> 16) << 16) & _MASK32"),
+    Mutant("lowp-ref-kahan-residual-dropped", "low_precision", REF,
+           "comp.copy_((values - rounded.float()).to(comp.dtype))", "comp.zero_()"),
     Mutant("ref-rprop-prev-not-stored", "rprop", REF,
            "pv.copy_(g)", "pv.copy_(pv)"),
     Mutant("ref-nadam-mu-next-is-mu", "nadam", REF,
@@ -433,6 +451,8 @@ def tests_of(mutant: Mutant) -> list[str]:
     factored = ["tests/test_adafactor.py"] if mutant.algorithm == "adafactor" else []
     if mutant.algorithm == "muon":  # a step is two kernel calls around Newton-Schulz: its own test module
         return ["tests/test_muon.py"]
+    if mutant.algorithm == "low_precision":  # parameter storage, whatever the algorithm
+        return ["tests/test_low_precision.py"]
     if mutant.file == REF:
         return ["tests/test_reference.py", *factored]
     return ["tests/test_cpu_kernels.py", "tests/test_kernel_sensitivity.py", *factored]

@@ -23,7 +23,8 @@ namespace {
 
 constexpr const char* kCudaStepDoc =
     "One step over a flat buffer set in device memory, asynchronous on `stream` of `device` (pointers as ints, 0 for "
-    "absent buffers): param, grad, three state slots, master, n, param/grad/state dtype codes; the segment table "
+    "absent buffers): param, grad, three state slots, master, the Kahan compensation, the param mode and the "
+    "stochastic rounding seed (as the CPU step), n, param/grad/state dtype codes; the segment table "
     "(int64 offsets and numels, float32 steps counted on the device, uint8 active flags, count, float32 scalar "
     "states or 0); the device work list "
     "(int64 [item_begin | item_end | item_segment | seg_first], items); the algorithm's hyperparameters in "
@@ -36,7 +37,8 @@ constexpr const char* kCudaStepDoc =
 
 // The names of the step's positional arguments (python/fusedopt/_kernels.py passes them positionally).
 #define FUSEDOPT_CUDA_STEP_ARGS                                                                                    \
-  py::arg("param"), py::arg("grad"), py::arg("s0"), py::arg("s1"), py::arg("s2"), py::arg("master"), py::arg("n"), \
+  py::arg("param"), py::arg("grad"), py::arg("s0"), py::arg("s1"), py::arg("s2"), py::arg("master"),             \
+      py::arg("comp"), py::arg("param_mode"), py::arg("seed"), py::arg("n"),                                        \
       py::arg("param_dtype"), py::arg("grad_dtype"), py::arg("state_dtype"), py::arg("seg_offsets"),               \
       py::arg("seg_numels"), py::arg("seg_steps"), py::arg("seg_active"), py::arg("seg_count"),                     \
       py::arg("seg_scalars"), py::arg("work"),                                                                     \
@@ -65,8 +67,8 @@ void register_cuda_bindings(py::module_& m) {
 #define FUSEDOPT_BIND_CUDA_STEP(A)                                                                                 \
   m.def(                                                                                                           \
       "cuda_" #A,                                                                                                  \
-      [](uintptr_t param, uintptr_t grad, uintptr_t s0, uintptr_t s1, uintptr_t s2, uintptr_t master, int64_t n,     \
-         int param_dtype, int grad_dtype, int state_dtype, uintptr_t seg_offsets, uintptr_t seg_numels,            \
+      [](uintptr_t param, uintptr_t grad, uintptr_t s0, uintptr_t s1, uintptr_t s2, uintptr_t master,               \
+         uintptr_t comp, int param_mode, uint64_t seed, int64_t n, int param_dtype, int grad_dtype, int state_dtype, uintptr_t seg_offsets, uintptr_t seg_numels,            \
          uintptr_t seg_steps, uintptr_t seg_active, int64_t seg_count, uintptr_t seg_scalars, uintptr_t work,       \
          int64_t items,                                                                                            \
          const std::vector<double>& hyper, double lr, double grad_scale, uintptr_t lr_ptr, uintptr_t grad_scale_ptr, \
@@ -74,7 +76,8 @@ void register_cuda_bindings(py::module_& m) {
          int64_t row_items, int64_t col_items, uintptr_t factor_sums, int64_t factor_sums_count, int device,       \
          uintptr_t stream) {                                                                                       \
         const FlatBuffers b =                                                                                      \
-            buffers(param, grad, s0, s1, s2, master, n, param_dtype, grad_dtype, state_dtype);                     \
+            buffers(param, grad, s0, s1, s2, master, comp, param_mode, seed, n, param_dtype, grad_dtype,           \
+                    state_dtype);                                                                                  \
         const Segments s =                                                                                         \
             segments(seg_offsets, seg_numels, seg_steps, seg_active, seg_count, seg_scalars);                      \
         const StepArgs args =                                                                                      \

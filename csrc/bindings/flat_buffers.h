@@ -15,8 +15,12 @@ inline T* ptr(uintptr_t address) {
 }
 
 inline FlatBuffers buffers(uintptr_t param, uintptr_t grad, uintptr_t s0, uintptr_t s1, uintptr_t s2,
-                           uintptr_t master, int64_t n, int param_dtype, int grad_dtype, int state_dtype) {
+                           uintptr_t master, uintptr_t comp, int param_mode, uint64_t seed, int64_t n, int param_dtype,
+                           int grad_dtype, int state_dtype) {
   FlatBuffers b;
+  b.comp = ptr<void>(comp);
+  b.param_mode = param_mode;
+  b.seed = seed;
   b.param = ptr<void>(param);
   b.grad = ptr<const void>(grad);
   b.states[0] = ptr<void>(s0);

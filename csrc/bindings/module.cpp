@@ -27,7 +27,8 @@ namespace {
 
 constexpr const char* kStepDoc =
     "One step over a flat buffer set (pointers as ints, 0 for absent buffers): param, grad, three state slots, "
-    "master, n, param/grad/state dtype codes; the segment table (int64 offsets and numels, float32 steps counted "
+    "master, the Kahan compensation, the param mode (0 nearest, 1 master, 2 kahan, 3 stochastic) and the "
+    "stochastic rounding seed, n, param/grad/state dtype codes; the segment table (int64 offsets and numels, float32 steps counted "
     "by the call, uint8 active flags, count, float32 (count, len(scalars)) scalar states or 0 for an algorithm "
     "without them), int64 (count, 10) layout of a factored algorithm or 0 (api.h Layout); the algorithm's "
     "hyperparameters in algorithms()[name]['fields'] order; lr, grad_scale; for trust-ratio and factored algorithms "
@@ -87,13 +88,15 @@ PYBIND11_MODULE(_C, m) {
 #define FUSEDOPT_BIND_STEP(A)                                                                                  \
   m.def(                                                                                                     \
       #A,                                                                                                    \
-      [](uintptr_t param, uintptr_t grad, uintptr_t s0, uintptr_t s1, uintptr_t s2, uintptr_t master, int64_t n, \
-         int param_dtype, int grad_dtype, int state_dtype, uintptr_t seg_offsets, uintptr_t seg_numels,      \
+      [](uintptr_t param, uintptr_t grad, uintptr_t s0, uintptr_t s1, uintptr_t s2, uintptr_t master,         \
+         uintptr_t comp, int param_mode, uint64_t seed, int64_t n, int param_dtype, int grad_dtype,            \
+         int state_dtype, uintptr_t seg_offsets, uintptr_t seg_numels,                                         \
          uintptr_t seg_steps, uintptr_t seg_active, int64_t seg_count, uintptr_t seg_scalars,                \
          uintptr_t seg_layout, const std::vector<double>& hyper, double lr, double grad_scale, int passes,   \
          uintptr_t segment_w2, uintptr_t segment_u2, uintptr_t factor_sums, int64_t factor_sums_count) {     \
         const FlatBuffers b =                                                                                \
-            buffers(param, grad, s0, s1, s2, master, n, param_dtype, grad_dtype, state_dtype);               \
+            buffers(param, grad, s0, s1, s2, master, comp, param_mode, seed, n, param_dtype, grad_dtype,     \
+                    state_dtype);                                                                            \
         const Segments s =                                                                                   \
             segments(seg_offsets, seg_numels, seg_steps, seg_active, seg_count, seg_scalars, seg_layout);    \
         const StepArgs args =                                                                                \

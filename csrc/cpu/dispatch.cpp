@@ -296,6 +296,12 @@ void step(const char* algo_name, const FlatBuffers& b, const Segments& s, const 
     coeffs.fp32 = coeffs32.data();
   }
   Work w = list.work();
+  std::vector<uint32_t> keys;
+  if (b.param_mode == kParamStochastic) {  // after the step counts: the key of the step being taken
+    keys.resize(s.count);
+    for (int64_t k = 0; k < s.count; ++k) keys[k] = rounding_key(b.seed, s.steps[k], k);
+    w.rounding_key = keys.data();
+  }
   std::vector<double> pw, pu, w2, u2, slr;
   if (A::kKind == algo::Kind::kTrustRatio) {
     pw.resize(w.items);

@@ -55,47 +55,70 @@ template <bool B>
 struct Bool {
   static constexpr bool value = B;
 };
+template <int M>
+struct Mode {
+  static constexpr int value = M;
+};
 
-// Calls f(Type<param>, Type<grad>, Bool<master>) for the combinations the dispatcher allows: grad dtype = param dtype
-// or fp32; master weights only with 16-bit parameters; float64 parameters with float64 gradients only.
+// Calls f(Type<param>, Type<grad>, Mode<param mode>) for the combinations the dispatcher allows: grad dtype = param
+// dtype or fp32; param modes other than nearest only with 16-bit parameters (stochastic: bf16 only); float64 parameters
+// with float64 gradients only.
 template <typename F>
-void dispatch_param_grad(int param_dtype, int grad_dtype, bool has_master, F&& f) {
-  auto with_master = [&](auto tp, auto tg) {
-    if (has_master)
-      f(tp, tg, Bool<true>{});
+void dispatch_param_grad(int param_dtype, int grad_dtype, int param_mode, F&& f) {
+  auto with_mode = [&](auto tp, auto tg) {
+    if (param_mode == kParamMaster)
+      f(tp, tg, Mode<kParamMaster>{});
+    else if (param_mode == kParamKahan)
+      f(tp, tg, Mode<kParamKahan>{});
+    else if (param_mode == kParamStochastic && std::is_same<typename decltype(tp)::type, bf16_t>::value)
+      f(tp, tg, Mode<kParamStochastic>{});
     else
-      f(tp, tg, Bool<false>{});
+      f(tp, tg, Mode<kParamNearest>{});
   };
   if (param_dtype == kFloat32) {
-    f(Type<float>{}, Type<float>{}, Bool<false>{});
+    f(Type<float>{}, Type<float>{}, Mode<kParamNearest>{});
   } else if (param_dtype == kFloat64) {
-    f(Type<double>{}, Type<double>{}, Bool<false>{});
+    f(Type<double>{}, Type<double>{}, Mode<kParamNearest>{});
   } else if (param_dtype == kBFloat16) {
     if (grad_dtype == kFloat32)
-      with_master(Type<bf16_t>{}, Type<float>{});
+      with_mode(Type<bf16_t>{}, Type<float>{});
     else
-      with_master(Type<bf16_t>{}, Type<bf16_t>{});
+      with_mode(Type<bf16_t>{}, Type<bf16_t>{});
   } else {
     if (grad_dtype == kFloat32)
-      with_master(Type<fp16_t>{}, Type<float>{});
+      with_mode(Type<fp16_t>{}, Type<float>{});
     else
-      with_master(Type<fp16_t>{}, Type<fp16_t>{});
+      with_mode(Type<fp16_t>{}, Type<fp16_t>{});
   }
 }
 
-// Calls f(Type<param>, Type<grad>, Type<state>, Bool<master>) for the combinations the dispatcher allows: those of
-// dispatch_param_grad, with fp32 or bf16 states (float64 parameters: float64 states only).
+// Calls f(Type<param>, Type<grad>, Type<state>, Mode<param mode>) for the combinations the dispatcher allows: those
+// of dispatch_param_grad, with fp32 or bf16 states (float64 parameters: float64 states only).
 template <typename F>
 void dispatch_dtypes(const FlatBuffers& b, F&& f) {
-  dispatch_param_grad(b.param_dtype, b.grad_dtype, b.master != nullptr, [&](auto tp, auto tg, auto master) {
+  dispatch_param_grad(b.param_dtype, b.grad_dtype, b.param_mode, [&](auto tp, auto tg, auto mode) {
     using TP = typename decltype(tp)::type;
     if constexpr (std::is_same<TP, double>::value)
-      f(tp, tg, Type<double>{}, master);
+      f(tp, tg, Type<double>{}, mode);
     else if (b.state_dtype == kBFloat16)
-      f(tp, tg, Type<bf16_t>{}, master);
+      f(tp, tg, Type<bf16_t>{}, mode);
     else
-      f(tp, tg, Type<float>{}, master);
+      f(tp, tg, Type<float>{}, mode);
   });
+}
+
+// The parameter reader/writer of mode M over b's buffers.
+template <typename TP, int M>
+ParamIO<TP, M> param_io(const FlatBuffers& b) {
+  ParamIO<TP, M> io;
+  io.master = b.master;
+  io.comp = static_cast<TP*>(b.comp);
+  return io;
+}
+
+// The rounding key of segment s (stochastic mode; 0 otherwise).
+FUSEDOPT_ALWAYS_INLINE inline uint32_t key_of(const Work& w, int64_t s) {
+  return w.rounding_key != nullptr ? w.rounding_key[s] : 0u;
 }
 
 // The coefficients of compute type C (float or double) among an algorithm's per-segment coefficients.
@@ -110,19 +133,18 @@ FUSEDOPT_HD const typename A::template Coeffs<C>* coeffs_of(const SegmentCoeffs<
 // Inner loop over [begin, end) with one segment's coefficients, in compute type C (compute_t<TP>): the compiler
 // vectorises it (unused states are compile-time dead, uniform mode flags are unswitched or if-converted) and emits the
 // scalar remainder from the same source, so the tail runs the same math.
-template <typename Op, typename Coeffs, typename C, typename TP, typename TG, typename TS, bool Master>
+template <typename Op, typename Coeffs, typename C, typename TP, typename TG, typename TS, typename IO>
 inline void elementwise_range(const Op op, const Coeffs c, TP* FUSEDOPT_RESTRICT p, const TG* FUSEDOPT_RESTRICT g,
                               TS* FUSEDOPT_RESTRICT s0, TS* FUSEDOPT_RESTRICT s1, TS* FUSEDOPT_RESTRICT s2,
-                              float* FUSEDOPT_RESTRICT master, int64_t begin, int64_t end) {
+                              const IO io, uint32_t key, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
-    C pv = Master ? master[i] : load(p[i]);
+    C pv = io.read(p, i);
     const C gv = load(g[i]);
     C a = Op::uses(0) ? load(s0[i]) : C(0);
     C bb = Op::uses(1) ? load(s1[i]) : C(0);
     C cc = Op::uses(2) ? load(s2[i]) : C(0);
     op(c, pv, gv, a, bb, cc);
-    if (Master) master[i] = pv;
-    p[i] = store<TP>(pv);
+    io.write(p, i, pv, key);
     if (Op::uses(0)) s0[i] = store<TS>(a);
     if (Op::uses(1)) s1[i] = store<TS>(bb);
     if (Op::uses(2)) s2[i] = store<TS>(cc);
@@ -133,26 +155,26 @@ inline void elementwise_range(const Op op, const Coeffs c, TP* FUSEDOPT_RESTRICT
 template <typename Op, typename A>
 void run_elementwise(const Op& op, const FlatBuffers& b, const Work& w, const SegmentCoeffs<A>& segment_coeffs,
                      int threads) {
-  dispatch_dtypes(b, [&](auto tp, auto tg, auto ts, auto master) {
+  dispatch_dtypes(b, [&](auto tp, auto tg, auto ts, auto mode) {
     using TP = typename decltype(tp)::type;
     using TG = typename decltype(tg)::type;
     using TS = typename decltype(ts)::type;
     using C = compute_t<TP>;
     using Coeffs = typename A::template Coeffs<C>;
-    constexpr bool kMaster = decltype(master)::value;
+    using IO = ParamIO<TP, decltype(mode)::value>;
     const Coeffs* coeffs = coeffs_of<C>(segment_coeffs);
     TP* p = static_cast<TP*>(b.param);
     const TG* g = static_cast<const TG*>(b.grad);
     TS* s0 = static_cast<TS*>(b.states[0]);
     TS* s1 = static_cast<TS*>(b.states[1]);
     TS* s2 = static_cast<TS*>(b.states[2]);
-    float* m = b.master;
+    const IO io = param_io<TP, decltype(mode)::value>(b);
     const Op local = op;
     parallel_ranges(w.items, threads, [&](int64_t first, int64_t last) {
       for (int64_t it = first; it < last; ++it) {
-        const Coeffs c = coeffs[w.item_segment[it]];
-        elementwise_range<Op, Coeffs, C, TP, TG, TS, kMaster>(local, c, p, g, s0, s1, s2, m, w.item_begin[it],
-                                                              w.item_end[it]);
+        const int64_t s = w.item_segment[it];
+        elementwise_range<Op, Coeffs, C, TP, TG, TS, IO>(local, coeffs[s], p, g, s0, s1, s2, io, key_of(w, s),
+                                                         w.item_begin[it], w.item_end[it]);
       }
     });
   });
@@ -272,16 +294,15 @@ inline void sum_of_squares_kernel(const void* data, int dtype, const Work& w, do
 //   pass 2 reads p (or master), m, v; recomputes u from the stored moments (bit-identical); writes p (and master).
 // Storing u instead would cost a write and a read of n values, the same traffic as re-reading m and v in pass 2,
 // and would need a scratch buffer or clobber the gradient.
-template <typename A, typename TP, typename TG, typename TS, bool Master>
+template <typename A, typename TP, typename TG, typename TS, typename IO>
 inline void trust_ratio_pass1(const typename A::template Coeffs<compute_t<TP>> c, const TP* FUSEDOPT_RESTRICT p,
                               const TG* FUSEDOPT_RESTRICT g, TS* FUSEDOPT_RESTRICT m, TS* FUSEDOPT_RESTRICT v,
-                              const float* FUSEDOPT_RESTRICT master, int64_t begin, int64_t end, double* w2,
-                              double* u2) {
+                              const IO io, int64_t begin, int64_t end, double* w2, double* u2) {
   using C = compute_t<TP>;
   double lw[kNormLanes] = {};
   double lu[kNormLanes] = {};
   auto element = [&](int64_t i, int l) FUSEDOPT_ALWAYS_INLINE {
-    const C pv = Master ? master[i] : load(p[i]);
+    const C pv = io.read(p, i);
     C mm = load(m[i]);
     C vv = load(v[i]);
     A::moments(c, load(g[i]), mm, vv);
@@ -307,38 +328,37 @@ inline void trust_ratio_pass1(const typename A::template Coeffs<compute_t<TP>> c
   *u2 = su;
 }
 
-template <typename A, typename TP, typename TS, bool Master>
+template <typename A, typename TP, typename TS, typename IO>
 inline void trust_ratio_pass2(const typename A::template Coeffs<compute_t<TP>> c, compute_t<TP> scaled_lr,
                               TP* FUSEDOPT_RESTRICT p, const TS* FUSEDOPT_RESTRICT m, const TS* FUSEDOPT_RESTRICT v,
-                              float* FUSEDOPT_RESTRICT master, int64_t begin, int64_t end) {
+                              const IO io, uint32_t key, int64_t begin, int64_t end) {
   using C = compute_t<TP>;
   for (int64_t i = begin; i < end; ++i) {
-    C pv = Master ? master[i] : load(p[i]);
+    C pv = io.read(p, i);
     A::apply(c, scaled_lr, pv, load(m[i]), load(v[i]));
-    if (Master) master[i] = pv;
-    p[i] = store<TP>(pv);
+    io.write(p, i, pv, key);
   }
 }
 
 template <typename A>
 void run_trust_ratio(const FlatBuffers& b, const Work& w, const SegmentCoeffs<A>& segment_coeffs, int threads) {
-  dispatch_dtypes(b, [&](auto tp, auto tg, auto ts, auto master) {
+  dispatch_dtypes(b, [&](auto tp, auto tg, auto ts, auto mode) {
     using TP = typename decltype(tp)::type;
     using TG = typename decltype(tg)::type;
     using TS = typename decltype(ts)::type;
-    constexpr bool kMaster = decltype(master)::value;
+    using IO = ParamIO<TP, decltype(mode)::value>;
     const auto* coeffs = coeffs_of<compute_t<TP>>(segment_coeffs);
     TP* p = static_cast<TP*>(b.param);
     const TG* g = static_cast<const TG*>(b.grad);
     TS* m = static_cast<TS*>(b.states[0]);
     TS* v = static_cast<TS*>(b.states[1]);
-    float* mw = b.master;
+    const IO io = param_io<TP, decltype(mode)::value>(b);
     const bool moments = (w.passes & kPassMoments) != 0, apply = (w.passes & kPassApply) != 0;
     if (moments) {
       parallel_ranges(w.items, threads, [&](int64_t first, int64_t last) {
         for (int64_t it = first; it < last; ++it)
-          trust_ratio_pass1<A, TP, TG, TS, kMaster>(coeffs[w.item_segment[it]], p, g, m, v, mw, w.item_begin[it],
-                                                    w.item_end[it], &w.partial_w[it], &w.partial_u[it]);
+          trust_ratio_pass1<A, TP, TG, TS, IO>(coeffs[w.item_segment[it]], p, g, m, v, io, w.item_begin[it],
+                                               w.item_end[it], &w.partial_w[it], &w.partial_u[it]);
       });
     }
     // Per segment: its sums from its items' partials in item order, then lr * trust ratio. A segment reads only its
@@ -353,8 +373,8 @@ void run_trust_ratio(const FlatBuffers& b, const Work& w, const SegmentCoeffs<A>
       parallel_ranges(w.items, threads, [&](int64_t first, int64_t last) {
         for (int64_t it = first; it < last; ++it) {
           const int64_t s = w.item_segment[it];
-          trust_ratio_pass2<A, TP, TS, kMaster>(coeffs[s], w.scaled_lr[s], p, m, v, mw, w.item_begin[it],
-                                                w.item_end[it]);
+          trust_ratio_pass2<A, TP, TS, IO>(coeffs[s], w.scaled_lr[s], p, m, v, io, key_of(w, s), w.item_begin[it],
+                                           w.item_end[it]);
         }
       });
     }
@@ -391,22 +411,21 @@ FUSEDOPT_ALWAYS_INLINE inline double lane_total(const double* lanes) {
 
 template <typename A>
 void run_factored(const FlatBuffers& b, const Work& w, const SegmentCoeffs<A>& segment_coeffs, int threads) {
-  dispatch_dtypes(b, [&](auto tp, auto tg, auto ts, auto master) {
+  dispatch_dtypes(b, [&](auto tp, auto tg, auto ts, auto mode) {
     using TP = typename decltype(tp)::type;
     using TG = typename decltype(tg)::type;
     using TS = typename decltype(ts)::type;
     using C = compute_t<TP>;
     using Coeffs = typename A::template Coeffs<C>;
-    constexpr bool kMaster = decltype(master)::value;
+    const ParamIO<TP, decltype(mode)::value> io = param_io<TP, decltype(mode)::value>(b);
     const Coeffs* coeffs = coeffs_of<C>(segment_coeffs);
     TP* p = static_cast<TP*>(b.param);
     const TG* g = static_cast<const TG*>(b.grad);
     TS* row_var = static_cast<TS*>(b.states[0]);
     TS* col_var = static_cast<TS*>(b.states[1]);
     TS* variance = static_cast<TS*>(b.states[2]);
-    float* mw = b.master;
     double* sums = w.factor_sums;
-    auto param_at = [&](int64_t i) FUSEDOPT_ALWAYS_INLINE { return kMaster ? C(mw[i]) : load(p[i]); };
+    auto param_at = [&](int64_t i) FUSEDOPT_ALWAYS_INLINE { return io.read(p, i); };
     auto grad_at = [&](const Coeffs& c, int64_t i) FUSEDOPT_ALWAYS_INLINE { return load(g[i]) * c.grad_scale; };
     auto at = [&](int64_t s, int column) { return w.layout[s * kLayoutColumns + column]; };
     auto factored = [&](int64_t s) { return at(s, kTotalRows) > 0; };
@@ -558,11 +577,11 @@ void run_factored(const FlatBuffers& b, const Work& w, const SegmentCoeffs<A>& s
           const int64_t s = w.item_segment[it];
           const Coeffs c = coeffs[s];
           const C step = static_cast<C>(w.step_size[s]);
+          const uint32_t key = key_of(w, s);
           auto update = [&](int64_t i, C u, int) FUSEDOPT_ALWAYS_INLINE {
             C pv = param_at(i);
             A::apply(c, step, pv, u);
-            if (kMaster) mw[i] = static_cast<float>(pv);
-            p[i] = store<TP>(pv);
+            io.write(p, i, pv, key);
           };
           if (factored(s))
             for_each_factored(s, w.item_begin[it], w.item_end[it], update);

@@ -45,6 +45,8 @@ struct Work {
   double* row_partial_w = nullptr;
   double* factor_sums = nullptr;
   double* step_size = nullptr;
+  // Stochastic rounding of the parameters (param_io.h): each segment's rounding key for this step; null otherwise.
+  const uint32_t* rounding_key = nullptr;
 };
 
 // Algorithm A's coefficients, one per segment (indexed by segment, valid for the active ones), in the compute type of

@@ -30,7 +30,7 @@ inline void sam_perturb_range(C scale, TP* FUSEDOPT_RESTRICT p, const TG* FUSEDO
 }
 
 inline void sam_perturb_kernel(const SamBuffers& b, const Work& w, double scale, bool adaptive, int threads) {
-  dispatch_param_grad(b.param_dtype, b.grad_dtype, b.master != nullptr, [&](auto tp, auto tg, auto master) {
+  dispatch_param_grad(b.param_dtype, b.grad_dtype, b.master != nullptr ? kParamMaster : kParamNearest, [&](auto tp, auto tg, auto master) {
     using TP = typename decltype(tp)::type;
     using TG = typename decltype(tg)::type;
     using C = compute_t<TP>;
@@ -56,7 +56,7 @@ inline void sam_perturb_kernel(const SamBuffers& b, const Work& w, double scale,
 
 // Undo: p := round(master) with master weights (the master was never perturbed), else p := backup, bit for bit.
 inline void sam_restore_kernel(const SamBuffers& b, const Work& w, int threads) {
-  dispatch_param_grad(b.param_dtype, b.grad_dtype, b.master != nullptr, [&](auto tp, auto, auto master) {
+  dispatch_param_grad(b.param_dtype, b.grad_dtype, b.master != nullptr ? kParamMaster : kParamNearest, [&](auto tp, auto, auto master) {
     using TP = typename decltype(tp)::type;
     constexpr bool kMaster = decltype(master)::value;
     TP* FUSEDOPT_RESTRICT p = static_cast<TP*>(b.param);
@@ -100,7 +100,7 @@ inline double sam_adaptive_range(const TP* FUSEDOPT_RESTRICT p, const TG* FUSEDO
 
 inline void sam_sum_of_squares_kernel(const SamBuffers& b, const Work& w, double* partials, unsigned char* nonfinite,
                                       int threads) {
-  dispatch_param_grad(b.param_dtype, b.grad_dtype, b.master != nullptr, [&](auto tp, auto tg, auto master) {
+  dispatch_param_grad(b.param_dtype, b.grad_dtype, b.master != nullptr ? kParamMaster : kParamNearest, [&](auto tp, auto tg, auto master) {
     using TP = typename decltype(tp)::type;
     using TG = typename decltype(tg)::type;
     constexpr bool kMaster = decltype(master)::value;

@@ -36,6 +36,7 @@ void check_alignment(const std::string& fn, const FlatBuffers& b, const typename
     if (A::uses_state(h, k)) check_aligned(fn, k < kSlots ? A::kStates[k] : "state", b.states[k],
                                            dtype_size(b.state_dtype));
   check_aligned(fn, "master", b.master, 4);
+  check_aligned(fn, "compensation", b.comp, dtype_size(b.param_dtype));
 }
 
 // The device lr and grad_scale are of the compute type: float64 with float64 parameters, else float32.

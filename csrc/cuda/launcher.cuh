@@ -32,7 +32,10 @@ struct StepParams {
   void* param;
   const void* grad;
   void* states[algo::kMaxStates];  // null for the states this configuration does not use
-  float* master;                   // only with 16-bit parameters
+  float* master;                   // only with 16-bit parameters (param mode kParamMaster)
+  void* comp;                      // the Kahan compensation, p's dtype (param mode kParamKahan)
+  int param_mode;                  // param_io.h ParamMode (kParamNearest for fp32 and float64 parameters)
+  uint64_t seed;                   // stochastic rounding (param mode kParamStochastic, bf16 parameters)
   bool grad_fp32;                  // 16-bit parameters: fp32 gradients (float64 parameters: float64 gradients)
   bool state_fp32;                 // 32/16-bit parameters: fp32 states, else bf16 (float64 parameters: float64)
   bool aligned;  // every array used is 16-byte aligned
@@ -82,6 +85,84 @@ __device__ __forceinline__ typename A::template Coeffs<C> segment_coeffs(const S
                            : a.grad_scale;
   const float* scalars = a.scalars != nullptr ? a.scalars + s * algo::ScalarCount<A>::value : nullptr;
   return algo::make_segment_coeffs<C, A>(a.hyper, step_lr<C>(a), static_cast<double>(a.steps[s]), scale, scalars);
+}
+
+// Parameter values in the step's param mode (param_io.h, ParamIO for one element; here also a pack of kPack): read as
+// the master's, as p + comp (Kahan) or as p; written back to the master and p, split into p and comp, rounded
+// stochastically with segment key `key`, or rounded to nearest.
+template <typename A, typename TP>
+__device__ __forceinline__ bool has_master(const StepParams<A>& a) {
+  return !std::is_same<TP, compute_t<TP>>::value && a.master != nullptr;
+}
+
+template <typename A, typename TP, typename C>
+__device__ __forceinline__ void read_param_pack(const StepParams<A>& a, const TP* p, int64_t q, C (&pv)[kPack]) {
+  if (has_master<A, TP>(a)) {
+    load_pack(a.master, q, pv);
+    return;
+  }
+  load_pack(p, q, pv);
+  if (a.param_mode == kParamKahan) {
+    C cv[kPack];
+    load_pack(static_cast<const TP*>(a.comp), q, cv);
+#pragma unroll
+    for (int e = 0; e < kPack; ++e) pv[e] += cv[e];
+  }
+}
+
+template <typename A, typename TP>
+__device__ __forceinline__ compute_t<TP> read_param(const StepParams<A>& a, const TP* p, int64_t i) {
+  using C = compute_t<TP>;
+  if (has_master<A, TP>(a)) return C(a.master[i]);
+  if (a.param_mode == kParamKahan) return load(p[i]) + load(static_cast<const TP*>(a.comp)[i]);
+  return load(p[i]);
+}
+
+template <typename A, typename TP>
+__device__ __forceinline__ void write_param(const StepParams<A>& a, TP* p, int64_t i, compute_t<TP> v, uint32_t key) {
+  if (has_master<A, TP>(a)) {
+    a.master[i] = static_cast<float>(v);
+    p[i] = store<TP>(v);
+  } else if (a.param_mode == kParamKahan) {
+    const TP rounded = store<TP>(v);
+    p[i] = rounded;
+    static_cast<TP*>(a.comp)[i] = store<TP>(v - load(rounded));
+  } else if constexpr (std::is_same<TP, bf16_t>::value) {
+    p[i] = a.param_mode == kParamStochastic ? store_stochastic_bf16(v, rounding_bits(key, i)) : store<TP>(v);
+  } else {
+    p[i] = store<TP>(v);
+  }
+}
+
+template <typename A, typename TP, typename C>
+__device__ __forceinline__ void write_param_pack(const StepParams<A>& a, TP* p, int64_t q, const C (&pv)[kPack],
+                                                 uint32_t key) {
+  if (has_master<A, TP>(a)) {
+    store_pack(a.master, q, pv);
+    store_pack(p, q, pv);
+  } else if (a.param_mode == kParamKahan || a.param_mode == kParamStochastic) {
+    C rounded[kPack], residual[kPack];  // values p holds exactly, so store_pack writes them as they are
+#pragma unroll
+    for (int e = 0; e < kPack; ++e) {
+      if constexpr (std::is_same<TP, bf16_t>::value)
+        rounded[e] = a.param_mode == kParamStochastic
+                         ? load(store_stochastic_bf16(pv[e], rounding_bits(key, q * kPack + e)))
+                         : load(store<TP>(pv[e]));
+      else
+        rounded[e] = load(store<TP>(pv[e]));
+      residual[e] = pv[e] - rounded[e];
+    }
+    store_pack(p, q, rounded);
+    if (a.param_mode == kParamKahan) store_pack(static_cast<TP*>(a.comp), q, residual);
+  } else {
+    store_pack(p, q, pv);
+  }
+}
+
+// The rounding key of segment s at this step (its count is already incremented), for stochastic rounding.
+template <typename A>
+__device__ __forceinline__ uint32_t segment_key(const StepParams<A>& a, int64_t s) {
+  return a.param_mode == kParamStochastic ? rounding_key(a.seed, a.steps[s], s) : 0u;
 }
 
 // The block's items (blockIdx.x, + gridDim.x, ...) of active segments: `make(s)` runs on thread 0 once per run of
@@ -151,41 +232,36 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<TP>::value) elementwise_ke
   using Coeffs = typename A::template Coeffs<C>;
   if (step_skipped(a.d.found_inf)) return;
   TP* p = static_cast<TP*>(a.param);
-  const bool master = !std::is_same<TP, C>::value && a.master != nullptr;
   const Op op{};
   for_each_active_item<Coeffs>(
       a, [&](int64_t s) { return segment_coeffs<C>(a, s); },
-      [&](int64_t, int64_t begin, int64_t end, const Coeffs& c) {
+      [&](int64_t it, int64_t begin, int64_t end, const Coeffs& c) {
+        const uint32_t key = segment_key(a, a.items.segment[it]);
         for_each_element(
             begin, end, a.aligned && begin % kPack == 0,
             [&](int64_t q) {
               C pv[kPack], gv[kPack], v0[kPack] = {}, v1[kPack] = {}, v2[kPack] = {};
               // Every load of the pack first, so that all 16-byte requests are in flight together.
-              if (master)
-                load_pack(a.master, q, pv);
-              else
-                load_pack(p, q, pv);
+              read_param_pack(a, p, q, pv);
               load_grad_pack<TP>(a.grad, a.grad_fp32, q, gv);
               if (Op::uses(0)) load_state_pack<TP>(a.states[0], a.state_fp32, q, v0);
               if (Op::uses(1)) load_state_pack<TP>(a.states[1], a.state_fp32, q, v1);
               if (Op::uses(2)) load_state_pack<TP>(a.states[2], a.state_fp32, q, v2);
 #pragma unroll
               for (int e = 0; e < kPack; ++e) op(c, pv[e], gv[e], v0[e], v1[e], v2[e]);
-              if (master) store_pack(a.master, q, pv);
-              store_pack(p, q, pv);
+              write_param_pack(a, p, q, pv, key);
               if (Op::uses(0)) store_state_pack<TP>(a.states[0], a.state_fp32, q, v0);
               if (Op::uses(1)) store_state_pack<TP>(a.states[1], a.state_fp32, q, v1);
               if (Op::uses(2)) store_state_pack<TP>(a.states[2], a.state_fp32, q, v2);
             },
             [&](int64_t i) {
-              C pv = master ? a.master[i] : load(p[i]);
+              C pv = read_param(a, p, i);
               const C gv = load_grad<TP>(a.grad, a.grad_fp32, i);
               C v0 = Op::uses(0) ? load_state<TP>(a.states[0], a.state_fp32, i) : C(0);
               C v1 = Op::uses(1) ? load_state<TP>(a.states[1], a.state_fp32, i) : C(0);
               C v2 = Op::uses(2) ? load_state<TP>(a.states[2], a.state_fp32, i) : C(0);
               op(c, pv, gv, v0, v1, v2);
-              if (master) a.master[i] = pv;
-              p[i] = store<TP>(pv);
+              write_param(a, p, i, pv, key);
               if (Op::uses(0)) store_state<TP>(a.states[0], a.state_fp32, i, v0);
               if (Op::uses(1)) store_state<TP>(a.states[1], a.state_fp32, i, v1);
               if (Op::uses(2)) store_state<TP>(a.states[2], a.state_fp32, i, v2);
@@ -209,7 +285,6 @@ __global__ void __launch_bounds__(kThreads) trust_ratio_moments_kernel(const Ste
   __shared__ double scratch[32];
   if (step_skipped(a.d.found_inf)) return;
   const TP* p = static_cast<const TP*>(a.param);
-  const bool master = !std::is_same<TP, C>::value && a.master != nullptr;
   for_each_active_item<Coeffs>(
       a, [&](int64_t s) { return segment_coeffs<C>(a, s); },
       [&](int64_t it, int64_t begin, int64_t end, const Coeffs& c) {
@@ -226,10 +301,7 @@ __global__ void __launch_bounds__(kThreads) trust_ratio_moments_kernel(const Ste
             begin, end, a.aligned && begin % kPack == 0,
             [&](int64_t q) {
               C pv[kPack], gv[kPack], mv[kPack], vv[kPack];
-              if (master)
-                load_pack(a.master, q, pv);
-              else
-                load_pack(p, q, pv);
+              read_param_pack(a, p, q, pv);
               load_grad_pack<TP>(a.grad, a.grad_fp32, q, gv);
               load_state_pack<TP>(a.states[0], a.state_fp32, q, mv);
               load_state_pack<TP>(a.states[1], a.state_fp32, q, vv);
@@ -239,7 +311,7 @@ __global__ void __launch_bounds__(kThreads) trust_ratio_moments_kernel(const Ste
               store_state_pack<TP>(a.states[1], a.state_fp32, q, vv);
             },
             [&](int64_t i) {
-              const C pv = master ? a.master[i] : load(p[i]);
+              const C pv = read_param(a, p, i);
               C m = load_state<TP>(a.states[0], a.state_fp32, i);
               C v = load_state<TP>(a.states[1], a.state_fp32, i);
               element(pv, load_grad<TP>(a.grad, a.grad_fp32, i), m, v);
@@ -279,7 +351,6 @@ __global__ void __launch_bounds__(kThreads) trust_ratio_apply_kernel(const StepP
   using C = compute_t<TP>;
   if (step_skipped(a.d.found_inf)) return;
   TP* p = static_cast<TP*>(a.param);
-  const bool master = !std::is_same<TP, C>::value && a.master != nullptr;
   for_each_active_item<ApplySegment<A, C>>(
       a,
       [&](int64_t s) {
@@ -288,30 +359,26 @@ __global__ void __launch_bounds__(kThreads) trust_ratio_apply_kernel(const StepP
         made.scaled_lr = A::scaled_lr(made.c, a.segment_w2[s], a.segment_u2[s]);
         return made;
       },
-      [&](int64_t, int64_t begin, int64_t end, const ApplySegment<A, C>& made) {
+      [&](int64_t it, int64_t begin, int64_t end, const ApplySegment<A, C>& made) {
         const typename A::template Coeffs<C>& c = made.c;
         const C scaled_lr = made.scaled_lr;
+        const uint32_t key = segment_key(a, a.items.segment[it]);
         for_each_element(
             begin, end, a.aligned && begin % kPack == 0,
             [&](int64_t q) {
               C pv[kPack], mv[kPack], vv[kPack];
-              if (master)
-                load_pack(a.master, q, pv);
-              else
-                load_pack(p, q, pv);
+              read_param_pack(a, p, q, pv);
               load_state_pack<TP>(a.states[0], a.state_fp32, q, mv);
               load_state_pack<TP>(a.states[1], a.state_fp32, q, vv);
 #pragma unroll
               for (int e = 0; e < kPack; ++e) A::apply(c, scaled_lr, pv[e], mv[e], vv[e]);
-              if (master) store_pack(a.master, q, pv);
-              store_pack(p, q, pv);
+              write_param_pack(a, p, q, pv, key);
             },
             [&](int64_t i) {
-              C pv = master ? a.master[i] : load(p[i]);
+              C pv = read_param(a, p, i);
               A::apply(c, scaled_lr, pv, load_state<TP>(a.states[0], a.state_fp32, i),
                        load_state<TP>(a.states[1], a.state_fp32, i));
-              if (master) a.master[i] = pv;
-              p[i] = store<TP>(pv);
+              write_param(a, p, i, pv, key);
             });
       });
 }
@@ -367,7 +434,6 @@ __global__ void __launch_bounds__(kThreads) factored_rows_kernel(const StepParam
   __shared__ Coeffs shared;
   if (step_skipped(a.d.found_inf)) return;
   const TP* p = static_cast<const TP*>(a.param);
-  const bool master = !std::is_same<TP, C>::value && a.master != nullptr;
   for (int64_t it = blockIdx.x; it < a.row_items; it += gridDim.x) {
     const int64_t s = a.row_item[2 * it], q = a.row_item[2 * it + 1];
     if (a.active[s] == 0) continue;
@@ -376,7 +442,7 @@ __global__ void __launch_bounds__(kThreads) factored_rows_kernel(const StepParam
     double g2 = 0.0, p2 = 0.0;
     for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
       g2 += square_term(load_grad<TP>(a.grad, a.grad_fp32, base + j) * c.grad_scale);
-      p2 += square_term(master ? C(a.master[base + j]) : load(p[base + j]));
+      p2 += square_term(read_param(a, p, base + j));
     }
     g2 = block_sum(g2, scratch);
     p2 = block_sum(p2, scratch);
@@ -420,7 +486,6 @@ __global__ void __launch_bounds__(kThreads) factored_vectors_kernel(const StepPa
   __shared__ double scratch[32];
   if (step_skipped(a.d.found_inf)) return;
   const TP* p = static_cast<const TP*>(a.param);
-  const bool master = !std::is_same<TP, C>::value && a.master != nullptr;
   for_each_active_item<Coeffs>(
       a, [&](int64_t s) { return segment_coeffs<C>(a, s); },
       [&](int64_t it, int64_t begin, int64_t end, const Coeffs& c) {
@@ -432,7 +497,7 @@ __global__ void __launch_bounds__(kThreads) factored_vectors_kernel(const StepPa
           const C g = load_grad<TP>(a.grad, a.grad_fp32, i) * c.grad_scale;
           const C v = load_state<TP>(a.states[2], a.state_fp32, shift + i);
           store_state<TP>(a.states[2], a.state_fp32, shift + i, A::moved_factor(c, v, g * g));
-          p2 += square_term(master ? C(a.master[i]) : load(p[i]));
+          p2 += square_term(read_param(a, p, i));
         }
         p2 = block_sum(p2, scratch);
         if (threadIdx.x == 0) a.partial_w[it] = p2;
@@ -549,7 +614,6 @@ __global__ void __launch_bounds__(kThreads) factored_apply_kernel(const StepPara
   using C = compute_t<TP>;
   if (step_skipped(a.d.found_inf)) return;
   TP* p = static_cast<TP*>(a.param);
-  const bool master = !std::is_same<TP, C>::value && a.master != nullptr;
   for_each_active_item<FactoredApply<A, C>>(
       a,
       [&](int64_t s) {
@@ -560,11 +624,11 @@ __global__ void __launch_bounds__(kThreads) factored_apply_kernel(const StepPara
       },
       [&](int64_t it, int64_t begin, int64_t end, const FactoredApply<A, C>& made) {
         const int64_t s = a.items.segment[it];
+        const uint32_t key = segment_key(a, s);
         for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-          C pv = master ? C(a.master[i]) : load(p[i]);
+          C pv = read_param(a, p, i);
           A::apply(made.c, made.step_size, pv, factored_direction<A, TP>(a, made.c, s, i));
-          if (master) a.master[i] = pv;
-          p[i] = store<TP>(pv);
+          write_param(a, p, i, pv, key);
         }
       });
 }
@@ -725,10 +789,14 @@ void launch_step(const FlatBuffers& b, const Segments& s, const DeviceWork& w, c
     a.states[k] = A::uses_state(h, k) || A::kKind == algo::Kind::kFactored ? b.states[k] : nullptr;
     aligned = aligned && aligned16(a.states[k]);
   }
-  a.master = b.param_dtype == kFloat32 || b.param_dtype == kFloat64 ? nullptr : b.master;
+  const bool sixteen_bit = b.param_dtype == kBFloat16 || b.param_dtype == kFloat16;
+  a.master = sixteen_bit ? b.master : nullptr;
+  a.comp = sixteen_bit ? b.comp : nullptr;
+  a.param_mode = sixteen_bit ? b.param_mode : kParamNearest;
+  a.seed = b.seed;
   a.grad_fp32 = b.grad_dtype == kFloat32;
   a.state_fp32 = b.state_dtype != kBFloat16;
-  a.aligned = aligned && aligned16(a.master);
+  a.aligned = aligned && aligned16(a.master) && aligned16(a.comp);
   a.items = items_of(w, b.n);
   a.steps = s.steps;
   a.active = s.active;

@@ -211,17 +211,54 @@ def check_buffers(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[
     return pointers, master_ptr, DTYPE_CODES[grad.dtype], DTYPE_CODES[state_dtype or compute_dtype(param.dtype)]
 
 
+# Param modes of the compiled core (param_io.h ParamMode).
+PARAM_NEAREST, PARAM_MASTER, PARAM_KAHAN, PARAM_STOCHASTIC = 0, 1, 2, 3
+
+
+def param_mode(param: Tensor, master: Tensor | None, comp: Tensor | None, rounding_seed: int | None
+               ) -> tuple[int, int, int]:
+    """(mode, compensation pointer, seed) of how the parameters are kept: fp32 master weights, a Kahan compensation
+    buffer `comp` (param's dtype and size), stochastic rounding of bf16 parameters keyed on `rounding_seed`, or
+    rounding to nearest. At most one of the three."""
+    if sum(x is not None for x in (master, comp, rounding_seed)) > 1:
+        raise ValueError("Invalid param mode: master weights, a Kahan compensation and stochastic rounding exclude "
+                         "each other")
+    if comp is not None:
+        if param.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"Invalid comp: Kahan compensation is for bfloat16/float16 parameters, param is "
+                             f"{str(param.dtype)[6:]}")
+        _check_tensor("comp", comp, param, (param.dtype,))
+        if param.numel() > 0 and comp.data_ptr() == param.data_ptr():
+            raise ValueError("Invalid buffers: comp and param share memory")
+        return PARAM_KAHAN, comp.data_ptr(), 0
+    if rounding_seed is not None:
+        if param.dtype != torch.bfloat16:
+            raise ValueError(f"Invalid rounding_seed: stochastic rounding is for bfloat16 parameters, param is "
+                             f"{str(param.dtype)[6:]}")
+        if not 0 <= int(rounding_seed) < 2**64:
+            raise ValueError(f"Invalid rounding_seed: {rounding_seed} (expected 0 <= seed < 2**64)")
+        return PARAM_STOCHASTIC, 0, int(rounding_seed)
+    return (PARAM_MASTER if master is not None else PARAM_NEAREST), 0, 0
+
+
 def step(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[Tensor | None], master: Tensor | None,
          segments: Segments, *, hyper: Mapping[str, Any], lr: Scalar, grad_scale: Scalar = 1.0,
-         found_inf: Tensor | None = None, norm_reduce: Callable[[Tensor], None] | None = None) -> None:
+         found_inf: Tensor | None = None, norm_reduce: Callable[[Tensor], None] | None = None,
+         comp: Tensor | None = None, rounding_seed: int | None = None) -> None:
     """One step of `algorithm` over a flat buffer set: every active segment is updated with coefficients from its own
     step count, which the kernel increments. `norm_reduce` (trust-ratio algorithms on sharded parameters) reduces the
-    (2, segments) float64 per-segment sums of squares in place between the two passes."""
+    (2, segments) float64 per-segment sums of squares in place between the two passes. 16-bit parameters are kept as
+    `param_mode` says: fp32 `master` weights, a Kahan compensation `comp`, stochastic rounding keyed on
+    `rounding_seed`, or rounding to nearest."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"Invalid algorithm: {algorithm!r} (expected one of {', '.join(ALGORITHMS)})")
     values = hyper_values(algorithm, hyper)
     device_type = param.device.type
     pointers, master_ptr, grad_code, state_code = check_buffers(algorithm, param, grad, states, master, device_type)
+    mode, comp_ptr, seed = param_mode(param, master, comp, rounding_seed)
+    if comp is not None and comp.device != param.device:
+        raise ValueError(f"Invalid comp: device {comp.device} != param device {param.device}")
+    storage = (master_ptr, comp_ptr, mode, seed)
     n = param.numel()
     if segments.steps.device != (param.device if device_type == "cuda" else torch.device("cpu")):
         raise ValueError(f"Invalid segments: steps on {segments.steps.device} for a param on {param.device}")
@@ -230,13 +267,13 @@ def step(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[Tensor | 
     # A factored algorithm's layout, checked on the host (the CUDA kernels read a device copy of it).
     layout, layout_ptr = _layout_pointer(segments, states) if kind == "factored" else (None, 0)
     if device_type == "cuda":
-        _cuda_step(algorithm, param, grad, pointers, master_ptr, grad_code, state_code, segments, values, lr,
+        _cuda_step(algorithm, param, grad, pointers, storage, grad_code, state_code, segments, values, lr,
                    grad_scale, found_inf, trust_ratio, norm_reduce)
         return
     if found_inf is not None and bool(found_inf.item() != 0):
         return
     _follow_torch_threads()
-    buffers = (param.data_ptr(), grad.data_ptr(), *pointers, master_ptr, n, DTYPE_CODES[param.dtype], grad_code,
+    buffers = (param.data_ptr(), grad.data_ptr(), *pointers, *storage, n, DTYPE_CODES[param.dtype], grad_code,
                state_code)
     table = (segments.offsets.data_ptr(), segments.numels.data_ptr(), segments.steps.data_ptr(),
              segments.active.data_ptr(), len(segments), _scalars_pointer(algorithm, segments), layout_ptr)
@@ -291,7 +328,8 @@ def _launch(device: torch.device) -> tuple[int, int]:
     return index, torch.cuda.current_stream(device).cuda_stream
 
 
-def _cuda_step(algorithm: str, param: Tensor, grad: Tensor, pointers: list[int], master_ptr: int, grad_code: int,
+def _cuda_step(algorithm: str, param: Tensor, grad: Tensor, pointers: list[int], storage: tuple[int, int, int, int],
+               grad_code: int,
                state_code: int, segments: Segments, values: list[float], lr: Scalar, grad_scale: Scalar,
                found_inf: Tensor | None, trust_ratio: bool, norm_reduce: Callable[[Tensor], None] | None) -> None:
     """The CUDA launch: device copies of the segment table, device scalars for whatever is a device tensor."""
@@ -309,7 +347,7 @@ def _cuda_step(algorithm: str, param: Tensor, grad: Tensor, pointers: list[int],
     scale = 1.0 if scale_ptr else _float("grad_scale", grad_scale)
     index, stream = _launch(device)
     kernel = getattr(_C, "cuda_" + algorithm)
-    args = (param.data_ptr(), grad.data_ptr(), *pointers, master_ptr, param.numel(), DTYPE_CODES[param.dtype],
+    args = (param.data_ptr(), grad.data_ptr(), *pointers, *storage, param.numel(), DTYPE_CODES[param.dtype],
             grad_code, state_code, table["offsets"].data_ptr(), table["numels"].data_ptr(),
             segments.steps.data_ptr(), table["active"].data_ptr(), len(segments),
             _scalars_pointer(algorithm, segments), table["work"].data_ptr(),

@@ -19,7 +19,7 @@ import array
 import math
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import Tensor
@@ -83,12 +83,25 @@ def state_dtype_for(param_dtype: torch.dtype, requested: torch.dtype | None) -> 
     return requested or torch.float32
 
 
-def check_master_weights(param_dtype: torch.dtype, master_weights: bool) -> None:
-    """Master weights are fp32 copies of 16-bit parameters; a float64 parameter cannot have one (it would round the
-    parameter to float32)."""
-    if master_weights and param_dtype == torch.float64:
-        raise ValueError("Invalid master_weights: True for float64 parameters (master weights are float32 copies of "
-                         "bfloat16/float16 parameters; float64 parameters are updated in float64)")
+MasterWeights = Union[bool, str]  # True / False, "kahan" or "stochastic"
+MASTER_WEIGHT_MODES = (False, True, "kahan", "stochastic")
+
+
+def check_master_weights(param_dtype: torch.dtype, master_weights: MasterWeights) -> None:
+    """How 16-bit parameters are kept: True, fp32 copies (master weights); "kahan", a 16-bit compensation buffer that
+    carries each update's rounding error into the next; "stochastic", stochastic rounding of bfloat16 parameters (no
+    extra memory). float32 parameters need none of them (they are ignored there); a float64 parameter cannot have
+    them (they would round it to float32 or lose nothing)."""
+    if master_weights is not False and master_weights not in MASTER_WEIGHT_MODES:
+        raise ValueError(f"Invalid master_weights: {master_weights!r} (expected True, False, 'kahan' or "
+                         "'stochastic')")
+    if master_weights is not False and param_dtype == torch.float64:
+        raise ValueError(f"Invalid master_weights: {master_weights!r} for float64 parameters (master weights, Kahan "
+                         "compensation and stochastic rounding are for bfloat16/float16 parameters; float64 "
+                         "parameters are updated in float64)")
+    if master_weights == "stochastic" and param_dtype == torch.float16:
+        raise ValueError("Invalid master_weights: 'stochastic' for float16 parameters (stochastic rounding is "
+                         "implemented for bfloat16 parameters; use master_weights='kahan' or True for float16)")
 
 
 class Segments:
@@ -280,7 +293,7 @@ def _allocate(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 class FlatBuffer:
     """One (device, dtype) buffer set of a param group: parameters, gradients, states and a segment table."""
 
-    def __init__(self, params: Sequence[Tensor], master_weights: bool = False) -> None:
+    def __init__(self, params: Sequence[Tensor], master_weights: MasterWeights = False) -> None:
         if not params:
             raise ValueError("FlatBuffer needs at least one parameter")
         first = params[0]
@@ -316,14 +329,22 @@ class FlatBuffer:
         self.segments = Segments(self.offsets, self.numels, steps_device)
         self.steps: Tensor = self.segments.steps
         self.master: Tensor | None = None
+        # Kahan-compensated 16-bit parameters: the value is param + comp (param's dtype, zero at first).
+        self.comp: Tensor | None = None
+        # Stochastic rounding of bf16 parameters (its seed is the param group's rounding_seed).
+        self.stochastic: bool = master_weights == "stochastic" and self.dtype == torch.bfloat16
         with torch.no_grad():
             for i, (p, local) in enumerate(zip(self.params, locals_)):
                 self.region(self.param, i).copy_(local.detach().reshape(-1))
                 if not self.external:
                     p.data = self.view(self.param, i)
-            if master_weights and self.dtype != torch.float32:
+            sixteen_bit = self.dtype in (torch.bfloat16, torch.float16)
+            if master_weights is True and sixteen_bit:
                 self.master = _allocate(total, torch.float32, self.device)
                 self.master.copy_(self.param)
+            if master_weights == "kahan" and sixteen_bit:
+                self.comp = _allocate(total, self.dtype, self.device)
+                self.comp.zero_()
         # Which parameters received a gradient since the last zero_grad: zero_grad keeps the views and zeroes them, so a
         # parameter that backward did not reach has a zero gradient, and the step skips it as torch.optim skips a None
         # one (its state does not move). Set by a post-accumulate-grad hook, or when a gradient is handed over.
@@ -379,7 +400,9 @@ class FlatBuffer:
     def state_region(self, name: str, i: int) -> Tensor | None:
         """Parameter i's 1-D region of state `name` ("master_param": the master weights), None where that parameter
         keeps no such state (a factored state of a vector)."""
-        flat = self.master if name == "master_param" else self.state[name]
+        flat = self.master if name == "master_param" else self.comp if name == "kahan_comp" else self.state[name]
+        if flat is None:  # master weights or a compensation this buffer does not keep
+            return None
         layout = self.state_layouts.get(name)
         if layout is None:
             return self.region(flat, i)
@@ -468,7 +491,7 @@ class FlatBuffer:
         """
         if self.external:
             return self._prepare_external()
-        if self.master is not None:
+        if self.master is not None or self.comp is not None:
             self._sync_master()
         flags, received = self.segments.flags, self._received
         any_grad = False
@@ -502,14 +525,23 @@ class FlatBuffer:
 
     @torch.no_grad()
     def _sync_master(self) -> None:
-        """Take parameters the user wrote in place since the last step into the master weights."""
+        """Take parameters the user wrote in place since the last step into the master weights (or drop their Kahan
+        compensation: the written value is the parameter's value now)."""
         current = [p._version for p in self.params]
         if current == self._versions:
             return
         for i, (now, seen) in enumerate(zip(current, self._versions)):
             if now != seen:
-                self.region(self.master, i).copy_(self.region(self.param, i))
+                self._param_rewritten(i)
         self._versions = current
+
+    def _param_rewritten(self, i: int) -> None:
+        """Parameter i's region of `param` holds a value written from outside: the master weights take it, a Kahan
+        compensation is dropped."""
+        if self.master is not None:
+            self.region(self.master, i).copy_(self.region(self.param, i))
+        if self.comp is not None:
+            self.region(self.comp, i).zero_()
 
     @torch.no_grad()
     def _prepare_external(self) -> bool:
@@ -522,12 +554,12 @@ class FlatBuffer:
                 local = local_tensor(p)
                 self._check_same_layout(i, local)
                 param_region = self.region(self.param, i)
-                if self.master is None:
+                if self.master is None and self.comp is None:
                     param_region.copy_(local.reshape(-1))
-                else:  # the fp32 master is the truth; take the shard only if something else rewrote it
+                else:  # master + p or p + comp is the truth; take the shard only if something else rewrote it
                     if not torch.equal(param_region, local.reshape(-1)):
                         param_region.copy_(local.reshape(-1))
-                        self.region(self.master, i).copy_(param_region)
+                        self._param_rewritten(i)
                 local_grad = local_tensor(g)
                 self._check_grad(i, local_grad)
                 self.region(self.grad, i).copy_(local_grad.reshape(-1))
@@ -577,8 +609,7 @@ class FlatBuffer:
                                "reshaping the model")
         with torch.no_grad():
             self.region(self.param, i).copy_(p.detach().reshape(-1))
-            if self.master is not None:
-                self.region(self.master, i).copy_(self.region(self.param, i))
+            self._param_rewritten(i)
             p.data = self.view(self.param, i)
 
     def _take_grad(self, i: int, g: Tensor) -> None:
@@ -634,7 +665,7 @@ class FlatBuffer:
         self._zeroed_version = self.grad._version
 
 
-def build_flat_buffers(params: Sequence[Tensor], master_weights: bool = False) -> list[FlatBuffer]:
+def build_flat_buffers(params: Sequence[Tensor], master_weights: MasterWeights = False) -> list[FlatBuffer]:
     """One FlatBuffer per (device, dtype, sharding) among `params`, each keeping the group's parameter order."""
     by_key: dict[tuple[Any, ...], list[Tensor]] = {}
     for p in params:

@@ -47,6 +47,7 @@ def update(
     algorithm: str, param: Tensor, grad: Tensor, states: Sequence[Tensor | None], master: Tensor | None,
     segments: Segments, *, hyper: Mapping[str, Any], lr: Scalar, grad_scale: Scalar = 1.0,
     found_inf: Tensor | None = None, backend: str, norm_reduce: Callable[[Tensor], None] | None = None,
+    comp: Tensor | None = None, rounding_seed: int | None = None,
 ) -> None:
     """One step of `algorithm` (a name of the compiled core's list, `fusedopt._C.algorithms()`) over a flat buffer set.
 
@@ -60,12 +61,21 @@ def update(
     """
     if backend != "reference":
         _kernels().step(algorithm, param, grad, states, master, segments, hyper=hyper, lr=lr, grad_scale=grad_scale,
-                        found_inf=found_inf, norm_reduce=norm_reduce)
+                        found_inf=found_inf, norm_reduce=norm_reduce, comp=comp, rounding_seed=rounding_seed)
         return
     if found_inf is not None and bool(found_inf.item() != 0):
         return
     function = getattr(reference, algorithm)  # the reference function has the kernel's name
-    target = param if master is None else master
+    # The values the update starts from: the fp32 master weights, p + comp (Kahan), an fp32 copy of p to be rounded
+    # stochastically, or p itself.
+    if master is not None:
+        target = master
+    elif comp is not None:
+        target = param.float() + comp.float()
+    elif rounding_seed is not None:
+        target = param.float()
+    else:
+        target = param
     kwargs = dict(hyper)
     kwargs.update(lr=_host(lr), grad_scale=_host(grad_scale))
     regions = [(k, slice(o, o + n)) for k, (o, n) in enumerate(zip(segments.offsets.tolist(),
@@ -109,6 +119,14 @@ def update(
     if master is not None:
         for _, region in regions:
             param[region].copy_(master[region])
+    elif comp is not None:
+        for _, region in regions:
+            reference.kahan_split(target[region], param[region], comp[region])
+    elif rounding_seed is not None:
+        offsets = segments.offsets.tolist()
+        for k, region in regions:
+            key = reference.rounding_key(rounding_seed, float(steps[k]), k)
+            param[region].copy_(reference.stochastic_round_bf16(target[region], key, offsets[k]))
 
 
 def _factored_views(param: Tensor, grad: Tensor, states: Sequence[Tensor | None], layout: list[int]

@@ -26,17 +26,20 @@ __all__ = [
     "clip_grad_norm_",
     "clip_grad_value_",
     "global_norm",
+    "kahan_split",
     "lamb",
     "lion",
     "muon",
     "nadam",
     "radam",
     "rmsprop",
+    "rounding_key",
     "rprop",
     "sam_perturb",
     "sam_restore",
     "sam_sum_of_squares",
     "sgd",
+    "stochastic_round_bf16",
 ]
 
 _TensorOrTensors = Union[Tensor, Iterable[Tensor]]  # runtime alias: no `|` on Python 3.9
@@ -49,6 +52,51 @@ SCALAR_STATES: dict[str, tuple[str, ...]] = {"nadam": ("mu_product",), "asgd": (
 # (leading, rows, cols) with its row and column factors, or a vector with its whole variance (the compiled core's
 # "factored" kind, whose segment layout says which).
 FACTORED: frozenset[str] = frozenset({"adafactor"})
+
+
+# Parameter storage without fp32 master weights (the compiled core's param_io.h): Kahan-compensated 16-bit parameters
+# and stochastic rounding to bfloat16, bit for bit as the kernels do them.
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """lowbias32 on an int64 tensor of 32-bit values (products wrap; only their low 32 bits are kept)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _mix32_int(x: int) -> int:
+    return int(_mix32(torch.tensor([x & _MASK32], dtype=torch.int64))[0])
+
+
+def rounding_key(seed: int, step: float, segment: int) -> int:
+    """The key of a segment's stochastic roundings at a step (its count after this step's increment)."""
+    s = _mix32_int((seed & _MASK32) ^ _mix32_int(((seed >> 32) + 0x632BE5AB) & _MASK32))
+    return _mix32_int(s ^ _mix32_int((int(step) * 0x9E3779B9 + segment) & _MASK32))
+
+
+def stochastic_round_bf16(values: Tensor, key: int, first_index: int) -> Tensor:
+    """fp32 `values` (elements first_index.. of the flat buffer) rounded to bfloat16 stochastically: 16 random bits
+    from the element's index under `key` are added below the kept 16 bits, so a value rounds away from zero with
+    probability (its distance from the bfloat16 value toward zero) / (the gap). inf and NaN round to nearest."""
+    index = torch.arange(first_index, first_index + values.numel(), dtype=torch.int64, device=values.device)
+    bits = _mix32(((index * 0x9E3779B1) & _MASK32) ^ key ^ (index >> 32))
+    u = values.contiguous().view(torch.int32).to(torch.int64) & _MASK32
+    rounded = (((u + (bits & 0xFFFF)) >> 16) << 16) & _MASK32
+    out = torch.where(rounded >= 2**31, rounded - 2**32, rounded).to(torch.int32).view(torch.float32)
+    return torch.where(torch.isfinite(values), out, values).to(torch.bfloat16)
+
+
+def kahan_split(values: Tensor, param: Tensor, comp: Tensor) -> None:
+    """Write fp32 `values` as a 16-bit parameter and its compensation: param = round(values), comp = round(values -
+    param) (the difference is exact in fp32)."""
+    rounded = values.to(param.dtype)
+    param.copy_(rounded)
+    comp.copy_((values - rounded.float()).to(comp.dtype))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

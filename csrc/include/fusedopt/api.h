@@ -9,16 +9,23 @@
 #include <vector>
 
 #include "fusedopt/algorithms.h"
+#include "fusedopt/param_io.h"
 
 namespace fusedopt {
 
-// One flat buffer set: n elements each. states[k] follows the algorithm's kStates; unused slots are null. master
-// (fp32, only with 16-bit parameters) is null or holds the parameter value, with param receiving round(master).
+// One flat buffer set: n elements each. states[k] follows the algorithm's kStates; unused slots are null.
+// param_mode (param_io.h ParamMode) says how the parameter values are kept, for 16-bit parameters: master (fp32, mode
+// kParamMaster) holds the values, param receiving round(master); comp (param dtype, mode kParamKahan) is the Kahan
+// compensation, the value being param + comp; mode kParamStochastic rounds bf16 parameters stochastically, keyed on
+// seed. Null pointers for the other modes.
 struct FlatBuffers {
   void* param = nullptr;
   const void* grad = nullptr;
   void* states[algo::kMaxStates] = {nullptr, nullptr, nullptr};
   float* master = nullptr;
+  void* comp = nullptr;
+  int param_mode = 0;
+  uint64_t seed = 0;
   int64_t n = 0;
   int param_dtype = 0;
   int grad_dtype = 0;

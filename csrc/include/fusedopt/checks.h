@@ -36,6 +36,26 @@ typename A::Hyper hyper_from(const std::string& fn, const StepArgs& args) {
   return h;
 }
 
+// The parameter mode against the buffers: master weights exactly in mode kParamMaster, a compensation buffer exactly
+// in mode kParamKahan, every mode but nearest for 16-bit parameters only, stochastic rounding for bfloat16 only.
+inline void check_param_mode(const std::string& fn, const FlatBuffers& b) {
+  const int mode = b.param_mode;
+  if (mode < kParamNearest || mode > kParamStochastic)
+    fail(fn + ": Invalid param mode " + std::to_string(mode) + " (0 nearest, 1 master, 2 kahan, 3 stochastic)");
+  if ((b.master != nullptr) != (mode == kParamMaster))
+    fail(fn + ": master pointer " + (b.master != nullptr ? "given" : "null") + " with param mode " +
+         std::to_string(mode) + " (master weights are param mode 1)");
+  if ((b.comp != nullptr) != (mode == kParamKahan))
+    fail(fn + ": compensation pointer " + (b.comp != nullptr ? "given" : "null") + " with param mode " +
+         std::to_string(mode) + " (a Kahan compensation buffer is param mode 2)");
+  if (mode != kParamNearest && b.param_dtype != kBFloat16 && b.param_dtype != kFloat16)
+    fail(fn + ": param mode " + std::to_string(mode) + " is for 16-bit parameters (param dtype code " +
+         std::to_string(b.param_dtype) + ")");
+  if (mode == kParamStochastic && b.param_dtype != kBFloat16)
+    fail(fn + ": stochastic rounding (param mode 3) is for bfloat16 parameters (param dtype code " +
+         std::to_string(b.param_dtype) + ")");
+}
+
 // One buffer set for algorithm A under hyperparameters h: counts, dtype codes and their combinations, and a non-null
 // pointer for every buffer the configuration reads or writes (A::uses_state). float64 parameters go with float64
 // gradients and states only (computed in double, as torch.optim does), never with master weights; float64 gradients
@@ -65,6 +85,7 @@ void check_buffers(const std::string& fn, const FlatBuffers& b, const typename A
          "; float64 states are for float64 parameters");
   if (b.master != nullptr && b.param_dtype == kFloat32)
     fail(fn + ": master weights are for 16-bit parameters (param dtype code 0 is float32)");
+  check_param_mode(fn, b);
   if (b.n == 0) return;
   if (b.param == nullptr) fail(fn + ": param pointer is null");
   if (b.grad == nullptr) fail(fn + ": grad pointer is null");

@@ -90,21 +90,22 @@ def evaluate(model: CharGPT, data: Tensor, context: int, windows: int = 64) -> f
     held_out = data[int(0.9 * len(data)):]
     starts = torch.linspace(0, len(held_out) - context - 2, windows).long().tolist()
     w = torch.stack([held_out[s:s + context + 1] for s in starts])
-    logits = model(w[:, :-1])
+    logits = model(w[:, :-1]).float()
     return float(F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten()))
 
 
 def train(make_optimizers: Callable[[CharGPT], list[torch.optim.Optimizer]], steps: int, *, seed: int = 0,
-          batch: int = 16, config: GPTConfig = GPTConfig()) -> tuple[list[float], float]:
-    """Train a CharGPT (initialized from `seed`) for `steps` steps with the optimizers `make_optimizers` builds;
-    returns the training loss of every step and the final held-out loss."""
+          batch: int = 16, config: GPTConfig = GPTConfig(), dtype: torch.dtype = torch.float32
+          ) -> tuple[list[float], float]:
+    """Train a CharGPT (initialized from `seed` in fp32, then cast to `dtype`) for `steps` steps with the optimizers
+    `make_optimizers` builds; returns the training loss of every step and the final held-out loss (losses in fp32)."""
     torch.manual_seed(seed)
-    model = CharGPT(config)
+    model = CharGPT(config).to(dtype)
     optimizers = make_optimizers(model)
     data = corpus()
     losses = []
     for _, (x, y) in zip(range(steps), batches(data, batch, config.context, seed + 1)):
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
         loss.backward()
         for opt in optimizers:
             opt.step()

@@ -122,6 +122,12 @@ MODES: list[MemoryMode] = [
                note="fp32 states + fp32 master copy; params/grads bf16"),
     MemoryMode("fusedopt-bf16-bf16-states", "fusedopt AdamW, bf16 params, state_dtype=bf16", "fusedopt",
                param_dtype="bf16", options={"state_dtype": "bf16"}, note="params/grads bf16, bf16 states"),
+    MemoryMode("fusedopt-bf16-kahan", "fusedopt AdamW, bf16 params, master_weights='kahan'", "fusedopt",
+               param_dtype="bf16", options={"master_weights": "kahan"},
+               note="fp32 states + bf16 Kahan compensation"),
+    MemoryMode("fusedopt-bf16-stochastic", "fusedopt AdamW, bf16 params, master_weights='stochastic'", "fusedopt",
+               param_dtype="bf16", options={"master_weights": "stochastic"},
+               note="fp32 states, stochastic rounding (no extra memory)"),
     MemoryMode("torch-fused", "torch.optim.AdamW(fused=True)", "torch", options={"fused": True},
                note="fp32 states"),
     MemoryMode("torch-foreach", "torch.optim.AdamW(foreach=True)", "torch", options={"foreach": True},
@@ -133,9 +139,10 @@ MODES: list[MemoryMode] = [
 ]
 kDtypeOf = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # fusedopt's layout: bytes per element of a state by ``state_dtype``, and what a 16-bit parameter keeps besides its
-# states by ``master_weights`` (True: an fp32 copy).
+# states by ``master_weights`` (True: an fp32 copy; "kahan": a compensation of the parameter's dtype; "stochastic":
+# nothing).
 kStateBytes = {"fp32": 4, "bf16": 2}
-kKeepBytes = {False: 0, True: 4}
+kKeepBytes = {False: 0, True: 4, "kahan": 2, "stochastic": 0}
 
 
 def mode_keys() -> list[str]:

@@ -27,16 +27,19 @@ class FusedOptions(TypedDict, total=False):
 
     backend: "auto", "cpu", "cuda" or "reference" (FUSEDOPT_BACKEND overrides it). max_grad_norm: clip the global
     gradient norm inside the step (kept in `last_grad_norm`). state_dtype: torch.float32 (default) or torch.bfloat16
-    states (float64 parameters always keep float64 states). master_weights: fp32 copies of 16-bit parameters, updated
-    in the same pass. skip_nonfinite: a step whose gradients hold inf or nan changes nothing (counted in
-    `skipped_steps`).
+    states (float64 parameters always keep float64 states). master_weights: how 16-bit parameters keep precision,
+    in the same pass: True, fp32 copies (4 bytes per parameter); "kahan", a 16-bit compensation buffer that carries
+    each rounding error into the next step (2 bytes); "stochastic", stochastic rounding of bfloat16 parameters (no
+    memory), keyed on rounding_seed (default: torch.initial_seed() when the optimizer is built) and the step.
+    skip_nonfinite: a step whose gradients hold inf or nan changes nothing (counted in `skipped_steps`).
     """
 
     backend: str
     max_grad_norm: float | None
     state_dtype: torch.dtype | None
-    master_weights: bool
+    master_weights: bool | str
     skip_nonfinite: bool
+    rounding_seed: int | None
 
 
 FUSED_DEFAULTS: dict[str, Any] = {
@@ -45,6 +48,7 @@ FUSED_DEFAULTS: dict[str, Any] = {
     "state_dtype": None,
     "master_weights": False,
     "skip_nonfinite": False,
+    "rounding_seed": None,
 }
 
 FUSED_DEVICES = ("cpu", "cuda")
@@ -130,6 +134,8 @@ class FusedOptimizer(Optimizer):
         if unknown:
             raise TypeError(f"{type(self).__name__}.__init__() got unexpected keyword arguments {sorted(unknown)}")
         defaults = {**defaults, **FUSED_DEFAULTS, **options}
+        if defaults["rounding_seed"] is None:  # reproducible under torch.manual_seed, different across seeds
+            defaults["rounding_seed"] = torch.initial_seed() % 2**64
         self._flat_groups: list[list[FlatBuffer]] = []
         self._backends: list[list[str]] = []
         self._group_params: list[tuple[list[Any], int]] = []
@@ -167,8 +173,12 @@ class FusedOptimizer(Optimizer):
         if state_dtype is not None and state_dtype not in STATE_DTYPES:
             raise ValueError(f"Invalid state_dtype: {state_dtype} (expected torch.float32 or torch.bfloat16, or "
                              "torch.float64 for float64 parameters)")
-        if not isinstance(group["master_weights"], bool):
-            raise ValueError(f"Invalid master_weights: {group['master_weights']!r} (expected True or False)")
+        mode = group["master_weights"]
+        if not (isinstance(mode, bool) or mode in ("kahan", "stochastic")):
+            raise ValueError(f"Invalid master_weights: {mode!r} (expected True, False, 'kahan' or 'stochastic')")
+        seed = group["rounding_seed"]
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+            raise ValueError(f"Invalid rounding_seed: {seed!r} (expected an int, 0 <= seed < 2**64)")
         self.spec_of(group).validate(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -280,6 +290,8 @@ class FusedOptimizer(Optimizer):
             state[s.name] = view
         if buf.master is not None:
             state["master_param"] = buf.state_view("master_param", i)
+        if buf.comp is not None:
+            state["kahan_comp"] = buf.state_view("kahan_comp", i)
         if state:  # like torch.optim, parameters without state (a stateless configuration) get no entry
             self.state.put(p, state)
 
@@ -377,7 +389,14 @@ class FusedOptimizer(Optimizer):
         functional.update(
             spec.kernel, buf.param, buf.grad, [buf.state.get(s.name) for s in spec.states], buf.master, buf.segments,
             hyper=spec.hyper_for(group, buf.dtype), lr=lr, grad_scale=grad_scale, found_inf=found_inf,
-            backend=backend, norm_reduce=buf.all_reduce_sums if buf.reduce_groups else None)
+            backend=backend, norm_reduce=buf.all_reduce_sums if buf.reduce_groups else None,
+            **self.param_storage(group, buf))
+
+    @staticmethod
+    def param_storage(group: dict[str, Any], buf: FlatBuffer) -> dict[str, Any]:
+        """How the buffer's 16-bit parameters are kept, beyond master weights: its Kahan compensation buffer, or the
+        seed of its stochastic rounding (functional.update's comp and rounding_seed)."""
+        return {"comp": buf.comp, "rounding_seed": group["rounding_seed"] if buf.stochastic else None}
 
     def _follow_visible_objects(self) -> None:
         """Before trusting its copies, the step checks what user code may have changed: param_groups' parameter

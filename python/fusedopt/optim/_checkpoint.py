@@ -46,7 +46,7 @@ def _check_entry(spec: Any, saved_id: Any, p: Tensor, loaded: dict[str, Any] | N
         return
     scalars = set(spec.scalar_names())
     required = {s.name for s in spec.kept_for(group, p.shape)} | ({"step"} if spec.tracks_step else set()) | scalars
-    allowed = set(spec.state_names()) | {"step", "master_param"} | scalars
+    allowed = set(spec.state_names()) | {"step", "master_param", "kahan_comp"} | scalars
     missing, unknown = required - set(loaded), set(loaded) - allowed
     if missing or unknown:
         raise ValueError(f"loaded state of parameter {saved_id} does not fit {spec.kernel}: missing {sorted(missing)}, "
@@ -107,6 +107,9 @@ def adopt(optimizer: Any, group: dict[str, Any], buf: FlatBuffer, originals: dic
             elif key == "master_param":
                 if buf.master is not None:
                     buf.region(buf.master, i).copy_(local_values(value, p).reshape(-1))
+            elif key == "kahan_comp":
+                if buf.comp is not None:
+                    buf.region(buf.comp, i).copy_(local_values(value, p).reshape(-1))
             elif isinstance(value, Tensor) and key in state:
                 own = local_tensor(state[key])  # placed like the state (a replicated column factor), not like p
                 own.copy_(local_values(value, state[key]).reshape(own.shape))
@@ -114,5 +117,7 @@ def adopt(optimizer: Any, group: dict[str, Any], buf: FlatBuffer, originals: dic
                 dict.__setitem__(state, key, value)
         if buf.master is not None and "master_param" not in loaded:
             buf.region(buf.master, i).copy_(buf.region(buf.param, i))
+        if buf.comp is not None and "kahan_comp" not in loaded:
+            buf.region(buf.comp, i).zero_()
         if "step" not in loaded and spec.loaded_step is not None:
             buf.steps[i] = spec.loaded_step(loaded)

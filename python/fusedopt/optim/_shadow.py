@@ -140,11 +140,12 @@ def follow_state(optimizer: Any) -> None:
                             raise ValueError(f"optimizer.state of parameter {i}: {key!r} must be a number or a "
                                              f"1-element tensor, got {value!r:.80}")
                         continue
-                    held = buf.master is not None if key == "master_param" else key in buf.state
+                    held = (buf.master is not None if key == "master_param" else
+                            buf.comp is not None if key == "kahan_comp" else key in buf.state)
                     if held and _is_region(value, buf.state_region(key, i)):
                         continue
                     shape = spec.state_shape(key, buf.shapes[i])
-                    if key not in spec.state_names() and key != "master_param" or shape is None:
+                    if key not in spec.state_names() and key not in ("master_param", "kahan_comp") or shape is None:
                         raise ValueError(f"optimizer.state of parameter {i}: unknown state {key!r} for "
                                          f"{type(optimizer).__name__}")
                     if not isinstance(value, Tensor) or value.numel() != shape.numel():
@@ -172,7 +173,7 @@ def follow_state(optimizer: Any) -> None:
         for key, value in values.items():
             if key == "step" or key in spec.scalar_names() or not isinstance(value, Tensor):
                 continue
-            if key != "master_param" and key not in buf.state:
+            if key not in ("master_param", "kahan_comp") and key not in buf.state:
                 shape = next(s.shape for s in spec.states if s.name == key)
                 buf.ensure_state(key, state_dtype_for(buf.dtype, group["state_dtype"]), shape=shape)
                 own[key] = buf.state_view(key, i)
@@ -196,6 +197,8 @@ def reset(optimizer: Any, group: dict[str, Any], buf: Any, i: int) -> None:
             region.fill_(s.fill(group))
     if buf.master is not None:
         buf.region(buf.master, i).copy_(buf.region(buf.param, i))
+    if buf.comp is not None:
+        buf.region(buf.comp, i).zero_()
     buf.complete_state = None
     if spec.state_at_init:
         optimizer._init_state(group, buf, i)

@@ -126,8 +126,9 @@ class Muon(FusedOptimizer):
         states = [buf.state["momentum_buffer"], update]
         hyper = MUON_SPEC.hyper_for(group, buf.dtype)
         # Two kernel calls: each counts the segment's step (Muon shows no step count).
+        storage = self.param_storage(group, buf)
         functional.update("muon", buf.param, buf.grad, states, buf.master, segments, hyper=hyper, lr=lr,
-                          grad_scale=grad_scale, found_inf=found_inf, backend=backend)
+                          grad_scale=grad_scale, found_inf=found_inf, backend=backend, **storage)
         matrices = [(p, buf.view(update, i)) for i, p in enumerate(buf.params) if segments.flags[i]]
         args = (group["ns_coefficients"], group["ns_steps"], group["eps"])
         if buf.sharded and any(is_dtensor(p) for p, _ in matrices):
@@ -135,4 +136,4 @@ class Muon(FusedOptimizer):
         else:
             orthogonalize_([m.reshape(-1, *m.shape[-2:]) for _, m in matrices], *args)
         functional.update("muon", buf.param, buf.grad, states, buf.master, segments, hyper={**hyper, "phase": 1},
-                          lr=lr, grad_scale=1.0, found_inf=found_inf, backend=backend)
+                          lr=lr, grad_scale=1.0, found_inf=found_inf, backend=backend, **storage)
