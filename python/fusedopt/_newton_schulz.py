@@ -19,21 +19,30 @@ BATCH_ELEMENTS = 1 << 26
 
 
 def newton_schulz(x: Tensor, coefficients: Sequence[float], steps: int, eps: float) -> Tensor:
-    """The quintic Newton-Schulz iteration on a batch of bfloat16 matrices (n, rows, cols) with rows <= cols,
-    normalized to Frobenius norm 1 first: X <- a X + (b A + c A^2) X, A = X X^T. Returns the result (bfloat16)."""
+    """The quintic Newton-Schulz iteration of torch.optim.Muon on a batch of bfloat16 matrices (n, rows, cols),
+    normalized to Frobenius norm 1 first: X <- a X + (b A + c A^2) X with A = X X^T. torch runs it on the transpose of
+    a tall matrix; here a tall one runs the same iteration from the right, X <- a X + X (b A + c A^2) with
+    A = X^T X, which is that transposed iteration (A is symmetric) without copying any transpose: the same products,
+    and on this CPU the same bits, in about half the time. Returns the result (bfloat16)."""
     a, b, c = coefficients
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
-    for _ in range(steps):
-        gram = torch.bmm(x, x.mT)
-        gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.baddbmm(x, gram_update, x, beta=a)
+    if x.shape[-2] <= x.shape[-1]:
+        for _ in range(steps):
+            gram = torch.bmm(x, x.mT)
+            gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            x = torch.baddbmm(x, gram_update, x, beta=a)
+    else:
+        for _ in range(steps):
+            gram = torch.bmm(x.mT, x)
+            gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            x = torch.baddbmm(x, x, gram_update, beta=a)
     return x
 
 
 def orthogonalize_(matrices: Sequence[Tensor], coefficients: Sequence[float], steps: int, eps: float) -> None:
     """Replace each stack of matrices (a tensor of shape (n, rows, cols)) by its orthogonalization, matrix by matrix,
-    as torch.optim.Muon computes it: in bfloat16, on the transpose of a tall matrix. Matrices of one shape run as one
-    batch (in chunks of BATCH_ELEMENTS)."""
+    as torch.optim.Muon computes it: in bfloat16 (`newton_schulz`). Matrices of one shape run as one batch (in chunks
+    of BATCH_ELEMENTS)."""
     by_shape: dict[tuple[int, int], list[Tensor]] = defaultdict(list)
     for m in matrices:
         if m.numel():
@@ -55,17 +64,15 @@ def orthogonalize_(matrices: Sequence[Tensor], coefficients: Sequence[float], st
 def _orthogonalize_batch(batch: list[Tensor], count: int, coefficients: Sequence[float], steps: int, eps: float
                          ) -> None:
     """One bmm chain over `count` matrices of one shape, copied from and back into the stacks of `batch`."""
-    rows, cols = batch[0].shape[-2:]
-    tall = rows > cols
-    x = torch.empty(count, min(rows, cols), max(rows, cols), dtype=torch.bfloat16, device=batch[0].device)
+    x = torch.empty(count, *batch[0].shape[-2:], dtype=torch.bfloat16, device=batch[0].device)
     at = 0
     for part in batch:
-        x[at:at + part.shape[0]].copy_(part.mT if tall else part)
+        x[at:at + part.shape[0]].copy_(part)
         at += part.shape[0]
     x = newton_schulz(x, coefficients, steps, eps)
     at = 0
     for part in batch:
-        part.copy_(x[at:at + part.shape[0]].mT if tall else x[at:at + part.shape[0]])
+        part.copy_(x[at:at + part.shape[0]])
         at += part.shape[0]
 
 
