@@ -427,3 +427,71 @@ def test_char_gpt_recipe_trains_like_muon_plus_adamw() -> None:
     for step, (a, b) in enumerate(zip(our_losses, their_losses)):
         assert a == pytest.approx(b, rel=1e-2), step
     assert our_held_out == pytest.approx(their_held_out, rel=1e-2)
+
+
+def test_grad_scaler_unscales_inside_the_step() -> None:
+    """torch.amp.GradScaler: the step unscales inside the momentum phase (a power-of-two scale is exact, so the
+    trajectory is the unscaled one bit for bit) and skips a step whose scaled gradients overflowed."""
+    torch.manual_seed(0)
+    model, twin = TinyLM(), TinyLM()
+    twin.load_state_dict(model.state_dict())
+
+    def make(m: TinyLM) -> fusedopt.Muon:
+        hidden, rest = split(m)
+        return fusedopt.Muon([{"params": hidden}, {"params": rest, "use_muon": False, "lr": 3e-3}], lr=0.02)
+
+    opt, plain = make(model), make(twin)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    tokens = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(1))
+
+    def loss_of(m: TinyLM) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+
+    for _ in range(3):
+        scaler.scale(loss_of(model)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        loss_of(twin).backward()
+        plain.step()
+        plain.zero_grad()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    before = [p.detach().clone() for p in model.parameters()]
+    (loss_of(model) * float("inf")).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager() -> None:
+    """A whole training step under torch.compile (the step is fusedopt's custom op, Newton-Schulz included) follows
+    the eager one."""
+    torch.manual_seed(0)
+    model, twin = TinyLM(), TinyLM()
+    twin.load_state_dict(model.state_dict())
+
+    def make(m: TinyLM) -> fusedopt.Muon:
+        hidden, rest = split(m)
+        return fusedopt.Muon([{"params": hidden}, {"params": rest, "use_muon": False, "lr": 3e-3}], lr=0.02)
+
+    opt, eager = make(model), make(twin)
+
+    @torch.compile
+    def step(tokens: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        tokens = torch.randint(0, 50, (4, 12), generator=generator)
+        step(tokens)
+        nn.functional.cross_entropy(twin(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        eager.step()
+        eager.zero_grad()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
