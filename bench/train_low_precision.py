@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,8 @@ def main() -> None:
              "|---|---|---|---|---|"]
     lines += [f"| {name} | {s['held_out']:.4f} | {s['vs_fp32']:+.2%} | {s['vs_fp32_master']:+.2%} | "
               f"{s['final_train']:.4f} |" for name, s in summary.items()]
-    lines += ["", "Command: `python bench/train_low_precision.py`."]
+    command = " ".join(["python bench/train_low_precision.py", *sys.argv[1:]])
+    lines += ["", f"Command: `{command}`."]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
