@@ -21,7 +21,7 @@ from typing import Any
 
 import fusedopt
 import torch
-from fusedopt.bench.char_gpt import train
+from fusedopt.bench.char_gpt import plot_losses, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BF16 = torch.bfloat16
@@ -78,29 +78,10 @@ def main() -> None:
     command = " ".join(["python bench/train_low_precision.py", *sys.argv[1:]])
     lines += ["", f"Command: `{command}`."]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, rs in runs.items():
-        curve = [sum(r["losses"][k] for r in rs) / len(rs) for k in range(args.steps)]
-        window = 20
-        smooth = [sum(curve[max(0, k - window + 1):k + 1]) / len(curve[max(0, k - window + 1):k + 1])
-                  for k in range(len(curve))]
-        ax.plot(smooth, label=name, linestyle="--" if "Kahan" in name or "stochastic" in name else "-")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (mean of seeds, 20-step average)")
-    ax.set_ylim(top=min(4.0, ax.get_ylim()[1]))
-    ax.set_title("Character-level GPT, AdamW: parameter and state precision")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{args.name}.png", dpi=100)
-    print(f"wrote {RESULTS / args.name}.json, .md, .png")
+    if plot_losses(runs, str(RESULTS / f"{args.name}.png"),
+                   "Character-level GPT, AdamW: parameter and state precision", 20,
+                   dashed=("bf16 + Kahan", "bf16 + stochastic"), top=4.0):
+        print(f"wrote {RESULTS / args.name}.json, .md, .png")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import fusedopt
 import torch
-from fusedopt.bench.char_gpt import CharGPT, matrix_split, train
+from fusedopt.bench.char_gpt import CharGPT, matrix_split, plot_losses, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MUON_LR, ADAMW_LR, WEIGHT_DECAY, BETAS = 0.02, 3e-3, 0.01, (0.9, 0.95)
@@ -77,28 +77,9 @@ def main() -> None:
               "fusedopt: one fusedopt.Muon (Muon group + use_muon=False AdamW group); torch: torch.optim.Muon + "
               "torch.optim.AdamW; adamw: torch.optim.AdamW on everything. Command: `python bench/train_muon.py`."]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, rs in runs.items():
-        curve = [sum(r["losses"][k] for r in rs) / len(rs) for k in range(args.steps)]
-        window = 10
-        curve = [sum(curve[max(0, k - window + 1):k + 1]) / len(curve[max(0, k - window + 1):k + 1])
-                 for k in range(len(curve))]
-        ax.plot(curve, label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (mean of seeds, 10-step average)")
-    ax.set_title("Character-level GPT: Muon whole-model recipe")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{args.name}.png", dpi=100)
-    print(f"wrote {RESULTS / args.name}.json, .md, .png")
+    if plot_losses(runs, str(RESULTS / f"{args.name}.png"), "Character-level GPT: Muon whole-model recipe", 10,
+                   dashed=("fusedopt",)):
+        print(f"wrote {RESULTS / args.name}.json, .md, .png")
 
 
 if __name__ == "__main__":

@@ -429,18 +429,23 @@ def test_char_gpt_recipe_trains_like_muon_plus_adamw() -> None:
     assert our_held_out == pytest.approx(their_held_out, rel=1e-2)
 
 
-def test_grad_scaler_unscales_inside_the_step() -> None:
-    """torch.amp.GradScaler: the step unscales inside the momentum phase (a power-of-two scale is exact, so the
-    trajectory is the unscaled one bit for bit) and skips a step whose scaled gradients overflowed."""
+def recipe_twins() -> list[tuple[TinyLM, fusedopt.Muon]]:
+    """Two TinyLMs with the same weights, each with the whole-model recipe's optimizer."""
     torch.manual_seed(0)
     model, twin = TinyLM(), TinyLM()
     twin.load_state_dict(model.state_dict())
-
-    def make(m: TinyLM) -> fusedopt.Muon:
+    pairs = []
+    for m in (model, twin):
         hidden, rest = split(m)
-        return fusedopt.Muon([{"params": hidden}, {"params": rest, "use_muon": False, "lr": 3e-3}], lr=0.02)
+        pairs.append((m, fusedopt.Muon([{"params": hidden}, {"params": rest, "use_muon": False, "lr": 3e-3}],
+                                       lr=0.02)))
+    return pairs
 
-    opt, plain = make(model), make(twin)
+
+def test_grad_scaler_unscales_inside_the_step() -> None:
+    """torch.amp.GradScaler: the step unscales inside the momentum phase (a power-of-two scale is exact, so the
+    trajectory is the unscaled one bit for bit) and skips a step whose scaled gradients overflowed."""
+    (model, opt), (twin, plain) = recipe_twins()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     tokens = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(1))
 
@@ -468,15 +473,7 @@ def test_grad_scaler_unscales_inside_the_step() -> None:
 def test_compiled_training_step_matches_eager() -> None:
     """A whole training step under torch.compile (the step is fusedopt's custom op, Newton-Schulz included) follows
     the eager one."""
-    torch.manual_seed(0)
-    model, twin = TinyLM(), TinyLM()
-    twin.load_state_dict(model.state_dict())
-
-    def make(m: TinyLM) -> fusedopt.Muon:
-        hidden, rest = split(m)
-        return fusedopt.Muon([{"params": hidden}, {"params": rest, "use_muon": False, "lr": 3e-3}], lr=0.02)
-
-    opt, eager = make(model), make(twin)
+    (model, opt), (twin, eager) = recipe_twins()
 
     @torch.compile
     def step(tokens: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["CharGPT", "GPTConfig", "batches", "corpus", "evaluate", "matrix_split", "train"]
+__all__ = ["CharGPT", "GPTConfig", "batches", "corpus", "evaluate", "matrix_split", "plot_losses", "train"]
 
 
 @dataclass(frozen=True)
@@ -112,3 +112,35 @@ def train(make_optimizers: Callable[[CharGPT], list[torch.optim.Optimizer]], ste
             opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     return losses, evaluate(model, data, config.context)
+
+
+def plot_losses(runs: dict[str, list[dict]], path: str, title: str, window: int, dashed: tuple[str, ...] = (),
+                top: float | None = None) -> bool:
+    """Plot each run's training loss (the mean over its seeds' "losses", averaged over the last `window` steps) to a
+    PNG at `path`; the names in `dashed` dashed (curves that lie on others). False, with a message, without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, rs in runs.items():
+        steps = len(rs[0]["losses"])
+        curve = [sum(r["losses"][k] for r in rs) / len(rs) for k in range(steps)]
+        smooth = [sum(curve[max(0, k - window + 1):k + 1]) / len(curve[max(0, k - window + 1):k + 1])
+                  for k in range(steps)]
+        ax.plot(smooth, label=name, linestyle="--" if name in dashed else "-")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"training loss (mean of seeds, {window}-step average)")
+    if top is not None:
+        ax.set_ylim(top=min(top, ax.get_ylim()[1]))
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
