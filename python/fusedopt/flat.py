@@ -84,7 +84,13 @@ def state_dtype_for(param_dtype: torch.dtype, requested: torch.dtype | None) -> 
 
 
 MasterWeights = Union[bool, str]  # True / False, "kahan" or "stochastic"
-MASTER_WEIGHT_MODES = (False, True, "kahan", "stochastic")
+
+
+def check_master_weights_mode(master_weights: Any) -> None:
+    """Refuse a master_weights value that names no mode (whatever the parameters' dtype)."""
+    if not (isinstance(master_weights, bool) or master_weights in ("kahan", "stochastic")):
+        raise ValueError(f"Invalid master_weights: {master_weights!r} (expected True, False, 'kahan' or "
+                         "'stochastic')")
 
 
 def check_master_weights(param_dtype: torch.dtype, master_weights: MasterWeights) -> None:
@@ -92,9 +98,7 @@ def check_master_weights(param_dtype: torch.dtype, master_weights: MasterWeights
     carries each update's rounding error into the next; "stochastic", stochastic rounding of bfloat16 parameters (no
     extra memory). float32 parameters need none of them (they are ignored there); a float64 parameter cannot have
     them (they would round it to float32 or lose nothing)."""
-    if master_weights is not False and master_weights not in MASTER_WEIGHT_MODES:
-        raise ValueError(f"Invalid master_weights: {master_weights!r} (expected True, False, 'kahan' or "
-                         "'stochastic')")
+    check_master_weights_mode(master_weights)
     if master_weights is not False and param_dtype == torch.float64:
         raise ValueError(f"Invalid master_weights: {master_weights!r} for float64 parameters (master weights, Kahan "
                          "compensation and stochastic rounding are for bfloat16/float16 parameters; float64 "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Union
+from typing import TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -58,10 +58,12 @@ FACTORED: frozenset[str] = frozenset({"adafactor"})
 # and stochastic rounding to bfloat16, bit for bit as the kernels do them.
 
 _MASK32 = 0xFFFFFFFF
+_IntOrTensor = TypeVar("_IntOrTensor", int, Tensor)
 
 
-def _mix32(x: Tensor) -> Tensor:
-    """lowbias32 on an int64 tensor of 32-bit values (products wrap; only their low 32 bits are kept)."""
+def _mix32(x: _IntOrTensor) -> _IntOrTensor:
+    """lowbias32 of 32-bit values: a Python int, or an int64 tensor (whose products wrap; only their low 32 bits
+    are kept)."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _MASK32
     x = x ^ (x >> 15)
@@ -69,14 +71,10 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def _mix32_int(x: int) -> int:
-    return int(_mix32(torch.tensor([x & _MASK32], dtype=torch.int64))[0])
-
-
 def rounding_key(seed: int, step: float, segment: int) -> int:
     """The key of a segment's stochastic roundings at a step (its count after this step's increment)."""
-    s = _mix32_int((seed & _MASK32) ^ _mix32_int(((seed >> 32) + 0x632BE5AB) & _MASK32))
-    return _mix32_int(s ^ _mix32_int((int(step) * 0x9E3779B9 + segment) & _MASK32))
+    s = _mix32((seed & _MASK32) ^ _mix32(((seed >> 32) + 0x632BE5AB) & _MASK32))
+    return _mix32(s ^ _mix32((int(step) * 0x9E3779B9 + segment) & _MASK32))
 
 
 def stochastic_round_bf16(values: Tensor, key: int, first_index: int) -> Tensor:

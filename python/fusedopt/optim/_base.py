@@ -17,7 +17,15 @@ from torch.optim import Optimizer
 from .. import _scaling, _torch_ops, functional
 from .._backend import resolve, validate_backend
 from .._distributed import local_tensor
-from ..flat import PARAM_DTYPES, STATE_DTYPES, FlatBuffer, build_flat_buffers, check_master_weights, state_dtype_for
+from ..flat import (
+    PARAM_DTYPES,
+    STATE_DTYPES,
+    FlatBuffer,
+    build_flat_buffers,
+    check_master_weights,
+    check_master_weights_mode,
+    state_dtype_for,
+)
 from . import _checkpoint, _shadow
 from ._spec import Spec, check_range, scalar
 
@@ -173,9 +181,7 @@ class FusedOptimizer(Optimizer):
         if state_dtype is not None and state_dtype not in STATE_DTYPES:
             raise ValueError(f"Invalid state_dtype: {state_dtype} (expected torch.float32 or torch.bfloat16, or "
                              "torch.float64 for float64 parameters)")
-        mode = group["master_weights"]
-        if not (isinstance(mode, bool) or mode in ("kahan", "stochastic")):
-            raise ValueError(f"Invalid master_weights: {mode!r} (expected True, False, 'kahan' or 'stochastic')")
+        check_master_weights_mode(group["master_weights"])
         seed = group["rounding_seed"]
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
             raise ValueError(f"Invalid rounding_seed: {seed!r} (expected an int, 0 <= seed < 2**64)")

@@ -30,10 +30,20 @@ def check_range(name: str, value: Any, low: float, high: float | None = None, hi
         raise ValueError(f"Invalid {name}: {value}")
 
 
+def require(ok: bool, message: str) -> None:
+    """Raise ValueError(message) unless ok (for torch.optim checks whose messages are not check_range's)."""
+    if not ok:
+        raise ValueError(message)
+
+
+def check_tensor_lr(group: Group) -> None:
+    """torch.optim's check of a tensor `lr`, shared by every algorithm."""
+    require(not (isinstance(group["lr"], Tensor) and group["lr"].numel() != 1), "Tensor lr must be 1-element")
+
+
 def check_lr(group: Group) -> None:
-    """torch.optim's checks of `lr`, shared by every algorithm."""
-    if isinstance(group["lr"], Tensor) and group["lr"].numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
+    """torch.optim's checks of `lr`, shared by the algorithms with its "Invalid learning rate" message."""
+    check_tensor_lr(group)
     check_range("learning rate", group["lr"], 0.0)
 
 

@@ -8,25 +8,19 @@ from torch import Tensor
 from typing_extensions import Unpack
 
 from ._base import FusedOptimizer, FusedOptions
-from ._spec import Group, Spec, State, scalar
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
+from ._spec import Group, Spec, State, check_tensor_lr, require, scalar
 
 
 def _validate(group: Group) -> None:
     """torch.optim.Adafactor's checks, with its messages (NaN fails each of them, as in torch)."""
     lr, (eps1, eps2) = group["lr"], group["eps"]
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    _check(0.0 <= scalar(lr), f"Learning rate should be >= 0 but is: {lr}")
-    _check(0.0 >= group["beta2_decay"], f"beta2_decay should be <= 0 but is: {group['beta2_decay']}")
-    _check(eps1 is None or 0.0 <= eps1, f"epsilon1 should be >= 0 but is: {eps1}")
-    _check(0.0 <= eps2, f"epsilon2 should be >= 0 but is: {eps2}")
-    _check(1.0 <= group["d"], f"Clipping threshold d should be >= 1 but is: {group['d']}")
-    _check(0.0 <= group["weight_decay"], f"weight_decay should be >= 0 but is: {group['weight_decay']}")
+    check_tensor_lr(group)
+    require(0.0 <= scalar(lr), f"Learning rate should be >= 0 but is: {lr}")
+    require(0.0 >= group["beta2_decay"], f"beta2_decay should be <= 0 but is: {group['beta2_decay']}")
+    require(eps1 is None or 0.0 <= eps1, f"epsilon1 should be >= 0 but is: {eps1}")
+    require(0.0 <= eps2, f"epsilon2 should be >= 0 but is: {eps2}")
+    require(1.0 <= group["d"], f"Clipping threshold d should be >= 1 but is: {group['d']}")
+    require(0.0 <= group["weight_decay"], f"weight_decay should be >= 0 but is: {group['weight_decay']}")
 
 
 # Factored over the last two dimensions, as torch: a row factor per row and a column factor per column of each

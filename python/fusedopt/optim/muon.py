@@ -15,7 +15,7 @@ from .._distributed import is_dtensor
 from .._newton_schulz import orthogonalize_, orthogonalize_sharded_
 from ..flat import FlatBuffer, state_dtype_for
 from ._base import FusedOptimizer, FusedOptions
-from ._spec import Group, Spec, State, scalar
+from ._spec import Group, Spec, State, check_tensor_lr, require, scalar
 from .adam import AdamW
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
@@ -26,24 +26,18 @@ ADAMW_GROUP_DEFAULTS: dict[str, Any] = {"betas": (0.9, 0.999), "eps": 1e-8, "ams
                                         "decoupled_weight_decay": True}
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
 def _validate(group: Group) -> None:
     """torch.optim.Muon's checks, with its messages; the Newton-Schulz arguments are checked here rather than at the
     first step."""
     lr = group["lr"]
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    _check(0.0 <= scalar(lr), f"Learning rate should be >= 0 but is: {lr}")
-    _check(0.0 <= group["momentum"], f"momentum should be >= 0 but is: {group['momentum']}")
-    _check(0.0 <= group["weight_decay"], f"weight decay should be >= 0 but is: {group['weight_decay']}")
-    _check(group["adjust_lr_fn"] in ADJUST_LR_FNS,
+    check_tensor_lr(group)
+    require(0.0 <= scalar(lr), f"Learning rate should be >= 0 but is: {lr}")
+    require(0.0 <= group["momentum"], f"momentum should be >= 0 but is: {group['momentum']}")
+    require(0.0 <= group["weight_decay"], f"weight decay should be >= 0 but is: {group['weight_decay']}")
+    require(group["adjust_lr_fn"] in ADJUST_LR_FNS,
            f"Adjust learning rate function {group['adjust_lr_fn']} is not supported")
-    _check(group["ns_steps"] < 100, "Number of steps must be less than 100 for computational efficiency")
-    _check(len(group["ns_coefficients"]) == 3, "Coefficients must be a tuple of exactly 3 values")
+    require(group["ns_steps"] < 100, "Number of steps must be less than 100 for computational efficiency")
+    require(len(group["ns_coefficients"]) == 3, "Coefficients must be a tuple of exactly 3 values")
 
 
 def _check_matrices(params: list[Any]) -> None:
