@@ -518,7 +518,7 @@ def test_c_boundary_rejects_bad_arguments(row):
         slots += [0] * (3 - len(slots))
         return kernel(p.data_ptr(), g.data_ptr(), *slots, master, comp, mode, 0, n, *codes, table.offsets.data_ptr(),
                       table.numels.data_ptr(), table.steps.data_ptr(), table.active.data_ptr(), len(table), scalars,
-                      layout.data_ptr(), values, 1e-3, 1.0, passes, 0, 0, 0, table.factor_sums)
+                      layout.data_ptr(), values, 1e-3, 1.0, passes, 0, 0, 0, table.factor_sums, 0, 0, 0, 0)
 
     before = p.clone()
     if scalars:

@@ -30,7 +30,7 @@ def valid(algorithm: str) -> dict[str, Any]:
                 grad_scale=1.0, lr_ptr=0,
                 grad_scale_ptr=0, found_inf_ptr=0, passes=7 if factored(algorithm) else 3, segment_w2=0, segment_u2=0,
                 factored=11 * MIB if factored(algorithm) else 0, row_items=0, col_items=0, factor_sums=0,
-                factor_sums_count=0, device=0, stream=0)
+                factor_sums_count=0, device=0, stream=0, absmax0=0, absmax1=0, absmax2=0, signed_states=0)
 
 
 def factored(algorithm: str) -> bool:
@@ -152,6 +152,39 @@ def test_accepts_null_pointers_for_states_the_configuration_does_not_use() -> No
     hyper = [0.0] * len(ALGORITHMS["sgd"]["fields"])  # momentum 0
     with pytest.raises(ValueError, match="Invalid device: -1"):
         call("sgd", s0=0, hyper=hyper, device=-1)
+
+
+ELEMENTWISE = [a for a in ALGORITHMS if ALGORITHMS[a]["kind"] == "elementwise"]
+# 8-bit states (state dtype code 4, quant8.h): byte slots, each with its float32 block absmaxes.
+EIGHT_BIT = dict(state_dtype=4, absmax0=14 * MIB, absmax1=15 * MIB, absmax2=16 * MIB, signed_states=1)
+
+
+@pytest.mark.parametrize("algorithm", ELEMENTWISE)
+def test_8bit_states_need_the_block_absmax_of_every_state_in_use(algorithm: str) -> None:
+    for slot, name in enumerate(ALGORITHMS[algorithm]["states"]):
+        with pytest.raises(ValueError, match=f"^cuda_{algorithm}: the block absmax of 8-bit state {name} is null"):
+            call(algorithm, **{**EIGHT_BIT, f"absmax{slot}": 0})
+
+
+def test_8bit_states_are_bytes_with_float32_absmaxes() -> None:
+    """A byte slot needs no alignment (this call passes every check and is rejected for its device index only); its
+    absmaxes are float32. The segment offsets are in device memory and never read here: the offsets' block alignment
+    is checked by python/fusedopt/_kernels.py on its host copy (test_cuda_optim.py)."""
+    with pytest.raises(ValueError, match="Invalid device: -1"):
+        call("adam", **EIGHT_BIT, s0=3 * MIB + 1, s1=4 * MIB + 3, device=-1)
+    with pytest.raises(ValueError, match="absmax pointer 15728642 is not 4-byte aligned"):
+        call("adam", **{**EIGHT_BIT, "absmax1": 15 * MIB + 2})
+
+
+@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a not in ELEMENTWISE])
+def test_8bit_states_are_for_element_wise_algorithms(algorithm: str) -> None:
+    with pytest.raises(ValueError, match=f"^cuda_{algorithm}: 8-bit states .* element-wise algorithms only"):
+        call(algorithm, **EIGHT_BIT)
+
+
+def test_8bit_states_are_not_for_float64_parameters() -> None:
+    with pytest.raises(ValueError, match=r"state dtype code 4 must be 3 \(float64\) with float64 parameters"):
+        call("adam", **EIGHT_BIT, param_dtype=3, grad_dtype=3)
 
 
 @pytest.mark.parametrize("passes", [0, 4, -1])

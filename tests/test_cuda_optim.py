@@ -337,3 +337,63 @@ def test_low_precision_modes_write_the_cpu_bits(mode: str) -> None:
     assert torch.equal(results["cpu"][0], results["cuda"][0])
     if mode == "kahan":
         assert torch.equal(results["cpu"][1], results["cuda"][1])
+
+
+def run_8bit_adam(device: str, numels: list[int], param_dtype: torch.dtype, amsgrad: bool,
+                  steps: int = 6) -> list[torch.Tensor]:
+    """Adam with 8-bit states (quant8.h) over segments whose offsets are rounded up to the 256-element block, from
+    the same seeded inputs on any device; returns the parameters, codes and block absmaxes on the CPU."""
+    from fusedopt import functional
+    from fusedopt.flat import Segments
+
+    offsets, n = [], 0
+    for numel in numels:
+        offsets.append(n)
+        n = -(-(n + numel) // 256) * 256
+    segments = Segments(offsets, numels, torch.device(device))
+    segments.set_all_active(True)
+    generator = torch.Generator().manual_seed(0)
+    p = torch.randn(n, generator=generator).to(param_dtype).to(device)
+    # Gradients over many binades, so that the codes use both parts of the grid.
+    grads = [(torch.randn(n, generator=generator) * torch.exp(3 * torch.randn(n, generator=generator))).to(device)
+             for _ in range(steps)]
+    slots = 3 if amsgrad else 2
+    codes = [torch.zeros(n, dtype=torch.uint8, device=device) for _ in range(slots)]
+    absmax = [torch.zeros(n // 256, dtype=torch.float32, device=device) for _ in range(slots)]
+    stochastic = param_dtype == torch.bfloat16
+    for g in grads:
+        functional.update("adam", p, g.to(param_dtype), [*codes, None][:3], None, segments, lr=1e-2, backend=device,
+                          hyper=dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, amsgrad=amsgrad,
+                                     maximize=False, decoupled=True),
+                          rounding_seed=7 if stochastic else None, absmax=absmax, signed=[True, False, False])
+    return [t.cpu() for t in (p, *codes, *absmax)]
+
+
+@pytest.mark.parametrize("param_dtype,amsgrad", [(torch.float32, False), (torch.bfloat16, True)])
+def test_8bit_states_write_the_cpu_bits(param_dtype: torch.dtype, amsgrad: bool) -> None:
+    """Adam with 8-bit states: the CUDA kernel decodes, updates and encodes each 256-element block as the CPU driver
+    does, so parameters, codes and block absmaxes are bitwise equal over several steps and segments of odd sizes
+    (partial last blocks, a segment over several work items; bf16 parameters rounded stochastically)."""
+    numels = [5, 300, 4097, 20011]
+    cpu = run_8bit_adam("cpu", numels, param_dtype, amsgrad)
+    cuda = run_8bit_adam("cuda", numels, param_dtype, amsgrad)
+    assert any(bool((t != 0).any()) for t in cpu[1:])  # the states moved
+    for ours, theirs in zip(cuda, cpu):
+        assert torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8))
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_8bit_states_need_block_aligned_segments(device: str) -> None:
+    from fusedopt import functional
+    from fusedopt.flat import Segments
+
+    segments = Segments([0, 100], [100, 300], torch.device(device))
+    segments.set_all_active(True)
+    p, g = torch.zeros(400, device=device), torch.ones(400, device=device)
+    codes = [torch.zeros(400, dtype=torch.uint8, device=device) for _ in range(2)]
+    absmax = [torch.zeros(2, device=device) for _ in range(2)]
+    with pytest.raises(ValueError, match="multiple of 256"):
+        functional.update("adam", p, g, [*codes, None], None, segments, lr=1e-3, backend=device,
+                          hyper=dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False,
+                                     maximize=False, decoupled=False),
+                          absmax=absmax, signed=[True, False, False])

@@ -17,6 +17,7 @@ using bindings::buffers;
 using bindings::ptr;
 using bindings::sam_buffers;
 using bindings::segments;
+using bindings::set_quantized;
 using bindings::step_args;
 
 namespace {
@@ -33,7 +34,9 @@ constexpr const char* kCudaStepDoc =
     "found_inf_ptr (non-zero: write nothing, count no step); for "
     "trust-ratio and factored algorithms the passes and per-segment float64 device sums (0: scratch of the call); "
     "for factored algorithms the device array of layout, row and column items (cuda_api.h DeviceWork) with the two "
-    "item counts, and the float64 device row and column sums with their count (0: scratch).";
+    "item counts, and the float64 device row and column sums with their count (0: scratch); with 8-bit states "
+    "(state dtype code 4) each slot's float32 device block absmaxes (0 for an unused slot) and the bit mask of signed "
+    "slots.";
 
 // The names of the step's positional arguments (python/fusedopt/_kernels.py passes them positionally).
 #define FUSEDOPT_CUDA_STEP_ARGS                                                                                    \
@@ -45,7 +48,8 @@ constexpr const char* kCudaStepDoc =
       py::arg("items"), py::arg("hyper"), py::arg("lr"), py::arg("grad_scale"), py::arg("lr_ptr"),                 \
       py::arg("grad_scale_ptr"), py::arg("found_inf_ptr"), py::arg("passes"), py::arg("segment_w2"),               \
       py::arg("segment_u2"), py::arg("factored"), py::arg("row_items"), py::arg("col_items"),                     \
-      py::arg("factor_sums"), py::arg("factor_sums_count"), py::arg("device"), py::arg("stream")
+      py::arg("factor_sums"), py::arg("factor_sums_count"), py::arg("device"), py::arg("stream"),                 \
+      py::arg("absmax0") = 0, py::arg("absmax1") = 0, py::arg("absmax2") = 0, py::arg("signed_states") = 0
 
 cuda::Launch launch(int device, uintptr_t stream) {
   cuda::Launch l;
@@ -68,16 +72,17 @@ void register_cuda_bindings(py::module_& m) {
   m.def(                                                                                                           \
       "cuda_" #A,                                                                                                  \
       [](uintptr_t param, uintptr_t grad, uintptr_t s0, uintptr_t s1, uintptr_t s2, uintptr_t master,               \
-         uintptr_t comp, int param_mode, uint64_t seed, int64_t n, int param_dtype, int grad_dtype, int state_dtype, uintptr_t seg_offsets, uintptr_t seg_numels,            \
+         uintptr_t comp, int param_mode, uint64_t seed, int64_t n, int param_dtype, int grad_dtype,               \
+         int state_dtype, uintptr_t seg_offsets, uintptr_t seg_numels,                                             \
          uintptr_t seg_steps, uintptr_t seg_active, int64_t seg_count, uintptr_t seg_scalars, uintptr_t work,       \
          int64_t items,                                                                                            \
          const std::vector<double>& hyper, double lr, double grad_scale, uintptr_t lr_ptr, uintptr_t grad_scale_ptr, \
          uintptr_t found_inf_ptr, int passes, uintptr_t segment_w2, uintptr_t segment_u2, uintptr_t factored,      \
          int64_t row_items, int64_t col_items, uintptr_t factor_sums, int64_t factor_sums_count, int device,       \
-         uintptr_t stream) {                                                                                       \
-        const FlatBuffers b =                                                                                      \
-            buffers(param, grad, s0, s1, s2, master, comp, param_mode, seed, n, param_dtype, grad_dtype,           \
-                    state_dtype);                                                                                  \
+         uintptr_t stream, uintptr_t absmax0, uintptr_t absmax1, uintptr_t absmax2, int signed_states) {           \
+        FlatBuffers b = buffers(param, grad, s0, s1, s2, master, comp, param_mode, seed, n, param_dtype,          \
+                                grad_dtype, state_dtype);                                                          \
+        set_quantized(b, absmax0, absmax1, absmax2, signed_states);                                                \
         const Segments s =                                                                                         \
             segments(seg_offsets, seg_numels, seg_steps, seg_active, seg_count, seg_scalars);                      \
         const StepArgs args =                                                                                      \

@@ -34,6 +34,14 @@ inline FlatBuffers buffers(uintptr_t param, uintptr_t grad, uintptr_t s0, uintpt
   return b;
 }
 
+// The 8-bit state arguments (quant8.h): each slot's block absmaxes and the mask of signed slots.
+inline void set_quantized(FlatBuffers& b, uintptr_t a0, uintptr_t a1, uintptr_t a2, int signed_states) {
+  b.absmax[0] = ptr<float>(a0);
+  b.absmax[1] = ptr<float>(a1);
+  b.absmax[2] = ptr<float>(a2);
+  b.signed_states = signed_states;
+}
+
 inline SamBuffers sam_buffers(uintptr_t param, uintptr_t grad, uintptr_t master, uintptr_t backup, int64_t n,
                               int param_dtype, int grad_dtype) {
   SamBuffers b;

@@ -21,6 +21,7 @@ using bindings::buffers;
 using bindings::ptr;
 using bindings::sam_buffers;
 using bindings::segments;
+using bindings::set_quantized;
 using bindings::step_args;
 
 namespace {
@@ -33,7 +34,8 @@ constexpr const char* kStepDoc =
     "without them), int64 (count, 10) layout of a factored algorithm or 0 (api.h Layout); the algorithm's "
     "hyperparameters in algorithms()[name]['fields'] order; lr, grad_scale; for trust-ratio and factored algorithms "
     "the passes and per-segment float64 sums (0: scratch); for factored ones the float64 row and column sums and "
-    "their count (0: scratch).";
+    "their count (0: scratch); with 8-bit states (state dtype code 4) each slot's float32 block absmaxes (0 for an "
+    "unused slot) and the bit mask of signed slots.";
 
 template <typename A>
 py::dict describe() {
@@ -93,10 +95,11 @@ PYBIND11_MODULE(_C, m) {
          int state_dtype, uintptr_t seg_offsets, uintptr_t seg_numels,                                         \
          uintptr_t seg_steps, uintptr_t seg_active, int64_t seg_count, uintptr_t seg_scalars,                \
          uintptr_t seg_layout, const std::vector<double>& hyper, double lr, double grad_scale, int passes,   \
-         uintptr_t segment_w2, uintptr_t segment_u2, uintptr_t factor_sums, int64_t factor_sums_count) {     \
-        const FlatBuffers b =                                                                                \
-            buffers(param, grad, s0, s1, s2, master, comp, param_mode, seed, n, param_dtype, grad_dtype,     \
-                    state_dtype);                                                                            \
+         uintptr_t segment_w2, uintptr_t segment_u2, uintptr_t factor_sums, int64_t factor_sums_count,       \
+         uintptr_t absmax0, uintptr_t absmax1, uintptr_t absmax2, int signed_states) {                        \
+        FlatBuffers b = buffers(param, grad, s0, s1, s2, master, comp, param_mode, seed, n, param_dtype,    \
+                                grad_dtype, state_dtype);                                                    \
+        set_quantized(b, absmax0, absmax1, absmax2, signed_states);                                          \
         const Segments s =                                                                                   \
             segments(seg_offsets, seg_numels, seg_steps, seg_active, seg_count, seg_scalars, seg_layout);    \
         const StepArgs args =                                                                                \

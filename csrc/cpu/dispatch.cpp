@@ -276,6 +276,7 @@ void step(const char* algo_name, const FlatBuffers& b, const Segments& s, const 
   const typename A::Hyper h = checks::hyper_from<A>(algo_name, args);
   checks::check_buffers<A>(algo_name, b, h);
   checks::check_passes<A>(algo_name, s.count, args);
+  checks::check_quantized<A>(algo_name, b, s);
   const bool counts_step = checks::counts_step<A>(args);
   const WorkList list = work_list(algo_name, b.n, s, true);
   // Checked before any step is counted.

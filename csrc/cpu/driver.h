@@ -18,6 +18,7 @@
 #include "fusedopt/common.h"
 #include "fusedopt/dtype.h"
 #include "fusedopt/math/norm.h"
+#include "fusedopt/quant8.h"
 #include "kernels.h"
 #include "thread_pool.h"
 
@@ -93,17 +94,26 @@ void dispatch_param_grad(int param_dtype, int grad_dtype, int param_mode, F&& f)
 }
 
 // Calls f(Type<param>, Type<grad>, Type<state>, Mode<param mode>) for the combinations the dispatcher allows: those
-// of dispatch_param_grad, with fp32 or bf16 states (float64 parameters: float64 states only).
-template <typename F>
+// of dispatch_param_grad, with fp32 or bf16 states (float64 parameters: float64 states only), and with Quantized
+// 8-bit states (uint8_t, quant8.h) for the drivers that implement them (checks::check_quantized).
+template <bool Quantized = false, typename F>
 void dispatch_dtypes(const FlatBuffers& b, F&& f) {
   dispatch_param_grad(b.param_dtype, b.grad_dtype, b.param_mode, [&](auto tp, auto tg, auto mode) {
     using TP = typename decltype(tp)::type;
-    if constexpr (std::is_same<TP, double>::value)
+    if constexpr (std::is_same<TP, double>::value) {
       f(tp, tg, Type<double>{}, mode);
-    else if (b.state_dtype == kBFloat16)
-      f(tp, tg, Type<bf16_t>{}, mode);
-    else
-      f(tp, tg, Type<float>{}, mode);
+    } else {
+      if constexpr (Quantized) {
+        if (b.state_dtype == kState8bit) {
+          f(tp, tg, Type<uint8_t>{}, mode);
+          return;
+        }
+      }
+      if (b.state_dtype == kBFloat16)
+        f(tp, tg, Type<bf16_t>{}, mode);
+      else
+        f(tp, tg, Type<float>{}, mode);
+    }
   });
 }
 
@@ -151,11 +161,95 @@ inline void elementwise_range(const Op op, const Coeffs c, TP* FUSEDOPT_RESTRICT
   }
 }
 
+// The largest |v| of n values, NaN when one is inf or NaN (quant8.h: such a block decodes to NaN), in 8-float vectors.
+typedef float AbsmaxVector __attribute__((vector_size(8 * sizeof(float))));
+
+inline float block_absmax(const float* FUSEDOPT_RESTRICT v, int64_t n) {
+  AbsmaxVector largest = {}, nonfinite = {};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    AbsmaxVector x;
+    memcpy(&x, v + j, sizeof(x));
+    x = x < 0 ? -x : x;
+    largest = x > largest ? x : largest;
+    nonfinite += x - x;  // 0 for finite x, NaN for inf/NaN
+  }
+  float result = 0.0f, bad = 0.0f;
+  for (int l = 0; l < 8; ++l) {
+    result = largest[l] > result ? largest[l] : result;
+    bad += nonfinite[l];
+  }
+  for (; j < n; ++j) {
+    const float x = fabsf(v[j]);
+    result = x > result ? x : result;
+    bad += x - x;
+  }
+  return bad != 0.0f ? NAN : result;
+}
+
+// The 8-bit states of a driver call (quant8.h): the byte buffers, their block absmaxes, signedness and code tops.
+struct Quantized {
+  uint8_t* codes[algo::kMaxStates];
+  float* absmax[algo::kMaxStates];
+  bool is_signed[algo::kMaxStates];
+  float top[algo::kMaxStates];
+};
+
+inline Quantized quantized_of(const FlatBuffers& b) {
+  Quantized q;
+  for (int k = 0; k < algo::kMaxStates; ++k) {
+    q.codes[k] = static_cast<uint8_t*>(b.states[k]);
+    q.absmax[k] = b.absmax[k];
+    q.is_signed[k] = ((b.signed_states >> k) & 1) != 0;
+    q.top[k] = quant_top(q.is_signed[k]);
+  }
+  return q;
+}
+
+// One block of [begin, end) (begin on a block boundary, at most kQuantBlock elements) with 8-bit states: the states are
+// decoded with the block's absmax, updated with the parameters in float, kept in a local buffer while their new absmax
+// is found, then encoded with it. Still one pass over memory: the block's values stay in L1.
+template <typename Op, typename Coeffs, typename TP, typename TG, typename IO>
+inline void elementwise_block8(const Op op, const Coeffs c, TP* FUSEDOPT_RESTRICT p, const TG* FUSEDOPT_RESTRICT g,
+                               const Quantized& q, const IO io, uint32_t key, int64_t begin, int64_t end) {
+  float values[algo::kMaxStates][kQuantBlock];
+  const int64_t block = begin / kQuantBlock, n = end - begin;
+  float scale[algo::kMaxStates];
+  for (int k = 0; k < algo::kMaxStates; ++k) scale[k] = Op::uses(k) ? q.absmax[k][block] / q.top[k] : 0.0f;
+  const uint8_t* FUSEDOPT_RESTRICT c0 = q.codes[0] + begin;
+  const uint8_t* FUSEDOPT_RESTRICT c1 = q.codes[1] + begin;
+  const uint8_t* FUSEDOPT_RESTRICT c2 = q.codes[2] + begin;
+  const bool sg0 = q.is_signed[0], sg1 = q.is_signed[1], sg2 = q.is_signed[2];
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t i = begin + j;
+    float pv = io.read(p, i);
+    const float gv = load(g[i]);
+    float a = Op::uses(0) ? dequantize8(c0[j], scale[0], sg0) : 0.0f;
+    float bb = Op::uses(1) ? dequantize8(c1[j], scale[1], sg1) : 0.0f;
+    float cc = Op::uses(2) ? dequantize8(c2[j], scale[2], sg2) : 0.0f;
+    op(c, pv, gv, a, bb, cc);
+    io.write(p, i, pv, key);
+    values[0][j] = a;
+    values[1][j] = bb;
+    values[2][j] = cc;
+  }
+  for (int k = 0; k < algo::kMaxStates; ++k) {
+    if (!Op::uses(k)) continue;
+    const float absmax = block_absmax(values[k], n);
+    q.absmax[k][block] = absmax;
+    const float inv = encode_factor(absmax, q.top[k]), top = q.top[k];
+    const bool is_signed = q.is_signed[k];
+    uint8_t* FUSEDOPT_RESTRICT out = q.codes[k] + begin;
+    const float* FUSEDOPT_RESTRICT v = values[k];
+    for (int64_t j = 0; j < n; ++j) out[j] = quantize8(v[j], inv, top, is_signed);
+  }
+}
+
 // One parallel region over the work items, static contiguous ranges (one pass over memory).
 template <typename Op, typename A>
 void run_elementwise(const Op& op, const FlatBuffers& b, const Work& w, const SegmentCoeffs<A>& segment_coeffs,
                      int threads) {
-  dispatch_dtypes(b, [&](auto tp, auto tg, auto ts, auto mode) {
+  dispatch_dtypes<true>(b, [&](auto tp, auto tg, auto ts, auto mode) {
     using TP = typename decltype(tp)::type;
     using TG = typename decltype(tg)::type;
     using TS = typename decltype(ts)::type;
@@ -170,13 +264,26 @@ void run_elementwise(const Op& op, const FlatBuffers& b, const Work& w, const Se
     TS* s2 = static_cast<TS*>(b.states[2]);
     const IO io = param_io<TP, decltype(mode)::value>(b);
     const Op local = op;
-    parallel_ranges(w.items, threads, [&](int64_t first, int64_t last) {
-      for (int64_t it = first; it < last; ++it) {
-        const int64_t s = w.item_segment[it];
-        elementwise_range<Op, Coeffs, C, TP, TG, TS, IO>(local, coeffs[s], p, g, s0, s1, s2, io, key_of(w, s),
-                                                         w.item_begin[it], w.item_end[it]);
-      }
-    });
+    if constexpr (std::is_same<TS, uint8_t>::value) {
+      const Quantized q = quantized_of(b);
+      parallel_ranges(w.items, threads, [&](int64_t first, int64_t last) {
+        for (int64_t it = first; it < last; ++it) {
+          const int64_t s = w.item_segment[it];
+          for (int64_t x = w.item_begin[it]; x < w.item_end[it]; x += kQuantBlock) {
+            const int64_t end = w.item_end[it] - x < kQuantBlock ? w.item_end[it] : x + kQuantBlock;
+            elementwise_block8<Op, Coeffs, TP, TG, IO>(local, coeffs[s], p, g, q, io, key_of(w, s), x, end);
+          }
+        }
+      });
+    } else {
+      parallel_ranges(w.items, threads, [&](int64_t first, int64_t last) {
+        for (int64_t it = first; it < last; ++it) {
+          const int64_t s = w.item_segment[it];
+          elementwise_range<Op, Coeffs, C, TP, TG, TS, IO>(local, coeffs[s], p, g, s0, s1, s2, io, key_of(w, s),
+                                                           w.item_begin[it], w.item_end[it]);
+        }
+      });
+    }
   });
 }
 

@@ -32,9 +32,12 @@ void check_alignment(const std::string& fn, const FlatBuffers& b, const typename
   check_aligned(fn, "param", b.param, dtype_size(b.param_dtype));
   check_aligned(fn, "grad", b.grad, dtype_size(b.grad_dtype));
   constexpr int kSlots = static_cast<int>(sizeof(A::kStates) / sizeof(A::kStates[0]));
-  for (int k = 0; k < algo::kMaxStates; ++k)
-    if (A::uses_state(h, k)) check_aligned(fn, k < kSlots ? A::kStates[k] : "state", b.states[k],
-                                           dtype_size(b.state_dtype));
+  const bool quantized = b.state_dtype == kState8bit;  // bytes, with float32 block absmaxes
+  for (int k = 0; k < algo::kMaxStates; ++k) {
+    if (!A::uses_state(h, k)) continue;
+    check_aligned(fn, k < kSlots ? A::kStates[k] : "state", b.states[k], quantized ? 1 : dtype_size(b.state_dtype));
+    if (quantized) check_aligned(fn, "absmax", b.absmax[k], 4);
+  }
   check_aligned(fn, "master", b.master, 4);
   check_aligned(fn, "compensation", b.comp, dtype_size(b.param_dtype));
 }
@@ -89,6 +92,10 @@ void step(const std::string& fn, const FlatBuffers& b, const Segments& s, const 
   const typename A::Hyper h = checks::hyper_from<A>(fn, args);
   checks::check_buffers<A>(fn, b, h);
   checks::check_passes<A>(fn, s.count, args);
+  // The offsets are in device memory: _kernels.py checks their block alignment on its host copy.
+  Segments host_view = s;
+  host_view.offsets = nullptr;
+  checks::check_quantized<A>(fn, b, host_view);
   check_alignment<A>(fn, b, h);
   check_segments(fn, b.n, s, w);
   if (algo::ScalarCount<A>::value > 0 && s.count > 0 && s.scalars == nullptr)

@@ -6,8 +6,8 @@
 //
 // Launch sequence of one call, all on the caller's stream, none waiting for the host:
 //   count_steps_kernel       (when the call counts the step) steps[s] += 1 for every active segment;
-//   element-wise kind:       elementwise_kernel, then advance_scalars_kernel when the algorithm keeps scalar states
-//                            (every block has read them by then);
+//   element-wise kind:       elementwise_kernel (elementwise8_kernel with 8-bit states), then advance_scalars_kernel
+//                            when the algorithm keeps scalar states (every block has read them by then);
 //   trust-ratio kind:        trust_ratio_moments_kernel -> trust_ratio_sums_kernel   (kPassMoments)
 //                            trust_ratio_apply_kernel                                 (kPassApply)
 //   factored kind:           factored_rows_kernel, factored_columns_kernel, factored_vectors_kernel ->
@@ -22,6 +22,7 @@
 
 #include "device.cuh"
 #include "fusedopt/algorithms.h"
+#include "fusedopt/quant8.h"
 
 namespace fusedopt {
 namespace cuda {
@@ -39,6 +40,11 @@ struct StepParams {
   bool grad_fp32;                  // 16-bit parameters: fp32 gradients (float64 parameters: float64 gradients)
   bool state_fp32;                 // 32/16-bit parameters: fp32 states, else bf16 (float64 parameters: float64)
   bool aligned;  // every array used is 16-byte aligned
+  // 8-bit states (quant8.h, element-wise kind): the used slots hold bytes, absmax[k] their block absmaxes, bit k of
+  // signed_states whether slot k is signed.
+  bool quantized;
+  float* absmax[algo::kMaxStates];
+  int signed_states;
   Items items;
   float* steps;
   const uint8_t* active;
@@ -267,6 +273,99 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<TP>::value) elementwise_ke
               if (Op::uses(2)) store_state<TP>(a.states[2], a.state_fp32, i, v2);
             });
       });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Element-wise kind with 8-bit states (quant8.h): the CPU driver's elementwise_block8 with one CUDA block per
+// quantization block, thread j on its element j. Each used slot is decoded with the block's old absmax, Op runs in
+// float, the new absmax is the largest |value| of the block (NaN when one is inf or NaN), then every value is encoded
+// with it. Blocks stride over virtual indices it * kItemBlocks + k, the k-th quantization block of item `it` (none past
+// the item's end), so that a short work list still spreads over the device.
+static_assert(kThreads == kQuantBlock, "one thread per element of a quantization block");
+constexpr int64_t kItemBlocks = kChunk / kQuantBlock;  // quantization blocks of a full work item
+static_assert(kChunk % kQuantBlock == 0, "work items start on quantization block boundaries");
+
+// Per used slot, the largest m[k] of the block, in every thread. Order does not matter for a max; NaN must not be
+// an input (fmaxf drops it), so callers pass inf for a non-finite value.
+template <typename Op>
+__device__ __forceinline__ void block_max(float (&m)[algo::kMaxStates],
+                                          float (&scratch)[algo::kMaxStates][kThreads / 32]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int k = 0; k < algo::kMaxStates; ++k) {
+    if (!Op::uses(k)) continue;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) m[k] = fmaxf(m[k], __shfl_xor_sync(0xFFFFFFFFu, m[k], offset));
+    if (lane == 0) scratch[k][warp] = m[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < algo::kMaxStates; ++k) {
+    if (!Op::uses(k)) continue;
+    float r = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) r = fmaxf(r, scratch[k][w]);
+    m[k] = r;
+  }
+  __syncthreads();  // scratch is rewritten for the next block
+}
+
+template <typename A, typename Op, typename TP>
+__global__ void __launch_bounds__(kThreads) elementwise8_kernel(const StepParams<A> a) {
+  using Coeffs = typename A::template Coeffs<float>;
+  static_assert(std::is_same<compute_t<TP>, float>::value, "8-bit states are for parameters computed in float");
+  __shared__ Coeffs shared;
+  __shared__ float scratch[algo::kMaxStates][kThreads / 32];
+  if (step_skipped(a.d.found_inf)) return;
+  TP* p = static_cast<TP*>(a.param);
+  const Op op{};
+  Coeffs c;
+  int64_t current = -1;
+  const int64_t blocks = a.items.count * kItemBlocks;
+  for (int64_t v = blockIdx.x; v < blocks; v += gridDim.x) {
+    // Every test up to the barriers is uniform over the block.
+    const int64_t it = v / kItemBlocks;
+    const int64_t s = a.items.segment[it];
+    const int64_t begin = a.items.begin[it] + (v % kItemBlocks) * kQuantBlock, item_end = a.items.end[it];
+    if (a.active[s] == 0 || begin >= item_end) continue;
+    if (s != current) {
+      __syncthreads();  // every thread has read the previous segment's coefficients
+      if (threadIdx.x == 0) shared = segment_coeffs<float>(a, s);
+      __syncthreads();
+      c = shared;
+      current = s;
+    }
+    const int64_t block = begin / kQuantBlock;  // segment offsets are block-aligned (checks::check_quantized)
+    const int64_t i = begin + threadIdx.x;
+    const bool in = i < item_end;  // the last block of a segment may be partial
+    const uint32_t key = segment_key(a, s);
+    float values[algo::kMaxStates] = {}, m[algo::kMaxStates] = {};
+    if (in) {
+      float pv = read_param(a, p, i);
+      const float gv = load_grad<TP>(a.grad, a.grad_fp32, i);
+#pragma unroll
+      for (int k = 0; k < algo::kMaxStates; ++k) {
+        if (!Op::uses(k)) continue;
+        const bool is_signed = ((a.signed_states >> k) & 1) != 0;
+        const float scale = a.absmax[k][block] / quant_top(is_signed);
+        values[k] = dequantize8(static_cast<const uint8_t*>(a.states[k])[i], scale, is_signed);
+      }
+      op(c, pv, gv, values[0], values[1], values[2]);
+      write_param(a, p, i, pv, key);
+#pragma unroll
+      for (int k = 0; k < algo::kMaxStates; ++k) m[k] = fabsf(values[k]) < INFINITY ? fabsf(values[k]) : INFINITY;
+    }
+    block_max<Op>(m, scratch);  // every thread has read the old absmaxes before thread 0 writes the new ones
+#pragma unroll
+    for (int k = 0; k < algo::kMaxStates; ++k) {
+      if (!Op::uses(k)) continue;
+      const bool is_signed = ((a.signed_states >> k) & 1) != 0;
+      const float top = quant_top(is_signed);
+      const float absmax = m[k] < INFINITY ? m[k] : bits_as_float(0x7FC00000u);  // the CPU's NAN
+      if (threadIdx.x == 0) a.absmax[k][block] = absmax;
+      if (in) static_cast<uint8_t*>(a.states[k])[i] = quantize8(values[k], encode_factor(absmax, top), top, is_signed);
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -758,6 +857,14 @@ void launch_typed(const StepParams<A>& a, const StepArgs& args, cudaStream_t str
   if constexpr (A::kKind == algo::Kind::kElementwise) {
     if (a.items.count > 0) {
       A::with_op(a.hyper, [&](auto op) {
+        if constexpr (!kFloat64Params<TP>) {
+          if (a.quantized) {
+            constexpr auto kernel = &elementwise8_kernel<A, decltype(op), TP>;
+            kernel<<<grid_size<kernel>(a.items.count * kItemBlocks), kThreads, 0, stream>>>(a);
+            check_launch("elementwise8_kernel");
+            return;
+          }
+        }
         constexpr auto kernel = &elementwise_kernel<A, decltype(op), TP>;
         kernel<<<grid_size<kernel>(a.items.count), kThreads, 0, stream>>>(a);
         check_launch("elementwise_kernel");
@@ -797,6 +904,9 @@ void launch_step(const FlatBuffers& b, const Segments& s, const DeviceWork& w, c
   a.grad_fp32 = b.grad_dtype == kFloat32;
   a.state_fp32 = b.state_dtype != kBFloat16;
   a.aligned = aligned && aligned16(a.master) && aligned16(a.comp);
+  a.quantized = b.state_dtype == kState8bit;  // element-wise algorithms only (checks::check_quantized)
+  for (int k = 0; k < algo::kMaxStates; ++k) a.absmax[k] = a.quantized ? b.absmax[k] : nullptr;
+  a.signed_states = b.signed_states;
   a.items = items_of(w, b.n);
   a.steps = s.steps;
   a.active = s.active;

@@ -179,9 +179,12 @@ def check_buffers(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[
         if t is None:
             pointers.append(0)
             continue
-        _check_tensor(names[k], t, None if factored else param, STATE_DTYPES)
+        _check_tensor(names[k], t, None if factored else param, STATE_DTYPES + (torch.uint8,))
         if t.device != param.device:
             raise ValueError(f"Invalid {names[k]}: device {t.device} != param device {param.device}")
+        if t.dtype == torch.uint8 and param.dtype == F64:
+            raise TypeError(f"Invalid {names[k]} dtype: 8-bit states are for float32, bfloat16 and float16 "
+                            "parameters (float64 parameters keep float64 states)")
         if (t.dtype == F64) != (param.dtype == F64):
             expected = "torch.float64" if param.dtype == F64 else "torch.float32 or torch.bfloat16"
             raise TypeError(f"Invalid {names[k]} dtype: {t.dtype} (expected {expected} with {param.dtype} param)")
@@ -208,7 +211,46 @@ def check_buffers(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[
             if t.data_ptr() in seen:
                 raise ValueError(f"Invalid buffers: arguments {seen[t.data_ptr()]} and {k} share memory")
             seen[t.data_ptr()] = k
-    return pointers, master_ptr, DTYPE_CODES[grad.dtype], DTYPE_CODES[state_dtype or compute_dtype(param.dtype)]
+    state_code = STATE_8BIT if state_dtype == torch.uint8 else DTYPE_CODES[state_dtype or compute_dtype(param.dtype)]
+    return pointers, master_ptr, DTYPE_CODES[grad.dtype], state_code
+
+
+# The state dtype code of 8-bit states (quant8.h kState8bit) and their block size (kQuantBlock).
+STATE_8BIT = 4
+QUANT_BLOCK = 256
+
+
+def quantized_args(algorithm: str, param: Tensor, states: Sequence[Tensor | None], segments: Segments,
+                   absmax: Sequence[Tensor | None] | None, signed: Sequence[bool]) -> tuple[int, int, int, int]:
+    """The absmax pointers of 8-bit states and the mask of signed slots (quant8.h), checked: a float32 block absmax
+    tensor (one per 256 elements of the buffer) for every 8-bit slot, none for float states, and every segment on a
+    block boundary (checked here from the host table: the CUDA entry points cannot read their device copy)."""
+    quantized = [t is not None and t.dtype == torch.uint8 for t in states] + [False] * (3 - len(states))
+    if any(quantized):
+        for k, offset in enumerate(segments.offsets.tolist()):
+            if offset % QUANT_BLOCK:
+                raise ValueError(f"Invalid segments: with 8-bit states every segment starts on a multiple of "
+                                 f"{QUANT_BLOCK} elements (segment {k} starts at {offset})")
+    absmax = list(absmax or []) + [None] * (3 - len(absmax or []))
+    blocks = -(-param.numel() // QUANT_BLOCK)
+    names = list(ALGORITHMS[algorithm]["states"]) + ["state"] * 3
+    pointers = []
+    for k in range(3):
+        a = absmax[k]
+        if not quantized[k]:
+            if a is not None:
+                raise ValueError(f"Invalid absmax for {names[k]}: it is not an 8-bit state")
+            pointers.append(0)
+            continue
+        if a is None:
+            raise ValueError(f"Invalid absmax for {names[k]}: an 8-bit state needs its block absmax")
+        _check_tensor(f"absmax of {names[k]}", a, None, (torch.float32,))
+        if a.numel() != blocks or a.device != param.device:
+            raise ValueError(f"Invalid absmax of {names[k]}: expected {blocks} float32 values (one per "
+                             f"{QUANT_BLOCK} elements) on {param.device}, got {a.numel()} on {a.device}")
+        pointers.append(a.data_ptr())
+    mask = sum(1 << k for k, is_signed in enumerate(signed) if is_signed and k < 3)
+    return pointers[0], pointers[1], pointers[2], mask
 
 
 # Param modes of the compiled core (param_io.h ParamMode).
@@ -244,12 +286,14 @@ def param_mode(param: Tensor, master: Tensor | None, comp: Tensor | None, roundi
 def step(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[Tensor | None], master: Tensor | None,
          segments: Segments, *, hyper: Mapping[str, Any], lr: Scalar, grad_scale: Scalar = 1.0,
          found_inf: Tensor | None = None, norm_reduce: Callable[[Tensor], None] | None = None,
-         comp: Tensor | None = None, rounding_seed: int | None = None) -> None:
+         comp: Tensor | None = None, rounding_seed: int | None = None, absmax: Sequence[Tensor | None] | None = None,
+         signed: Sequence[bool] = ()) -> None:
     """One step of `algorithm` over a flat buffer set: every active segment is updated with coefficients from its own
     step count, which the kernel increments. `norm_reduce` (trust-ratio algorithms on sharded parameters) reduces the
     (2, segments) float64 per-segment sums of squares in place between the two passes. 16-bit parameters are kept as
     `param_mode` says: fp32 `master` weights, a Kahan compensation `comp`, stochastic rounding keyed on
-    `rounding_seed`, or rounding to nearest."""
+    `rounding_seed`, or rounding to nearest. 8-bit states (uint8 slots) come with their float32 block `absmax` and
+    `signed`, per slot, whether it holds signed values (fusedopt/quant8.h)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"Invalid algorithm: {algorithm!r} (expected one of {', '.join(ALGORITHMS)})")
     values = hyper_values(algorithm, hyper)
@@ -259,6 +303,7 @@ def step(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[Tensor | 
     if comp is not None and comp.device != param.device:
         raise ValueError(f"Invalid comp: device {comp.device} != param device {param.device}")
     storage = (master_ptr, comp_ptr, mode, seed)
+    quantized = quantized_args(algorithm, param, states, segments, absmax, signed)
     n = param.numel()
     if segments.steps.device != (param.device if device_type == "cuda" else torch.device("cpu")):
         raise ValueError(f"Invalid segments: steps on {segments.steps.device} for a param on {param.device}")
@@ -268,7 +313,7 @@ def step(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[Tensor | 
     layout, layout_ptr = _layout_pointer(segments, states) if kind == "factored" else (None, 0)
     if device_type == "cuda":
         _cuda_step(algorithm, param, grad, pointers, storage, grad_code, state_code, segments, values, lr,
-                   grad_scale, found_inf, trust_ratio, norm_reduce)
+                   grad_scale, found_inf, trust_ratio, norm_reduce, quantized)
         return
     if found_inf is not None and bool(found_inf.item() != 0):
         return
@@ -281,17 +326,17 @@ def step(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[Tensor | 
     lr_value, scale = _float("lr", lr), _float("grad_scale", grad_scale)
     if layout is not None:
         _factored_passes(lambda passes, w2, u2, sums, count: kernel(*buffers, *table, values, lr_value, scale, passes,
-                                                                    w2, u2, sums, count),
+                                                                    w2, u2, sums, count, *quantized),
                          segments, torch.device("cpu"), norm_reduce)
         return
     if not trust_ratio or norm_reduce is None:
-        kernel(*buffers, *table, values, lr_value, scale, PASS_MOMENTS | PASS_APPLY, 0, 0, 0, 0)
+        kernel(*buffers, *table, values, lr_value, scale, PASS_MOMENTS | PASS_APPLY, 0, 0, 0, 0, *quantized)
         return
     sums = torch.zeros(2, len(segments), dtype=torch.float64)
     w2, u2 = (sums[0].data_ptr(), sums[1].data_ptr()) if len(segments) else (0, 0)
-    kernel(*buffers, *table, values, lr_value, scale, PASS_MOMENTS, w2, u2, 0, 0)
+    kernel(*buffers, *table, values, lr_value, scale, PASS_MOMENTS, w2, u2, 0, 0, *quantized)
     norm_reduce(sums)
-    kernel(*buffers, *table, values, lr_value, scale, PASS_APPLY, w2, u2, 0, 0)
+    kernel(*buffers, *table, values, lr_value, scale, PASS_APPLY, w2, u2, 0, 0, *quantized)
 
 
 def _factored_passes(call: Callable[[int, int, int, int, int], None], segments: Segments, device: torch.device,
@@ -331,7 +376,8 @@ def _launch(device: torch.device) -> tuple[int, int]:
 def _cuda_step(algorithm: str, param: Tensor, grad: Tensor, pointers: list[int], storage: tuple[int, int, int, int],
                grad_code: int,
                state_code: int, segments: Segments, values: list[float], lr: Scalar, grad_scale: Scalar,
-               found_inf: Tensor | None, trust_ratio: bool, norm_reduce: Callable[[Tensor], None] | None) -> None:
+               found_inf: Tensor | None, trust_ratio: bool, norm_reduce: Callable[[Tensor], None] | None,
+               quantized: tuple[int, int, int, int]) -> None:
     """The CUDA launch: device copies of the segment table, device scalars for whatever is a device tensor."""
     device = param.device
     _check_segments(segments, param.numel())  # the compiled CPU entry points check the table themselves
@@ -355,17 +401,17 @@ def _cuda_step(algorithm: str, param: Tensor, grad: Tensor, pointers: list[int],
     if "factored" in table:
         factored = (table["factored"].data_ptr(), int(table["row_items"]), int(table["col_items"]))
         _factored_passes(lambda passes, w2, u2, sums, count: kernel(*args, passes, w2, u2, *factored, sums, count,
-                                                                    index, stream),
+                                                                    index, stream, *quantized),
                          segments, device, norm_reduce)
         return
     if not trust_ratio or norm_reduce is None:
-        kernel(*args, PASS_MOMENTS | PASS_APPLY, 0, 0, 0, 0, 0, 0, 0, index, stream)
+        kernel(*args, PASS_MOMENTS | PASS_APPLY, 0, 0, 0, 0, 0, 0, 0, index, stream, *quantized)
         return
     sums = torch.zeros(2, len(segments), dtype=torch.float64, device=device)
     w2, u2 = (sums[0].data_ptr(), sums[1].data_ptr()) if len(segments) else (0, 0)
-    kernel(*args, PASS_MOMENTS, w2, u2, 0, 0, 0, 0, 0, index, stream)
+    kernel(*args, PASS_MOMENTS, w2, u2, 0, 0, 0, 0, 0, index, stream, *quantized)
     norm_reduce(sums)  # every rank takes part, whatever its shard holds
-    kernel(*args, PASS_APPLY, w2, u2, 0, 0, 0, 0, 0, index, stream)
+    kernel(*args, PASS_APPLY, w2, u2, 0, 0, 0, 0, 0, index, stream, *quantized)
 
 
 def sum_of_squares(tensor: Tensor) -> tuple[float, bool]:

@@ -33,6 +33,7 @@ from ._distributed import (
     sharding_key,
     state_as_dtensor,
 )
+from .reference import dequantize8, quantize8
 
 ALIGN_BYTES = 64
 # Offsets are counted in elements and shared by all buffers of the set; aligning them to the smallest element
@@ -50,6 +51,10 @@ LAYOUT_COLUMNS = 10
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # float64 states belong to float64 parameters, whose states are always float64 (see `state_dtype_for`).
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+# state_dtype="8bit": one byte per element and a float32 absmax per QUANT_BLOCK elements (csrc/include/fusedopt/
+# quant8.h), stored as uint8 buffers; every parameter's region then starts on a block boundary.
+STATE_8BIT = "8bit"
+QUANT_BLOCK = 256
 
 
 # The shape of a state of a parameter of the given shape, or None when such a parameter keeps no such state; a state
@@ -57,21 +62,29 @@ STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 StateShape = Callable[[torch.Size], "torch.Size | None"]
 
 
-def packed_offsets(numels: Sequence[int]) -> tuple[list[int], int]:
-    """Offsets of regions of the given sizes laid out one after another, each start 64-byte aligned, and the length of
-    a buffer that holds them."""
+def packed_offsets(numels: Sequence[int], align: int = 0) -> tuple[list[int], int]:
+    """Offsets of regions of the given sizes laid out one after another, each start 64-byte aligned (and a multiple of
+    `align` elements when given), and the length of a buffer that holds them."""
     offsets, total = [], 0
     for n in numels:
         offsets.append(total)
         total = _align(total + n)
+        if align:
+            total = -(-total // align) * align
     return offsets, total
 
 
-def state_dtype_for(param_dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
-    """The dtype of the states of `param_dtype` parameters under the group's `state_dtype` (None: the default).
+def state_dtype_for(param_dtype: torch.dtype, requested: torch.dtype | str | None) -> torch.dtype:
+    """The storage dtype of the states of `param_dtype` parameters under the group's `state_dtype` (None: the
+    default; "8bit": uint8 codes).
 
     float64 parameters keep float64 states, as torch.optim does, and compute in float64: no other state dtype fits
-    them. Other parameters keep float32 states unless bfloat16 is asked for."""
+    them. Other parameters keep float32 states unless bfloat16 or 8-bit states are asked for."""
+    if requested == STATE_8BIT:
+        if param_dtype == torch.float64:
+            raise ValueError("Invalid state_dtype: '8bit' for float64 parameters (their states are float64; leave "
+                             "state_dtype=None)")
+        return torch.uint8
     if param_dtype == torch.float64:
         if requested not in (None, torch.float64):
             raise ValueError(f"Invalid state_dtype: {requested} for float64 parameters (their states are float64; "
@@ -297,7 +310,8 @@ def _allocate(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 class FlatBuffer:
     """One (device, dtype) buffer set of a param group: parameters, gradients, states and a segment table."""
 
-    def __init__(self, params: Sequence[Tensor], master_weights: MasterWeights = False) -> None:
+    def __init__(self, params: Sequence[Tensor], master_weights: MasterWeights = False,
+                 quantized: bool = False) -> None:
         if not params:
             raise ValueError("FlatBuffer needs at least one parameter")
         first = params[0]
@@ -314,7 +328,9 @@ class FlatBuffer:
         self.external: bool = self.sharded or any(keeps_external_storage(p) for p in params)
         self.shapes: list[torch.Size] = [t.shape for t in locals_]
         self.numels: list[int] = [t.numel() for t in locals_]
-        self.offsets, total = packed_offsets(self.numels)
+        # 8-bit states: regions start on block boundaries, so that no quantization block crosses a parameter.
+        self.quantized: bool = quantized
+        self.offsets, total = packed_offsets(self.numels, QUANT_BLOCK if quantized else 0)
         self.total: int = total
         self.param: Tensor = _allocate(total, self.dtype, self.device)
         self.grad: Tensor = _allocate(total, self.dtype, self.device)
@@ -322,6 +338,9 @@ class FlatBuffer:
             self.param.share_memory_()
             self.grad.share_memory_()
         self.state: dict[str, Tensor] = {}
+        # The float32 block absmaxes of each 8-bit state (uint8 codes in `state`), one per QUANT_BLOCK elements.
+        self.absmax: dict[str, Tensor] = {}
+        self.signed: dict[str, bool] = {}  # per 8-bit state: whether it holds signed values (its code, quant8.h)
         # States not shaped like their parameters: each such state's StateShape and its per-parameter offsets and
         # shapes in its own compact buffer (`compact_layout`). The others share the parameters' offsets.
         self.state_layouts: dict[str, tuple[StateShape, list[int], list[torch.Size | None]]] = {}
@@ -401,9 +420,15 @@ class FlatBuffer:
         identity and address; torch.compile's traced step by identity)."""
         return self._grad_views[i]
 
+    def blocks(self, i: int) -> slice:
+        """Parameter i's entries in the block absmaxes of an 8-bit state."""
+        return slice(self.offsets[i] // QUANT_BLOCK, -(-(self.offsets[i] + self.numels[i]) // QUANT_BLOCK))
+
     def state_region(self, name: str, i: int) -> Tensor | None:
-        """Parameter i's 1-D region of state `name` ("master_param": the master weights), None where that parameter
-        keeps no such state (a factored state of a vector)."""
+        """Parameter i's 1-D region of state `name` ("master_param": the master weights; "<state>_absmax": the block
+        absmaxes of an 8-bit state), None where that parameter keeps no such state (a factored state of a vector)."""
+        if name.endswith("_absmax") and name[:-len("_absmax")] in self.absmax:
+            return self.absmax[name[:-len("_absmax")]][self.blocks(i)]
         flat = self.master if name == "master_param" else self.comp if name == "kahan_comp" else self.state[name]
         if flat is None:  # master weights or a compensation this buffer does not keep
             return None
@@ -420,6 +445,8 @@ class FlatBuffer:
         region = self.state_region(name, i)
         if region is None:
             return None
+        if name.endswith("_absmax") and name[:-len("_absmax")] in self.absmax:
+            return region  # per block of the local parameter (shard), not placed like the parameter
         layout = self.state_layouts.get(name)
         if layout is None:
             view = region.view(self.shapes[i])
@@ -432,12 +459,24 @@ class FlatBuffer:
 
     # States ------------------------------------------------------------------------------------------------
 
-    def ensure_state(self, name: str, dtype: torch.dtype, fill: float = 0.0, shape: StateShape | None = None
-                     ) -> Tensor:
+    def ensure_state(self, name: str, dtype: torch.dtype, fill: float = 0.0, shape: StateShape | None = None,
+                     signed: bool = True) -> Tensor:
         """The flat buffer of optimizer state `name`, allocated (filled with `fill`) on first use: as long as the
-        parameter buffer, or with `shape`, a compact buffer of the states that function gives."""
+        parameter buffer, or with `shape`, a compact buffer of the states that function gives. uint8: an 8-bit
+        state of `signed` or nonnegative values, with its block absmaxes."""
         flat = self.state.get(name)
         if flat is None:
+            if dtype == torch.uint8:
+                self.signed[name] = signed
+                if shape is not None or not self.quantized:
+                    raise ValueError(f"fusedopt: state {name!r} cannot be 8-bit here (8-bit states are shaped like "
+                                     "their parameters, in a buffer set built for them)")
+                self.state[name] = _allocate(self.total, torch.uint8, self.device)
+                self.absmax[name] = _allocate(self.total // QUANT_BLOCK, torch.float32, self.device)
+                if fill != 0.0:
+                    for i in range(len(self.params)):
+                        self.fill_state(name, i, fill)
+                return self.state[name]
             if dtype not in STATE_DTYPES:
                 raise TypeError(f"Invalid state_dtype: {dtype} (expected torch.float32, torch.bfloat16 or "
                                 "torch.float64)")
@@ -453,6 +492,43 @@ class FlatBuffer:
                     if region is not None:
                         region.fill_(fill)
         return flat
+
+    def is_8bit(self, name: str) -> bool:
+        return name in self.absmax
+
+    def fill_state(self, name: str, i: int, value: float) -> None:
+        """Set parameter i's state `name` to `value` everywhere (an 8-bit state: its code for that value)."""
+        region = self.state_region(name, i)
+        if region is None:
+            return
+        if self.is_8bit(name):
+            self.write_state(name, i, torch.full((self.numels[i],), float(value), device=self.device))
+        else:
+            region.fill_(value)
+
+    def write_state(self, name: str, i: int, values: Tensor) -> None:
+        """Copy `values` (a plain tensor with the region's element count) into parameter i's state `name`. An 8-bit
+        state takes float values quantized (as torch.optim's fp32 states load into it) and uint8 values as codes
+        (a compact checkpoint's; their absmaxes are written as "<name>_absmax")."""
+        region = self.state_region(name, i)
+        assert region is not None
+        values = values.detach().reshape(-1).to(self.device)
+        if self.is_8bit(name) and values.dtype != torch.uint8:
+            codes, absmax = quantize8(values.float(), self.signed.get(name, True))
+            region.copy_(codes)
+            self.absmax[name][self.blocks(i)] = absmax
+        else:
+            region.copy_(values)
+
+    def read_state(self, name: str, i: int) -> Tensor:
+        """Parameter i's state `name` as values: an 8-bit state decoded to float32, shaped like the parameter (a plain
+        tensor, the local shard's when sharded)."""
+        region = self.state_region(name, i)
+        assert region is not None
+        if not self.is_8bit(name):
+            return region.view(self.shapes[i])
+        return dequantize8(region, self.absmax[name][self.blocks(i)],
+                           self.signed.get(name, True)).view(self.shapes[i])
 
     def compact_layout(self, shape: StateShape) -> tuple[list[int], list[torch.Size | None], int]:
         """Where each parameter's state of StateShape `shape` lies in a compact buffer: offsets, shapes (None: the
@@ -669,9 +745,11 @@ class FlatBuffer:
         self._zeroed_version = self.grad._version
 
 
-def build_flat_buffers(params: Sequence[Tensor], master_weights: MasterWeights = False) -> list[FlatBuffer]:
-    """One FlatBuffer per (device, dtype, sharding) among `params`, each keeping the group's parameter order."""
+def build_flat_buffers(params: Sequence[Tensor], master_weights: MasterWeights = False, quantized: bool = False
+                       ) -> list[FlatBuffer]:
+    """One FlatBuffer per (device, dtype, sharding) among `params`, each keeping the group's parameter order;
+    `quantized`: laid out for 8-bit states."""
     by_key: dict[tuple[Any, ...], list[Tensor]] = {}
     for p in params:
         by_key.setdefault((p.device, p.dtype, sharding_key(p)), []).append(p)
-    return [FlatBuffer(group, master_weights=master_weights) for group in by_key.values()]
+    return [FlatBuffer(group, master_weights=master_weights, quantized=quantized) for group in by_key.values()]

@@ -47,7 +47,8 @@ def update(
     algorithm: str, param: Tensor, grad: Tensor, states: Sequence[Tensor | None], master: Tensor | None,
     segments: Segments, *, hyper: Mapping[str, Any], lr: Scalar, grad_scale: Scalar = 1.0,
     found_inf: Tensor | None = None, backend: str, norm_reduce: Callable[[Tensor], None] | None = None,
-    comp: Tensor | None = None, rounding_seed: int | None = None,
+    comp: Tensor | None = None, rounding_seed: int | None = None, absmax: Sequence[Tensor | None] | None = None,
+    signed: Sequence[bool] = (),
 ) -> None:
     """One step of `algorithm` (a name of the compiled core's list, `fusedopt._C.algorithms()`) over a flat buffer set.
 
@@ -58,10 +59,20 @@ def update(
     `norm_reduce` (trust-ratio algorithms on sharded parameters) reduces in place the (2, segments) float64 sums of
     squares of the parameter and of the update between the two passes, so that trust ratios use the norms of whole
     parameters.
+
+    8-bit states (csrc/include/fusedopt/quant8.h) are uint8 slots with their float32 block `absmax` (one per 256
+    elements of the buffer; every segment starts on a multiple of 256) and `signed`, per slot, whether the state
+    holds signed values: each active segment's states are decoded, updated and encoded again in the same call.
     """
     if backend != "reference":
         _kernels().step(algorithm, param, grad, states, master, segments, hyper=hyper, lr=lr, grad_scale=grad_scale,
-                        found_inf=found_inf, norm_reduce=norm_reduce, comp=comp, rounding_seed=rounding_seed)
+                        found_inf=found_inf, norm_reduce=norm_reduce, comp=comp, rounding_seed=rounding_seed,
+                        absmax=absmax, signed=signed)
+        return
+    quantized = [t is not None and t.dtype == torch.uint8 for t in states]
+    if any(quantized):
+        _update_8bit(algorithm, param, grad, states, master, segments, hyper=hyper, lr=lr, grad_scale=grad_scale,
+                     found_inf=found_inf, comp=comp, rounding_seed=rounding_seed, absmax=absmax, signed=signed)
         return
     if found_inf is not None and bool(found_inf.item() != 0):
         return
@@ -127,6 +138,45 @@ def update(
         for k, region in regions:
             key = reference.rounding_key(rounding_seed, float(steps[k]), k)
             param[region].copy_(reference.stochastic_round_bf16(target[region], key, offsets[k]))
+
+
+def _update_8bit(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[Tensor | None], master: Tensor | None,
+                 segments: Segments, *, absmax: Sequence[Tensor | None] | None, signed: Sequence[bool],
+                 **kwargs: Any) -> None:
+    """The reference step with 8-bit states: each active segment's states decoded to fp32, the reference update,
+    then encoded again with their new block absmaxes (what the kernels do block by block)."""
+    if algorithm in reference.FACTORED or hasattr(reference, algorithm + "_moments"):
+        raise ValueError(f"Invalid states: 8-bit states are implemented for element-wise algorithms, not {algorithm}")
+    if absmax is None or len(absmax) < len(states):
+        raise ValueError("Invalid absmax: 8-bit states need their block absmax")
+    block = reference.QUANT_BLOCK
+    spans = []
+    for k, (o, n) in enumerate(zip(segments.offsets.tolist(), segments.numels.tolist())):
+        if o % block:
+            raise ValueError(f"Invalid segments: with 8-bit states every segment starts on a multiple of {block} "
+                             f"elements (segment {k} starts at {o})")
+        spans.append((slice(o, o + n), slice(o // block, -(-(o + n) // block))))
+    decoded: list[Tensor | None] = []
+    for k, t in enumerate(states):
+        if t is None or t.dtype != torch.uint8:
+            decoded.append(t)
+            continue
+        values = torch.zeros(t.numel(), dtype=torch.float32, device=t.device)
+        for k_seg, (region, blocks) in enumerate(spans):
+            if segments.flags[k_seg]:
+                values[region] = reference.dequantize8(t[region], absmax[k][blocks], signed[k])  # type: ignore[index]
+        decoded.append(values)
+    update(algorithm, param, grad, decoded, master, segments, backend="reference", **kwargs)
+    if kwargs.get("found_inf") is not None and bool(kwargs["found_inf"].item() != 0):
+        return
+    for k, t in enumerate(states):
+        if t is None or t.dtype != torch.uint8:
+            continue
+        for k_seg, (region, blocks) in enumerate(spans):
+            if segments.flags[k_seg]:
+                codes, block_absmax = reference.quantize8(decoded[k][region], signed[k])  # type: ignore[index]
+                t[region] = codes
+                absmax[k][blocks] = block_absmax  # type: ignore[index]
 
 
 def _factored_views(param: Tensor, grad: Tensor, states: Sequence[Tensor | None], layout: list[int]

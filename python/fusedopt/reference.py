@@ -97,6 +97,57 @@ def kahan_split(values: Tensor, param: Tensor, comp: Tensor) -> None:
     comp.copy_((values - rounded.float()).to(comp.dtype))
 
 
+# 8-bit states (csrc/include/fusedopt/quant8.h): blocks of QUANT_BLOCK elements from the segment's start, one float32
+# absmax each, values on a small-float grid of three mantissa bits scaled so that the absmax is the top code.
+QUANT_BLOCK = 256
+SIGNED_TOP, UNSIGNED_TOP = 245760.0, 16106127360.0  # 15 * 2^14, 15 * 2^30
+
+
+def block_absmax(values: Tensor) -> Tensor:
+    """The largest |v| of each QUANT_BLOCK block of fp32 `values` (the last block may be partial), NaN for a block
+    that holds inf or NaN."""
+    n = values.numel()
+    padded = torch.zeros(-(-n // QUANT_BLOCK) * QUANT_BLOCK, dtype=torch.float32, device=values.device)
+    padded[:n] = values
+    blocks = padded.view(-1, QUANT_BLOCK).abs()
+    largest = blocks.amax(dim=1)
+    return torch.where(torch.isfinite(blocks).all(dim=1), largest, torch.full_like(largest, math.nan))
+
+
+def quantize8(values: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """fp32 `values` (one segment, from a block boundary) as 8-bit codes and their block absmaxes, bit for bit what
+    the kernels write."""
+    values = values.float().contiguous()
+    top = torch.tensor(SIGNED_TOP if signed else UNSIGNED_TOP, dtype=torch.float32)
+    absmax = block_absmax(values)
+    inv = torch.where(absmax > 0, top / absmax, torch.zeros_like(absmax))
+    per_element = inv.repeat_interleave(QUANT_BLOCK)[:values.numel()]
+    y = values.abs() * per_element
+    y = torch.where(y < top, y, top)
+    magic = torch.tensor(12582912.0, dtype=torch.float32)
+    integer = ((y + magic) - magic).to(torch.int64)
+    u = y.view(torch.int32).to(torch.int64)
+    normal = ((u + 0x7FFFF + ((u >> 20) & 1)) >> 20) - 1032
+    magnitude = torch.where(y < 8.0, integer, normal)
+    if signed:
+        magnitude = magnitude | ((values.view(torch.int32) < 0).to(torch.int64) << 7)
+    return magnitude.to(torch.uint8), absmax
+
+
+def dequantize8(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
+    """The fp32 values of 8-bit `codes` (one segment, from a block boundary) under their block absmaxes."""
+    c = codes.to(torch.int64)
+    m = c & 127 if signed else c
+    normal = ((m + 1032) << 20).to(torch.int32).view(torch.float32)
+    q = torch.where(m < 8, m.to(torch.float32), normal)
+    top = torch.tensor(SIGNED_TOP if signed else UNSIGNED_TOP, dtype=torch.float32)
+    scale = (absmax.float() / top).repeat_interleave(QUANT_BLOCK)[:codes.numel()]
+    v = q * scale
+    if signed:
+        v = torch.where(c >= 128, -v, v)
+    return v
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 tensors, float32 for every other (fp32, bf16, fp16) tensor."""
     return torch.float64 if dtype == torch.float64 else torch.float32

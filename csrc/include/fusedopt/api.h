@@ -10,6 +10,7 @@
 
 #include "fusedopt/algorithms.h"
 #include "fusedopt/param_io.h"
+#include "fusedopt/quant8.h"
 
 namespace fusedopt {
 
@@ -18,6 +19,8 @@ namespace fusedopt {
 // kParamMaster) holds the values, param receiving round(master); comp (param dtype, mode kParamKahan) is the Kahan
 // compensation, the value being param + comp; mode kParamStochastic rounds bf16 parameters stochastically, keyed on
 // seed. Null pointers for the other modes.
+// With state_dtype kState8bit (quant8.h) each used state slot is one byte per element with absmax[k] its float32 block
+// absmaxes (one per kQuantBlock elements), and bit k of signed_states says whether slot k holds signed values.
 struct FlatBuffers {
   void* param = nullptr;
   const void* grad = nullptr;
@@ -30,6 +33,8 @@ struct FlatBuffers {
   int param_dtype = 0;
   int grad_dtype = 0;
   int state_dtype = 0;
+  float* absmax[algo::kMaxStates] = {nullptr, nullptr, nullptr};
+  int signed_states = 0;
 };
 
 // The parameters of a flat buffer set: segment s is [offsets[s], offsets[s] + numels[s]), sorted and disjoint.

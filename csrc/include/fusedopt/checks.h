@@ -65,7 +65,7 @@ void check_buffers(const std::string& fn, const FlatBuffers& b, const typename A
   if (b.n < 0) fail(fn + ": Invalid element count n: " + std::to_string(b.n));
   check_dtype(fn, "param", b.param_dtype);
   check_dtype(fn, "grad", b.grad_dtype);
-  check_dtype(fn, "states", b.state_dtype);
+  if (b.state_dtype != kState8bit) check_dtype(fn, "states", b.state_dtype);
   if (b.param_dtype == kFloat64) {
     if (b.grad_dtype != kFloat64)
       fail(fn + ": grad dtype code " + std::to_string(b.grad_dtype) +
@@ -93,7 +93,23 @@ void check_buffers(const std::string& fn, const FlatBuffers& b, const typename A
   for (int k = 0; k < algo::kMaxStates; ++k) {
     if (A::uses_state(h, k) && b.states[k] == nullptr)
       fail(fn + ": " + (k < kSlots ? A::kStates[k] : "state") + " pointer is null");
+    if (b.state_dtype == kState8bit && A::uses_state(h, k) && b.absmax[k] == nullptr)
+      fail(fn + ": the block absmax of 8-bit state " + (k < kSlots ? A::kStates[k] : "state") + " is null");
   }
+}
+
+// 8-bit states (quant8.h): for element-wise algorithms, over parameters computed in float32, with every segment
+// starting on a block boundary (blocks never cross a parameter).
+template <typename A>
+void check_quantized(const std::string& fn, const FlatBuffers& b, const Segments& s) {
+  if (b.state_dtype != kState8bit) return;
+  if (A::kKind != algo::Kind::kElementwise)
+    fail(fn + ": 8-bit states (state dtype code 4) are implemented for element-wise algorithms only");
+  if (b.param_dtype == kFloat64) fail(fn + ": 8-bit states are for float32, bfloat16 and float16 parameters");
+  for (int64_t k = 0; k < s.count; ++k)
+    if (s.offsets != nullptr && s.offsets[k] % kQuantBlock != 0)
+      fail(fn + ": with 8-bit states every segment starts on a multiple of " + std::to_string(kQuantBlock) +
+           " elements (segment " + std::to_string(k) + " starts at " + std::to_string(s.offsets[k]) + ")");
 }
 
 // Whether this call counts the step of its active segments: every element-wise call, and a trust-ratio call that runs

@@ -19,6 +19,7 @@ from .._backend import resolve, validate_backend
 from .._distributed import local_tensor
 from ..flat import (
     PARAM_DTYPES,
+    STATE_8BIT,
     STATE_DTYPES,
     FlatBuffer,
     build_flat_buffers,
@@ -27,6 +28,7 @@ from ..flat import (
     state_dtype_for,
 )
 from . import _checkpoint, _shadow
+from ._shadow import ABSMAX  # state[p][name + ABSMAX]: the block absmaxes of an 8-bit state
 from ._spec import Spec, check_range, scalar
 
 
@@ -34,8 +36,12 @@ class FusedOptions(TypedDict, total=False):
     """fusedopt's own keywords, accepted by every optimizer beside torch.optim's.
 
     backend: "auto", "cpu", "cuda" or "reference" (FUSEDOPT_BACKEND overrides it). max_grad_norm: clip the global
-    gradient norm inside the step (kept in `last_grad_norm`). state_dtype: torch.float32 (default) or torch.bfloat16
-    states (float64 parameters always keep float64 states). master_weights: how 16-bit parameters keep precision,
+    gradient norm inside the step (kept in `last_grad_norm`). state_dtype: torch.float32 (default), torch.bfloat16 or
+    "8bit" states (one byte per element and a float32 absmax per 256, csrc/include/fusedopt/quant8.h; optimizer.state
+    then holds the codes and "<name>_absmax", and state_dict() torch.optim's float32 states unless
+    compact_state_dict); float64 parameters always keep float64 states. compact_state_dict: with 8-bit states,
+    state_dict() saves the codes and absmaxes as they are (a quarter of the size; fusedopt reads it back, torch.optim
+    cannot). master_weights: how 16-bit parameters keep precision,
     in the same pass: True, fp32 copies (4 bytes per parameter); "kahan", a 16-bit compensation buffer that carries
     each rounding error into the next step (2 bytes); "stochastic", stochastic rounding of bfloat16 parameters (no
     memory), keyed on rounding_seed (default: torch.initial_seed() when the optimizer is built) and the step.
@@ -48,6 +54,7 @@ class FusedOptions(TypedDict, total=False):
     master_weights: bool | str
     skip_nonfinite: bool
     rounding_seed: int | None
+    compact_state_dict: bool
 
 
 FUSED_DEFAULTS: dict[str, Any] = {
@@ -57,6 +64,7 @@ FUSED_DEFAULTS: dict[str, Any] = {
     "master_weights": False,
     "skip_nonfinite": False,
     "rounding_seed": None,
+    "compact_state_dict": False,
 }
 
 FUSED_DEVICES = ("cpu", "cuda")
@@ -178,9 +186,12 @@ class FusedOptimizer(Optimizer):
         if group["max_grad_norm"] is not None:
             check_range("max_grad_norm value", group["max_grad_norm"], 0.0)
         state_dtype = group["state_dtype"]
-        if state_dtype is not None and state_dtype not in STATE_DTYPES:
-            raise ValueError(f"Invalid state_dtype: {state_dtype} (expected torch.float32 or torch.bfloat16, or "
-                             "torch.float64 for float64 parameters)")
+        if state_dtype is not None and state_dtype not in STATE_DTYPES and state_dtype != STATE_8BIT:
+            raise ValueError(f"Invalid state_dtype: {state_dtype!r} (expected torch.float32, torch.bfloat16 or '8bit', "
+                             "or torch.float64 for float64 parameters)")
+        reason = self.spec_of(group).no_8bit
+        if state_dtype == STATE_8BIT and reason:
+            raise ValueError(f"Invalid state_dtype: '8bit' for {type(self).__name__} ({reason})")
         check_master_weights_mode(group["master_weights"])
         seed = group["rounding_seed"]
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
@@ -213,7 +224,8 @@ class FusedOptimizer(Optimizer):
         """(Re)build the flat buffers of param group `index` from its current parameter list."""
         group = self.param_groups[index]
         params = group["params"]
-        buffers = build_flat_buffers(params, master_weights=group["master_weights"]) if params else []
+        buffers = build_flat_buffers(params, master_weights=group["master_weights"],
+                                     quantized=group["state_dtype"] == STATE_8BIT) if params else []
         for buf in buffers:
             self.spec_of(group).fill_scalars(buf.segments, group)
             self.spec_of(group).fill_layout(buf)
@@ -287,13 +299,15 @@ class FusedOptimizer(Optimizer):
             state[s.name] = buf.segments.scalars[i, j]
         dtype = state_dtype_for(buf.dtype, group["state_dtype"])
         for s in spec.kept_states(group):
-            buf.ensure_state(s.name, dtype, s.fill(group), s.shape)
+            buf.ensure_state(s.name, dtype, s.fill(group), s.shape, s.signed)
             view = buf.state_view(s.name, i)
             if view is None:  # a state this parameter's shape does not keep
                 continue
             if fresh:
-                view.fill_(s.fill(group))
+                buf.fill_state(s.name, i, s.fill(group))
             state[s.name] = view
+            if buf.is_8bit(s.name):
+                state[s.name + ABSMAX] = buf.state_view(s.name + ABSMAX, i)
         if buf.master is not None:
             state["master_param"] = buf.state_view("master_param", i)
         if buf.comp is not None:
@@ -318,10 +332,12 @@ class FusedOptimizer(Optimizer):
                 continue
             for s in kept:  # a mode switched on mid-training (e.g. amsgrad) adds a state
                 if s.name not in state:
-                    buf.ensure_state(s.name, dtype, s.fill(group), s.shape)
+                    buf.ensure_state(s.name, dtype, s.fill(group), s.shape, s.signed)
                     view = buf.state_view(s.name, i)
                     if view is not None:
                         dict.__setitem__(state, s.name, view)
+                    if buf.is_8bit(s.name):
+                        dict.__setitem__(state, s.name + ABSMAX, buf.state_view(s.name + ABSMAX, i))
         # A parameter that has never had a gradient keeps the buffer incomplete: the loop runs again next step.
         buf.complete_state = names if complete else None
 
@@ -396,7 +412,8 @@ class FusedOptimizer(Optimizer):
             spec.kernel, buf.param, buf.grad, [buf.state.get(s.name) for s in spec.states], buf.master, buf.segments,
             hyper=spec.hyper_for(group, buf.dtype), lr=lr, grad_scale=grad_scale, found_inf=found_inf,
             backend=backend, norm_reduce=buf.all_reduce_sums if buf.reduce_groups else None,
-            **self.param_storage(group, buf))
+            absmax=[buf.absmax.get(s.name) for s in spec.states] if buf.absmax else None,
+            signed=[s.signed for s in spec.states], **self.param_storage(group, buf))
 
     @staticmethod
     def param_storage(group: dict[str, Any], buf: FlatBuffer) -> dict[str, Any]:
@@ -494,9 +511,16 @@ class FusedOptimizer(Optimizer):
     # Checkpoints -------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state_dict, with plain dicts per parameter (torch.load(weights_only=True) reads it)."""
+        """torch.optim's state_dict, with plain dicts per parameter (torch.load(weights_only=True) reads it). 8-bit
+        states appear as torch.optim keeps them, float32 tensors shaped like their parameters (decoded), unless the
+        group asks for `compact_state_dict`: then as codes and block absmaxes."""
         saved = super().state_dict()
         saved["state"] = {key: dict(entry) for key, entry in saved["state"].items()}
+        index = {id(p): k for k, p in enumerate(p for group in self.param_groups for p in group["params"])}
+        for group, buffers in zip(self.param_groups, self._flat_groups):
+            for buf in buffers:
+                if buf.absmax:
+                    _checkpoint.export_8bit(buf, saved["state"], index, compact=group["compact_state_dict"])
         return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

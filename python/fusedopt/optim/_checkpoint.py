@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._distributed import local_tensor, local_values
-from ..flat import FlatBuffer
-from ._shadow import reset
+from .._distributed import local_tensor, local_values, state_as_dtensor
+from ..flat import QUANT_BLOCK, STATE_8BIT, FlatBuffer
+from ._shadow import ABSMAX, reset
 from ._spec import is_scalar_value, scalar
 
 
@@ -46,7 +46,13 @@ def _check_entry(spec: Any, saved_id: Any, p: Tensor, loaded: dict[str, Any] | N
         return
     scalars = set(spec.scalar_names())
     required = {s.name for s in spec.kept_for(group, p.shape)} | ({"step"} if spec.tracks_step else set()) | scalars
-    allowed = set(spec.state_names()) | {"step", "master_param", "kahan_comp"} | scalars
+    # A compact 8-bit checkpoint: codes (uint8) with their block absmaxes, for an optimizer with 8-bit states.
+    compact = {name for name in spec.state_names() if name + ABSMAX in loaded}
+    if compact and group["state_dtype"] != STATE_8BIT:
+        raise ValueError(f"loaded state of parameter {saved_id} holds 8-bit states ({sorted(compact)} with their "
+                         "absmaxes, a compact checkpoint); load it into an optimizer with state_dtype='8bit'")
+    allowed = set(spec.state_names()) | {"step", "master_param", "kahan_comp"} | scalars | \
+        {name + ABSMAX for name in compact}
     missing, unknown = required - set(loaded), set(loaded) - allowed
     if missing or unknown:
         raise ValueError(f"loaded state of parameter {saved_id} does not fit {spec.kernel}: missing {sorted(missing)}, "
@@ -66,9 +72,20 @@ def _check_entry(spec: Any, saved_id: Any, p: Tensor, loaded: dict[str, Any] | N
                 raise ValueError(f"loaded state {key!r} of parameter {saved_id} must be a number or a 1-element "
                                  f"tensor, got {value!r:.80}")
             continue
-        if not isinstance(value, Tensor) or not value.is_floating_point():
+        if key.endswith(ABSMAX):
+            blocks = -(-local_tensor(p).numel() // QUANT_BLOCK)
+            if not isinstance(value, Tensor) or value.dtype != torch.float32 or value.numel() != blocks:
+                raise ValueError(f"loaded state {key!r} of parameter {saved_id} must be {blocks} float32 block "
+                                 f"absmaxes (one per {QUANT_BLOCK} elements of the parameter as this rank holds it), "
+                                 f"got {value!r:.80}")
+            continue
+        codes = key in compact and isinstance(value, Tensor) and value.dtype == torch.uint8
+        if not isinstance(value, Tensor) or not (value.is_floating_point() or codes):
             raise ValueError(f"loaded state {key!r} of parameter {saved_id} must be a floating-point tensor, "
                              f"got {value.dtype if isinstance(value, Tensor) else type(value).__name__}")
+        if key in compact and not codes:
+            raise ValueError(f"loaded state {key!r} of parameter {saved_id} comes with {key + ABSMAX!r}, so it must "
+                             f"be uint8 codes, got {value.dtype}")
         shape = spec.state_shape(key, p.shape)
         if shape is None or value.numel() != shape.numel():
             expected = "none" if shape is None else f"{shape.numel()} (shape {tuple(shape)})"
@@ -110,6 +127,12 @@ def adopt(optimizer: Any, group: dict[str, Any], buf: FlatBuffer, originals: dic
             elif key == "kahan_comp":
                 if buf.comp is not None:
                     buf.region(buf.comp, i).copy_(local_values(value, p).reshape(-1))
+            elif key.endswith(ABSMAX):
+                pass  # written with its codes
+            elif isinstance(value, Tensor) and buf.is_8bit(key):
+                buf.write_state(key, i, local_values(value, state[key]))
+                if value.dtype == torch.uint8:
+                    buf.absmax[key][buf.blocks(i)] = local_tensor(loaded[key + ABSMAX]).reshape(-1)
             elif isinstance(value, Tensor) and key in state:
                 own = local_tensor(state[key])  # placed like the state (a replicated column factor), not like p
                 own.copy_(local_values(value, state[key]).reshape(own.shape))
@@ -121,3 +144,29 @@ def adopt(optimizer: Any, group: dict[str, Any], buf: FlatBuffer, originals: dic
             buf.region(buf.comp, i).zero_()
         if "step" not in loaded and spec.loaded_step is not None:
             buf.steps[i] = spec.loaded_step(loaded)
+
+
+@torch.no_grad()
+def export_8bit(buf: FlatBuffer, saved_state: dict[Any, dict[str, Any]], index: dict[int, Any], compact: bool
+                ) -> None:
+    """The 8-bit states of `buf` in a state_dict being built: decoded to float32 tensors shaped (and placed) like
+    their parameters, torch.optim's layout; or with `compact`, the codes and absmaxes as they are (copies), which only
+    an optimizer on the same sharding reads back."""
+    for i, p in enumerate(buf.params):
+        entry = saved_state.get(index[id(p)])
+        if entry is None:
+            continue
+        for name in buf.absmax:
+            if name not in entry:
+                continue
+            if compact:
+                if buf.sharded:
+                    raise NotImplementedError("fusedopt: compact_state_dict=True saves per-shard 8-bit blocks, which "
+                                              "distributed checkpoints cannot reshard; save sharded optimizers with "
+                                              "compact_state_dict=False (float32 states)")
+                entry[name] = buf.state_view(name, i).clone()
+                entry[name + ABSMAX] = buf.state_view(name + ABSMAX, i).clone()
+                continue
+            values = buf.read_state(name, i)
+            entry[name] = state_as_dtensor(values, p) if buf.sharded else values
+            entry.pop(name + ABSMAX, None)

@@ -14,6 +14,8 @@ from .._distributed import local_tensor
 from ..flat import state_dtype_for
 from ._spec import is_scalar_value
 
+ABSMAX = "_absmax"  # the key suffix of an 8-bit state's block absmaxes (state[p][name + ABSMAX])
+
 
 class StateEntry(dict):
     """state[p]: a dict that marks its owner dirty when user code writes into it."""
@@ -141,8 +143,17 @@ def follow_state(optimizer: Any) -> None:
                                              f"1-element tensor, got {value!r:.80}")
                         continue
                     held = (buf.master is not None if key == "master_param" else
-                            buf.comp is not None if key == "kahan_comp" else key in buf.state)
+                            buf.comp is not None if key == "kahan_comp" else key in buf.state or
+                            key.endswith(ABSMAX) and buf.is_8bit(key[:-len(ABSMAX)]))
                     if held and _is_region(value, buf.state_region(key, i)):
+                        continue
+                    if key.endswith(ABSMAX) and key[:-len(ABSMAX)] in spec.state_names():
+                        blocks = buf.blocks(i)
+                        if not buf.is_8bit(key[:-len(ABSMAX)]) or not isinstance(value, Tensor) or \
+                                value.numel() != blocks.stop - blocks.start:
+                            raise ValueError(f"optimizer.state of parameter {i}: {key!r} must be the "
+                                             f"{blocks.stop - blocks.start} block absmaxes of an 8-bit state, got "
+                                             f"{value!r:.80}")
                         continue
                     shape = spec.state_shape(key, buf.shapes[i])
                     if key not in spec.state_names() and key not in ("master_param", "kahan_comp") or shape is None:
@@ -171,14 +182,26 @@ def follow_state(optimizer: Any) -> None:
             if value is not None and not _is_region(value, view):
                 view.fill_(float(value))
         for key, value in values.items():
-            if key == "step" or key in spec.scalar_names() or not isinstance(value, Tensor):
+            if key == "step" or key in spec.scalar_names() or not isinstance(value, Tensor) or key.endswith(ABSMAX):
                 continue
             if key not in ("master_param", "kahan_comp") and key not in buf.state:
-                shape = next(s.shape for s in spec.states if s.name == key)
-                buf.ensure_state(key, state_dtype_for(buf.dtype, group["state_dtype"]), shape=shape)
+                state_spec = next(s for s in spec.states if s.name == key)
+                buf.ensure_state(key, state_dtype_for(buf.dtype, group["state_dtype"]), shape=state_spec.shape,
+                                 signed=state_spec.signed)
                 own[key] = buf.state_view(key, i)
+                if buf.is_8bit(key):
+                    own[key + ABSMAX] = buf.state_view(key + ABSMAX, i)
             region = buf.state_region(key, i)
-            if region is not None and not _is_region(value, region):
+            if region is None or _is_region(value, region):
+                continue
+            if buf.is_8bit(key):
+                # float values are quantized; codes assigned by hand come with their absmaxes (or keep the held ones)
+                buf.write_state(key, i, local_tensor(value))
+                absmax = values.get(key + ABSMAX)
+                if value.dtype == torch.uint8 and isinstance(absmax, Tensor) and \
+                        not _is_region(absmax, buf.state_region(key + ABSMAX, i)):
+                    buf.state_region(key + ABSMAX, i).copy_(local_tensor(absmax).reshape(-1))
+            else:
                 region.copy_(local_tensor(value).reshape(-1))
         buf.complete_state = None
     state.dirty = False
@@ -192,9 +215,8 @@ def reset(optimizer: Any, group: dict[str, Any], buf: Any, i: int) -> None:
     buf.steps[i] = 0.0
     spec.fill_scalars(buf.segments, group, i)
     for s in spec.states:
-        region = buf.state_region(s.name, i) if s.name in buf.state else None
-        if region is not None:
-            region.fill_(s.fill(group))
+        if s.name in buf.state:
+            buf.fill_state(s.name, i, s.fill(group))
     if buf.master is not None:
         buf.region(buf.master, i).copy_(buf.region(buf.param, i))
     if buf.comp is not None:

@@ -60,12 +60,13 @@ def always(group: Group) -> bool:
 class State:
     """One state, in the kernel's slot order: torch.optim's name, when the group keeps it, its first value, and its
     shape for a parameter of a given shape (None: the parameter's own; a function returning None: a parameter of that
-    shape keeps no such state, as a vector keeps no Adafactor row factor)."""
+    shape keeps no such state, as a vector keeps no Adafactor row factor), and whether its values may be negative."""
 
     name: str
     when: Callable[[Group], bool] = always
     fill: Callable[[Group], float] = lambda group: 0.0
     shape: StateShape | None = None
+    signed: bool = True  # False: never negative (a second moment), which 8-bit states encode with more range
 
     def shape_for(self, param_shape: torch.Size) -> torch.Size | None:
         return param_shape if self.shape is None else self.shape(param_shape)
@@ -98,6 +99,8 @@ class Spec:
     param_check: Callable[[list[Any]], None] | None = None
     # The step works on whole matrices (Muon's orthogonalization): shards are gathered by rows.
     needs_whole_matrices: bool = False
+    # Why state_dtype="8bit" is refused, for an algorithm whose states are not 8-bit ("": they can be).
+    no_8bit: str = ""
 
     def hyper_for(self, group: Group, dtype: torch.dtype) -> dict[str, Any]:
         """The group's values of the math header's kFields for parameters of `dtype`."""

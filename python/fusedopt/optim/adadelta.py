@@ -19,7 +19,7 @@ def _validate(group: Group) -> None:
 
 ADADELTA_SPEC = Spec(
     kernel="adadelta",
-    states=(State("square_avg"), State("acc_delta")),
+    states=(State("square_avg", signed=False), State("acc_delta", signed=False)),
     validate=_validate,
     hyper=lambda g: dict(rho=g["rho"], eps=g["eps"], weight_decay=g["weight_decay"], maximize=g["maximize"]),
 )

@@ -39,6 +39,7 @@ def _variance_shape(shape: torch.Size) -> torch.Size | None:
 
 ADAFACTOR_SPEC = Spec(
     kernel="adafactor",
+    no_8bit="its factored second moments already take a few bytes per row and column, not per element",
     states=(State("row_var", shape=_row_shape), State("col_var", shape=_col_shape),
             State("variance", shape=_variance_shape)),
     validate=_validate,

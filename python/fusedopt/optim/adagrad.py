@@ -20,7 +20,7 @@ def _validate(group: Group) -> None:
 
 ADAGRAD_SPEC = Spec(
     kernel="adagrad",
-    states=(State("sum", fill=lambda g: float(g["initial_accumulator_value"])),),
+    states=(State("sum", signed=False, fill=lambda g: float(g["initial_accumulator_value"])),),
     validate=_validate,
     hyper=lambda g: dict(lr_decay=g["lr_decay"], eps=g["eps"], weight_decay=g["weight_decay"],
                          maximize=g["maximize"]),

@@ -38,7 +38,8 @@ def _hyper(group: Group) -> dict[str, Any]:
 
 ADAM = Spec(
     kernel="adam",
-    states=(State("exp_avg"), State("exp_avg_sq"), State("max_exp_avg_sq", when=lambda g: bool(g["amsgrad"]))),
+    states=(State("exp_avg"), State("exp_avg_sq", signed=False),
+            State("max_exp_avg_sq", signed=False, when=lambda g: bool(g["amsgrad"]))),
     validate=_validate,
     hyper=_hyper,
 )

@@ -19,7 +19,7 @@ def _validate(group: Group) -> None:
 
 ADAMAX_SPEC = Spec(
     kernel="adamax",
-    states=(State("exp_avg"), State("exp_inf")),
+    states=(State("exp_avg"), State("exp_inf", signed=False)),
     validate=_validate,
     hyper=lambda g: dict(beta1=scalar(g["betas"][0]), beta2=scalar(g["betas"][1]), eps=g["eps"],
                          weight_decay=g["weight_decay"], maximize=g["maximize"]),

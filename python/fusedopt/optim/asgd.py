@@ -17,6 +17,7 @@ def _validate(group: Group) -> None:
 
 ASGD_SPEC = Spec(
     kernel="asgd",
+    no_8bit="its state ax is the averaged model, which 8 bits per weight would damage",
     states=(State("ax"),),
     # eta starts at the group's lr when the parameter's state is created, mu at 1 (no averaging before t0).
     scalars=(State("eta", fill=lambda g: scalar(g["lr"])), State("mu", fill=lambda g: 1.0)),

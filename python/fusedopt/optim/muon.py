@@ -50,6 +50,7 @@ def _check_matrices(params: list[Any]) -> None:
 
 MUON_SPEC = Spec(
     kernel="muon",
+    no_8bit="its momentum feeds the Newton-Schulz orthogonalization, which needs it at full precision",
     states=(State("momentum_buffer"),),
     validate=_validate,
     hyper=lambda g: dict(momentum=g["momentum"], nesterov=g["nesterov"], weight_decay=g["weight_decay"],

@@ -20,7 +20,7 @@ def _validate(group: Group) -> None:
 
 NADAM_SPEC = Spec(
     kernel="nadam",
-    states=(State("exp_avg"), State("exp_avg_sq")),
+    states=(State("exp_avg"), State("exp_avg_sq", signed=False)),
     scalars=(State("mu_product", fill=lambda g: 1.0),),
     validate=_validate,
     hyper=lambda g: dict(beta1=scalar(g["betas"][0]), beta2=scalar(g["betas"][1]), eps=g["eps"],

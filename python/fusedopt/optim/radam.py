@@ -19,7 +19,7 @@ def _validate(group: Group) -> None:
 
 RADAM_SPEC = Spec(
     kernel="radam",
-    states=(State("exp_avg"), State("exp_avg_sq")),
+    states=(State("exp_avg"), State("exp_avg_sq", signed=False)),
     validate=_validate,
     hyper=lambda g: dict(beta1=scalar(g["betas"][0]), beta2=scalar(g["betas"][1]), eps=g["eps"],
                          weight_decay=g["weight_decay"], decoupled=g["decoupled_weight_decay"],

@@ -20,7 +20,7 @@ def _validate(group: Group) -> None:
 
 RMSPROP_SPEC = Spec(
     kernel="rmsprop",
-    states=(State("square_avg"), State("momentum_buffer", when=lambda g: g["momentum"] > 0),
+    states=(State("square_avg", signed=False), State("momentum_buffer", when=lambda g: g["momentum"] > 0),
             State("grad_avg", when=lambda g: bool(g["centered"]))),
     validate=_validate,
     hyper=lambda g: dict(alpha=g["alpha"], eps=g["eps"], weight_decay=g["weight_decay"], momentum=g["momentum"],

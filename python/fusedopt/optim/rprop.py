@@ -20,7 +20,7 @@ def _validate(group: Group) -> None:
 RPROP_SPEC = Spec(
     kernel="rprop",
     # step_size starts at the group's lr (torch.full_like(grad, lr) when the state is created).
-    states=(State("prev"), State("step_size", fill=lambda g: scalar(g["lr"]))),
+    states=(State("prev"), State("step_size", signed=False, fill=lambda g: scalar(g["lr"]))),
     validate=_validate,
     hyper=lambda g: dict(etaminus=scalar(g["etas"][0]), etaplus=scalar(g["etas"][1]),
                          step_size_min=scalar(g["step_sizes"][0]), step_size_max=scalar(g["step_sizes"][1]),
