@@ -4,7 +4,9 @@
 - bf16 + Kahan: master_weights="kahan" (a bf16 compensation buffer, 2 bytes per parameter);
 - bf16 + stochastic: master_weights="stochastic" (stochastic rounding of the parameter writes, no memory);
 - bf16 plain: bf16 parameters rounded to nearest, nothing else (the failure mode: updates below half an ulp are lost);
-- bf16 states: fp32 parameters with bf16 optimizer states (state_dtype=torch.bfloat16).
+- bf16 states: fp32 parameters with bf16 optimizer states (state_dtype=torch.bfloat16);
+- 8-bit states: fp32 parameters with 8-bit optimizer states (state_dtype="8bit", about 2 bytes per parameter);
+- bf16 + stochastic + 8-bit states: the smallest mode, bf16 parameters rounded stochastically with 8-bit states.
 Same initialization (drawn in fp32) and batches for every mode. Writes the loss curves, final losses and a plot under
 bench/results/.
 
@@ -33,6 +35,8 @@ MODES: dict[str, tuple[torch.dtype, dict[str, Any]]] = {
     "bf16 + stochastic": (BF16, {"master_weights": "stochastic"}),
     "bf16 plain": (BF16, {}),
     "bf16 states": (torch.float32, {"state_dtype": BF16}),
+    "8-bit states": (torch.float32, {"state_dtype": "8bit"}),
+    "bf16 + stochastic + 8-bit states": (BF16, {"master_weights": "stochastic", "state_dtype": "8bit"}),
 }
 
 

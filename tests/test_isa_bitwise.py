@@ -28,6 +28,7 @@ MAX_GRAD_NORM = 10.0
 PARAM_DTYPES = [(F32, False), (BF16, False), (BF16, True), (FP16, False), (FP16, True), (F64, False)]
 STATE_DTYPES = [F32, BF16]  # float64 parameters keep float64 states (state_dtype None)
 LOW_PRECISION = [(BF16, "kahan"), (FP16, "kahan"), (BF16, "stochastic")]
+EIGHT_BIT = [(F32, False), (BF16, "stochastic")]
 
 # 1 and 7: shorter than any vector (scalar code only); 33: two AVX2 vectors and a tail; 4097: vector body and a
 # one-element tail; 20011 (prime): longer than one 16384-element chunk, so a chunk boundary and an uneven last chunk.
@@ -36,7 +37,7 @@ LOW_PRECISION = [(BF16, "kahan"), (FP16, "kahan"), (BF16, "stochastic")]
 SIZES = (1, 7, 33, 4097, 20011, (3, 5), (2, 3, 40), (130, 160), (1, 20000))
 STEPS = 20
 SEED = 20240611
-_BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+_BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 
 def _grid() -> list:
@@ -57,6 +58,12 @@ def _grid() -> list:
         for dtype, master in LOW_PRECISION:
             name = f"{row.name}-{cases[0].id}-{str(dtype)[6:]}-{master}-state_float32"
             rows.append(pytest.param(row, dict(cases[0].kwargs), dtype, master, F32, id=name))
+        # 8-bit states (their decode, update, block absmax and encode), where the algorithm has them.
+        if not row.cls.spec.no_8bit:
+            for case in (cases[0], cases[-1]):
+                for dtype, master in EIGHT_BIT:
+                    name = f"{row.name}-{case.id}-{str(dtype)[6:]}{'-' + master if master else ''}-state_8bit"
+                    rows.append(pytest.param(row, dict(case.kwargs), dtype, master, "8bit", id=name))
     return rows
 
 
@@ -79,7 +86,7 @@ def bit_differences(name: str, expected: torch.Tensor, actual: torch.Tensor) -> 
 
 
 def run_steps(isa: str, row: Algorithm, kwargs: dict, dtype: torch.dtype, master: bool | str,
-              state_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+              state_dtype: torch.dtype | str | None) -> dict[str, torch.Tensor]:
     """STEPS optimizer steps under `isa` from a fixed seed; returns every parameter and state tensor by name."""
     _C.set_cpu_isa(isa)
     torch.manual_seed(SEED)

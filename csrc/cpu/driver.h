@@ -161,30 +161,15 @@ inline void elementwise_range(const Op op, const Coeffs c, TP* FUSEDOPT_RESTRICT
   }
 }
 
-// The largest |v| of n values, NaN when one is inf or NaN (quant8.h: such a block decodes to NaN), in 8-float vectors.
-typedef float AbsmaxVector __attribute__((vector_size(8 * sizeof(float))));
-
+// The largest |v| of n values, NaN when one is inf or NaN (quant8.h: such a block decodes to NaN). The magnitudes'
+// bit patterns order as their values, inf and NaN above every finite one: an unsigned max, which vectorises.
 inline float block_absmax(const float* FUSEDOPT_RESTRICT v, int64_t n) {
-  AbsmaxVector largest = {}, nonfinite = {};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    AbsmaxVector x;
-    memcpy(&x, v + j, sizeof(x));
-    x = x < 0 ? -x : x;
-    largest = x > largest ? x : largest;
-    nonfinite += x - x;  // 0 for finite x, NaN for inf/NaN
+  uint32_t largest = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t bits = float_as_bits(v[j]) & 0x7FFFFFFFu;
+    largest = bits > largest ? bits : largest;
   }
-  float result = 0.0f, bad = 0.0f;
-  for (int l = 0; l < 8; ++l) {
-    result = largest[l] > result ? largest[l] : result;
-    bad += nonfinite[l];
-  }
-  for (; j < n; ++j) {
-    const float x = fabsf(v[j]);
-    result = x > result ? x : result;
-    bad += x - x;
-  }
-  return bad != 0.0f ? NAN : result;
+  return largest >= 0x7F800000u ? NAN : bits_as_float(largest);
 }
 
 // The 8-bit states of a driver call (quant8.h): the byte buffers, their block absmaxes, signedness and code tops.
@@ -206,6 +191,20 @@ inline Quantized quantized_of(const FlatBuffers& b) {
   return q;
 }
 
+// Decode and encode of one block's slot, with the slot's signedness a constant (one loop each, vectorised).
+template <bool Signed>
+FUSEDOPT_ALWAYS_INLINE inline void decode_block(const uint8_t* FUSEDOPT_RESTRICT in, float* FUSEDOPT_RESTRICT v,
+                                                float scale, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) v[j] = dequantize8(in[j], scale, Signed);
+}
+
+template <bool Signed>
+FUSEDOPT_ALWAYS_INLINE inline void encode_block(const float* FUSEDOPT_RESTRICT v, uint8_t* FUSEDOPT_RESTRICT out,
+                                                float inv, int64_t n) {
+  const float top = quant_top(Signed);
+  for (int64_t j = 0; j < n; ++j) out[j] = quantize8(v[j], inv, top, Signed);
+}
+
 // One block of [begin, end) (begin on a block boundary, at most kQuantBlock elements) with 8-bit states: the states are
 // decoded with the block's absmax, updated with the parameters in float, kept in a local buffer while their new absmax
 // is found, then encoded with it. Still one pass over memory: the block's values stay in L1.
@@ -214,34 +213,41 @@ inline void elementwise_block8(const Op op, const Coeffs c, TP* FUSEDOPT_RESTRIC
                                const Quantized& q, const IO io, uint32_t key, int64_t begin, int64_t end) {
   float values[algo::kMaxStates][kQuantBlock];
   const int64_t block = begin / kQuantBlock, n = end - begin;
-  float scale[algo::kMaxStates];
-  for (int k = 0; k < algo::kMaxStates; ++k) scale[k] = Op::uses(k) ? q.absmax[k][block] / q.top[k] : 0.0f;
-  const uint8_t* FUSEDOPT_RESTRICT c0 = q.codes[0] + begin;
-  const uint8_t* FUSEDOPT_RESTRICT c1 = q.codes[1] + begin;
-  const uint8_t* FUSEDOPT_RESTRICT c2 = q.codes[2] + begin;
-  const bool sg0 = q.is_signed[0], sg1 = q.is_signed[1], sg2 = q.is_signed[2];
+  for (int k = 0; k < algo::kMaxStates; ++k) {
+    if (!Op::uses(k)) continue;
+    const uint8_t* in = q.codes[k] + begin;
+    const float scale = q.absmax[k][block] / q.top[k];
+    if (q.is_signed[k])
+      decode_block<true>(in, values[k], scale, n);
+    else
+      decode_block<false>(in, values[k], scale, n);
+  }
+  float* FUSEDOPT_RESTRICT v0 = values[0];
+  float* FUSEDOPT_RESTRICT v1 = values[1];
+  float* FUSEDOPT_RESTRICT v2 = values[2];
   for (int64_t j = 0; j < n; ++j) {
     const int64_t i = begin + j;
     float pv = io.read(p, i);
     const float gv = load(g[i]);
-    float a = Op::uses(0) ? dequantize8(c0[j], scale[0], sg0) : 0.0f;
-    float bb = Op::uses(1) ? dequantize8(c1[j], scale[1], sg1) : 0.0f;
-    float cc = Op::uses(2) ? dequantize8(c2[j], scale[2], sg2) : 0.0f;
+    float a = Op::uses(0) ? v0[j] : 0.0f;
+    float bb = Op::uses(1) ? v1[j] : 0.0f;
+    float cc = Op::uses(2) ? v2[j] : 0.0f;
     op(c, pv, gv, a, bb, cc);
     io.write(p, i, pv, key);
-    values[0][j] = a;
-    values[1][j] = bb;
-    values[2][j] = cc;
+    if (Op::uses(0)) v0[j] = a;
+    if (Op::uses(1)) v1[j] = bb;
+    if (Op::uses(2)) v2[j] = cc;
   }
   for (int k = 0; k < algo::kMaxStates; ++k) {
     if (!Op::uses(k)) continue;
     const float absmax = block_absmax(values[k], n);
     q.absmax[k][block] = absmax;
-    const float inv = encode_factor(absmax, q.top[k]), top = q.top[k];
-    const bool is_signed = q.is_signed[k];
-    uint8_t* FUSEDOPT_RESTRICT out = q.codes[k] + begin;
-    const float* FUSEDOPT_RESTRICT v = values[k];
-    for (int64_t j = 0; j < n; ++j) out[j] = quantize8(v[j], inv, top, is_signed);
+    uint8_t* out = q.codes[k] + begin;
+    const float inv = encode_factor(absmax, q.top[k]);
+    if (q.is_signed[k])
+      encode_block<true>(values[k], out, inv, n);
+    else
+      encode_block<false>(values[k], out, inv, n);
   }
 }
 

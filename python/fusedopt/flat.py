@@ -501,8 +501,11 @@ class FlatBuffer:
         region = self.state_region(name, i)
         if region is None:
             return
-        if self.is_8bit(name):
-            self.write_state(name, i, torch.full((self.numels[i],), float(value), device=self.device))
+        if self.is_8bit(name):  # every element is its block's absmax: the top code, or 0 for 0 (quant8.h)
+            signed = self.signed[name]
+            top = (127 | (128 if value < 0 else 0)) if signed else 255
+            region.fill_(top if value != 0 else 0)
+            self.absmax[name][self.blocks(i)] = abs(float(value))
         else:
             region.fill_(value)
 

@@ -98,9 +98,10 @@ def kahan_split(values: Tensor, param: Tensor, comp: Tensor) -> None:
 
 
 # 8-bit states (csrc/include/fusedopt/quant8.h): blocks of QUANT_BLOCK elements from the segment's start, one float32
-# absmax each, values on a small-float grid of three mantissa bits scaled so that the absmax is the top code.
+# absmax each, values on a grid of small floats shifted by 8 (q = f - 8, f with three mantissa bits), scaled so that
+# the absmax is the top code.
 QUANT_BLOCK = 256
-SIGNED_TOP, UNSIGNED_TOP = 245760.0, 16106127360.0  # 15 * 2^14, 15 * 2^30
+SIGNED_TOP, UNSIGNED_TOP = 491512.0, 32212254720.0  # q(127), q(255) as float32
 
 
 def block_absmax(values: Tensor) -> Tensor:
@@ -121,28 +122,22 @@ def quantize8(values: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     top = torch.tensor(SIGNED_TOP if signed else UNSIGNED_TOP, dtype=torch.float32)
     absmax = block_absmax(values)
     inv = torch.where(absmax > 0, top / absmax, torch.zeros_like(absmax))
-    per_element = inv.repeat_interleave(QUANT_BLOCK)[:values.numel()]
-    y = values.abs() * per_element
-    y = torch.where(y < top, y, top)
-    magic = torch.tensor(12582912.0, dtype=torch.float32)
-    integer = ((y + magic) - magic).to(torch.int64)
-    u = y.view(torch.int32).to(torch.int64)
-    normal = ((u + 0x7FFFF + ((u >> 20) & 1)) >> 20) - 1032
-    magnitude = torch.where(y < 8.0, integer, normal)
+    y = values.abs().view(-1) * inv.repeat_interleave(QUANT_BLOCK)[:values.numel()]
+    y = torch.where(y < top, y, top)  # NaN: top
+    u = (y + 8.0).view(torch.int32)
+    magnitude = ((u + 0x80000) >> 20) - 1040
     if signed:
-        magnitude = magnitude | ((values.view(torch.int32) < 0).to(torch.int64) << 7)
+        magnitude |= (values.view(torch.int32) < 0).to(torch.int32) << 7
     return magnitude.to(torch.uint8), absmax
 
 
 def dequantize8(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
     """The fp32 values of 8-bit `codes` (one segment, from a block boundary) under their block absmaxes."""
-    c = codes.to(torch.int64)
+    c = codes.to(torch.int32)
     m = c & 127 if signed else c
-    normal = ((m + 1032) << 20).to(torch.int32).view(torch.float32)
-    q = torch.where(m < 8, m.to(torch.float32), normal)
+    q = ((m + 1040) << 20).view(torch.float32) - 8.0
     top = torch.tensor(SIGNED_TOP if signed else UNSIGNED_TOP, dtype=torch.float32)
-    scale = (absmax.float() / top).repeat_interleave(QUANT_BLOCK)[:codes.numel()]
-    v = q * scale
+    v = q * (absmax.float() / top).repeat_interleave(QUANT_BLOCK)[:codes.numel()]
     if signed:
         v = torch.where(c >= 128, -v, v)
     return v

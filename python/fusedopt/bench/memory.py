@@ -128,6 +128,11 @@ MODES: list[MemoryMode] = [
     MemoryMode("fusedopt-bf16-stochastic", "fusedopt AdamW, bf16 params, master_weights='stochastic'", "fusedopt",
                param_dtype="bf16", options={"master_weights": "stochastic"},
                note="fp32 states, stochastic rounding (no extra memory)"),
+    MemoryMode("fusedopt-8bit", "fusedopt AdamW, state_dtype='8bit'", "fusedopt",
+               options={"state_dtype": "8bit"}, note="fp32 params, 8-bit states (1 B + 4 B per 256-block each)"),
+    MemoryMode("fusedopt-bf16-8bit-stochastic", "fusedopt AdamW, bf16 params, '8bit' states, 'stochastic'",
+               "fusedopt", param_dtype="bf16", options={"state_dtype": "8bit", "master_weights": "stochastic"},
+               note="params/grads bf16, 8-bit states, stochastic rounding"),
     MemoryMode("torch-fused", "torch.optim.AdamW(fused=True)", "torch", options={"fused": True},
                note="fp32 states"),
     MemoryMode("torch-foreach", "torch.optim.AdamW(foreach=True)", "torch", options={"foreach": True},
@@ -141,7 +146,7 @@ kDtypeOf = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16
 # fusedopt's layout: bytes per element of a state by ``state_dtype``, and what a 16-bit parameter keeps besides its
 # states by ``master_weights`` (True: an fp32 copy; "kahan": a compensation of the parameter's dtype; "stochastic":
 # nothing).
-kStateBytes = {"fp32": 4, "bf16": 2}
+kStateBytes = {"fp32": 4, "bf16": 2, "8bit": 1}
 kKeepBytes = {False: 0, True: 4, "kahan": 2, "stochastic": 0}
 
 
@@ -175,7 +180,7 @@ def _build(mode: MemoryMode, params: list[torch.nn.Parameter], device: torch.dev
 
         kwargs: dict[str, Any] = dict(kHyper, backend=_fusedopt_backend(device))
         for k, v in mode.options.items():
-            kwargs[k] = kDtypeOf[v] if k == "state_dtype" else v
+            kwargs[k] = kDtypeOf.get(v, v) if k == "state_dtype" else v
         return fusedopt.AdamW(params, **kwargs)
     if mode.kind == "torch":
         return torch.optim.AdamW(params, **kHyper, **mode.options)
@@ -205,16 +210,19 @@ def expected_bytes(mode: MemoryMode, workload: Workload) -> dict[str, Any]:
     n = sum(numels)
     ps = kDtypeOf[mode.param_dtype].itemsize
     if mode.kind == "fusedopt":
-        from ..flat import packed_offsets
+        from ..flat import QUANT_BLOCK, packed_offsets
 
-        _, total = packed_offsets(numels)  # every tensor's region starts 64-byte aligned
-        ss = kStateBytes[mode.options.get("state_dtype", "fp32")]  # fp32 states by default, whatever the params
+        state_dtype = mode.options.get("state_dtype", "fp32")  # fp32 states by default, whatever the params
+        # every tensor's region starts 64-byte aligned; with 8-bit states, on a 256-element block boundary
+        _, total = packed_offsets(numels, QUANT_BLOCK if state_dtype == "8bit" else 0)
+        ss = kStateBytes[state_dtype]
         master = kKeepBytes[mode.options.get("master_weights", False)] if ps < 4 else 0
-        states = 2 * ss * total
+        states = 2 * ss * total + (2 * 4 * total // QUANT_BLOCK if state_dtype == "8bit" else 0)
         padding = 2 * ps * (total - n)  # the flat parameter and gradient buffers' padding
         steps = 4 * len(numels)  # one float32 step count per parameter
         b = states + master * total + padding + steps
-        detail = f"2 states x {ss} B" + (f" + {master} B master" if master else "") + " + padding"
+        detail = f"2 states x {ss} B" + (" + absmax per 256" if state_dtype == "8bit" else "") + \
+            (f" + {master} B master" if master else "") + " + padding"
     elif mode.kind == "torch":
         b = 2 * ps * n + 4 * len(numels)  # exp_avg, exp_avg_sq in the parameter dtype; a 0-d float32 step each
         detail = f"2 states x {ps} B"
