@@ -94,9 +94,9 @@ def main() -> None:
     meta.update(workload=workload.name, params=workload.numel, steps=args.steps, warmup=args.warmup,
                 threads=torch.get_num_threads())
     lines = [f"# AdamW with 8-bit states, CPU ({workload.numel / 1e6:.0f}M parameters)", "",
-             f"Machine: {meta.get('cpu_model')}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
-             f"commit {meta.get('commit')}. Command: `python bench/bench_8bit.py --params {args.params} "
-             f"--steps {args.steps}`.", "",
+             f"Machine: {meta.get('cpu_model')} ({meta.get('cpu_cores')} cores, ISA {meta.get('cpu_isa')}), "
+             f"{torch.get_num_threads()} threads; torch {torch.__version__}; commit {meta.get('git_commit')}. "
+             f"Command: `python bench/bench_8bit.py --params {args.params} --steps {args.steps}`.", "",
              "| implementation | median ms | p10-p90 ms | time / fusedopt 8-bit | bytes moved / param | GB/s |",
              "|---|---:|---:|---:|---:|---:|"]
     for row in rows:

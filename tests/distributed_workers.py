@@ -112,11 +112,14 @@ def make_data(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
 EXAMPLE_KWARGS = {"lr": 1e-2, "weight_decay": 0.1}
 ADAFACTOR_KWARGS = dict(TABLE[fusedopt.Adafactor].descent_cases()[-1].kwargs)
 CLIP = f"{EXAMPLE.name}-clip"
+EIGHT_BIT = f"{EXAMPLE.name}-8bit"
 OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
     **{row.name: (row.cls, dict(row.descent_cases()[-1].kwargs)) for row in TABLE.values() if row is not EXAMPLE},
     EXAMPLE.name: (EXAMPLE.cls, EXAMPLE_KWARGS),
     CLIP: (EXAMPLE.cls, {**EXAMPLE_KWARGS, "max_grad_norm": 0.5}),
 }
+# The checkpoint scenarios also run the example with 8-bit states (no single-process oracle: it rounds its states).
+CHECKPOINT_OPTIMIZERS = {**OPTIMIZERS, EIGHT_BIT: (EXAMPLE.cls, {**EXAMPLE_KWARGS, "state_dtype": "8bit"})}
 
 
 def oracle_optimizer(name: str, params: Any) -> torch.optim.Optimizer:
@@ -156,6 +159,16 @@ def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, value in model.state_dict().items():
         name = name.replace("module.", "")
         result[name] = (value.full_tensor() if isinstance(value, DTensor) else value).detach().clone()
+    return result
+
+
+def full_states(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's state_dict tensors (torch.optim's layout) as whole tensors, by "parameter index/state name"."""
+    result = {}
+    for index, entry in opt.state_dict()["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                result[f"{index}/{key}"] = (value.full_tensor() if isinstance(value, DTensor) else value).clone()
     return result
 
 
@@ -268,15 +281,15 @@ def run_fsdp(rank: int, world: int, results: dict[str, Any]) -> None:
 
 def run_checkpoint(rank: int, world: int, results: dict[str, Any], directory: str, phase: str,
                    name: str = CLIP) -> None:
-    """Train on `world` ranks with FSDP2 + optimizer `name` of OPTIMIZERS (default: the example with clipping), saving
-    and loading with torch.distributed.checkpoint.
+    """Train on `world` ranks with FSDP2 + optimizer `name` of CHECKPOINT_OPTIMIZERS (default: the example with
+    clipping), saving and loading with torch.distributed.checkpoint.
 
     phase "save2": steps 0-9, save, steps 10-19. phase "load1": load the 2-rank checkpoint, steps 10-14, save,
     steps 15-19. phase "load2": load the 1-rank checkpoint, steps 15-19.
     """
     data = make_data()
     model = fsdp_model(world=world)
-    cls, kwargs = OPTIMIZERS[name]
+    cls, kwargs = CHECKPOINT_OPTIMIZERS[name]
     opt = cls(model.parameters(), **kwargs)
 
     def save(name: str) -> None:
@@ -292,10 +305,12 @@ def run_checkpoint(rank: int, world: int, results: dict[str, Any], directory: st
     if phase == "save2":
         train(model, opt, data[:10], rank, world)
         save("ckpt2")
+        results["save2/states"] = full_states(opt)
         train(model, opt, data[10:], rank, world)
     elif phase == "load1":
         load("ckpt2")
         results["load1/step"] = float(opt.state[next(model.parameters())]["step"])
+        results["load1/states"] = full_states(opt)
         train(model, opt, data[10:15], rank, world)
         save("ckpt1")
         train(model, opt, data[15:], rank, world)

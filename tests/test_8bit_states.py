@@ -360,6 +360,29 @@ def test_float64_parameters_refuse_8bit_states() -> None:
         fusedopt.AdamW([torch.nn.Parameter(torch.randn(4, dtype=F64))], state_dtype="8bit")
 
 
+def test_invalid_options_are_refused() -> None:
+    params = [torch.nn.Parameter(torch.randn(4))]
+    with pytest.raises(ValueError, match="Invalid state_dtype: '4bit'"):
+        fusedopt.AdamW(params, state_dtype="4bit")
+    with pytest.raises(ValueError, match="Invalid compact_state_dict"):
+        fusedopt.AdamW(params, compact_state_dict="yes")
+
+
+@needs_cpu
+@pytest.mark.parametrize("cls,kwargs,name,value", [
+    (fusedopt.Adagrad, dict(initial_accumulator_value=0.1), "sum", 0.1),
+    (fusedopt.Rprop, dict(lr=0.03), "step_size", 0.03),
+], ids=["Adagrad", "Rprop"])
+def test_first_values_are_encoded_exactly(cls: type, kwargs: dict, name: str, value: float) -> None:
+    """A state's nonzero first value (Adagrad's initial accumulator, Rprop's step size = lr) is every block's absmax,
+    so it is stored at the top code: decoded to within float32 rounding, not to a grid gap."""
+    p = torch.nn.Parameter(torch.randn(1000))
+    opt = cls([p], state_dtype="8bit", **kwargs)
+    buf = opt.flat_buffers[0][0]
+    opt._init_state(opt.param_groups[0], buf, 0, fresh=True)
+    assert torch.allclose(buf.read_state(name, 0), torch.full((1000,), value), rtol=2e-7, atol=0)
+
+
 def test_reference_backend_runs_8bit_states() -> None:
     """The pure-Python backend keeps 8-bit states too (machines where nothing is compiled)."""
     model, twin = small_model(), small_model()

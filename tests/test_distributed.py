@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from cases import EXAMPLE
 from distributed_workers import (
     CLIP,
+    EIGHT_BIT,
     OPTIMIZERS,
     factored_single_process_run,
     make_factored_data,
@@ -159,6 +160,26 @@ def test_checkpoint_reshards_between_rank_counts(oracles: dict[str, Any], name: 
     assert_same_model(saved2["checkpoint/save2"], expected, "fp32_trajectory")
     assert_same_model(loaded1["checkpoint/load1"], saved2["checkpoint/save2"], "fp32_trajectory")
     assert_same_model(loaded2["checkpoint/load2"], saved2["checkpoint/save2"], "fp32_trajectory")
+
+
+def test_8bit_checkpoint_reshards_between_rank_counts() -> None:
+    """8-bit states through torch.distributed.checkpoint: state_dict() gives torch's float32 layout, so DCP reshards
+    it like any state, and loading quantizes it again in the new shards' blocks: each loaded state is within half a
+    grid gap (1/16 of its value plus a step of its block's scale) of what 2 ranks saved. Training goes on from there
+    as a close neighbour of the uninterrupted run (8-bit states round differently in other blocks)."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        saved2 = spawn([f"checkpoint:save2:{EIGHT_BIT}"], 2, out_dir)[0]
+        loaded1 = spawn([f"checkpoint:load1:{EIGHT_BIT}"], 1, out_dir)[0]
+    assert loaded1["load1/step"] == 10.0
+    saved, loaded = saved2["save2/states"], loaded1["load1/states"]
+    assert sorted(saved) == sorted(loaded) and any(k.endswith("exp_avg_sq") for k in saved)
+    for key, value in saved.items():
+        assert value.dtype == torch.float32
+        bound = value.abs() / 16 + value.abs().max() / 1e4
+        assert torch.all((loaded[key] - value).abs() <= bound), key
+    for name, value in loaded1["checkpoint/load1"].items():
+        uninterrupted = saved2["checkpoint/save2"][name]
+        assert (value - uninterrupted).norm() <= 0.05 * uninterrupted.norm(), name
 
 
 def test_fsdp_example_runs_with_torchrun() -> None:

@@ -193,6 +193,8 @@ class FusedOptimizer(Optimizer):
         if state_dtype == STATE_8BIT and reason:
             raise ValueError(f"Invalid state_dtype: '8bit' for {type(self).__name__} ({reason})")
         check_master_weights_mode(group["master_weights"])
+        if not isinstance(group["compact_state_dict"], bool):
+            raise ValueError(f"Invalid compact_state_dict: {group['compact_state_dict']!r} (expected True or False)")
         seed = group["rounding_seed"]
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
             raise ValueError(f"Invalid rounding_seed: {seed!r} (expected an int, 0 <= seed < 2**64)")
