@@ -214,6 +214,25 @@ def test_kernel_writes_the_reference_backend_codes(row: Algorithm) -> None:
         assert diff.max().item() <= 1 and (diff > 0).float().mean().item() < 1e-3
 
 
+@needs_cpu
+def test_kernel_blocks_with_inf_decode_to_nan() -> None:
+    """An inf gradient makes its block's states non-finite: that block's absmax is NaN (it decodes to NaN, as torch's
+    states would hold inf or NaN), and every other block stays finite."""
+    n = 4 * QUANT_BLOCK
+    segments = Segments([0], [n], torch.device("cpu"))
+    segments.set_all_active(True)
+    codes = [torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8)]
+    absmax = [torch.zeros(n // QUANT_BLOCK), torch.zeros(n // QUANT_BLOCK)]
+    grad = torch.randn(n)
+    grad[QUANT_BLOCK + 5] = math.inf
+    functional.update("adam", torch.randn(n), grad, [*codes, None], None, segments,
+                      hyper=dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+                                 decoupled=True), lr=1e-3, backend="cpu", absmax=[*absmax, None],
+                      signed=[True, False, False])
+    for a in absmax:
+        assert torch.isnan(a[1]) and torch.isfinite(a[[0, 2, 3]]).all()
+
+
 # --- optimizers ----------------------------------------------------------------------------------------------------
 
 def small_model(seed: int = 0) -> torch.nn.Module:

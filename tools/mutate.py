@@ -33,6 +33,8 @@ NEWTON_SCHULZ = "python/fusedopt/_newton_schulz.py"
 PARAM_IO = "csrc/include/fusedopt/param_io.h"
 DRIVER = "csrc/cpu/driver.h"
 REF = "python/fusedopt/reference.py"
+QUANT8 = "csrc/include/fusedopt/quant8.h"
+BASE = "python/fusedopt/optim/_base.py"
 
 
 @dataclass(frozen=True)
@@ -423,6 +425,29 @@ MUTANTS: list[Mutant] = [
            "rounded = (((u + (bits & 0x7FFF)) >> 16) << 16) & _MASK32"),
     Mutant("lowp-ref-kahan-residual-dropped", "low_precision", REF,
            "comp.copy_((values - rounded.float()).to(comp.dtype))", "comp.zero_()"),
+    # --- 8-bit states: the code (quant8.h), the driver's blocks, the reference quantizer, the optimizer's signedness
+    # (tests/test_8bit_states.py)
+    Mutant("q8-encode-truncates", "8bit", QUANT8,
+           "return ((float_as_bits(y + 8.0f) + 0x80000u) >> 20) - 1040u;",
+           "return (float_as_bits(y + 8.0f) >> 20) - 1040u;"),
+    Mutant("q8-decode-without-offset", "8bit", QUANT8,
+           "return bits_as_float((m + 1040u) << 20) - 8.0f;", "return bits_as_float((m + 1040u) << 20);"),
+    Mutant("q8-encode-drops-sign", "8bit", QUANT8,
+           "const uint32_t sign = is_signed ? (float_as_bits(x) >> 24) & 0x80u : 0u;", "const uint32_t sign = 0u;"),
+    Mutant("q8-unsigned-top-is-signed-top", "8bit", QUANT8,
+           "return is_signed ? kSignedTop : kUnsignedTop;", "return kSignedTop;"),
+    Mutant("q8-absmax-not-written", "8bit", DRIVER,
+           "    q.absmax[k][block] = absmax;\n", "\n"),
+    Mutant("q8-absmax-ignores-nonfinite", "8bit", DRIVER,
+           "return largest >= 0x7F800000u ? NAN : bits_as_float(largest);", "return bits_as_float(largest);"),
+    Mutant("q8-decode-with-new-absmax-scale", "8bit", DRIVER,
+           "const float scale = q.absmax[k][block] / q.top[k];", "const float scale = q.absmax[k][block];"),
+    Mutant("q8-ref-encode-truncates", "8bit", REF,
+           "magnitude = ((u + 0x80000) >> 20) - 1040", "magnitude = (u >> 20) - 1040"),
+    Mutant("q8-ref-decode-without-offset", "8bit", REF,
+           "q = ((m + 1040) << 20).view(torch.float32) - 8.0", "q = ((m + 1040) << 20).view(torch.float32)"),
+    Mutant("q8-optimizer-every-state-signed", "8bit", BASE,
+           "signed=[s.signed for s in spec.states]", "signed=[True for s in spec.states]"),
     Mutant("ref-rprop-prev-not-stored", "rprop", REF,
            "pv.copy_(g)", "pv.copy_(pv)"),
     Mutant("ref-nadam-mu-next-is-mu", "nadam", REF,
@@ -460,6 +485,8 @@ def tests_of(mutant: Mutant) -> list[str]:
         return ["tests/test_muon.py"]
     if mutant.algorithm == "low_precision":  # parameter storage, whatever the algorithm
         return ["tests/test_low_precision.py"]
+    if mutant.algorithm == "8bit":  # 8-bit states, whatever the algorithm
+        return ["tests/test_8bit_states.py"]
     if mutant.file == REF:
         return ["tests/test_reference.py", *factored]
     return ["tests/test_cpu_kernels.py", "tests/test_kernel_sensitivity.py", *factored]
