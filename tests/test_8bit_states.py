@@ -116,6 +116,18 @@ def model_step(row: Algorithm, kwargs: dict, p: Tensor, g: Tensor, states: dict[
     return p64, s64
 
 
+def trust_ratio_param(row: Algorithm, kwargs: dict, p: Tensor, step: int, lr: float,
+                      stored: dict[str, Tensor]) -> Tensor:
+    """LAMB's new parameter in float64 from the moments as the kernel stored them."""
+    hyper = row.hyper(kwargs, F64)
+    u, w2, u2 = reference.lamb_direction(
+        p.to(F64), stored["exp_avg"].to(F64), stored["exp_avg_sq"].to(F64), step=step,
+        **{k: hyper[k] for k in ("beta1", "beta2", "eps", "weight_decay", "bias_correction")})
+    p64 = p.to(F64).clone()
+    reference.lamb_apply(p64, u, w2, u2, lr=lr, max_trust_ratio=hyper["max_trust_ratio"])
+    return p64
+
+
 def cases_of(row: Algorithm) -> list:
     chosen = [row.cases[0]] + ([row.richest_case()] if row.richest_case() is not row.cases[0] else [])
     return [pytest.param(row, case, id=f"{row.name}-{case.id}") for case in chosen]
@@ -164,6 +176,10 @@ def test_kernel_matches_the_float64_model(row: Algorithm, case, dtype: torch.dty
             expected_p, expected = model_step(row, case.kwargs, p_before[o:o + n], grad[o:o + n],
                                               {name: before[name][k] for name in codes}, scalars, step, lr)
             blocks = slice(o // QUANT_BLOCK, -(-(o + n) // QUANT_BLOCK))
+            if row.two_pass:  # a trust-ratio update reads the moments as encoded: its direction from the kernel's
+                expected_p = trust_ratio_param(row, case.kwargs, p_before[o:o + n], step, lr, {
+                    name: reference.dequantize8(codes[name][o:o + n], absmax[name][blocks], spec_signed(row, name))
+                    for name in codes})
             for name in codes:
                 is_signed = spec_signed(row, name)
                 got_absmax = absmax[name][blocks]
@@ -187,7 +203,8 @@ def spec_signed(row: Algorithm, name: str) -> bool:
 
 
 @needs_cpu
-@pytest.mark.parametrize("row", [r for r in QUANTIZED_ROWS if r.name in ("AdamW", "SGD", "RMSprop")], ids=repr)
+@pytest.mark.parametrize("row", [r for r in QUANTIZED_ROWS if r.name in ("AdamW", "SGD", "RMSprop", "LAMB")],
+                         ids=repr)
 def test_kernel_writes_the_reference_backend_codes(row: Algorithm) -> None:
     """The compiled kernel and the reference backend (which runs the same API with nothing compiled) agree on the
     codes: equal bits but for rare one-code differences where the fp32 update orders its operations differently."""
@@ -367,7 +384,30 @@ def test_state_written_by_user_code_is_followed() -> None:
     assert opt.state[w]["step"] == 1
 
 
-@pytest.mark.parametrize("cls", [fusedopt.Adafactor, fusedopt.LAMB, fusedopt.ASGD, fusedopt.Muon], ids=repr)
+@needs_cpu
+def test_copies_and_edited_absmaxes_are_followed() -> None:
+    """A deep copy of the optimizer carries the codes and absmaxes into its own buffers; an absmax assigned alone
+    rescales its block."""
+    import copy
+
+    model = small_model()
+    opt = fusedopt.AdamW(model.parameters(), state_dtype="8bit")
+    train(model, opt, 2)
+    twin = copy.deepcopy(opt)
+    twin._follow_visible_objects()
+    for p, q in zip(opt.param_groups[0]["params"], twin.param_groups[0]["params"]):
+        for key in ("exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_absmax"):
+            assert torch.equal(opt.state[p][key], twin.state[q][key])
+    w = model[0].weight
+    buf = opt.flat_buffers[0][0]
+    before = buf.read_state("exp_avg", 0).clone()
+    opt.state[w]["exp_avg_absmax"] = opt.state[w]["exp_avg_absmax"] * 2
+    opt._follow_visible_objects()
+    assert torch.allclose(buf.read_state("exp_avg", 0), 2 * before)
+    assert opt.state[w]["exp_avg_absmax"].data_ptr() == buf.state_region("exp_avg_absmax", 0).data_ptr()
+
+
+@pytest.mark.parametrize("cls", [fusedopt.Adafactor, fusedopt.ASGD, fusedopt.Muon], ids=repr)
 def test_algorithms_without_8bit_states_refuse(cls: type) -> None:
     params = [torch.nn.Parameter(torch.randn(4, 4))]
     with pytest.raises(ValueError, match="Invalid state_dtype: '8bit' for"):

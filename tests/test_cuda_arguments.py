@@ -155,11 +155,12 @@ def test_accepts_null_pointers_for_states_the_configuration_does_not_use() -> No
 
 
 ELEMENTWISE = [a for a in ALGORITHMS if ALGORITHMS[a]["kind"] == "elementwise"]
+TRUST_RATIO = [a for a in ALGORITHMS if ALGORITHMS[a]["kind"] == "trust_ratio"]
 # 8-bit states (state dtype code 4, quant8.h): byte slots, each with its float32 block absmaxes.
 EIGHT_BIT = dict(state_dtype=4, absmax0=14 * MIB, absmax1=15 * MIB, absmax2=16 * MIB, signed_states=1)
 
 
-@pytest.mark.parametrize("algorithm", ELEMENTWISE)
+@pytest.mark.parametrize("algorithm", ELEMENTWISE + TRUST_RATIO)
 def test_8bit_states_need_the_block_absmax_of_every_state_in_use(algorithm: str) -> None:
     for slot, name in enumerate(ALGORITHMS[algorithm]["states"]):
         with pytest.raises(ValueError, match=f"^cuda_{algorithm}: the block absmax of 8-bit state {name} is null"):
@@ -176,15 +177,24 @@ def test_8bit_states_are_bytes_with_float32_absmaxes() -> None:
         call("adam", **{**EIGHT_BIT, "absmax1": 15 * MIB + 2})
 
 
-@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a not in ELEMENTWISE])
-def test_8bit_states_are_for_element_wise_algorithms(algorithm: str) -> None:
-    with pytest.raises(ValueError, match=f"^cuda_{algorithm}: 8-bit states .* element-wise algorithms only"):
+@pytest.mark.parametrize("algorithm", TRUST_RATIO)
+def test_8bit_states_are_for_trust_ratio_algorithms(algorithm: str) -> None:
+    """A trust-ratio call with 8-bit moments passes every host check (rejected for its device index only)."""
+    with pytest.raises(ValueError, match="Invalid device: -1"):
+        call(algorithm, **EIGHT_BIT, device=-1)
+
+
+@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if factored(a)])
+def test_8bit_states_are_not_for_factored_algorithms(algorithm: str) -> None:
+    with pytest.raises(ValueError, match=f"^cuda_{algorithm}: 8-bit states .* element-wise and trust-ratio "
+                                         "algorithms"):
         call(algorithm, **EIGHT_BIT)
 
 
-def test_8bit_states_are_not_for_float64_parameters() -> None:
+@pytest.mark.parametrize("algorithm", ["adam", "lamb"])
+def test_8bit_states_are_not_for_float64_parameters(algorithm: str) -> None:
     with pytest.raises(ValueError, match=r"state dtype code 4 must be 3 \(float64\) with float64 parameters"):
-        call("adam", **EIGHT_BIT, param_dtype=3, grad_dtype=3)
+        call(algorithm, **EIGHT_BIT, param_dtype=3, grad_dtype=3)
 
 
 @pytest.mark.parametrize("passes", [0, 4, -1])

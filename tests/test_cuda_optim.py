@@ -339,10 +339,18 @@ def test_low_precision_modes_write_the_cpu_bits(mode: str) -> None:
         assert torch.equal(results["cpu"][1], results["cuda"][1])
 
 
-def run_8bit_adam(device: str, numels: list[int], param_dtype: torch.dtype, amsgrad: bool,
-                  steps: int = 6) -> list[torch.Tensor]:
-    """Adam with 8-bit states (quant8.h) over segments whose offsets are rounded up to the 256-element block, from
-    the same seeded inputs on any device; returns the parameters, codes and block absmaxes on the CPU."""
+EIGHT_BIT_HYPER = {
+    "adam": dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, maximize=False, decoupled=True),
+    "lamb": dict(beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, bias_correction=True, max_trust_ratio=10.0,
+                 maximize=False),
+}
+
+
+def run_8bit(algorithm: str, device: str, numels: list[int], param_dtype: torch.dtype, amsgrad: bool = False,
+             misaligned: bool = False, steps: int = 6) -> list[torch.Tensor]:
+    """Adam or LAMB with 8-bit states (quant8.h) over segments whose offsets are rounded up to the 256-element block,
+    from the same seeded inputs on any device; returns the parameters, codes and block absmaxes on the CPU.
+    `misaligned` puts the codes one byte off a 16-byte boundary (the kernels' element-by-element path)."""
     from fusedopt import functional
     from fusedopt.flat import Segments
 
@@ -358,14 +366,15 @@ def run_8bit_adam(device: str, numels: list[int], param_dtype: torch.dtype, amsg
     grads = [(torch.randn(n, generator=generator) * torch.exp(3 * torch.randn(n, generator=generator))).to(device)
              for _ in range(steps)]
     slots = 3 if amsgrad else 2
-    codes = [torch.zeros(n, dtype=torch.uint8, device=device) for _ in range(slots)]
+    shift = 1 if misaligned else 0
+    codes = [torch.zeros(n + shift, dtype=torch.uint8, device=device)[shift:] for _ in range(slots)]
     absmax = [torch.zeros(n // 256, dtype=torch.float32, device=device) for _ in range(slots)]
+    hyper = dict(EIGHT_BIT_HYPER[algorithm], **(dict(amsgrad=amsgrad) if algorithm == "adam" else {}))
     stochastic = param_dtype == torch.bfloat16
     for g in grads:
-        functional.update("adam", p, g.to(param_dtype), [*codes, None][:3], None, segments, lr=1e-2, backend=device,
-                          hyper=dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, amsgrad=amsgrad,
-                                     maximize=False, decoupled=True),
-                          rounding_seed=7 if stochastic else None, absmax=absmax, signed=[True, False, False])
+        functional.update(algorithm, p, g.to(param_dtype), [*codes, None][:3], None, segments, lr=1e-2,
+                          backend=device, hyper=hyper, rounding_seed=7 if stochastic else None, absmax=absmax,
+                          signed=[True, False, False])
     return [t.cpu() for t in (p, *codes, *absmax)]
 
 
@@ -375,11 +384,31 @@ def test_8bit_states_write_the_cpu_bits(param_dtype: torch.dtype, amsgrad: bool)
     does, so parameters, codes and block absmaxes are bitwise equal over several steps and segments of odd sizes
     (partial last blocks, a segment over several work items; bf16 parameters rounded stochastically)."""
     numels = [5, 300, 4097, 20011]
-    cpu = run_8bit_adam("cpu", numels, param_dtype, amsgrad)
-    cuda = run_8bit_adam("cuda", numels, param_dtype, amsgrad)
+    cpu = run_8bit("adam", "cpu", numels, param_dtype, amsgrad)
+    cuda = run_8bit("adam", "cuda", numels, param_dtype, amsgrad)
     assert any(bool((t != 0).any()) for t in cpu[1:])  # the states moved
     for ours, theirs in zip(cuda, cpu):
         assert torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8))
+
+
+@pytest.mark.parametrize("param_dtype,misaligned", [(torch.float32, False), (torch.float32, True),
+                                                    (torch.bfloat16, False)])
+def test_8bit_lamb_states_write_the_cpu_bits(param_dtype: torch.dtype, misaligned: bool) -> None:
+    """LAMB with 8-bit moments: pass 1 decodes, moves and encodes each 256-element block as the CPU driver does, so
+    codes and block absmaxes are bitwise equal over several steps (the moments do not depend on p); the direction
+    comes from the decoded codes on both, but the trust-ratio sums are reduced in different orders on CPU and GPU,
+    so parameters agree to rounding (fp32: rtol 1e-6, with an atol of 1e-6 for values near zero; bf16 parameters,
+    rounded stochastically: one bf16 step where the rounding of a slightly different value differs). Segments of
+    odd sizes (partial last blocks and runs, a segment over two work items); misaligned codes take the
+    element-by-element path of both passes."""
+    numels = [5, 300, 4097, 20011]
+    cpu = run_8bit("lamb", "cpu", numels, param_dtype, misaligned=misaligned)
+    cuda = run_8bit("lamb", "cuda", numels, param_dtype, misaligned=misaligned)
+    assert any(bool((t != 0).any()) for t in cpu[1:])  # the states moved
+    for ours, theirs in zip(cuda[1:], cpu[1:]):
+        assert torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8))
+    rtol, atol = (1e-6, 1e-6) if param_dtype == torch.float32 else (2.0**-7, 0.0)
+    torch.testing.assert_close(cuda[0].float(), cpu[0].float(), rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

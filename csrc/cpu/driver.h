@@ -205,6 +205,26 @@ FUSEDOPT_ALWAYS_INLINE inline void encode_block(const float* FUSEDOPT_RESTRICT v
   for (int64_t j = 0; j < n; ++j) out[j] = quantize8(v[j], inv, top, Signed);
 }
 
+// Slot k of the block starting at `begin` (n elements): decoded into `values` with the block's absmax, or encoded from
+// them with their new absmax, which is written.
+inline void decode_slot(const Quantized& q, int k, int64_t begin, int64_t n, float* values) {
+  const float scale = q.absmax[k][begin / kQuantBlock] / q.top[k];
+  if (q.is_signed[k])
+    decode_block<true>(q.codes[k] + begin, values, scale, n);
+  else
+    decode_block<false>(q.codes[k] + begin, values, scale, n);
+}
+
+inline void encode_slot(const Quantized& q, int k, int64_t begin, int64_t n, const float* values) {
+  const float absmax = block_absmax(values, n);
+  q.absmax[k][begin / kQuantBlock] = absmax;
+  const float inv = encode_factor(absmax, q.top[k]);
+  if (q.is_signed[k])
+    encode_block<true>(values, q.codes[k] + begin, inv, n);
+  else
+    encode_block<false>(values, q.codes[k] + begin, inv, n);
+}
+
 // One block of [begin, end) (begin on a block boundary, at most kQuantBlock elements) with 8-bit states: the states are
 // decoded with the block's absmax, updated with the parameters in float, kept in a local buffer while their new absmax
 // is found, then encoded with it. Still one pass over memory: the block's values stay in L1.
@@ -212,16 +232,9 @@ template <typename Op, typename Coeffs, typename TP, typename TG, typename IO>
 inline void elementwise_block8(const Op op, const Coeffs c, TP* FUSEDOPT_RESTRICT p, const TG* FUSEDOPT_RESTRICT g,
                                const Quantized& q, const IO io, uint32_t key, int64_t begin, int64_t end) {
   float values[algo::kMaxStates][kQuantBlock];
-  const int64_t block = begin / kQuantBlock, n = end - begin;
-  for (int k = 0; k < algo::kMaxStates; ++k) {
-    if (!Op::uses(k)) continue;
-    const uint8_t* in = q.codes[k] + begin;
-    const float scale = q.absmax[k][block] / q.top[k];
-    if (q.is_signed[k])
-      decode_block<true>(in, values[k], scale, n);
-    else
-      decode_block<false>(in, values[k], scale, n);
-  }
+  const int64_t n = end - begin;
+  for (int k = 0; k < algo::kMaxStates; ++k)
+    if (Op::uses(k)) decode_slot(q, k, begin, n, values[k]);
   float* FUSEDOPT_RESTRICT v0 = values[0];
   float* FUSEDOPT_RESTRICT v1 = values[1];
   float* FUSEDOPT_RESTRICT v2 = values[2];
@@ -238,17 +251,8 @@ inline void elementwise_block8(const Op op, const Coeffs c, TP* FUSEDOPT_RESTRIC
     if (Op::uses(1)) v1[j] = bb;
     if (Op::uses(2)) v2[j] = cc;
   }
-  for (int k = 0; k < algo::kMaxStates; ++k) {
-    if (!Op::uses(k)) continue;
-    const float absmax = block_absmax(values[k], n);
-    q.absmax[k][block] = absmax;
-    uint8_t* out = q.codes[k] + begin;
-    const float inv = encode_factor(absmax, q.top[k]);
-    if (q.is_signed[k])
-      encode_block<true>(values[k], out, inv, n);
-    else
-      encode_block<false>(values[k], out, inv, n);
-  }
+  for (int k = 0; k < algo::kMaxStates; ++k)
+    if (Op::uses(k)) encode_slot(q, k, begin, n, values[k]);
 }
 
 // One parallel region over the work items, static contiguous ranges (one pass over memory).
@@ -453,9 +457,61 @@ inline void trust_ratio_pass2(const typename A::template Coeffs<compute_t<TP>> c
   }
 }
 
+// The two passes with 8-bit moments (quant8.h), block by block: pass 1 decodes m and v, moves them, finds the blocks'
+// new absmaxes and encodes them, then decodes the stored codes again so that u (and its sum of squares) comes from
+// exactly what pass 2 will read; pass 2 decodes and applies. Element i of an item goes to lane (i - begin) % 16, as
+// in the float passes.
+template <typename A, typename TP, typename TG, typename IO>
+inline void trust_ratio_pass1_8bit(const typename A::template Coeffs<float> c, const TP* FUSEDOPT_RESTRICT p,
+                                   const TG* FUSEDOPT_RESTRICT g, const Quantized& q, const IO io, int64_t begin,
+                                   int64_t end, double* w2, double* u2) {
+  double lw[kNormLanes] = {};
+  double lu[kNormLanes] = {};
+  float m[kQuantBlock], v[kQuantBlock];
+  for (int64_t x = begin; x < end; x += kQuantBlock) {
+    const int64_t n = end - x < kQuantBlock ? end - x : kQuantBlock;
+    decode_slot(q, 0, x, n, m);
+    decode_slot(q, 1, x, n, v);
+    for (int64_t j = 0; j < n; ++j) A::moments(c, static_cast<float>(load(g[x + j])), m[j], v[j]);
+    encode_slot(q, 0, x, n, m);
+    encode_slot(q, 1, x, n, v);
+    decode_slot(q, 0, x, n, m);
+    decode_slot(q, 1, x, n, v);
+    for_each_in_lanes(0, n, [&](int64_t j, int l) FUSEDOPT_ALWAYS_INLINE {
+      const float pv = io.read(p, x + j);
+      lw[l] += square_term(pv);
+      lu[l] += square_term(A::direction(c, pv, m[j], v[j]));
+    });
+  }
+  double sw = 0.0, su = 0.0;
+  for (int l = 0; l < kNormLanes; ++l) {
+    sw += lw[l];
+    su += lu[l];
+  }
+  *w2 = sw;
+  *u2 = su;
+}
+
+template <typename A, typename TP, typename IO>
+inline void trust_ratio_pass2_8bit(const typename A::template Coeffs<float> c, float scaled_lr,
+                                   TP* FUSEDOPT_RESTRICT p, const Quantized& q, const IO io, uint32_t key,
+                                   int64_t begin, int64_t end) {
+  float m[kQuantBlock], v[kQuantBlock];
+  for (int64_t x = begin; x < end; x += kQuantBlock) {
+    const int64_t n = end - x < kQuantBlock ? end - x : kQuantBlock;
+    decode_slot(q, 0, x, n, m);
+    decode_slot(q, 1, x, n, v);
+    for (int64_t j = 0; j < n; ++j) {
+      float pv = io.read(p, x + j);
+      A::apply(c, scaled_lr, pv, m[j], v[j]);
+      io.write(p, x + j, pv, key);
+    }
+  }
+}
+
 template <typename A>
 void run_trust_ratio(const FlatBuffers& b, const Work& w, const SegmentCoeffs<A>& segment_coeffs, int threads) {
-  dispatch_dtypes(b, [&](auto tp, auto tg, auto ts, auto mode) {
+  dispatch_dtypes<true>(b, [&](auto tp, auto tg, auto ts, auto mode) {
     using TP = typename decltype(tp)::type;
     using TG = typename decltype(tg)::type;
     using TS = typename decltype(ts)::type;
@@ -467,11 +523,18 @@ void run_trust_ratio(const FlatBuffers& b, const Work& w, const SegmentCoeffs<A>
     TS* v = static_cast<TS*>(b.states[1]);
     const IO io = param_io<TP, decltype(mode)::value>(b);
     const bool moments = (w.passes & kPassMoments) != 0, apply = (w.passes & kPassApply) != 0;
+    constexpr bool kQuantized = std::is_same<TS, uint8_t>::value;
+    [[maybe_unused]] const Quantized q = kQuantized ? quantized_of(b) : Quantized{};
     if (moments) {
       parallel_ranges(w.items, threads, [&](int64_t first, int64_t last) {
-        for (int64_t it = first; it < last; ++it)
-          trust_ratio_pass1<A, TP, TG, TS, IO>(coeffs[w.item_segment[it]], p, g, m, v, io, w.item_begin[it],
-                                               w.item_end[it], &w.partial_w[it], &w.partial_u[it]);
+        for (int64_t it = first; it < last; ++it) {
+          if constexpr (kQuantized)
+            trust_ratio_pass1_8bit<A, TP, TG, IO>(coeffs[w.item_segment[it]], p, g, q, io, w.item_begin[it],
+                                                  w.item_end[it], &w.partial_w[it], &w.partial_u[it]);
+          else
+            trust_ratio_pass1<A, TP, TG, TS, IO>(coeffs[w.item_segment[it]], p, g, m, v, io, w.item_begin[it],
+                                                 w.item_end[it], &w.partial_w[it], &w.partial_u[it]);
+        }
       });
     }
     // Per segment: its sums from its items' partials in item order, then lr * trust ratio. A segment reads only its
@@ -486,8 +549,12 @@ void run_trust_ratio(const FlatBuffers& b, const Work& w, const SegmentCoeffs<A>
       parallel_ranges(w.items, threads, [&](int64_t first, int64_t last) {
         for (int64_t it = first; it < last; ++it) {
           const int64_t s = w.item_segment[it];
-          trust_ratio_pass2<A, TP, TS, IO>(coeffs[s], w.scaled_lr[s], p, m, v, io, key_of(w, s), w.item_begin[it],
-                                           w.item_end[it]);
+          if constexpr (kQuantized)
+            trust_ratio_pass2_8bit<A, TP, IO>(coeffs[s], w.scaled_lr[s], p, q, io, key_of(w, s), w.item_begin[it],
+                                              w.item_end[it]);
+          else
+            trust_ratio_pass2<A, TP, TS, IO>(coeffs[s], w.scaled_lr[s], p, m, v, io, key_of(w, s),
+                                             w.item_begin[it], w.item_end[it]);
         }
       });
     }

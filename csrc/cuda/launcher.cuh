@@ -10,6 +10,7 @@
 //                            when the algorithm keeps scalar states (every block has read them by then);
 //   trust-ratio kind:        trust_ratio_moments_kernel -> trust_ratio_sums_kernel   (kPassMoments)
 //                            trust_ratio_apply_kernel                                 (kPassApply)
+//                            (trust_ratio_moments8_kernel, trust_ratio_apply8_kernel with 8-bit states)
 //   factored kind:           factored_rows_kernel, factored_columns_kernel, factored_vectors_kernel ->
 //                            factored_moment_sums_kernel                              (kPassMoments)
 //                            factored_column_factors_kernel, factored_row_means_kernel,
@@ -40,8 +41,8 @@ struct StepParams {
   bool grad_fp32;                  // 16-bit parameters: fp32 gradients (float64 parameters: float64 gradients)
   bool state_fp32;                 // 32/16-bit parameters: fp32 states, else bf16 (float64 parameters: float64)
   bool aligned;  // every array used is 16-byte aligned
-  // 8-bit states (quant8.h, element-wise kind): the used slots hold bytes, absmax[k] their block absmaxes, bit k of
-  // signed_states whether slot k is signed.
+  // 8-bit states (quant8.h, element-wise and trust-ratio kinds): the used slots hold bytes, absmax[k] their block
+  // absmaxes, bit k of signed_states whether slot k is signed.
   bool quantized;
   float* absmax[algo::kMaxStates];
   int signed_states;
@@ -285,8 +286,22 @@ static_assert(kThreads == kQuantBlock, "one thread per element of a quantization
 constexpr int64_t kItemBlocks = kChunk / kQuantBlock;  // quantization blocks of a full work item
 static_assert(kChunk % kQuantBlock == 0, "work items start on quantization block boundaries");
 
-// Per used slot, the largest m[k] of the block, in every thread. Order does not matter for a max; NaN must not be
-// an input (fmaxf drops it), so callers pass inf for a non-finite value.
+// The absmax convention of quant8.h (the CPU's block_absmax): the largest |value| of a block, NaN when one is inf or
+// NaN. A max ignores order, but fmaxf drops NaN, so each value enters as max_term (|x|, inf when not finite) and the
+// block's largest term becomes its absmax through absmax_of.
+__device__ __forceinline__ float max_term(float x) { return fabsf(x) < INFINITY ? fabsf(x) : INFINITY; }
+__device__ __forceinline__ float absmax_of(float largest) {
+  return largest < INFINITY ? largest : bits_as_float(0x7FC00000u);  // the CPU's NAN
+}
+
+// The largest m over the warp, in every lane (every lane must call it).
+__device__ __forceinline__ float warp_max(float m) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, offset));
+  return m;
+}
+
+// Per used slot, the largest m[k] of the block (max_term values), in every thread.
 template <typename Op>
 __device__ __forceinline__ void block_max(float (&m)[algo::kMaxStates],
                                           float (&scratch)[algo::kMaxStates][kThreads / 32]) {
@@ -294,8 +309,7 @@ __device__ __forceinline__ void block_max(float (&m)[algo::kMaxStates],
 #pragma unroll
   for (int k = 0; k < algo::kMaxStates; ++k) {
     if (!Op::uses(k)) continue;
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) m[k] = fmaxf(m[k], __shfl_xor_sync(0xFFFFFFFFu, m[k], offset));
+    m[k] = warp_max(m[k]);
     if (lane == 0) scratch[k][warp] = m[k];
   }
   __syncthreads();
@@ -353,7 +367,7 @@ __global__ void __launch_bounds__(kThreads) elementwise8_kernel(const StepParams
       op(c, pv, gv, values[0], values[1], values[2]);
       write_param(a, p, i, pv, key);
 #pragma unroll
-      for (int k = 0; k < algo::kMaxStates; ++k) m[k] = fabsf(values[k]) < INFINITY ? fabsf(values[k]) : INFINITY;
+      for (int k = 0; k < algo::kMaxStates; ++k) m[k] = max_term(values[k]);
     }
     block_max<Op>(m, scratch);  // every thread has read the old absmaxes before thread 0 writes the new ones
 #pragma unroll
@@ -361,7 +375,7 @@ __global__ void __launch_bounds__(kThreads) elementwise8_kernel(const StepParams
       if (!Op::uses(k)) continue;
       const bool is_signed = ((a.signed_states >> k) & 1) != 0;
       const float top = quant_top(is_signed);
-      const float absmax = m[k] < INFINITY ? m[k] : bits_as_float(0x7FC00000u);  // the CPU's NAN
+      const float absmax = absmax_of(m[k]);
       if (threadIdx.x == 0) a.absmax[k][block] = absmax;
       if (in) static_cast<uint8_t*>(a.states[k])[i] = quantize8(values[k], encode_factor(absmax, top), top, is_signed);
     }
@@ -477,6 +491,178 @@ __global__ void __launch_bounds__(kThreads) trust_ratio_apply_kernel(const StepP
               C pv = read_param(a, p, i);
               A::apply(c, scaled_lr, pv, load_state<TP>(a.states[0], a.state_fp32, i),
                        load_state<TP>(a.states[1], a.state_fp32, i));
+              write_param(a, p, i, pv, key);
+            });
+      });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Trust-ratio kind with 8-bit moments (quant8.h): the CPU driver's trust_ratio_pass1_8bit / trust_ratio_pass2_8bit.
+//   pass 1, per item as trust_ratio_moments_kernel, with the same element-to-thread partition (so the same reduction
+//     structure): thread t visits the runs begin + (t + k * kThreads) * kPack. Since items start on a quantization
+//     block boundary, the 32 runs of a warp in one round are exactly one quantization block: warp w takes blocks w,
+//     w + 8, .. of the item and its lanes find the block's new absmaxes with a warp max, no block barrier. Each lane
+//     decodes its run with the old absmaxes, moves the moments in float, encodes them with the new absmaxes, then
+//     decodes the stored codes again: u and ||u||^2 come from exactly what pass 2 reads, as on the CPU;
+//   sums: trust_ratio_sums_kernel on the partials, unchanged;
+//   pass 2, per item as trust_ratio_apply_kernel: p -= scaled_lr * u with m and v decoded with the new absmaxes.
+// Never instantiated for float64 parameters (no 8-bit states).
+static_assert(kPack == sizeof(uint64_t), "a pack of codes is one 8-byte access");
+static_assert(kQuantBlock == 32 * kPack, "a warp's runs of one round are one quantization block");
+
+template <typename A>
+__device__ __forceinline__ bool slot_signed(const StepParams<A>& a, int k) {
+  return ((a.signed_states >> k) & 1) != 0;
+}
+
+// The kPack codes of pack q of a byte buffer, one 8-byte access (pack path: the buffer is 16-byte aligned).
+__device__ __forceinline__ void load_codes(const void* base, int64_t q, uint8_t (&c)[kPack]) {
+  const uint64_t word = static_cast<const uint64_t*>(base)[q];
+#pragma unroll
+  for (int e = 0; e < kPack; ++e) c[e] = static_cast<uint8_t>(word >> (8 * e));
+}
+
+__device__ __forceinline__ void store_codes(void* base, int64_t q, const uint8_t (&c)[kPack]) {
+  uint64_t word = 0;
+#pragma unroll
+  for (int e = 0; e < kPack; ++e) word |= static_cast<uint64_t>(c[e]) << (8 * e);
+  static_cast<uint64_t*>(base)[q] = word;
+}
+
+template <typename A, typename TP>
+__global__ void __launch_bounds__(kThreads) trust_ratio_moments8_kernel(const StepParams<A> a) {
+  using Coeffs = typename A::template Coeffs<float>;
+  static_assert(std::is_same<compute_t<TP>, float>::value, "8-bit states are for parameters computed in float");
+  __shared__ double scratch[32];
+  if (step_skipped(a.d.found_inf)) return;
+  const TP* p = static_cast<const TP*>(a.param);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const bool is_signed[2] = {slot_signed(a, 0), slot_signed(a, 1)};
+  const float top[2] = {quant_top(is_signed[0]), quant_top(is_signed[1])};
+  for_each_active_item<Coeffs>(
+      a, [&](int64_t s) { return segment_coeffs<float>(a, s); },
+      [&](int64_t it, int64_t begin, int64_t end, const Coeffs& c) {
+        const bool vec = a.aligned && begin % kPack == 0;
+        double w2 = 0.0, u2 = 0.0;
+        // The loop test is uniform over the warp (warp_max needs every lane); a lane past the end has n = 0.
+        for (int64_t x = begin + warp * kQuantBlock; x < end; x += kThreads / 32 * kQuantBlock) {
+          const int64_t block = x / kQuantBlock;  // segment offsets are block-aligned (checks::check_quantized)
+          const int64_t r = x + lane * kPack;
+          const int n = r >= end ? 0 : (end - r < kPack ? static_cast<int>(end - r) : kPack);
+          const bool pack = vec && n == kPack;
+          float pv[kPack] = {}, gv[kPack] = {}, values[2][kPack];
+          uint8_t code[2][kPack] = {};
+          if (pack) {
+            read_param_pack(a, p, r / kPack, pv);
+            load_grad_pack<TP>(a.grad, a.grad_fp32, r / kPack, gv);
+            load_codes(a.states[0], r / kPack, code[0]);
+            load_codes(a.states[1], r / kPack, code[1]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < kPack; ++e) {
+              if (e >= n) continue;
+              pv[e] = read_param(a, p, r + e);
+              gv[e] = load_grad<TP>(a.grad, a.grad_fp32, r + e);
+              code[0][e] = static_cast<const uint8_t*>(a.states[0])[r + e];
+              code[1][e] = static_cast<const uint8_t*>(a.states[1])[r + e];
+            }
+          }
+          float largest[2] = {0.0f, 0.0f};
+#pragma unroll
+          for (int k = 0; k < 2; ++k) {
+            const float scale = a.absmax[k][block] / top[k];  // the old absmax
+#pragma unroll
+            for (int e = 0; e < kPack; ++e) values[k][e] = dequantize8(code[k][e], scale, is_signed[k]);
+          }
+#pragma unroll
+          for (int e = 0; e < kPack; ++e) {
+            A::moments(c, gv[e], values[0][e], values[1][e]);
+            if (e < n) {
+              largest[0] = fmaxf(largest[0], max_term(values[0][e]));
+              largest[1] = fmaxf(largest[1], max_term(values[1][e]));
+            }
+          }
+          largest[0] = warp_max(largest[0]);
+          largest[1] = warp_max(largest[1]);
+          __syncwarp();  // every lane has read the old absmaxes before lane 0 writes the new ones
+#pragma unroll
+          for (int k = 0; k < 2; ++k) {
+            const float absmax = absmax_of(largest[k]);
+            if (lane == 0) a.absmax[k][block] = absmax;
+            const float inv = encode_factor(absmax, top[k]), scale = absmax / top[k];
+#pragma unroll
+            for (int e = 0; e < kPack; ++e) {
+              code[k][e] = quantize8(values[k][e], inv, top[k], is_signed[k]);
+              values[k][e] = dequantize8(code[k][e], scale, is_signed[k]);  // what pass 2 will read
+            }
+          }
+#pragma unroll
+          for (int e = 0; e < kPack; ++e) {
+            if (e >= n) continue;
+            w2 += square_term(pv[e]);
+            u2 += square_term(A::direction(c, pv[e], values[0][e], values[1][e]));
+          }
+          if (pack) {
+            store_codes(a.states[0], r / kPack, code[0]);
+            store_codes(a.states[1], r / kPack, code[1]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < kPack; ++e) {
+              if (e >= n) continue;
+              static_cast<uint8_t*>(a.states[0])[r + e] = code[0][e];
+              static_cast<uint8_t*>(a.states[1])[r + e] = code[1][e];
+            }
+          }
+        }
+        w2 = block_sum(w2, scratch);
+        u2 = block_sum(u2, scratch);
+        if (threadIdx.x == 0) {
+          a.partial_w[it] = w2;
+          a.partial_u[it] = u2;
+        }
+      });
+}
+
+template <typename A, typename TP>
+__global__ void __launch_bounds__(kThreads) trust_ratio_apply8_kernel(const StepParams<A> a) {
+  static_assert(std::is_same<compute_t<TP>, float>::value, "8-bit states are for parameters computed in float");
+  if (step_skipped(a.d.found_inf)) return;
+  TP* p = static_cast<TP*>(a.param);
+  const bool m_signed = slot_signed(a, 0), v_signed = slot_signed(a, 1);
+  const float m_top = quant_top(m_signed), v_top = quant_top(v_signed);
+  for_each_active_item<ApplySegment<A, float>>(
+      a,
+      [&](int64_t s) {
+        ApplySegment<A, float> made;
+        made.c = segment_coeffs<float>(a, s);
+        made.scaled_lr = A::scaled_lr(made.c, a.segment_w2[s], a.segment_u2[s]);
+        return made;
+      },
+      [&](int64_t it, int64_t begin, int64_t end, const ApplySegment<A, float>& made) {
+        const typename A::template Coeffs<float>& c = made.c;
+        const float scaled_lr = made.scaled_lr;
+        const uint32_t key = segment_key(a, a.items.segment[it]);
+        // The decode factors of m and v for the block of element i (a pack never crosses a block).
+        auto m_scale = [&](int64_t i) { return a.absmax[0][i / kQuantBlock] / m_top; };
+        auto v_scale = [&](int64_t i) { return a.absmax[1][i / kQuantBlock] / v_top; };
+        for_each_element(
+            begin, end, a.aligned && begin % kPack == 0,
+            [&](int64_t q) {
+              float pv[kPack];
+              uint8_t mc[kPack], vc[kPack];
+              read_param_pack(a, p, q, pv);
+              load_codes(a.states[0], q, mc);
+              load_codes(a.states[1], q, vc);
+              const float ms = m_scale(q * kPack), vs = v_scale(q * kPack);
+#pragma unroll
+              for (int e = 0; e < kPack; ++e)
+                A::apply(c, scaled_lr, pv[e], dequantize8(mc[e], ms, m_signed), dequantize8(vc[e], vs, v_signed));
+              write_param_pack(a, p, q, pv, key);
+            },
+            [&](int64_t i) {
+              float pv = read_param(a, p, i);
+              A::apply(c, scaled_lr, pv, dequantize8(static_cast<const uint8_t*>(a.states[0])[i], m_scale(i), m_signed),
+                       dequantize8(static_cast<const uint8_t*>(a.states[1])[i], v_scale(i), v_signed));
               write_param(a, p, i, pv, key);
             });
       });
@@ -760,10 +946,32 @@ inline unsigned segment_blocks(int64_t segments) {
   return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > 1024 ? 1024 : blocks));
 }
 
+// A kernel that strides over the work items (one block per item).
+template <auto Kernel, typename A>
+void launch_over_items(const StepParams<A>& a, const char* name, cudaStream_t stream) {
+  Kernel<<<grid_size<Kernel>(a.items.count), kThreads, 0, stream>>>(a);
+  check_launch(name);
+}
+
 template <typename A, typename TP>
 void launch_trust_ratio(StepParams<A> a, int passes, double* segment_w2, double* segment_u2, cudaStream_t stream) {
   constexpr auto moments = &trust_ratio_moments_kernel<A, TP>;
   constexpr auto apply = &trust_ratio_apply_kernel<A, TP>;
+  // 8-bit states have their own pass kernels, never instantiated for float64 parameters (checks::check_quantized
+  // refuses them): there the float kernels stand in, never launched.
+  constexpr auto moments8 = [] {
+    if constexpr (kFloat64Params<TP>)
+      return &trust_ratio_moments_kernel<A, TP>;
+    else
+      return &trust_ratio_moments8_kernel<A, TP>;
+  }();
+  constexpr auto apply8 = [] {
+    if constexpr (kFloat64Params<TP>)
+      return &trust_ratio_apply_kernel<A, TP>;
+    else
+      return &trust_ratio_apply8_kernel<A, TP>;
+  }();
+  const bool quantized = !kFloat64Params<TP> && a.quantized;
   const bool run_moments = (passes & kPassMoments) != 0;
   // Per-item partials (pass 1) and, without the caller's arrays, the per-segment sums: one allocation.
   const int64_t partials = run_moments ? 2 * a.items.count : 0;
@@ -775,15 +983,19 @@ void launch_trust_ratio(StepParams<A> a, int passes, double* segment_w2, double*
   a.segment_u2 = segment_u2 != nullptr ? segment_u2 : scratch.doubles() + partials + a.segments;
   if (run_moments) {
     if (a.items.count > 0) {
-      moments<<<grid_size<moments>(a.items.count), kThreads, 0, stream>>>(a);
-      check_launch("trust_ratio_moments_kernel");
+      if (quantized)
+        launch_over_items<moments8>(a, "trust_ratio_moments8_kernel", stream);
+      else
+        launch_over_items<moments>(a, "trust_ratio_moments_kernel", stream);
     }
     trust_ratio_sums_kernel<A><<<segment_blocks(a.segments), kThreads, 0, stream>>>(a);
     check_launch("trust_ratio_sums_kernel");
   }
   if ((passes & kPassApply) != 0 && a.items.count > 0) {
-    apply<<<grid_size<apply>(a.items.count), kThreads, 0, stream>>>(a);
-    check_launch("trust_ratio_apply_kernel");
+    if (quantized)
+      launch_over_items<apply8>(a, "trust_ratio_apply8_kernel", stream);
+    else
+      launch_over_items<apply>(a, "trust_ratio_apply_kernel", stream);
   }
 }
 
@@ -904,7 +1116,7 @@ void launch_step(const FlatBuffers& b, const Segments& s, const DeviceWork& w, c
   a.grad_fp32 = b.grad_dtype == kFloat32;
   a.state_fp32 = b.state_dtype != kBFloat16;
   a.aligned = aligned && aligned16(a.master) && aligned16(a.comp);
-  a.quantized = b.state_dtype == kState8bit;  // element-wise algorithms only (checks::check_quantized)
+  a.quantized = b.state_dtype == kState8bit;  // element-wise and trust-ratio algorithms (checks::check_quantized)
   for (int k = 0; k < algo::kMaxStates; ++k) a.absmax[k] = a.quantized ? b.absmax[k] : nullptr;
   a.signed_states = b.signed_states;
   a.items = items_of(w, b.n);

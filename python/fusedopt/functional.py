@@ -77,16 +77,7 @@ def update(
     if found_inf is not None and bool(found_inf.item() != 0):
         return
     function = getattr(reference, algorithm)  # the reference function has the kernel's name
-    # The values the update starts from: the fp32 master weights, p + comp (Kahan), an fp32 copy of p to be rounded
-    # stochastically, or p itself.
-    if master is not None:
-        target = master
-    elif comp is not None:
-        target = param.float() + comp.float()
-    elif rounding_seed is not None:
-        target = param.float()
-    else:
-        target = param
+    target = _update_target(param, master, comp, rounding_seed)
     kwargs = dict(hyper)
     kwargs.update(lr=_host(lr), grad_scale=_host(grad_scale))
     regions = [(k, slice(o, o + n)) for k, (o, n) in enumerate(zip(segments.offsets.tolist(),
@@ -127,6 +118,24 @@ def update(
         norm_reduce(sums)
         for k, region in regions:
             apply(target[region], directions[k], float(sums[0, k]), float(sums[1, k]), **apply_kwargs)
+    _store_params(param, target, master, comp, rounding_seed, segments, regions)
+
+
+def _update_target(param: Tensor, master: Tensor | None, comp: Tensor | None, rounding_seed: int | None) -> Tensor:
+    """The values the reference update starts from: the fp32 master weights, p + comp (Kahan), an fp32 copy of p to be
+    rounded stochastically, or p itself."""
+    if master is not None:
+        return master
+    if comp is not None:
+        return param.float() + comp.float()
+    if rounding_seed is not None:
+        return param.float()
+    return param
+
+
+def _store_params(param: Tensor, target: Tensor, master: Tensor | None, comp: Tensor | None,
+                  rounding_seed: int | None, segments: Segments, regions: list[tuple[int, slice]]) -> None:
+    """Write the updated values of the active regions into the parameters in their mode (see _update_target)."""
     if master is not None:
         for _, region in regions:
             param[region].copy_(master[region])
@@ -136,7 +145,7 @@ def update(
     elif rounding_seed is not None:
         offsets = segments.offsets.tolist()
         for k, region in regions:
-            key = reference.rounding_key(rounding_seed, float(steps[k]), k)
+            key = reference.rounding_key(rounding_seed, float(segments.steps[k]), k)
             param[region].copy_(reference.stochastic_round_bf16(target[region], key, offsets[k]))
 
 
@@ -144,9 +153,11 @@ def _update_8bit(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[T
                  segments: Segments, *, absmax: Sequence[Tensor | None] | None, signed: Sequence[bool],
                  **kwargs: Any) -> None:
     """The reference step with 8-bit states: each active segment's states decoded to fp32, the reference update,
-    then encoded again with their new block absmaxes (what the kernels do block by block)."""
-    if algorithm in reference.FACTORED or hasattr(reference, algorithm + "_moments"):
-        raise ValueError(f"Invalid states: 8-bit states are implemented for element-wise algorithms, not {algorithm}")
+    then encoded again with their new block absmaxes (what the kernels do block by block). A trust-ratio algorithm
+    takes its direction from the moments as encoded, as its second pass reads them."""
+    if algorithm in reference.FACTORED:
+        raise ValueError(f"Invalid states: 8-bit states are implemented for element-wise and trust-ratio algorithms, "
+                         f"not {algorithm}")
     if absmax is None or len(absmax) < len(states):
         raise ValueError("Invalid absmax: 8-bit states need their block absmax")
     block = reference.QUANT_BLOCK
@@ -166,17 +177,61 @@ def _update_8bit(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[T
             if segments.flags[k_seg]:
                 values[region] = reference.dequantize8(t[region], absmax[k][blocks], signed[k])  # type: ignore[index]
         decoded.append(values)
+
+    def encode(k: int, k_seg: int) -> None:
+        """Slot k of segment k_seg into its codes and absmaxes; its fp32 values become what they decode to."""
+        region, blocks = spans[k_seg]
+        codes, block_absmax = reference.quantize8(decoded[k][region], signed[k])  # type: ignore[index]
+        states[k][region] = codes  # type: ignore[index]
+        absmax[k][blocks] = block_absmax  # type: ignore[index]
+        decoded[k][region] = reference.dequantize8(codes, block_absmax, signed[k])  # type: ignore[index]
+
+    if hasattr(reference, algorithm + "_moments"):
+        _trust_ratio_8bit(algorithm, param, grad, decoded, master, segments, encode, **kwargs)
+        return
     update(algorithm, param, grad, decoded, master, segments, backend="reference", **kwargs)
     if kwargs.get("found_inf") is not None and bool(kwargs["found_inf"].item() != 0):
         return
     for k, t in enumerate(states):
         if t is None or t.dtype != torch.uint8:
             continue
-        for k_seg, (region, blocks) in enumerate(spans):
+        for k_seg in range(len(spans)):
             if segments.flags[k_seg]:
-                codes, block_absmax = reference.quantize8(decoded[k][region], signed[k])  # type: ignore[index]
-                t[region] = codes
-                absmax[k][blocks] = block_absmax  # type: ignore[index]
+                encode(k, k_seg)
+
+
+def _trust_ratio_8bit(algorithm: str, param: Tensor, grad: Tensor, decoded: list[Tensor | None],
+                      master: Tensor | None, segments: Segments, encode: Callable[[int, int], None], *,
+                      hyper: Mapping[str, Any], lr: Scalar, grad_scale: Scalar = 1.0, found_inf: Tensor | None = None,
+                      norm_reduce: Callable[[Tensor], None] | None = None, comp: Tensor | None = None,
+                      rounding_seed: int | None = None) -> None:
+    """A trust-ratio step (LAMB) with 8-bit moments: the moments move and are encoded, then the direction and its
+    norm come from the decoded codes, which is what the kernels' second pass reads."""
+    if found_inf is not None and bool(found_inf.item() != 0):
+        return
+    target = _update_target(param, master, comp, rounding_seed)
+    kwargs = {k: v for k, v in hyper.items() if k not in ("max_trust_ratio",)}
+    regions = [(k, slice(o, o + n)) for k, (o, n) in enumerate(zip(segments.offsets.tolist(),
+                                                                      segments.numels.tolist())) if segments.flags[k]]
+    moments, direction = getattr(reference, algorithm + "_moments"), getattr(reference, algorithm + "_direction")
+    sums = torch.zeros(2, len(segments), dtype=torch.float64)
+    directions = {}
+    for k, region in regions:
+        segments.steps[k] += 1
+        step = int(segments.steps[k].item())
+        m, v = decoded[0][region], decoded[1][region]  # type: ignore[index]
+        moments(target[region], grad[region], m, v, step=step, grad_scale=_host(grad_scale), **kwargs)
+        encode(0, k)
+        encode(1, k)
+        directions[k], sums[0, k], sums[1, k] = direction(
+            target[region], m, v, step=step, **{n: kwargs[n] for n in ("beta1", "beta2", "eps", "weight_decay",
+                                                                     "bias_correction")})
+    if norm_reduce is not None:
+        norm_reduce(sums)
+    for k, region in regions:
+        reference.lamb_apply(target[region], directions[k], float(sums[0, k]), float(sums[1, k]), lr=_host(lr),
+                             max_trust_ratio=hyper["max_trust_ratio"])
+    _store_params(param, target, master, comp, rounding_seed, segments, regions)
 
 
 def _factored_views(param: Tensor, grad: Tensor, states: Sequence[Tensor | None], layout: list[int]

@@ -600,7 +600,7 @@ def lamb_moments(
     if step < 1:
         raise ValueError(f"Invalid step: {step}")
     _check_same_numel(param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-    p, m, v = _work(param), _work(exp_avg), _work(exp_avg_sq)
+    m, v = _work(exp_avg), _work(exp_avg_sq)
     g = _effective_grad(grad, grad_scale, maximize)
 
     m.lerp_(g, 1 - beta1)
@@ -609,7 +609,14 @@ def lamb_moments(
     _write_back(exp_avg_sq, v)
     # u from the moments as stored (rounded when states are bf16): the update is a function of the saved state,
     # the same in the step's two halves and after a checkpoint resume.
-    m, v = _work(exp_avg), _work(exp_avg_sq)
+    return lamb_direction(param, exp_avg, exp_avg_sq, step=step, beta1=beta1, beta2=beta2, eps=eps,
+                          weight_decay=weight_decay, bias_correction=bias_correction)
+
+
+def lamb_direction(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int, beta1: float, beta2: float,
+                   eps: float, weight_decay: float, bias_correction: bool) -> tuple[Tensor, float, float]:
+    """LAMB's update direction u from the moments as stored (see `lamb`), and the sums of squares of p and u."""
+    p, m, v = _work(param), _work(exp_avg), _work(exp_avg_sq)
     if bias_correction:
         mh = m / (1 - beta1**step)
         vh = v / (1 - beta2**step)

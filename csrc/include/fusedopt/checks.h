@@ -98,13 +98,13 @@ void check_buffers(const std::string& fn, const FlatBuffers& b, const typename A
   }
 }
 
-// 8-bit states (quant8.h): for element-wise algorithms, over parameters computed in float32, with every segment
-// starting on a block boundary (blocks never cross a parameter).
+// 8-bit states (quant8.h): for element-wise and trust-ratio algorithms, over parameters computed in float32, with
+// every segment starting on a block boundary (blocks never cross a parameter).
 template <typename A>
 void check_quantized(const std::string& fn, const FlatBuffers& b, const Segments& s) {
   if (b.state_dtype != kState8bit) return;
-  if (A::kKind != algo::Kind::kElementwise)
-    fail(fn + ": 8-bit states (state dtype code 4) are implemented for element-wise algorithms only");
+  if (A::kKind == algo::Kind::kFactored)
+    fail(fn + ": 8-bit states (state dtype code 4) are implemented for element-wise and trust-ratio algorithms");
   if (b.param_dtype == kFloat64) fail(fn + ": 8-bit states are for float32, bfloat16 and float16 parameters");
   for (int64_t k = 0; k < s.count; ++k)
     if (s.offsets != nullptr && s.offsets[k] % kQuantBlock != 0)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .._distributed import local_tensor
-from ..flat import state_dtype_for
+from ..flat import STATE_8BIT, state_dtype_for
 from ._spec import is_scalar_value
 
 ABSMAX = "_absmax"  # the key suffix of an 8-bit state's block absmaxes (state[p][name + ABSMAX])
@@ -149,7 +149,7 @@ def follow_state(optimizer: Any) -> None:
                         continue
                     if key.endswith(ABSMAX) and key[:-len(ABSMAX)] in spec.state_names():
                         blocks = buf.blocks(i)
-                        if not buf.is_8bit(key[:-len(ABSMAX)]) or not isinstance(value, Tensor) or \
+                        if group["state_dtype"] != STATE_8BIT or not isinstance(value, Tensor) or \
                                 value.numel() != blocks.stop - blocks.start:
                             raise ValueError(f"optimizer.state of parameter {i}: {key!r} must be the "
                                              f"{blocks.stop - blocks.start} block absmaxes of an 8-bit state, got "
@@ -194,14 +194,15 @@ def follow_state(optimizer: Any) -> None:
             region = buf.state_region(key, i)
             if region is None or _is_region(value, region):
                 continue
-            if buf.is_8bit(key):
-                # float values are quantized; codes assigned by hand come with their absmaxes (or keep the held ones)
-                buf.write_state(key, i, local_tensor(value))
-                absmax = values.get(key + ABSMAX)
-                if value.dtype == torch.uint8 and isinstance(absmax, Tensor) and \
-                        not _is_region(absmax, buf.state_region(key + ABSMAX, i)):
-                    buf.state_region(key + ABSMAX, i).copy_(local_tensor(absmax).reshape(-1))
-            else:
+            # an 8-bit state takes float values quantized, and codes as they are (their absmaxes below)
+            buf.write_state(key, i, local_tensor(value))
+        for key, value in values.items():  # absmaxes assigned with codes, or alone
+            if not key.endswith(ABSMAX) or not isinstance(value, Tensor):
+                continue
+            codes = values.get(key[:-len(ABSMAX)])
+            region = buf.state_region(key, i)
+            if region is not None and not _is_region(value, region) and \
+                    not (isinstance(codes, Tensor) and codes.dtype != torch.uint8):  # float values set their own
                 region.copy_(local_tensor(value).reshape(-1))
         buf.complete_state = None
     state.dirty = False

@@ -24,7 +24,6 @@ def _validate(group: Group) -> None:
 
 LAMB_SPEC = Spec(
     kernel="lamb",
-    no_8bit="its trust ratios read the moments in a second pass, which the 8-bit kernels do not implement",
     states=(State("exp_avg"), State("exp_avg_sq", signed=False)),
     validate=_validate,
     hyper=lambda g: dict(beta1=scalar(g["betas"][0]), beta2=scalar(g["betas"][1]), eps=g["eps"],
