@@ -338,6 +338,34 @@ def test_checkpoints_swap_with_torch_both_ways() -> None:
 
 
 @needs_cpu
+@pytest.mark.parametrize("cls", [fusedopt.AdamW, fusedopt.RMSprop, fusedopt.Adagrad], ids=repr)
+def test_state_dict_holds_what_torch_holds(cls: type) -> None:
+    """After three steps from the same gradients, every state in state_dict() is torch.optim's within the code's
+    precision: the optimizer decodes each state with the code the kernel wrote it in (signed or not, whose scales
+    differ by 2^16)."""
+    gen = torch.Generator().manual_seed(5)
+    ours = [torch.nn.Parameter(torch.randn(700, generator=gen)) for _ in range(2)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = cls(ours, lr=1e-3, state_dtype="8bit")
+    ref = getattr(torch.optim, cls.__name__)(theirs, lr=1e-3)
+    for _ in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(700, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    saved, expected = opt.state_dict()["state"], ref.state_dict()["state"]
+    for k in saved:
+        for name, value in expected[k].items():
+            if name == "step":
+                continue
+            # each step's rounding (1/16 of a value) carried by the moments' averages: within a tenth of the value
+            # and a sixteenth of the tensor's largest (a moment near a sign change keeps its history's error)
+            bound = value.abs() / 10 + value.abs().max() / 16
+            assert torch.all((saved[k][name] - value).abs() <= bound), name
+
+
+@needs_cpu
 def test_compact_checkpoint_round_trips_the_bits() -> None:
     model = small_model()
     opt = fusedopt.AdamW(model.parameters(), state_dtype="8bit", compact_state_dict=True)
