@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from . import _C
-from .flat import CHUNK, LAYOUT_COLUMNS, Segments
+from .flat import CHUNK, LAYOUT_COLUMNS, Segments, check_block_aligned
+from .reference import QUANT_BLOCK
 
 # Dtype codes of csrc/include/fusedopt/dtype.h.
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
@@ -211,13 +212,13 @@ def check_buffers(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[
             if t.data_ptr() in seen:
                 raise ValueError(f"Invalid buffers: arguments {seen[t.data_ptr()]} and {k} share memory")
             seen[t.data_ptr()] = k
-    state_code = STATE_8BIT if state_dtype == torch.uint8 else DTYPE_CODES[state_dtype or compute_dtype(param.dtype)]
+    state_code = STATE_CODE_8BIT if state_dtype == torch.uint8 else \
+        DTYPE_CODES[state_dtype or compute_dtype(param.dtype)]
     return pointers, master_ptr, DTYPE_CODES[grad.dtype], state_code
 
 
-# The state dtype code of 8-bit states (quant8.h kState8bit) and their block size (kQuantBlock).
-STATE_8BIT = 4
-QUANT_BLOCK = 256
+# The state dtype code of 8-bit states (quant8.h kState8bit).
+STATE_CODE_8BIT = 4
 
 
 def quantized_args(algorithm: str, param: Tensor, states: Sequence[Tensor | None], segments: Segments,
@@ -227,10 +228,7 @@ def quantized_args(algorithm: str, param: Tensor, states: Sequence[Tensor | None
     block boundary (checked here from the host table: the CUDA entry points cannot read their device copy)."""
     quantized = [t is not None and t.dtype == torch.uint8 for t in states] + [False] * (3 - len(states))
     if any(quantized):
-        for k, offset in enumerate(segments.offsets.tolist()):
-            if offset % QUANT_BLOCK:
-                raise ValueError(f"Invalid segments: with 8-bit states every segment starts on a multiple of "
-                                 f"{QUANT_BLOCK} elements (segment {k} starts at {offset})")
+        check_block_aligned(segments)
     absmax = list(absmax or []) + [None] * (3 - len(absmax or []))
     blocks = -(-param.numel() // QUANT_BLOCK)
     names = list(ALGORITHMS[algorithm]["states"]) + ["state"] * 3

@@ -33,7 +33,7 @@ from ._distributed import (
     sharding_key,
     state_as_dtensor,
 )
-from .reference import dequantize8, quantize8
+from .reference import QUANT_BLOCK, blocks_of, dequantize8, quantize8
 
 ALIGN_BYTES = 64
 # Offsets are counted in elements and shared by all buffers of the set; aligning them to the smallest element
@@ -54,7 +54,7 @@ STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 # state_dtype="8bit": one byte per element and a float32 absmax per QUANT_BLOCK elements (csrc/include/fusedopt/
 # quant8.h), stored as uint8 buffers; every parameter's region then starts on a block boundary.
 STATE_8BIT = "8bit"
-QUANT_BLOCK = 256
+ABSMAX = "_absmax"  # state[p][name + ABSMAX]: the block absmaxes of 8-bit state `name`
 
 
 # The shape of a state of a parameter of the given shape, or None when such a parameter keeps no such state; a state
@@ -97,6 +97,15 @@ def state_dtype_for(param_dtype: torch.dtype, requested: torch.dtype | str | Non
 
 
 MasterWeights = Union[bool, str]  # True / False, "kahan" or "stochastic"
+
+
+def check_block_aligned(segments: Segments) -> None:
+    """Refuse a segment table for 8-bit states whose segments do not start on a block boundary (a block would cross a
+    parameter)."""
+    for k, offset in enumerate(segments.offsets.tolist()):
+        if offset % QUANT_BLOCK:
+            raise ValueError(f"Invalid segments: with 8-bit states every segment starts on a multiple of {QUANT_BLOCK} "
+                             f"elements (segment {k} starts at {offset})")
 
 
 def check_master_weights_mode(master_weights: Any) -> None:
@@ -422,13 +431,19 @@ class FlatBuffer:
 
     def blocks(self, i: int) -> slice:
         """Parameter i's entries in the block absmaxes of an 8-bit state."""
-        return slice(self.offsets[i] // QUANT_BLOCK, -(-(self.offsets[i] + self.numels[i]) // QUANT_BLOCK))
+        return blocks_of(self.offsets[i], self.numels[i])
+
+    def absmax_of(self, name: str) -> str | None:
+        """The 8-bit state whose block absmaxes `name` ("<state>_absmax") names, or None."""
+        owner = name[:-len(ABSMAX)] if name.endswith(ABSMAX) else None
+        return owner if owner in self.absmax else None
 
     def state_region(self, name: str, i: int) -> Tensor | None:
         """Parameter i's 1-D region of state `name` ("master_param": the master weights; "<state>_absmax": the block
         absmaxes of an 8-bit state), None where that parameter keeps no such state (a factored state of a vector)."""
-        if name.endswith("_absmax") and name[:-len("_absmax")] in self.absmax:
-            return self.absmax[name[:-len("_absmax")]][self.blocks(i)]
+        owner = self.absmax_of(name)
+        if owner is not None:
+            return self.absmax[owner][self.blocks(i)]
         flat = self.master if name == "master_param" else self.comp if name == "kahan_comp" else self.state[name]
         if flat is None:  # master weights or a compensation this buffer does not keep
             return None
@@ -445,7 +460,7 @@ class FlatBuffer:
         region = self.state_region(name, i)
         if region is None:
             return None
-        if name.endswith("_absmax") and name[:-len("_absmax")] in self.absmax:
+        if self.absmax_of(name) is not None:
             return region  # per block of the local parameter (shard), not placed like the parameter
         layout = self.state_layouts.get(name)
         if layout is None:
@@ -517,7 +532,7 @@ class FlatBuffer:
         assert region is not None
         values = values.detach().reshape(-1).to(self.device)
         if self.is_8bit(name) and values.dtype != torch.uint8:
-            codes, absmax = quantize8(values.float(), self.signed.get(name, True))
+            codes, absmax = quantize8(values.float(), self.signed[name])
             region.copy_(codes)
             self.absmax[name][self.blocks(i)] = absmax
         else:
@@ -530,8 +545,7 @@ class FlatBuffer:
         assert region is not None
         if not self.is_8bit(name):
             return region.view(self.shapes[i])
-        return dequantize8(region, self.absmax[name][self.blocks(i)],
-                           self.signed.get(name, True)).view(self.shapes[i])
+        return dequantize8(region, self.absmax[name][self.blocks(i)], self.signed[name]).view(self.shapes[i])
 
     def compact_layout(self, shape: StateShape) -> tuple[list[int], list[torch.Size | None], int]:
         """Where each parameter's state of StateShape `shape` lies in a compact buffer: offsets, shapes (None: the

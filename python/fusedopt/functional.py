@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import reference
 from ._backend import compiled
-from .flat import Segments
+from .flat import Segments, check_block_aligned
 
 __all__ = ["update", "sum_of_squares", "sum_of_squares_into", "sam_perturb", "sam_restore", "sam_sum_of_squares",
            "sam_sum_of_squares_into"]
@@ -80,9 +80,7 @@ def update(
     target = _update_target(param, master, comp, rounding_seed)
     kwargs = dict(hyper)
     kwargs.update(lr=_host(lr), grad_scale=_host(grad_scale))
-    regions = [(k, slice(o, o + n)) for k, (o, n) in enumerate(zip(segments.offsets.tolist(),
-                                                                      segments.numels.tolist()))
-               if segments.flags[k]]
+    regions = _active_segments(segments)
     steps = segments.steps
     scalar_names = reference.SCALAR_STATES.get(algorithm, ())
     if scalar_names and (segments.scalars is None or tuple(segments.scalars.shape) != (len(segments),
@@ -160,13 +158,9 @@ def _update_8bit(algorithm: str, param: Tensor, grad: Tensor, states: Sequence[T
                          f"not {algorithm}")
     if absmax is None or len(absmax) < len(states):
         raise ValueError("Invalid absmax: 8-bit states need their block absmax")
-    block = reference.QUANT_BLOCK
-    spans = []
-    for k, (o, n) in enumerate(zip(segments.offsets.tolist(), segments.numels.tolist())):
-        if o % block:
-            raise ValueError(f"Invalid segments: with 8-bit states every segment starts on a multiple of {block} "
-                             f"elements (segment {k} starts at {o})")
-        spans.append((slice(o, o + n), slice(o // block, -(-(o + n) // block))))
+    check_block_aligned(segments)
+    spans = [(slice(o, o + n), reference.blocks_of(o, n))
+             for o, n in zip(segments.offsets.tolist(), segments.numels.tolist())]
     decoded: list[Tensor | None] = []
     for k, t in enumerate(states):
         if t is None or t.dtype != torch.uint8:
@@ -211,9 +205,9 @@ def _trust_ratio_8bit(algorithm: str, param: Tensor, grad: Tensor, decoded: list
         return
     target = _update_target(param, master, comp, rounding_seed)
     kwargs = {k: v for k, v in hyper.items() if k not in ("max_trust_ratio",)}
-    regions = [(k, slice(o, o + n)) for k, (o, n) in enumerate(zip(segments.offsets.tolist(),
-                                                                      segments.numels.tolist())) if segments.flags[k]]
-    moments, direction = getattr(reference, algorithm + "_moments"), getattr(reference, algorithm + "_direction")
+    regions = _active_segments(segments)
+    moments, direction, apply = (getattr(reference, algorithm + suffix) for suffix in ("_moments", "_direction",
+                                                                                        "_apply"))
     sums = torch.zeros(2, len(segments), dtype=torch.float64)
     directions = {}
     for k, region in regions:
@@ -229,8 +223,8 @@ def _trust_ratio_8bit(algorithm: str, param: Tensor, grad: Tensor, decoded: list
     if norm_reduce is not None:
         norm_reduce(sums)
     for k, region in regions:
-        reference.lamb_apply(target[region], directions[k], float(sums[0, k]), float(sums[1, k]), lr=_host(lr),
-                             max_trust_ratio=hyper["max_trust_ratio"])
+        apply(target[region], directions[k], float(sums[0, k]), float(sums[1, k]), lr=_host(lr),
+              max_trust_ratio=hyper["max_trust_ratio"])
     _store_params(param, target, master, comp, rounding_seed, segments, regions)
 
 
@@ -277,9 +271,14 @@ def sum_of_squares_into(tensor: Tensor, segments: Segments | None, out_sum: Tens
 
 # SAM (fusedopt.SAM): the perturbation of a flat buffer set, its exact undo and ASAM's norm term. ------------------
 
-def _active_regions(segments: Segments) -> list[slice]:
-    return [slice(o, o + n) for k, (o, n) in enumerate(zip(segments.offsets.tolist(), segments.numels.tolist()))
+def _active_segments(segments: Segments) -> list[tuple[int, slice]]:
+    """(index, region) of each segment with a gradient this step."""
+    return [(k, slice(o, o + n)) for k, (o, n) in enumerate(zip(segments.offsets.tolist(), segments.numels.tolist()))
             if segments.flags[k]]
+
+
+def _active_regions(segments: Segments) -> list[slice]:
+    return [region for _, region in _active_segments(segments)]
 
 
 def sam_perturb(param: Tensor, grad: Tensor, master: Tensor | None, backup: Tensor | None, segments: Segments, *,

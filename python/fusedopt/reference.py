@@ -104,6 +104,11 @@ QUANT_BLOCK = 256
 SIGNED_TOP, UNSIGNED_TOP = 491512.0, 32212254720.0  # q(127), q(255) as float32
 
 
+def blocks_of(offset: int, numel: int) -> slice:
+    """The block absmaxes of the region [offset, offset + numel) of a flat buffer (offset on a block boundary)."""
+    return slice(offset // QUANT_BLOCK, -(-(offset + numel) // QUANT_BLOCK))
+
+
 def block_absmax(values: Tensor) -> Tensor:
     """The largest |v| of each QUANT_BLOCK block of fp32 `values` (the last block may be partial), NaN for a block
     that holds inf or NaN."""

@@ -18,6 +18,7 @@ from .. import _scaling, _torch_ops, functional
 from .._backend import resolve, validate_backend
 from .._distributed import local_tensor
 from ..flat import (
+    ABSMAX,
     PARAM_DTYPES,
     STATE_8BIT,
     STATE_DTYPES,
@@ -28,7 +29,6 @@ from ..flat import (
     state_dtype_for,
 )
 from . import _checkpoint, _shadow
-from ._shadow import ABSMAX  # state[p][name + ABSMAX]: the block absmaxes of an 8-bit state
 from ._spec import Spec, check_range, scalar
 
 

@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 from .._distributed import local_tensor, local_values, state_as_dtensor
-from ..flat import QUANT_BLOCK, STATE_8BIT, FlatBuffer
-from ._shadow import ABSMAX, reset
+from ..flat import ABSMAX, STATE_8BIT, FlatBuffer
+from ..reference import QUANT_BLOCK
+from ._shadow import reset
 from ._spec import is_scalar_value, scalar
 
 

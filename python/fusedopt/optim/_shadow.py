@@ -11,10 +11,8 @@ import torch
 from torch import Tensor
 
 from .._distributed import local_tensor
-from ..flat import STATE_8BIT, state_dtype_for
+from ..flat import ABSMAX, STATE_8BIT, state_dtype_for
 from ._spec import is_scalar_value
-
-ABSMAX = "_absmax"  # the key suffix of an 8-bit state's block absmaxes (state[p][name + ABSMAX])
 
 
 class StateEntry(dict):
@@ -144,7 +142,7 @@ def follow_state(optimizer: Any) -> None:
                         continue
                     held = (buf.master is not None if key == "master_param" else
                             buf.comp is not None if key == "kahan_comp" else key in buf.state or
-                            key.endswith(ABSMAX) and buf.is_8bit(key[:-len(ABSMAX)]))
+                            buf.absmax_of(key) is not None)
                     if held and _is_region(value, buf.state_region(key, i)):
                         continue
                     if key.endswith(ABSMAX) and key[:-len(ABSMAX)] in spec.state_names():
